@@ -1,0 +1,225 @@
+"""AuxT building blocks: the wavelet-based linear shortcut (WLS), its inverse (iWLS) and the OLP.
+
+Li et al., "On Disentangled Training for Nonlinear Transform in Learned Image Compression",
+ICLR 2025, Sec. 4 (AuxT). A WLS is
+
+    x (B, C, H, W) --Haar DWT--> (B, 4C, H/2, W/2) subband-major [LL | LH | HL | HH]
+      --subband-aware scaling: * exp(s), s of shape (1, 1, 4C)-->
+      --orthogonal linear projection (OLP): Linear(4C, C_out) at every position--> (B, C_out, H/2, W/2)
+
+and the iWLS mirrors it: OLP ``Linear(C_in, 4 C_out)`` -> divide by ``exp(s)`` -> inverse DWT.
+Parameter names (``olp.linear.weight``, ``scaling_factors``) follow the AuxT helpers of the
+``compressai-temp`` fork so that checkpoints can move between the two.
+
+Each of the three components can be removed on its own (``remove=...``), nothing else changing:
+
+* ``wavelet``: the DWT becomes plain space-to-depth (the four polyphase samples of each 2x2 block,
+  stacked phase-major like the subbands), i.e. with the projection a 2x2 stride-2 convolution;
+* ``orthogonal``: the projection stays, its orthogonality penalty is not counted by :func:`ortho_loss`;
+* ``scaling``: no scaling factors at all.
+
+Speed: for Haar and space-to-depth the whole chain is linear over each 2x2 block, so the forward
+folds ``W * exp(s)`` and the 2x2 basis into one stride-2 (transposed) convolution kernel. This is the
+same function as the three steps applied in turn (tested against that formula), computed as one
+GEMM instead of a butterfly, a scaling pass and a projection.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from energylab.wavelets import dwt2, haar_kernels, idwt2
+
+__all__ = ["COMPONENTS", "OLP", "WLS", "iWLS", "check_components", "ortho_loss"]
+
+COMPONENTS = ("wavelet", "orthogonal", "scaling")
+"""The removable WLS components, named as on the command line (``--remove``)."""
+
+SCALING_INIT = (0.5, 0.5, 0.5, 0.0)
+"""Initial ``s`` per subband block (LL, LH, HL, HH), from the official release."""
+
+
+def check_components(remove: Iterable[str]) -> frozenset[str]:
+    """Validate component names; returns them as a frozenset.
+
+    Raises:
+        ValueError: an unknown name, with the list of valid ones.
+    """
+    remove = frozenset(remove)
+    unknown = sorted(remove - set(COMPONENTS))
+    if unknown:
+        raise ValueError(
+            f"unknown AuxT component(s) {', '.join(map(repr, unknown))}; "
+            f"valid names are: {', '.join(COMPONENTS)}"
+        )
+    return remove
+
+
+class OLP(nn.Module):
+    """Orthogonal linear projection: ``Linear(in_features, out_features)`` plus a penalty.
+
+    ``forward`` maps ``(..., in_features)`` to ``(..., out_features)``. ``loss()`` is
+    ``MSE(W Wᵀ, I)`` when ``in_features > out_features`` and ``MSE(Wᵀ W, I)`` otherwise
+    (``I`` of size ``min(in, out)``), as in the official release; it is weighted 0.1 in training.
+    ``orthogonal=False`` keeps the projection but takes it out of :func:`ortho_loss`.
+    """
+
+    def __init__(self, in_features: int, out_features: int, orthogonal: bool = True) -> None:
+        super().__init__()
+        self.linear = nn.Linear(in_features, out_features)
+        self.orthogonal = orthogonal
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear(x)
+
+    def loss(self) -> Tensor:
+        """Orthogonality penalty, a scalar tensor (mean squared deviation of the Gram matrix)."""
+        w = self.linear.weight  # (out, in)
+        gram = w @ w.T if w.shape[1] > w.shape[0] else w.T @ w
+        eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+        return F.mse_loss(gram, eye)
+
+
+def _scaling_init(channels: int) -> Tensor:
+    return torch.tensor(SCALING_INIT).repeat_interleave(channels).view(1, 1, 4 * channels)
+
+
+def _polyphase_kernels(dtype: torch.dtype, device) -> Tensor:
+    """One-hot 2x2 kernels picking x[2h+i, 2w+j], phases (0,0), (0,1), (1,0), (1,1): ``(4, 2, 2)``."""
+    return torch.eye(4, dtype=dtype, device=device).view(4, 2, 2)
+
+
+class _Shortcut(nn.Module):
+    """What WLS and iWLS share: the components, the OLP and the scaling factors."""
+
+    def __init__(
+        self,
+        olp_in: int,
+        olp_out: int,
+        subband_channels: int,
+        wavelet: str,
+        remove: Iterable[str],
+    ) -> None:
+        super().__init__()
+        remove = check_components(remove)
+        self.wavelet = None if "wavelet" in remove else wavelet
+        if self.wavelet not in (None, "haar"):
+            dwt2(torch.zeros(1, 1, 2, 2), self.wavelet)  # unknown names fail here
+        self.olp = OLP(olp_in, olp_out, orthogonal="orthogonal" not in remove)
+        if "scaling" not in remove:
+            self.scaling_factors = nn.Parameter(_scaling_init(subband_channels))
+        else:
+            self.register_parameter("scaling_factors", None)
+
+    @property
+    def components(self) -> tuple[str, ...]:
+        """The components that are on, in ``COMPONENTS`` order."""
+        on = {
+            "wavelet": self.wavelet is not None,
+            "orthogonal": self.olp.orthogonal,
+            "scaling": self.scaling_factors is not None,
+        }
+        return tuple(name for name in COMPONENTS if on[name])
+
+    def _gain(self) -> Tensor | None:
+        """``exp(s)`` as a flat ``(4C,)`` vector, or None without scaling."""
+        return None if self.scaling_factors is None else self.scaling_factors.exp().flatten()
+
+    def _block_basis(self, dtype: torch.dtype, device) -> Tensor | None:
+        """2x2 basis ``(4, 2, 2)`` when the transform is blockwise (Haar, space-to-depth)."""
+        if self.wavelet is None:
+            return _polyphase_kernels(dtype, device)
+        if self.wavelet == "haar":
+            return haar_kernels(dtype, device)
+        return None
+
+    def extra_repr(self) -> str:
+        return f"wavelet={self.wavelet!r}, components={self.components}"
+
+
+class WLS(_Shortcut):
+    """Wavelet-based linear shortcut: ``(B, C_in, H, W)`` -> ``(B, C_out, H/2, W/2)``.
+
+    DWT -> ``* exp(scaling_factors)`` (shape ``(1, 1, 4 C_in)``, init 0.5 for LL/LH/HL, 0 for HH)
+    -> OLP ``Linear(4 C_in, C_out)`` at every position. ``H`` and ``W`` must be even.
+
+    Raises:
+        ValueError: unknown component or wavelet name; odd input size.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        wavelet: str = "haar",
+        remove: Iterable[str] = (),
+    ) -> None:
+        super().__init__(4 * in_channels, out_channels, in_channels, wavelet, remove)
+        self.in_channels, self.out_channels = in_channels, out_channels
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = self.olp.linear.weight  # (C_out, 4 C_in)
+        gain = self._gain()
+        if gain is not None:
+            weight = weight * gain
+        basis = self._block_basis(x.dtype, x.device)
+        if basis is None:
+            return F.conv2d(dwt2(x, self.wavelet), weight[:, :, None, None], self.olp.linear.bias)
+        if x.shape[-2] % 2 or x.shape[-1] % 2:
+            raise ValueError(f"WLS needs even H and W, got shape {tuple(x.shape)}")
+        kernel = torch.einsum("obc,bij->ocij", weight.view(self.out_channels, 4, -1), basis)
+        return F.conv2d(x, kernel, self.olp.linear.bias, stride=2)
+
+
+class iWLS(_Shortcut):  # noqa: N801 - the paper's name
+    """Inverse wavelet-based linear shortcut: ``(B, C_in, h, w)`` -> ``(B, C_out, 2h, 2w)``.
+
+    OLP ``Linear(C_in, 4 C_out)`` at every position -> ``/ exp(scaling_factors)`` (shape
+    ``(1, 1, 4 C_out)``, same initialisation as :class:`WLS`) -> inverse DWT.
+
+    Raises:
+        ValueError: unknown component or wavelet name.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        wavelet: str = "haar",
+        remove: Iterable[str] = (),
+    ) -> None:
+        super().__init__(in_channels, 4 * out_channels, out_channels, wavelet, remove)
+        self.in_channels, self.out_channels = in_channels, out_channels
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight, bias = self.olp.linear.weight, self.olp.linear.bias  # (4 C_out, C_in), (4 C_out,)
+        gain = self._gain()
+        if gain is not None:
+            weight, bias = weight / gain[:, None], bias / gain
+        basis = self._block_basis(x.dtype, x.device)
+        if basis is None:
+            return idwt2(F.conv2d(x, weight[:, :, None, None], bias), self.wavelet)
+        # Synthesis with the 2x2 basis: out[o, 2h+i, 2w+j] = sum_b z[b, o, h, w] * basis[b, i, j].
+        kernel = torch.einsum("boc,bij->coij", weight.view(4, self.out_channels, -1), basis)
+        bias_block = torch.einsum("bo,bij->oij", bias.view(4, self.out_channels), basis)
+        out = F.conv_transpose2d(x, kernel, stride=2)
+        b, c, h2, w2 = out.shape
+        out = out.view(b, c, h2 // 2, 2, w2 // 2, 2) + bias_block[None, :, None, :, None, :]
+        return out.view(b, c, h2, w2)
+
+
+def ortho_loss(model: nn.Module) -> Tensor:
+    """Sum of :meth:`OLP.loss` over every OLP in ``model`` whose ``orthogonal`` component is on.
+
+    Not CompressAI's ``aux_loss`` (the entropy bottleneck's quantile loss): the two stay apart.
+    Returns a zero scalar on the model's device when there is no such OLP.
+    """
+    losses = [m.loss() for m in model.modules() if isinstance(m, OLP) and m.orthogonal]
+    if losses:
+        return torch.stack(losses).sum()
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    return torch.zeros((), device=device)

@@ -1,0 +1,525 @@
+"""Images for training and evaluation: loading, the built-in set, folders, crops and padding.
+
+Every image is returned as a ``float32`` tensor of shape ``(3, H, W)`` with values in ``[0, 1]``.
+Datasets are small, so :func:`load_dataset` decodes every image once and keeps the tensors in
+memory (the built-in set takes about 53 MB); nothing is read from disk during training.
+
+Loading (:func:`load_image`, through Pillow; the first frame of a multi-frame file; the EXIF
+orientation tag is applied):
+
+* grayscale (``1``, ``L``) is repeated on the three channels; palette (``P``) images are expanded;
+  ``CMYK``, ``YCbCr``, ``LAB``, ``HSV`` and ``RGBX`` go through Pillow's conversion to ``RGB``;
+* transparency (``LA``, ``PA``, ``RGBA``, ``RGBa``, a palette with a transparent index) is
+  **composited over a white background**: ``rgb * alpha + 1 * (1 - alpha)``;
+* 16-bit grayscale (``I;16*``) is divided by 65535, not clipped to 255; ``I`` (32-bit integer:
+  16-bit PGM/PPM, which Pillow stores rescaled to ``0..65535``, or integer TIFF) is divided by
+  65535 and must lie in ``[0, 65535]``; ``F`` (32-bit float) must already lie in ``[0, 1]``.
+  Anything outside those ranges is an error rather than being clipped.
+* 16-bit *colour* PNGs are reduced by Pillow to their high byte, i.e. correctly scaled, at 8-bit
+  precision.
+
+Where the data comes from (:func:`load_dataset`):
+
+* ``"builtin"``: colour photographs that ship inside scikit-image (no download), split into
+  :data:`BUILTIN_TRAIN` and :data:`BUILTIN_TEST`.
+* a folder in CompressAI's layout, ``DIR/train/`` and ``DIR/test/`` (both required once either
+  exists); or a flat folder of images, sorted by file name, of which every
+  :data:`FLAT_TEST_EVERY`-th readable image, starting with the first, goes to test and the rest to
+  train (so there is always at least one test image; at least two readable images are needed).
+  Only the folder's own files are read, not its subfolders; a file counts as an image by its
+  extension (any Pillow can open, case-insensitive); hidden files are ignored.
+
+Bad input, and what it does:
+
+* :class:`DataError` (a ``ValueError``, one-line message naming the file or folder): a missing
+  folder, a folder with no image files, a folder none of whose image files can be read, a flat
+  folder with fewer than two readable images, a CompressAI folder lacking ``train/`` or ``test/``,
+  a training image smaller than the patch in either dimension (it is **not** skipped), an image
+  with out-of-range 32-bit values, and every failure of :func:`load_image` called directly.
+* a :class:`DataWarning` naming the file, which is then skipped: an image file that cannot be read
+  (not an image, corrupt, truncated, out of range) in a folder where at least one image can be.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+from torch import Tensor
+
+__all__ = [
+    "BUILTIN_TEST",
+    "BUILTIN_TRAIN",
+    "FLAT_TEST_EVERY",
+    "DataError",
+    "DataWarning",
+    "Dataset",
+    "TrainSampler",
+    "builtin_images",
+    "center_crop",
+    "crop_to",
+    "image_extensions",
+    "load_dataset",
+    "load_image",
+    "pad_to_multiple",
+    "probe_set",
+    "test_batches",
+]
+
+BUILTIN_TRAIN: tuple[str, ...] = (
+    "astronaut",  # 512 x 512: portrait, flag, spacecraft
+    "rocket",  # 427 x 640: launch pad, sky
+    "hubble_deep_field",  # 872 x 1000: galaxies on black
+    "retina",  # 1411 x 1411: fundus photograph (black surround)
+    "immunohistochemistry",  # 512 x 512: stained tissue, microscope
+    "stereo_motorcycle",  # 500 x 741: the left view of the stereo pair
+)
+"""``skimage.data`` names of the built-in training images (sizes are H x W)."""
+
+BUILTIN_TEST: tuple[str, ...] = (
+    "chelsea",  # 300 x 451: cat, fur texture
+    "coffee",  # 400 x 600: cup on a table, smooth shading
+)
+"""``skimage.data`` names of the built-in test images (sizes are H x W); small, so evaluating
+whole images stays quick on a CPU."""
+
+FLAT_TEST_EVERY = 5
+"""In a flat folder, readable images number 0, 5, 10, ... (sorted by name) go to test."""
+
+
+class DataError(ValueError):
+    """Bad input data; the message is one line naming the file or folder and what is wrong."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(_one_line(message))
+
+
+class DataWarning(UserWarning):
+    """An unreadable image file was skipped (the message names it and says why)."""
+
+
+@dataclass
+class Dataset:
+    """Decoded images, each ``(name, image)`` with ``image`` a ``(3, H, W)`` float32 tensor.
+
+    ``name`` is the ``skimage.data`` name for the built-in set, else the file name.
+    ``source`` is ``"builtin"`` or the folder's absolute path; ``layout`` is ``"builtin"``,
+    ``"compressai"`` (``train/`` + ``test/``) or ``"flat"``.
+    """
+
+    train: list[tuple[str, Tensor]]
+    test: list[tuple[str, Tensor]]
+    source: str
+    layout: str = "builtin"
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.splitlines())
+
+
+def _hw(x: Tensor) -> str:
+    return f"{x.shape[-2]}x{x.shape[-1]} (HxW)"
+
+
+def image_extensions() -> frozenset[str]:
+    """Lower-case file extensions (with the dot) of the formats Pillow can open here."""
+    return frozenset(
+        ext.lower() for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding
+
+
+def _to_array(im: Image.Image, where: str) -> np.ndarray:
+    """``(H, W, C)`` float32 in ``[0, 1]`` with ``C`` in {1, 2, 3, 4} (gray, gray+A, RGB, RGBA)."""
+    mode = im.mode
+    if mode.startswith("I;16"):
+        return np.asarray(im).astype(np.float32)[..., None] / 65535.0
+    if mode in ("I", "F"):
+        a = np.asarray(im)
+        lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+        if mode == "I":
+            if lo < 0 or hi > 65535:
+                raise DataError(
+                    f"{where}: 32-bit integer image with values in [{lo:g}, {hi:g}], outside "
+                    "[0, 65535]; save it as 8- or 16-bit"
+                )
+            return a.astype(np.float32)[..., None] / 65535.0
+        if not (np.isfinite(a).all() and lo >= 0.0 and hi <= 1.0):
+            raise DataError(
+                f"{where}: float image with values in [{lo:g}, {hi:g}], not in [0, 1]; "
+                "save it as 8- or 16-bit"
+            )
+        return a.astype(np.float32)[..., None]
+    if mode == "1":
+        im = im.convert("L")
+    elif mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    elif mode in ("La", "PA", "RGBa"):
+        im = im.convert("RGBA")
+    elif mode not in ("L", "LA", "RGB", "RGBA"):  # CMYK, YCbCr, LAB, HSV, RGBX
+        im = im.convert("RGB")
+    return np.asarray(im).astype(np.float32).reshape(im.height, im.width, -1) / 255.0
+
+
+def _array_to_rgb(a: np.ndarray) -> Tensor:
+    """``(H, W, C)`` in ``[0, 1]`` -> ``(3, H, W)`` float32, alpha composited over white."""
+    if a.shape[-1] in (2, 4):
+        alpha = a[..., -1:]
+        a = a[..., :-1] * alpha + (1.0 - alpha)
+    if a.shape[-1] == 1:
+        a = np.repeat(a, 3, axis=-1)
+    return torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1), dtype=np.float32))
+
+
+def load_image(path: str | os.PathLike[str]) -> Tensor:
+    """Decode an image file into a ``(3, H, W)`` float32 tensor in ``[0, 1]``.
+
+    Conversions are those of the module docstring (alpha is composited over white; 16-bit
+    grayscale is divided by 65535).
+
+    Raises:
+        DataError: the file is missing, is not an image Pillow can identify, is corrupt or
+            truncated, is too large for Pillow's decompression-bomb limit, or holds 32-bit values
+            outside the supported range. The message names the file.
+    """
+    where = str(path)
+    try:
+        with Image.open(path) as im:
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            return _array_to_rgb(_to_array(im, where))
+    except DataError:
+        raise
+    except FileNotFoundError:
+        raise DataError(f"{where}: no such file") from None
+    except IsADirectoryError:
+        raise DataError(f"{where}: is a folder, not an image file") from None
+    except PermissionError:
+        raise DataError(f"{where}: cannot read the file (permission denied)") from None
+    except Image.UnidentifiedImageError:
+        raise DataError(f"{where}: not an image (Pillow cannot identify the file)") from None
+    except Image.DecompressionBombError as exc:
+        raise DataError(f"{where}: image too large ({exc})") from None
+    except (OSError, SyntaxError, EOFError, ValueError) as exc:
+        raise DataError(
+            f"{where}: corrupt or truncated image ({type(exc).__name__}: {exc})"
+        ) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# The built-in set
+
+
+def _builtin_array(name: str) -> np.ndarray:
+    import skimage.data
+
+    img = getattr(skimage.data, name)()
+    return img[0] if name == "stereo_motorcycle" else img  # (left, right, disparity)
+
+
+def builtin_images(names: Sequence[str]) -> list[tuple[str, Tensor]]:
+    """Load built-in photographs from ``skimage.data``, offline, as ``(name, (3, H, W))`` pairs.
+
+    ``names`` must come from :data:`BUILTIN_TRAIN` + :data:`BUILTIN_TEST` (the images verified to
+    ship inside scikit-image); ``"stereo_motorcycle"`` is its left view.
+
+    Raises:
+        DataError: an unknown name.
+    """
+    known = BUILTIN_TRAIN + BUILTIN_TEST
+    out = []
+    for name in names:
+        if name not in known:
+            raise DataError(f"unknown built-in image {name!r}; known: {', '.join(known)}")
+        a = _builtin_array(name).astype(np.float32) / 255.0
+        out.append((name, _array_to_rgb(a)))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Folders
+
+
+def _image_files(folder: Path) -> list[Path]:
+    exts = image_extensions()
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in exts
+    )
+
+
+def _load_folder(folder: Path) -> list[tuple[Path, Tensor]]:
+    """Every readable image of ``folder`` (sorted by name); unreadable ones warn and are skipped."""
+    files = _image_files(folder)
+    if not files:
+        raise DataError(f"{folder}: no image files (looked for .png, .jpg, ... by extension)")
+    good: list[tuple[Path, Tensor]] = []
+    bad: list[DataError] = []
+    for f in files:
+        try:
+            good.append((f, load_image(f)))
+        except DataError as err:
+            bad.append(err)
+    if not good:
+        raise DataError(
+            f"{folder}: none of its {len(files)} image files could be read; first: {bad[0]}"
+        )
+    for err in bad:
+        warnings.warn(f"skipping {err}", DataWarning, stacklevel=3)
+    return good
+
+
+def _check_patch(train: list[tuple[str, Tensor]], patch_size: int) -> None:
+    for where, img in train:
+        if img.shape[-2] < patch_size or img.shape[-1] < patch_size:
+            raise DataError(
+                f"{where}: training image is {_hw(img)}, smaller than the "
+                f"{patch_size}x{patch_size} training patch (--patch-size)"
+            )
+
+
+def load_dataset(data: str, patch_size: int = 64) -> Dataset:
+    """Load the built-in set (``data == "builtin"``) or a folder, all images into memory.
+
+    Args:
+        data: ``"builtin"`` or a folder path (CompressAI layout or flat; see the module docstring).
+        patch_size: side in pixels of the training crops; every training image must be at least
+            this large in both dimensions.
+
+    Returns:
+        A :class:`Dataset` of ``(3, H, W)`` float32 tensors in ``[0, 1]``.
+
+    Raises:
+        DataError: see the module docstring (one line, naming the file or folder). Unreadable
+            files among readable ones are skipped with a :class:`DataWarning` instead.
+    """
+    if patch_size < 1:
+        raise DataError(f"patch size must be a positive number of pixels, got {patch_size}")
+    if data == "builtin":
+        train = builtin_images(BUILTIN_TRAIN)
+        _check_patch([(f"built-in image {n!r}", x) for n, x in train], patch_size)
+        return Dataset(train, builtin_images(BUILTIN_TEST), "builtin", "builtin")
+
+    root = Path(data).expanduser()
+    if not root.exists():
+        raise DataError(f"{root}: data folder does not exist (pass a folder or 'builtin')")
+    if not root.is_dir():
+        raise DataError(f"{root}: not a folder (pass a folder of images or 'builtin')")
+    source = str(root.resolve())
+    train_dir, test_dir = root / "train", root / "test"
+    if train_dir.is_dir() or test_dir.is_dir():
+        for sub in (train_dir, test_dir):
+            if not sub.is_dir():
+                raise DataError(
+                    f"{sub}: missing; a CompressAI-layout folder needs both train/ and test/"
+                )
+        train_files, test_files = _load_folder(train_dir), _load_folder(test_dir)
+        layout = "compressai"
+    else:
+        files = _load_folder(root)
+        if len(files) < 2:
+            raise DataError(
+                f"{root}: only {len(files)} readable image; a flat folder needs at least 2 "
+                f"(every {FLAT_TEST_EVERY}th, starting with the first, goes to test)"
+            )
+        test_files = files[::FLAT_TEST_EVERY]
+        train_files = [f for i, f in enumerate(files) if i % FLAT_TEST_EVERY]
+        layout = "flat"
+    _check_patch([(str(p), x) for p, x in train_files], patch_size)
+    return Dataset(
+        [(p.name, x) for p, x in train_files], [(p.name, x) for p, x in test_files], source, layout
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Training crops
+
+
+def _generator(*seeds: int) -> torch.Generator:
+    """A CPU generator seeded by a well-mixed hash of non-negative integers."""
+    state = np.random.SeedSequence(list(seeds)).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed((int(state[0]) << 31) ^ int(state[1]))
+
+
+class TrainSampler:
+    """Random training crops whose every batch is a pure function of ``(seed, step, rank)``.
+
+    Each call to :meth:`batch` seeds its own ``torch.Generator`` from ``(seed, step, rank)``, so a
+    run resumed at any step, and any model variant trained with the same seed, sees exactly the
+    same crops, independent of the global RNG and of what was drawn before. Each crop picks an
+    image **uniformly** (not weighted by area: pixels of the large images are seen less often),
+    a uniformly random ``patch_size`` square inside it, and a horizontal flip with probability
+    1/2.
+
+    Args:
+        images: ``(3, H, W)`` tensors, each at least ``patch_size`` in both dimensions.
+        patch_size: crop side in pixels.
+        batch_size: crops per call, per rank.
+        seed: non-negative integer.
+
+    Raises:
+        ValueError: empty ``images``, a wrongly shaped one, non-positive sizes, negative seed.
+        DataError: an image smaller than the patch.
+    """
+
+    def __init__(self, images: list[Tensor], patch_size: int, batch_size: int, seed: int) -> None:
+        if not images:
+            raise ValueError("TrainSampler needs at least one image")
+        if patch_size < 1 or batch_size < 1:
+            raise ValueError(
+                f"patch_size and batch_size must be >= 1, got {patch_size}, {batch_size}"
+            )
+        if seed < 0:
+            raise ValueError(f"seed must be non-negative, got {seed}")
+        for i, img in enumerate(images):
+            if img.dim() != 3 or img.shape[0] != 3:
+                raise ValueError(f"image {i} must have shape (3, H, W), got {tuple(img.shape)}")
+        _check_patch([(f"training image {i}", x) for i, x in enumerate(images)], patch_size)
+        self.images = images
+        self.patch_size = patch_size
+        self.batch_size = batch_size
+        self.seed = seed
+
+    def batch(self, step: int, rank: int = 0, world_size: int = 1) -> Tensor:
+        """The crops of ``step`` for ``rank``: ``(batch_size, 3, P, P)`` float32, on the CPU.
+
+        ``batch_size`` is per rank; ranks draw from distinct generators, so they get different
+        crops, and rank 0's batch equals a single-process run's. ``world_size`` only validates
+        ``rank``.
+
+        Raises:
+            ValueError: negative ``step`` or ``rank`` not in ``[0, world_size)``.
+        """
+        if step < 0:
+            raise ValueError(f"step must be non-negative, got {step}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+        g = _generator(self.seed, step, rank)
+        p, n = self.patch_size, self.batch_size
+        which = torch.randint(len(self.images), (n,), generator=g).tolist()
+        u = torch.rand(n, 3, generator=g, dtype=torch.float64).tolist()
+        crops = []
+        for idx, (ut, ul, uf) in zip(which, u, strict=True):
+            img = self.images[idx]
+            top = int(ut * (img.shape[-2] - p + 1))
+            left = int(ul * (img.shape[-1] - p + 1))
+            crop = img[:, top : top + p, left : left + p]
+            crops.append(crop.flip(-1) if uf < 0.5 else crop)
+        return torch.stack(crops).to(torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def pad_to_multiple(x: Tensor, multiple: int = 64) -> tuple[Tensor, tuple[int, int]]:
+    """Pad ``(..., H, W)`` on the bottom and right to multiples of ``multiple``.
+
+    The padding **replicates** the last row and column (no artificial edge to spend bits on).
+    Metrics must be computed on the original area: ``crop_to(y, size)``.
+
+    Returns:
+        ``(padded, (H, W))``; ``padded`` is ``x`` itself when no padding is needed.
+
+    Raises:
+        ValueError: ``multiple < 1`` or fewer than 2 dimensions.
+    """
+    if multiple < 1:
+        raise ValueError(f"multiple must be >= 1, got {multiple}")
+    if x.dim() < 2:
+        raise ValueError(f"pad_to_multiple expects (..., H, W), got shape {tuple(x.shape)}")
+    h, w = x.shape[-2:]
+    ph, pw = -h % multiple, -w % multiple
+    if ph == 0 and pw == 0:
+        return x, (h, w)
+    flat = x.reshape(1, -1, h, w)
+    padded = F.pad(flat, (0, pw, 0, ph), mode="replicate")
+    return padded.reshape(*x.shape[:-2], h + ph, w + pw), (h, w)
+
+
+def crop_to(x: Tensor, size: tuple[int, int]) -> Tensor:
+    """Undo :func:`pad_to_multiple`: the top-left ``(..., h, w)`` of ``x`` (a view).
+
+    Raises:
+        ValueError: ``size`` is larger than ``x``.
+    """
+    h, w = size
+    if h > x.shape[-2] or w > x.shape[-1]:
+        raise ValueError(f"cannot crop {_hw(x)} to {h}x{w}")
+    return x[..., :h, :w]
+
+
+def center_crop(x: Tensor, size: int, name: str | None = None) -> Tensor:
+    """The central ``size`` x ``size`` square of ``(..., H, W)`` (a view).
+
+    Raises:
+        DataError: ``H`` or ``W`` smaller than ``size`` (the message names ``name`` if given).
+    """
+    h, w = x.shape[-2:]
+    if h < size or w < size:
+        what = f"{name}: image" if name else "image"
+        raise DataError(f"{what} is {_hw(x)}, smaller than the {size}x{size} centre crop")
+    top, left = (h - size) // 2, (w - size) // 2
+    return x[..., top : top + size, left : left + size]
+
+
+def probe_set(test: list[tuple[str, Tensor]], count: int = 4, size: int = 64) -> Tensor:
+    """Fixed crops of test images for capturing latents: ``(count, 3, size, size)`` float32.
+
+    Rule (no RNG): only test images at least ``size`` in both dimensions are used; crop ``i``
+    comes from usable image ``i mod n``; an image giving ``v`` crops places its ``j``-th
+    (``j = 0 .. v-1``) at fraction ``(j + 1) / (v + 1)`` of the free range along both axes (one
+    crop: the centre; two: a third and two thirds down the diagonal). The result is a new tensor.
+
+    Raises:
+        DataError: no test image is large enough.
+        ValueError: ``count`` or ``size`` below 1.
+    """
+    if count < 1 or size < 1:
+        raise ValueError(f"count and size must be >= 1, got {count}, {size}")
+    usable = [img for _, img in test if img.shape[-2] >= size and img.shape[-1] >= size]
+    if not usable:
+        sizes = ", ".join(f"{name} {_hw(img)}" for name, img in test) or "none"
+        raise DataError(f"no test image is at least {size}x{size} for the probe set ({sizes})")
+    n = len(usable)
+    crops = []
+    for i in range(count):
+        k, j = i % n, i // n
+        v = (count - k + n - 1) // n
+        img = usable[k]
+        top = (img.shape[-2] - size) * (j + 1) // (v + 1)
+        left = (img.shape[-1] - size) * (j + 1) // (v + 1)
+        crops.append(img[:, top : top + size, left : left + size])
+    return torch.stack(crops).to(torch.float32)
+
+
+def test_batches(
+    test: list[tuple[str, Tensor]], test_size: int | None, multiple: int = 64
+) -> Iterator[tuple[str, Tensor, tuple[int, int]]]:
+    """Yield ``(name, image (1, 3, H', W'), (h, w))`` for each test image, in order.
+
+    With ``test_size=None`` the whole image, else its central ``test_size`` square; either way
+    padded (replicate, bottom/right) so that ``H'`` and ``W'`` are multiples of ``multiple``.
+    Metrics belong on the top-left ``(h, w)`` area: ``crop_to(x_hat, (h, w))``.
+
+    Raises:
+        DataError: a test image smaller than ``test_size`` (naming it), when it is reached.
+    """
+    for name, img in test:
+        x = img if test_size is None else center_crop(img, test_size, name)
+        padded, hw = pad_to_multiple(x.unsqueeze(0), multiple)
+        yield name, padded, hw
+
+
+test_batches.__test__ = False  # type: ignore[attr-defined]  # not a pytest test, despite its name

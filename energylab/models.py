@@ -1,0 +1,235 @@
+"""AuxT on CompressAI models: merge points found by tracing shapes, and a model registry.
+
+:func:`attach_auxt` replaces ``model.g_a`` and ``model.g_s`` (``nn.Sequential`` with four stride-2
+resolution changes each) by :class:`AuxTransform` wrappers that add a chain of WLS (iWLS) outputs to
+the main branch at four merge points. Because CompressAI's ``forward``, ``compress`` and
+``decompress`` call ``self.g_a`` and ``self.g_s``, real entropy coding works unchanged.
+
+Merge placement, per side (Li et al., ICLR 2025, and its official release):
+
+* ``after_resample``: right after each layer that changes the resolution — the default for ``g_a``
+  (TCM: 0, 3, 6, 9; Ballé/Minnen: 0, 2, 4, 6), so the stage's later layers see main + auxiliary;
+* ``stage_end``: after the last layer at each new resolution (right before the next resampling
+  layer, and the final layer) — the default for ``g_s`` (TCM: 2, 5, 8, 9; Ballé/Minnen: 1, 3, 5, 6;
+  Cheng2020-anchor: 2, 4, 6, 7).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from compressai.registry import MODELS as COMPRESSAI_MODELS
+from torch import Tensor, nn
+
+from energylab.auxt import WLS, check_components, iWLS
+
+__all__ = [
+    "MODELS",
+    "PLACEMENTS",
+    "AuxTransform",
+    "Merge",
+    "attach_auxt",
+    "build_model",
+    "has_auxt",
+    "register_model",
+    "trace_stages",
+]
+
+PLACEMENTS = ("after_resample", "stage_end")
+STAGES = 4
+
+
+class Merge(nn.Module):
+    """``main + aux`` (out of place). A module only so that forward hooks can see both inputs."""
+
+    def forward(self, main: Tensor, aux: Tensor) -> Tensor:
+        return main + aux
+
+
+@dataclass(frozen=True)
+class Stages:
+    """Where a ``Sequential`` changes resolution, found by :func:`trace_stages`.
+
+    ``resample[k]``: index of the layer that enters stage ``k``; ``last[k]``: index of the last
+    layer at that resolution; ``channels[i]``: output channels of layer ``i``.
+    """
+
+    resample: tuple[int, ...]
+    last: tuple[int, ...]
+    channels: tuple[int, ...]
+
+    def positions(self, placement: str) -> tuple[int, ...]:
+        if placement not in PLACEMENTS:
+            raise ValueError(f"unknown placement {placement!r}; valid: {', '.join(PLACEMENTS)}")
+        return self.resample if placement == "after_resample" else self.last
+
+
+@torch.no_grad()
+def trace_stages(transform: nn.Sequential, in_channels: int, size: int, side: str) -> Stages:
+    """Run one dummy ``(1, in_channels, size, size)`` input through ``transform`` layer by layer.
+
+    Raises:
+        ValueError: not four stride-2 resolution changes in the expected direction.
+    """
+    x = torch.zeros(1, in_channels, size, size, device=_device(transform))
+    resample, channels, sizes = [], [], []
+    for i, layer in enumerate(transform):
+        before = x.shape[-1]
+        x = layer(x)
+        channels.append(x.shape[1])
+        sizes.append(x.shape[-1])
+        if x.shape[-1] != before:
+            expected = before // 2 if side == "g_a" else before * 2
+            if x.shape[-1] != expected:
+                raise ValueError(
+                    f"{side} layer {i} ({type(layer).__name__}) changes the resolution "
+                    f"{before} -> {x.shape[-1]}; AuxT needs stride-2 stages"
+                )
+            resample.append(i)
+    if len(resample) != STAGES:
+        raise ValueError(
+            f"{side} has {len(resample)} resolution changes (at layers {resample}); AuxT needs "
+            f"{STAGES}"
+        )
+    last = tuple(
+        next_r - 1 for next_r in resample[1:]
+    ) + (len(transform) - 1,)
+    return Stages(tuple(resample), last, tuple(channels))
+
+
+def _device(module: nn.Module) -> torch.device:
+    return next((p.device for p in module.parameters()), torch.device("cpu"))
+
+
+class AuxTransform(nn.Module):
+    """A CompressAI transform with AuxT beside it: ``transform`` plus ``auxiliary_layers``.
+
+    ``forward(x)``: ``a_0 = x``; after layer ``merge_positions[k]`` of ``transform`` the main branch
+    becomes ``main + a_{k+1}`` with ``a_{k+1} = auxiliary_layers[k](a_k)``. Shapes are those of
+    ``transform`` alone. Attribute names follow ``compressai-temp`` (``transform``,
+    ``auxiliary_layers``, ``merge_positions``).
+    """
+
+    def __init__(
+        self,
+        transform: nn.Sequential,
+        auxiliary_layers: Iterable[nn.Module],
+        merge_positions: Iterable[int],
+    ) -> None:
+        super().__init__()
+        self.transform = transform
+        self.auxiliary_layers = nn.ModuleList(auxiliary_layers)
+        self.merge_positions = tuple(merge_positions)
+        self.merges = nn.ModuleList(Merge() for _ in self.merge_positions)
+        self._stage_of = {pos: k for k, pos in enumerate(self.merge_positions)}
+
+    def forward(self, x: Tensor) -> Tensor:
+        aux = x
+        for i, layer in enumerate(self.transform):
+            x = layer(x)
+            k = self._stage_of.get(i)
+            if k is not None:
+                aux = self.auxiliary_layers[k](aux)
+                x = self.merges[k](x, aux)
+        return x
+
+
+def has_auxt(model: nn.Module) -> bool:
+    """Whether ``model.g_a`` carries AuxT."""
+    return isinstance(getattr(model, "g_a", None), AuxTransform)
+
+
+def attach_auxt(
+    model: nn.Module,
+    remove: Iterable[str] = (),
+    wavelet: str = "haar",
+    g_a_placement: str = "after_resample",
+    g_s_placement: str = "stage_end",
+    trace_size: int = 64,
+) -> nn.Module:
+    """Wrap ``model.g_a`` and ``model.g_s`` with AuxT, in place; returns ``model``.
+
+    Each WLS/iWLS is sized from the traced channel counts: ``g_a`` gets ``WLS(3, c_1)``,
+    ``WLS(c_1, c_2)``, ... with ``c_k`` the main branch's channels at merge ``k``; ``g_s`` gets
+    ``iWLS(M, c_1)``, ... ending at the image's 3 channels.
+
+    Raises:
+        ValueError: a model without ``nn.Sequential`` ``g_a``/``g_s`` of four stride-2 stages, an
+            unknown component, wavelet or placement, or a model that already has AuxT.
+    """
+    remove = check_components(remove)
+    if has_auxt(model):
+        raise ValueError("model already has AuxT attached")
+    for side in ("g_a", "g_s"):
+        if not isinstance(getattr(model, side, None), nn.Sequential):
+            raise ValueError(f"attach_auxt needs model.{side} to be an nn.Sequential")
+    ga = trace_stages(model.g_a, 3, trace_size, "g_a")
+    latent_channels = ga.channels[-1]
+    gs = trace_stages(model.g_s, latent_channels, trace_size >> STAGES, "g_s")
+    sides = (("g_a", ga, g_a_placement, 3, WLS), ("g_s", gs, g_s_placement, latent_channels, iWLS))
+    for side, stages, placement, in_channels, block in sides:
+        positions = stages.positions(placement)
+        widths = [in_channels] + [stages.channels[i] for i in positions]
+        layers = [block(widths[k], widths[k + 1], wavelet, remove) for k in range(STAGES)]
+        wrapped = AuxTransform(getattr(model, side), layers, positions)
+        setattr(model, side, wrapped.to(_device(model)))
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry
+# ---------------------------------------------------------------------------------------------
+
+MODELS: dict[str, Callable[..., nn.Module]] = {}
+"""energylab's model registry: CompressAI name -> builder ``(N, M) -> nn.Module``."""
+
+
+def register_model(name: str, takes_m: bool = True) -> None:
+    """Register CompressAI's architecture ``name`` (``takes_m``: whether it has an ``M``)."""
+    cls = COMPRESSAI_MODELS[name]
+
+    def build(N: int | None = None, M: int | None = None) -> nn.Module:
+        kwargs = {"N": N, "M": M} if takes_m else {"N": N}
+        if M is not None and not takes_m:
+            raise ValueError(f"model {name!r} has no M (its latent has N channels)")
+        return cls(**{k: v for k, v in kwargs.items() if v is not None})
+
+    MODELS[name] = build
+
+
+for _name in ("bmshj2018-factorized", "bmshj2018-hyperprior", "mbt2018-mean", "mbt2018"):
+    register_model(_name)
+register_model("cheng2020-anchor", takes_m=False)
+register_model("elic2022-official")
+
+
+def build_model(
+    name: str,
+    *,
+    N: int | None = None,
+    M: int | None = None,
+    auxt: bool = False,
+    remove: Iterable[str] = (),
+    wavelet: str = "haar",
+    g_a_placement: str = "after_resample",
+    g_s_placement: str = "stage_end",
+) -> nn.Module:
+    """Build a registered CompressAI model, randomly initialised, with AuxT if ``auxt``.
+
+    ``N``/``M`` default to CompressAI's own defaults. No weights are downloaded.
+
+    Raises:
+        ValueError: unknown model name (listing the valid ones) or bad AuxT options; ``remove``
+            without ``auxt``.
+    """
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; valid names are: {', '.join(MODELS)}")
+    remove = check_components(remove)
+    if remove and not auxt:
+        raise ValueError("--remove needs --auxt: there are no AuxT components to remove")
+    model = MODELS[name](N=N, M=M)
+    if auxt:
+        attach_auxt(model, remove, wavelet, g_a_placement, g_s_placement)
+    return model

@@ -1,0 +1,124 @@
+import pytest
+import torch
+
+from energylab.auxt import COMPONENTS, OLP, WLS, iWLS, ortho_loss
+from energylab.wavelets import dwt2, idwt2
+
+
+def space_to_depth(x):
+    """Polyphase samples, phase-major: [x[0::2,0::2] | x[0::2,1::2] | x[1::2,0::2] | x[1::2,1::2]]."""
+    return torch.cat([x[:, :, i::2, j::2] for i in (0, 1) for j in (0, 1)], 1)
+
+
+def depth_to_space(z):
+    c = z.shape[1] // 4
+    out = z.new_zeros(z.shape[0], c, 2 * z.shape[2], 2 * z.shape[3])
+    for k, (i, j) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1)]):
+        out[:, :, i::2, j::2] = z[:, k * c : (k + 1) * c]
+    return out
+
+
+def reference_wls(m: WLS, x):
+    """The paper's formula applied step by step: DWT -> * exp(s) -> Linear at every position."""
+    z = space_to_depth(x) if m.wavelet is None else dwt2(x, m.wavelet)
+    z = z.permute(0, 2, 3, 1)
+    if m.scaling_factors is not None:
+        z = z * m.scaling_factors.exp()
+    return m.olp.linear(z).permute(0, 3, 1, 2)
+
+
+def reference_iwls(m: iWLS, y):
+    z = m.olp.linear(y.permute(0, 2, 3, 1))
+    if m.scaling_factors is not None:
+        z = z / m.scaling_factors.exp()
+    z = z.permute(0, 3, 1, 2)
+    return depth_to_space(z) if m.wavelet is None else idwt2(z, m.wavelet)
+
+
+def randomise_scaling(m):
+    if m.scaling_factors is not None:
+        with torch.no_grad():
+            m.scaling_factors.normal_()
+    return m
+
+
+REMOVALS = [(), ("wavelet",), ("orthogonal",), ("scaling",), ("wavelet", "scaling")]
+
+
+@pytest.mark.parametrize("wavelet", ["haar", "db2", "bior2.2"])
+@pytest.mark.parametrize("remove", REMOVALS)
+def test_wls_and_iwls_match_reference_formula(wavelet, remove):
+    m = randomise_scaling(WLS(3, 8, wavelet, remove).double())
+    x = torch.randn(2, 3, 8, 6, dtype=torch.float64)
+    out = m(x)
+    assert out.shape == (2, 8, 4, 3)
+    torch.testing.assert_close(out, reference_wls(m, x))
+    mi = randomise_scaling(iWLS(8, 3, wavelet, remove).double())
+    y = torch.randn(2, 8, 4, 3, dtype=torch.float64)
+    out = mi(y)
+    assert out.shape == (2, 3, 8, 6)
+    torch.testing.assert_close(out, reference_iwls(mi, y))
+
+
+def test_gradients_flow_to_every_parameter():
+    m = WLS(3, 8)
+    m(torch.randn(1, 3, 4, 4)).square().sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters())
+    mi = iWLS(8, 3)
+    mi(torch.randn(1, 8, 2, 2)).square().sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in mi.parameters())
+
+
+def test_gradcheck_fused_haar():
+    m = randomise_scaling(WLS(2, 3).double())
+    x = torch.randn(1, 2, 4, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(m, (x,))
+    mi = randomise_scaling(iWLS(3, 2).double())
+    y = torch.randn(1, 3, 2, 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(mi, (y,))
+
+
+def test_scaling_initialisation_and_names():
+    m = WLS(3, 8)
+    assert m.scaling_factors.shape == (1, 1, 12)
+    expected = torch.tensor([0.5] * 9 + [0.0] * 3)
+    torch.testing.assert_close(m.scaling_factors.flatten(), expected)
+    assert set(m.state_dict()) == {"scaling_factors", "olp.linear.weight", "olp.linear.bias"}
+    assert iWLS(8, 3).olp.linear.weight.shape == (12, 8)
+
+
+@pytest.mark.parametrize("component", COMPONENTS)
+def test_each_switch_changes_only_its_component(component):
+    full, ablated = WLS(3, 8), WLS(3, 8, remove=(component,))
+    assert set(full.components) - set(ablated.components) == {component}
+    keys_full, keys_ablated = set(full.state_dict()), set(ablated.state_dict())
+    assert keys_full - keys_ablated == ({"scaling_factors"} if component == "scaling" else set())
+    ablated.load_state_dict(full.state_dict(), strict=component != "scaling")
+    x = torch.randn(1, 3, 8, 8)
+    same = torch.allclose(full(x), ablated(x), atol=1e-6)
+    # orthogonal only changes the loss; the other two change the function
+    assert same == (component == "orthogonal")
+    assert (ortho_loss(ablated) == 0) == (component == "orthogonal")
+
+
+def test_unknown_component_lists_valid_names():
+    with pytest.raises(ValueError, match="wavelet, orthogonal, scaling"):
+        WLS(3, 8, remove=("scale",))
+
+
+def test_olp_loss_orientation():
+    wide = OLP(12, 4)  # in > out: W Wᵀ is 4x4
+    with torch.no_grad():
+        wide.linear.weight.copy_(torch.eye(12)[:4])
+    assert wide.loss().item() == 0
+    tall = OLP(4, 12)  # in <= out: Wᵀ W is 4x4
+    with torch.no_grad():
+        tall.linear.weight.copy_(2 * torch.eye(12)[:, :4])
+    torch.testing.assert_close(tall.loss(), torch.tensor(9.0 * 4 / 16))
+
+
+def test_ortho_loss_sums_and_is_zero_without_olp():
+    a, b = WLS(3, 8), iWLS(8, 3)
+    both = torch.nn.ModuleList([a, b])
+    torch.testing.assert_close(ortho_loss(both), a.olp.loss() + b.olp.loss())
+    assert ortho_loss(torch.nn.Linear(2, 2)).item() == 0
