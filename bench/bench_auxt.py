@@ -1,0 +1,380 @@
+"""Benchmark of energylab's Haar DWT and of AuxT's training-step overhead (CPU).
+
+Run from the repository root::
+
+    python bench/bench_auxt.py            # --repeats 15 --threads <CPUs available>
+
+Everything is measured in this one process, variants interleaved repeat by repeat after warm-up;
+the figures are medians over the repeats, the ratios ratios of medians.
+
+(a) Haar ``dwt2`` + ``idwt2`` on one ``(B, C, H, W)`` float32 tensor, against a grouped-convolution
+    implementation written here (``conv2d`` with the four 2x2 Haar kernels, ``groups=C``, and
+    ``conv_transpose2d`` for the inverse; checked equal to ``dwt2`` first), forward + backward; and
+    against ``pywt.dwt2`` / ``pywt.idwt2`` on the same data, forward only (numpy has no backward).
+(b) One training step (forward, rate-distortion loss + 0.1 * ``ortho_loss`` backward, Adam step) of
+    ``mbt2018-mean`` (N=64, M=96) with AuxT over the same model without it, batch 8 of 64x64 random
+    crops, beside the ratio of their convolution/matmul FLOPs (``FlopCounterMode``, forward +
+    backward).
+(c) The same AuxT model with its WLS/iWLS run "straightforwardly" (``dwt2`` -> permute ->
+    ``* exp(s)`` -> ``Linear`` -> permute, and the mirror), i.e. without the fused stride-2
+    (transposed) convolution of ``energylab.auxt``: what the fusion buys.
+
+``--profile`` adds a ``torch.profiler`` table of the AuxT and plain training steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import numpy as np
+import pywt
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from energylab.auxt import WLS, iWLS, ortho_loss
+from energylab.models import build_model
+from energylab.wavelets import dwt2, haar_kernels, idwt2
+
+LMBDA = 0.0130  # CompressAI's usual MSE lambda for the mid rate point; irrelevant to the timing
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------------------------
+
+
+def interleaved(
+    fns: dict[str, Callable[[], object]], repeats: int, warmup: int
+) -> dict[str, list[float]]:
+    """Seconds per call of each function, repeats interleaved (order rotated every round)."""
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            t0 = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def machine_busy_s() -> float | None:
+    """CPU-seconds all processes have spent busy since boot (``/proc/stat``), None off Linux."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except OSError:
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_s() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def med_ms(ts: list[float]) -> float:
+    return 1e3 * statistics.median(ts)
+
+
+def spread(ts: list[float]) -> str:
+    q = statistics.quantiles(ts, n=4) if len(ts) > 1 else [ts[0]] * 3
+    return f"IQR {1e3 * q[0]:8.2f} .. {1e3 * q[2]:8.2f}"
+
+
+def table(times: dict[str, list[float]], base: str) -> None:
+    ref = med_ms(times[base])
+    for name, ts in times.items():
+        m = med_ms(ts)
+        print(f"  {name:<34s} {m:9.2f} ms  ({spread(ts)})   x{m / ref:5.3f} vs {base}")
+
+
+# ---------------------------------------------------------------------------------------------
+# (a) Haar DWT
+# ---------------------------------------------------------------------------------------------
+
+
+def conv_dwt2(x: Tensor) -> Tensor:
+    """Haar DWT as a grouped conv: channel-major output, then reordered to subband-major."""
+    b, c, h, w = x.shape
+    k = haar_kernels(x.dtype, x.device).unsqueeze(1).repeat(c, 1, 1, 1)  # (4C, 1, 2, 2)
+    y = F.conv2d(x, k, stride=2, groups=c)  # (B, 4C, h, w), channel c's 4 subbands adjacent
+    return y.view(b, c, 4, h // 2, w // 2).transpose(1, 2).reshape(b, 4 * c, h // 2, w // 2)
+
+
+def conv_idwt2(y: Tensor) -> Tensor:
+    """Inverse of :func:`conv_dwt2`: subband-major -> channel-major, grouped conv_transpose2d."""
+    b, c4, h, w = y.shape
+    c = c4 // 4
+    k = haar_kernels(y.dtype, y.device).unsqueeze(1).repeat(c, 1, 1, 1)
+    z = y.view(b, 4, c, h, w).transpose(1, 2).reshape(b, c4, h, w)
+    return F.conv_transpose2d(z, k, stride=2, groups=c)
+
+
+def bench_dwt(shape: tuple[int, ...], repeats: int) -> None:
+    print(f"\n(a) Haar dwt2 + idwt2 on one float32 tensor of shape {shape}")
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=gen)
+    g = torch.randn(shape, generator=gen)  # upstream gradient for the backward
+    xn = x.numpy()
+
+    # Correctness first: the grouped conv and pywt give the same numbers as dwt2 / idwt2.
+    y = dwt2(x)
+    err_conv = (conv_dwt2(x) - y).abs().max().item()
+    err_iconv = (conv_idwt2(y) - idwt2(y)).abs().max().item()
+    ca, (ch, cv, cd) = pywt.dwt2(xn, "haar", mode="periodization", axes=(-2, -1))
+    err_pywt = np.abs(np.concatenate((ca, ch, cv, cd), 1) - y.numpy()).max()
+    err_rec = (idwt2(y) - x).abs().max().item()
+    print(
+        f"  check: max |conv_dwt2 - dwt2| = {err_conv:.1e}, max |conv_idwt2 - idwt2| = "
+        f"{err_iconv:.1e}, max |pywt - dwt2| = {err_pywt:.1e}, max |idwt2(dwt2(x)) - x| = "
+        f"{err_rec:.1e}"
+    )
+    assert max(err_conv, err_iconv, err_pywt, err_rec) < 1e-4, "implementations disagree"
+
+    xg = x.clone().requires_grad_(True)
+
+    def fwd_bwd(fwd: Callable[[Tensor], Tensor], inv: Callable[[Tensor], Tensor]):
+        def run() -> None:
+            xg.grad = None
+            inv(fwd(xg)).backward(g)
+
+        return run
+
+    def fwd_only(fwd: Callable[[Tensor], Tensor], inv: Callable[[Tensor], Tensor]):
+        def run() -> None:
+            with torch.no_grad():
+                inv(fwd(x))
+
+        return run
+
+    def pywt_run() -> None:
+        ca, det = pywt.dwt2(xn, "haar", mode="periodization", axes=(-2, -1))
+        pywt.idwt2((ca, det), "haar", mode="periodization", axes=(-2, -1))
+
+    print("  forward + backward (idwt2(dwt2(x)).backward(g)):")
+    table(
+        interleaved(
+            {
+                "dwt2+idwt2 (butterfly)": fwd_bwd(dwt2, idwt2),
+                "grouped conv2d + conv_transpose2d": fwd_bwd(conv_dwt2, conv_idwt2),
+            },
+            repeats,
+            warmup=2,
+        ),
+        "dwt2+idwt2 (butterfly)",
+    )
+    print("  forward only (pywt is numpy: no backward):")
+    table(
+        interleaved(
+            {
+                "dwt2+idwt2 (butterfly)": fwd_only(dwt2, idwt2),
+                "grouped conv2d + conv_transpose2d": fwd_only(conv_dwt2, conv_idwt2),
+                "pywt.dwt2+pywt.idwt2 (numpy)": pywt_run,
+            },
+            repeats,
+            warmup=2,
+        ),
+        "dwt2+idwt2 (butterfly)",
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# (b), (c) training step
+# ---------------------------------------------------------------------------------------------
+
+
+class PlainWLS(WLS):
+    """The unfused reference path: dwt2 -> permute -> * exp(s) -> Linear -> permute."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        z = dwt2(x, self.wavelet).permute(0, 2, 3, 1)
+        if self.scaling_factors is not None:
+            z = z * self.scaling_factors.exp()
+        return self.olp(z).permute(0, 3, 1, 2)
+
+
+class PlainIWLS(iWLS):
+    """The unfused reference path: permute -> Linear -> / exp(s) -> permute -> idwt2."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        z = self.olp(x.permute(0, 2, 3, 1))
+        if self.scaling_factors is not None:
+            z = z / self.scaling_factors.exp()
+        return idwt2(z.permute(0, 3, 1, 2), self.wavelet)
+
+
+def unfuse(model: nn.Module) -> nn.Module:
+    """Switch every Haar WLS/iWLS of ``model`` to the unfused path, in place (same parameters)."""
+    for m in model.modules():
+        if type(m) is WLS:
+            m.__class__ = PlainWLS
+        elif type(m) is iWLS:
+            m.__class__ = PlainIWLS
+    return model
+
+
+def rd_loss(out: dict, x: Tensor) -> Tensor:
+    """CompressAI's RateDistortionLoss (MSE): lambda * 255^2 * MSE + bpp."""
+    n, _, h, w = x.shape
+    bpp = sum(torch.log(lk).sum() for lk in out["likelihoods"].values()) / (-np.log(2) * n * h * w)
+    return LMBDA * 255**2 * F.mse_loss(out["x_hat"], x) + bpp
+
+
+class Trainer:
+    """One model, its Adam optimizer and a fixed batch; ``step()`` is one training step."""
+
+    def __init__(self, model: nn.Module, x: Tensor, ortho: bool) -> None:
+        self.model, self.x, self.ortho = model.train(), x, ortho
+        params = [p for n, p in model.named_parameters() if not n.endswith(".quantiles")]
+        self.opt = torch.optim.Adam(params, lr=1e-4)
+
+    def loss(self) -> Tensor:
+        loss = rd_loss(self.model(self.x), self.x)
+        if self.ortho:
+            loss = loss + 0.1 * ortho_loss(self.model)
+        return loss
+
+    def step(self) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        self.loss().backward()
+        self.opt.step()
+
+    def flops(self) -> int:
+        with FlopCounterMode(display=False) as counter:
+            self.loss().backward()
+        self.opt.zero_grad(set_to_none=True)
+        return counter.get_total_flops()
+
+
+def make_model(auxt: bool, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return build_model("mbt2018-mean", N=64, M=96, auxt=auxt)
+
+
+def bench_step(batch: int, crop: int, repeats: int, unfused: bool, profile: bool) -> None:
+    print(
+        f"\n(b) training step of mbt2018-mean (N=64, M=96): forward + R-D loss (+ 0.1 * ortho_loss "
+        f"for AuxT) backward + Adam step; batch {batch} of {crop}x{crop} random crops, float32"
+    )
+    gen = torch.Generator().manual_seed(1)
+    images = torch.rand(batch, 3, 2 * crop, 2 * crop, generator=gen)
+    ij = torch.randint(0, crop + 1, (batch, 2), generator=gen).tolist()
+    x = torch.stack(
+        [im[:, i : i + crop, j : j + crop] for im, (i, j) in zip(images, ij, strict=True)]
+    )
+
+    trainers = {
+        "plain": Trainer(make_model(False), x, ortho=False),
+        "AuxT (fused WLS/iWLS)": Trainer(make_model(True), x, ortho=True),
+    }
+    if unfused:
+        trainers["AuxT (unfused reference path)"] = Trainer(unfuse(make_model(True)), x, True)
+    if unfused:  # same weights and noise draw, so the same loss: the paths compute one function
+        losses = []
+        for k in ("AuxT (fused WLS/iWLS)", "AuxT (unfused reference path)"):
+            torch.manual_seed(2)  # the entropy models add uniform noise in training mode
+            with torch.no_grad():
+                losses.append(trainers[k].loss().item())
+        print(
+            f"  check: loss fused {losses[0]:.6f}, unfused {losses[1]:.6f} "
+            "(same weights, same noise draw)"
+        )
+
+    n_params = {k: sum(p.numel() for p in t.model.parameters()) for k, t in trainers.items()}
+    flops = {k: t.flops() for k, t in trainers.items()}
+    times = interleaved({k: t.step for k, t in trainers.items()}, repeats, warmup=3)
+    table(times, "plain")
+    print("  conv/matmul FLOPs, forward + backward (FlopCounterMode):")
+    for k in trainers:
+        print(
+            f"  {k:<34s} {flops[k] / 1e9:9.3f} GFLOP   x{flops[k] / flops['plain']:5.3f} vs plain"
+            f"   ({n_params[k]:,} parameters)"
+        )
+    step_ratio = med_ms(times["AuxT (fused WLS/iWLS)"]) / med_ms(times["plain"])
+    flop_ratio = flops["AuxT (fused WLS/iWLS)"] / flops["plain"]
+    verdict = "met" if step_ratio <= 1.30 else "MISSED"
+    print(
+        f"  => AuxT/plain step-time ratio {step_ratio:.3f} (goal <= 1.30: {verdict}); "
+        f"FLOP ratio {flop_ratio:.3f}"
+    )
+    if unfused:
+        un = med_ms(times["AuxT (unfused reference path)"])
+        fu = med_ms(times["AuxT (fused WLS/iWLS)"])
+        print(
+            f"  => (c) unfused/plain {un / med_ms(times['plain']):.3f}; fusion saves "
+            f"{un - fu:.1f} ms per step ({un / fu:.3f}x)"
+        )
+    if profile:
+        run_profile(trainers)
+
+
+def run_profile(trainers: dict[str, Trainer]) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    for name, t in trainers.items():
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(3):
+                t.step()
+        print(f"\n  profile, {name} (3 steps, sorted by self CPU time):")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> None:
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--repeats", type=int, default=15, help="timed repeats per variant (median)")
+    p.add_argument("--threads", type=int, default=cpus, help=f"torch threads (default: {cpus})")
+    p.add_argument(
+        "--shape",
+        type=int,
+        nargs=4,
+        default=(8, 64, 128, 128),
+        metavar=("B", "C", "H", "W"),
+        help="tensor shape for (a)",
+    )
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--crop", type=int, default=64)
+    p.add_argument("--no-unfused", action="store_true", help="skip (c), the unfused AuxT path")
+    p.add_argument("--profile", action="store_true", help="torch.profiler tables for (b)")
+    p.add_argument("--skip-dwt", action="store_true", help="skip (a)")
+    args = p.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    print(
+        f"torch {torch.__version__}, pywt {pywt.__version__}, python {platform.python_version()}; "
+        f"CPUs available {cpus}, torch threads {torch.get_num_threads()}; repeats {args.repeats} "
+        f"(medians, interleaved after warm-up)"
+    )
+    t0, busy0, own0 = time.perf_counter(), machine_busy_s(), own_cpu_s()
+    if not args.skip_dwt:
+        bench_dwt(tuple(args.shape), args.repeats)
+    bench_step(args.batch, args.crop, args.repeats, not args.no_unfused, args.profile)
+    wall, busy1, own = time.perf_counter() - t0, machine_busy_s(), own_cpu_s() - own0
+    print(f"\ntotal {wall:.0f} s wall, {own:.0f} CPU-s in this process", end="")
+    if busy0 is not None and busy1 is not None:
+        others = max(0.0, busy1 - busy0 - own)
+        share = others / (wall * (os.cpu_count() or 1))
+        print(f"; other processes used {others:.0f} CPU-s ({100 * share:.0f}% of the machine)")
+        if share > 0.05:
+            print("  WARNING: the machine was shared during the run; timings are contaminated")
+    else:
+        print()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""BD-rate (Bjøntegaard, VCEG-M33; PCHIP through the ``bjontegaard`` package)."""
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from energylab.bdrate import MIN_POINTS, bd_rate
+
+RATES = [0.12, 0.25, 0.5, 0.9]
+PSNR = [28.1, 30.4, 32.9, 35.0]
+
+
+def test_curve_against_itself_is_zero():
+    assert bd_rate(RATES, PSNR, RATES, PSNR) == pytest.approx(0.0, abs=1e-9)
+
+
+@pytest.mark.parametrize("factor", [0.5, 0.8, 1.25, 3.0])
+def test_scaled_rates_give_the_factor(factor):
+    scaled = [r * factor for r in RATES]
+    assert bd_rate(RATES, PSNR, scaled, PSNR) == pytest.approx((factor - 1) * 100, rel=1e-9)
+
+
+def test_order_of_points_does_not_matter():
+    order = [2, 0, 3, 1]
+    got = bd_rate(RATES, PSNR, [RATES[i] * 0.9 for i in order], [PSNR[i] for i in order])
+    assert got == pytest.approx(-10.0, rel=1e-9)
+
+
+def test_point_counts_may_differ():
+    # points on one straight line in (quality, log-rate), where PCHIP is exact
+    def rate(q):
+        return 10 ** (0.1 * q - 3.5)
+
+    anchor_q, test_q = [28.0, 36.0], [28.0, 31.0, 36.0]
+    got = bd_rate([rate(q) for q in anchor_q], anchor_q, [1.1 * rate(q) for q in test_q], test_q)
+    assert got == pytest.approx(10.0, rel=1e-9)
+
+
+def test_better_quality_at_same_rate_saves_bits():
+    assert bd_rate(RATES, PSNR, RATES, [q + 0.5 for q in PSNR]) < 0
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    steps=st.lists(st.floats(0.05, 2.0), min_size=MIN_POINTS - 1, max_size=6),
+    gains=st.lists(st.floats(0.1, 3.0), min_size=6, max_size=6),
+    factor=st.floats(0.2, 5.0),
+)
+def test_shifted_curve_property(steps, gains, factor):
+    rates = np.cumsum([0.05, *steps])
+    quality = np.cumsum([25.0, *gains[: len(steps)]])
+    got = bd_rate(rates, quality, rates * factor, quality)
+    assert got == pytest.approx((factor - 1) * 100, rel=1e-7, abs=1e-7)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (([0.1], [30.0], RATES, PSNR), "anchor curve: 1 R-D point"),
+        ((RATES, PSNR, [0.1], [30.0]), "test curve: 1 R-D point"),
+        ((RATES, PSNR[:3], RATES, PSNR), "anchor curve: 4 rates but 3 quality values"),
+        ((RATES, PSNR, [0.1, math.nan, 0.5, 0.9], PSNR), "test curve: .*must be finite"),
+        ((RATES, [28.0, math.inf, 33.0, 35.0], RATES, PSNR), "anchor curve: .*must be finite"),
+        ((RATES, PSNR, [0.0, 0.25, 0.5, 0.9], PSNR), "test curve: rates must be positive"),
+        ((RATES, PSNR, [-0.1, 0.25, 0.5, 0.9], PSNR), "test curve: rates must be positive"),
+        ((RATES, [28.0, 30.0, 30.0, 35.0], RATES, PSNR), "anchor curve: repeated quality value 30"),
+        (
+            ([0.12, 0.5, 0.25, 0.9], PSNR, RATES, PSNR),
+            r"anchor curve: rate does not increase with quality \(rate 0.5 at quality 30.4",
+        ),
+        ((RATES, PSNR, [0.1, 0.1, 0.5, 0.9], PSNR), "test curve: rate does not increase"),
+        (
+            (RATES, PSNR, RATES, [40.0, 41.0, 42.0, 43.0]),
+            r"quality ranges do not overlap: anchor \[28.1, 35\], test \[40, 43\]",
+        ),
+        ((RATES, PSNR, RATES, [35.0, 36.0, 37.0, 38.0]), "quality ranges do not overlap"),
+    ],
+)
+def test_bad_inputs_raise_one_line(args, message):
+    with pytest.raises(ValueError, match=message) as info:
+        bd_rate(*args)
+    assert "\n" not in str(info.value)
+
+
+def test_returns_a_python_float():
+    assert type(bd_rate(RATES, PSNR, RATES, PSNR)) is float

@@ -1,0 +1,316 @@
+"""Real-bitstream evaluation: bytes -> bpp, cropping, the results JSON and checkpoint loading."""
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from energylab.data import load_image, pad_to_multiple
+from energylab.evaluate import (
+    RESULT_KEYS,
+    EvaluationError,
+    evaluate_model,
+    load_images,
+    load_model,
+    main,
+)
+from energylab.models import build_model
+
+TINY = {"model": "bmshj2018-hyperprior", "N": 8, "M": 12}
+SIZES = {"a.png": (64, 64), "b.png": (50, 70)}  # H x W; 50 x 70 is not a multiple of 64
+
+
+def _build(arch):
+    kwargs = {k: v for k, v in arch.items() if k != "model"}
+    return build_model(arch["model"], **kwargs)
+
+
+def _trained_like(arch, seed=1):
+    """A model whose weights differ from any fresh initialisation (so loading is visible)."""
+    torch.manual_seed(seed)
+    model = _build(arch)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    return model
+
+
+def _same_weights(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    skip = ("_quantized_cdf", "_offset", "_cdf_length", "scale_table")
+    keys = [k for k in sa if not k.endswith(skip)]
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in keys)
+
+
+@pytest.fixture
+def images_dir(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name, (h, w) in SIZES.items():
+        smooth = np.linspace(0, 255, w)[None, :, None] * np.ones((h, 1, 3))
+        noisy = smooth * 0.7 + rng.uniform(0, 76, (h, w, 3))
+        Image.fromarray(noisy.astype(np.uint8)).save(folder / name)
+    return folder
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    """A run directory as ``energylab.train`` writes it: config.json + final.pt."""
+    arch = {**TINY, "auxt": False, "remove": [], "wavelet": "haar"}
+    config = {"args": {**arch, "lmbda": 0.01, "steps": 3}, "device": "cpu"}
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps(config))
+    model = _trained_like(TINY)
+    torch.save({"model": model.state_dict(), "step": 3, "config": config}, run / "final.pt")
+    return run, model
+
+
+def _compress_bytes(model, x):
+    padded, _ = pad_to_multiple(x.unsqueeze(0), 64)
+    with torch.no_grad():
+        enc = model.compress(padded)
+    return sum(len(s) for strings in enc["strings"] for s in strings), enc, padded
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurements
+
+
+@pytest.mark.parametrize(
+    "arch", [TINY, {"model": "mbt2018-mean", "N": 8, "M": 12}], ids=lambda a: a["model"]
+)
+def test_bpp_is_bytes_times_8_over_original_pixels(arch, images_dir):
+    model = _trained_like(arch).eval()
+    images = load_images(str(images_dir))
+    averages, rows = evaluate_model(model, images)
+    for (name, x), row in zip(images, rows, strict=True):
+        h, w = SIZES[name]
+        n_bytes, enc, padded = _compress_bytes(model, x)  # after evaluate_model's update()
+        assert row["image"] == name
+        assert (row["height"], row["width"]) == (h, w)
+        assert row["bytes"] == n_bytes > 0
+        assert row["bpp"] == n_bytes * 8 / (h * w)
+        with torch.no_grad():
+            likelihoods = model(padded)["likelihoods"].values()
+        estimated = sum(-torch.log2(lk).sum().item() for lk in likelihoods) / (h * w)
+        assert row["bpp-estimated"] == pytest.approx(estimated, rel=1e-5)
+    assert averages["bpp"] == pytest.approx(sum(r["bpp"] for r in rows) / len(rows), rel=1e-12)
+
+
+def test_psnr_is_on_the_cropped_8_bit_reconstruction(images_dir):
+    model = _trained_like(TINY).eval()
+    images = load_images(str(images_dir))
+    _, rows = evaluate_model(model, images)
+    for (name, x), row in zip(images, rows, strict=True):
+        _, enc, _ = _compress_bytes(model, x)
+        with torch.no_grad():
+            x_hat = model.decompress(enc["strings"], enc["shape"])["x_hat"]
+        h, w = SIZES[name]
+        assert x_hat.shape[-2:] != (h, w) or name == "a.png"  # 50 x 70 really was padded
+        rec = (x_hat[0, :, :h, :w] * 255).clamp(0, 255).round().double()
+        org = (x * 255).round().double()
+        mse = (org - rec).pow(2).mean().item()
+        assert row["psnr-rgb"] == pytest.approx(10 * math.log10(255**2 / mse), rel=1e-9)
+        assert row["encoding_time"] > 0 and row["decoding_time"] > 0
+
+
+def test_ms_ssim_needs_161_pixels_per_side(tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for name, (h, w) in {"big.png": (161, 170), "small.png": (64, 64)}.items():
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / name)
+    averages, rows = evaluate_model(_trained_like(TINY).eval(), load_images(str(folder)))
+    big, small = rows
+    assert 0 < big["ms-ssim-rgb"] <= 1
+    assert small["ms-ssim-rgb"] is None
+    assert averages["ms-ssim-rgb"] is None  # not an average over a subset of the images
+    assert averages["psnr-rgb"] is not None
+
+
+def test_no_images_is_an_error():
+    with pytest.raises(EvaluationError, match="no images"):
+        evaluate_model(_build(TINY), [])
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def _save_forms(tmp_path, run, model):
+    sd = model.state_dict()
+    prefixed = {f"module.{k}": v for k, v in sd.items()}
+    forms = {
+        "run directory": (run, None),
+        "final.pt": (run / "final.pt", None),
+        "plain state dict": (sd, TINY),
+        "nested state_dict": ({"state_dict": sd, "epoch": 3}, TINY),
+        "module. prefix": (prefixed, TINY),
+        "nested with prefix": ({"state_dict": prefixed}, TINY),
+    }
+    paths = {}
+    for label, (obj, arch) in forms.items():
+        if isinstance(obj, dict):
+            path = tmp_path / f"{label.replace(' ', '_')}.pth.tar"
+            torch.save(obj, path)
+            obj = path
+        paths[label] = (obj, arch)
+    return paths
+
+
+def test_load_every_checkpoint_form(tmp_path, run_dir):
+    run, trained = run_dir
+    for label, (path, arch) in _save_forms(tmp_path, run, trained).items():
+        model, used = load_model(path, arch)
+        assert _same_weights(model, trained), label
+        assert not model.training, label
+        assert used["model"] == "bmshj2018-hyperprior" and used["M"] == 12, label
+
+
+def test_run_directory_falls_back_to_checkpoint_pt(run_dir):
+    run, trained = run_dir
+    final = torch.load(run / "final.pt", weights_only=True)
+    (run / "final.pt").unlink()
+    state = {
+        "model": final["model"],
+        "optimizer": {},
+        "step": 2,
+        "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state()},
+        "config": final["config"],
+    }
+    torch.save(state, run / "checkpoint.pt")
+    model, _ = load_model(run)
+    assert _same_weights(model, trained)
+    model, _ = load_model(run / "checkpoint.pt")
+    assert _same_weights(model, trained)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            lambda sd: sd,  # loaded as M=16 instead of 12
+            r"'g_a.6.weight' is \(12, 8, 5, 5\) in the checkpoint but \(16, 8, 5, 5\) in model "
+            r"bmshj2018-hyperprior N=8 M=16",
+        ),
+        (
+            lambda sd: {k: v for k, v in sd.items() if k != "h_s.0.bias"},
+            r"checkpoint lacks 'h_s.0.bias' \(8\)",
+        ),
+        (
+            lambda sd: {**sd, "extra.weight": torch.zeros(2), "extra.bias": torch.zeros(2)},
+            r"checkpoint has 'extra.weight' \(and 1 more\), which model",
+        ),
+    ],
+    ids=["shape", "missing", "unexpected"],
+)
+def test_mismatch_is_one_line_naming_the_key(tmp_path, change, message):
+    sd = change(_trained_like(TINY).state_dict())
+    path = tmp_path / "sd.pt"
+    torch.save(sd, path)
+    arch = {**TINY, "M": 16} if "12, 8" in message else TINY
+    with pytest.raises(EvaluationError, match=message) as info:
+        load_model(path, arch)
+    assert "\n" not in str(info.value)
+
+
+def test_plain_state_dict_needs_an_architecture(tmp_path):
+    path = tmp_path / "sd.pt"
+    torch.save(_trained_like(TINY).state_dict(), path)
+    with pytest.raises(EvaluationError, match="plain state dict; give its architecture"):
+        load_model(path)
+
+
+def test_config_and_architecture_flags_conflict(run_dir):
+    with pytest.raises(EvaluationError, match="carries its own architecture"):
+        load_model(run_dir[0], TINY)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def test_cli_writes_compressai_schema(tmp_path, images_dir, run_dir, capsys):
+    run, trained = run_dir
+    plain = tmp_path / "plain.pt"
+    # a second R-D point: another trained-like model of the same architecture
+    other = _trained_like(TINY, seed=2)
+    torch.save(other.state_dict(), plain)
+    out = tmp_path / "out" / "results.json"
+    # plain state dicts take --model; a run directory carries its own config, so evaluate
+    # each form in its own call and check RUN order with two run-directory forms
+    rc = main([str(run), str(run / "final.pt"), "--data", str(images_dir), "--out", str(out)])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    assert data["name"] == "bmshj2018-hyperprior"
+    assert "Inference" in data["description"]
+    assert list(data["results"]) == list(RESULT_KEYS)
+    assert all(len(v) == 2 for v in data["results"].values())
+    assert data["results"]["bpp"][0] == data["results"]["bpp"][1]  # same weights, same bits
+    assert [r["path"] for r in data["runs"]] == [str(run), str(run / "final.pt")]
+    assert data["images"] == sorted(SIZES)
+    assert "per_image" not in data
+
+    from compressai.utils.plot.__main__ import parse_json_file
+
+    curve = parse_json_file(out, "psnr")
+    assert curve["xs"] == data["results"]["bpp"]
+
+    args = ["--model", "bmshj2018-hyperprior", "--N", "8", "--M", "12"]
+    rc = main([str(plain), "--data", str(images_dir), "--out", str(out), "--per-image", *args])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    (rows,) = data["per_image"]
+    assert [r["image"] for r in rows] == sorted(SIZES)
+    expected, _, _ = _compress_bytes(other.eval(), load_image(images_dir / "b.png"))
+    assert rows[1]["bytes"] == expected
+    assert data["results"]["bpp"] == [sum(r["bpp"] for r in rows) / 2]
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["{tmp}/missing.pt"], "missing.pt: no such file or run directory"),
+        (["{tmp}/garbage.pt"], "garbage.pt: not a "),
+        (["{tmp}/sd.pt"], "plain state dict; give its architecture with --model"),
+        (["{tmp}/sd.pt", "--model", "bmshj2018-hyperprior", "--N", "8"], r"'g_a.0.weight'"),
+        (["{tmp}/sd.pt", "--N", "8"], "--N describe a plain state dict's model; add --model"),
+        (["{tmp}/empty"], "a folder without config.json is not a run directory"),
+        (["{tmp}/sd.pt", "--data", "{tmp}/empty"], "empty: no image files"),
+        (["{tmp}/sd.pt", "--data", "{tmp}/nowhere"], "nowhere: no such folder"),
+        (["{tmp}/sd.pt", "--device", "nonsense"], "--device nonsense"),
+    ],
+)
+def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, images_dir, capsys, argv, message):
+    torch.save(_trained_like(TINY).state_dict(), tmp_path / "sd.pt")
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint at all")
+    (tmp_path / "empty").mkdir()
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    if "--data" not in argv:
+        argv += ["--data", str(images_dir)]
+    rc = main([*argv, "--out", str(tmp_path / "out.json")])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert message in err or __import__("re").search(message, err), err
+    assert not (tmp_path / "out.json").exists()
+
+
+def test_module_entry_point(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "energylab.evaluate", str(tmp_path / "nope"), "--out", "x.json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "Traceback" not in proc.stderr

@@ -1,0 +1,518 @@
+"""Tests of energylab.stats against independent numpy/scipy/pywt computations."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pywt
+import scipy.linalg
+import scipy.stats
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from energylab.stats import (
+    ChannelStats,
+    SpatialCorrelation,
+    SubbandEnergy,
+    coding_gain,
+    decorrelation_gain,
+    effective_rank,
+    energy_compaction_curve,
+    energy_statistics,
+    floored_eigenvalues,
+    klt_coding_gain,
+    offdiag_energy_ratio,
+    spatial_correlation,
+    subband_energy,
+    to_db,
+    topk_energy_share,
+    total_correlation,
+)
+
+FAST = settings(max_examples=20, deadline=None)
+SEEDS = st.integers(0, 2**32 - 1)
+METRICS = (
+    offdiag_energy_ratio,
+    coding_gain,
+    klt_coding_gain,
+    decorrelation_gain,
+    total_correlation,
+    effective_rank,
+)
+
+
+def random_cov(rng: np.random.Generator, c: int) -> np.ndarray:
+    """A well-conditioned covariance with uneven variances and correlations."""
+    a = rng.standard_normal((c, c)) * rng.uniform(0.2, 3.0, c)
+    return a @ a.T / c + 0.1 * np.eye(c)
+
+
+def latent(
+    rng: np.random.Generator, b: int, c: int, h: int, w: int, mean: float = 0.0
+) -> np.ndarray:
+    """``(B, C, H, W)`` Gaussian latent whose channel vectors have a random covariance."""
+    cov = random_cov(rng, c)
+    x = rng.multivariate_normal(rng.normal(mean, 1.0, c), cov, size=(b, h, w))
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+
+def samples(y: np.ndarray) -> np.ndarray:
+    """``(B, C, H, W)`` -> ``(N, C)``."""
+    return y.transpose(0, 2, 3, 1).reshape(-1, y.shape[1])
+
+
+def stats_of(y: torch.Tensor, **kwargs) -> dict[str, torch.Tensor]:
+    m = ChannelStats(y.shape[1], **kwargs)
+    m.update(y)
+    return m.compute()
+
+
+# ---------------------------------------------------------------- ChannelStats vs numpy
+
+
+@FAST
+@given(
+    b=st.integers(1, 3),
+    c=st.integers(1, 7),
+    h=st.integers(1, 6),
+    w=st.integers(1, 6),
+    seed=SEEDS,
+    dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16]),
+)
+def test_channel_stats_matches_numpy(b, c, h, w, seed, dtype):
+    if b * h * w < 2:
+        return
+    y = torch.from_numpy(latent(np.random.default_rng(seed), b, c, h, w, mean=2.0)).to(dtype)
+    x = samples(y.double().numpy())  # the exact values the metric sees, in float64
+    out = stats_of(y)
+    assert out["covariance"].dtype == torch.float64
+    assert out["count"].item() == len(x)
+    np.testing.assert_allclose(out["mean"].numpy(), x.mean(0), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(
+        out["covariance"].numpy(), np.atleast_2d(np.cov(x.T)), rtol=1e-10, atol=1e-10
+    )
+    np.testing.assert_allclose(out["energies"].numpy(), (x**2).mean(0), rtol=1e-12)
+    # the same samples given as an (N, C) matrix
+    flat = stats_of(torch.from_numpy(x).to(dtype))
+    np.testing.assert_allclose(flat["covariance"].numpy(), out["covariance"].numpy(), rtol=1e-10)
+
+
+def test_known_covariance_is_recovered():
+    rng = np.random.default_rng(1)
+    true = random_cov(rng, 6)
+    x = rng.multivariate_normal(np.zeros(6), true, size=200_000)
+    m = ChannelStats(6)
+    m.update(torch.from_numpy(x).float())
+    est = m.compute()["covariance"].numpy()
+    np.testing.assert_allclose(est, true, atol=0.03 * np.abs(true).max())
+    for f in (coding_gain, klt_coding_gain, decorrelation_gain, effective_rank):
+        assert f(est) == pytest.approx(f(true), rel=0.02)
+
+
+@FAST
+@given(seed=SEEDS, cut=st.integers(1, 5), c=st.integers(1, 6))
+def test_piecewise_and_merge_equal_one_shot(seed, cut, c):
+    y = torch.from_numpy(latent(np.random.default_rng(seed), 6, c, 4, 4, mean=-3.0))
+    one = stats_of(y)
+    piecewise, left, right = ChannelStats(c), ChannelStats(c), ChannelStats(c)
+    for part in y.split(cut):
+        piecewise.update(part)
+    left.update(y[:cut])
+    right.update(y[cut:].reshape(-1, c, 2, 8))  # other spatial shape: same samples
+    merged = left.merge(right).compute()
+    for out in (piecewise.compute(), merged):
+        assert out["count"].item() == one["count"].item()
+        for key in ("mean", "covariance", "energies"):
+            np.testing.assert_allclose(out[key].numpy(), one[key].numpy(), rtol=1e-11, atol=1e-13)
+
+
+def test_merge_rejects_other_channel_count():
+    with pytest.raises(ValueError):
+        ChannelStats(3).merge(ChannelStats(4))
+
+
+def test_float32_large_mean_keeps_float64_accuracy():
+    rng = np.random.default_rng(2)
+    y = (1e4 + rng.standard_normal((8, 4, 32, 32)) * [[[1.0]], [[0.5]], [[2.0]], [[1.0]]])
+    y32 = torch.from_numpy(y).float()
+    x = samples(y32.double().numpy())
+    ref = np.cov(x.T)  # two-pass, float64, on the same float32 values
+    tol = 1e-6 * np.sqrt(np.outer(np.diag(ref), np.diag(ref)))
+    err = np.abs(stats_of(y32)["covariance"].numpy() - ref)
+    assert (err < tol).all(), err.max()
+    # the tolerance discriminates: the same one-pass formula in float32 misses it by far
+    x32 = torch.from_numpy(x).float()
+    n = len(x32)
+    naive = (x32.T @ x32 - x32.sum(0)[:, None] * x32.sum(0)[None] / n) / (n - 1)
+    assert (np.abs(naive.double().numpy() - ref) > 100 * tol).any()
+
+
+def test_max_positions_subsamples_whole_vectors_reproducibly():
+    b, c, h, w = 3, 5, 8, 8
+    pos = torch.arange(b * h * w, dtype=torch.float64).reshape(b, 1, h, w)
+    y = pos * torch.arange(1.0, c + 1, dtype=torch.float64).reshape(1, c, 1, 1)
+    a, a2 = ChannelStats(c, max_positions=50, seed=7), ChannelStats(c, max_positions=50, seed=7)
+    other = ChannelStats(c, max_positions=50, seed=8)
+    for m in (a, a2, other):
+        m.update(y)
+        m.update(y)
+    out = a.compute()
+    assert out["count"].item() == 100
+    v = np.arange(1.0, c + 1)  # every sample is pos * v: covariance proportional to v v^T
+    cov = out["covariance"].numpy()
+    np.testing.assert_allclose(cov / cov[0, 0], np.outer(v, v), rtol=1e-12)
+    assert torch.equal(a.outer, a2.outer)
+    assert not torch.equal(a.outer, other.outer)
+    rows = samples(y.numpy())  # (N, C) input follows the same path
+    flat = ChannelStats(c, max_positions=10)
+    flat.update(torch.from_numpy(rows))
+    assert flat.compute()["count"].item() == 10
+    full = ChannelStats(c, max_positions=b * h * w)  # no subsampling needed
+    full.update(y)
+    np.testing.assert_allclose(full.compute()["covariance"].numpy(), np.cov(rows.T), rtol=1e-12)
+
+
+def test_channel_stats_errors():
+    m = ChannelStats(3)
+    with pytest.raises(ValueError):
+        m.update(torch.zeros(2, 4, 2, 2))
+    with pytest.raises(ValueError):
+        m.update(torch.zeros(2, 3, 2))
+    with pytest.raises(TypeError):
+        m.update(torch.zeros(2, 3, dtype=torch.int64))
+    m.update(torch.zeros(1, 3))
+    with pytest.raises(ValueError):
+        m.compute()
+    with pytest.raises(ValueError):
+        ChannelStats(0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_update_does_not_sync_on_cuda():
+    y = torch.randn(4, 16, 8, 8, device="cuda")
+    metrics = (ChannelStats(16, max_positions=100), SubbandEnergy(), SpatialCorrelation())
+    for m in metrics:
+        m.update(y)  # first call moves the states: not part of the hook's steady state
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for m in metrics:
+            m.update(y)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert metrics[0].outer.device.type == "cuda"
+    assert metrics[0].compute()["count"].item() == 200
+
+
+# ---------------------------------------------------------------- covariance metrics vs scipy
+
+
+@FAST
+@given(c=st.integers(1, 12), seed=SEEDS)
+def test_metrics_match_scipy(c, seed):
+    cov = random_cov(np.random.default_rng(seed), c)
+    var = np.diag(cov)
+    lam = scipy.linalg.eigh(cov, eigvals_only=True)
+    assert floored_eigenvalues(cov) == 0
+    assert coding_gain(cov) == pytest.approx(var.mean() / scipy.stats.gmean(var), rel=1e-12)
+    assert klt_coding_gain(cov) == pytest.approx(lam.mean() / scipy.stats.gmean(lam), rel=1e-10)
+    sign, logdet = np.linalg.slogdet(cov)
+    assert sign > 0
+    assert decorrelation_gain(cov) == pytest.approx(
+        math.exp((np.log(var).sum() - logdet) / c), rel=1e-10
+    )
+    h_joint = scipy.stats.multivariate_normal(np.zeros(c), cov).entropy()
+    h_marginals = sum(scipy.stats.norm(scale=math.sqrt(v)).entropy() for v in var)
+    assert total_correlation(cov) == pytest.approx(h_marginals - h_joint, rel=1e-8, abs=1e-10)
+    assert effective_rank(cov) == pytest.approx(math.exp(scipy.stats.entropy(lam)), rel=1e-10)
+    off = cov - np.diag(var)
+    assert offdiag_energy_ratio(cov) == pytest.approx((off**2).sum() / (cov**2).sum(), abs=1e-14)
+    for f in METRICS:  # torch input, any dtype: same values
+        assert f(torch.from_numpy(cov)) == f(cov)
+
+
+@FAST
+@given(c=st.integers(1, 10), seed=SEEDS, dead=st.integers(0, 3))
+def test_log_identity_holds(c, seed, dead):
+    rng = np.random.default_rng(seed)
+    cov = random_cov(rng, c)
+    cov[:, :dead] = cov[:dead, :] = 0.0  # dead channels included
+    lhs = math.log(klt_coding_gain(cov))
+    rhs = math.log(coding_gain(cov)) + math.log(decorrelation_gain(cov))
+    assert lhs == pytest.approx(rhs, rel=1e-9, abs=1e-9)
+
+
+@FAST
+@given(c=st.integers(2, 10), seed=SEEDS)
+def test_invariances(c, seed):
+    rng = np.random.default_rng(seed)
+    cov = random_cov(rng, c)
+    q = scipy.stats.ortho_group.rvs(c, random_state=rng)
+    rotated = q @ cov @ q.T
+    assert klt_coding_gain(rotated) == pytest.approx(klt_coding_gain(cov), rel=1e-9)
+    assert effective_rank(rotated) == pytest.approx(effective_rank(cov), rel=1e-9)
+    for f in METRICS:  # all scale-free
+        assert f(37.0 * cov) == pytest.approx(f(cov), rel=1e-9, abs=1e-12)
+    # equal variances, any correlation: no energy modulation
+    d = 1 / np.sqrt(np.diag(cov))
+    corr = cov * np.outer(d, d)
+    assert coding_gain(corr) == pytest.approx(1.0, abs=1e-12)
+    assert decorrelation_gain(corr) > 1.0
+    # diagonal: nothing left to decorrelate
+    diag = np.diag(np.diag(cov))
+    assert decorrelation_gain(diag) == pytest.approx(1.0, abs=1e-12)
+    assert total_correlation(diag) == pytest.approx(0.0, abs=1e-12)
+    assert offdiag_energy_ratio(diag) == 0.0
+    assert klt_coding_gain(diag) == pytest.approx(coding_gain(diag), rel=1e-12)
+
+
+def test_degenerate_covariances_are_finite():
+    rng = np.random.default_rng(3)
+    cov = random_cov(rng, 5)
+    dead = cov.copy()
+    dead[:, 1] = dead[1, :] = 0.0
+    twin = np.pad(cov, ((0, 1), (0, 1)))
+    twin[5, :5] = twin[:5, 5] = cov[0]
+    twin[5, 5] = cov[0, 0]  # channel 5 copies channel 0: rank deficient
+    cases = {"dead": (dead, 1), "twin": (twin, 1), "zero": (np.zeros((4, 4)), 4)}
+    cases |= {"one": (np.array([[2.5]]), 0), "one_dead": (np.zeros((1, 1)), 1)}
+    for name, (c, floored) in cases.items():
+        stats = energy_statistics(c, np.diag(c))
+        assert all(math.isfinite(v) for v in stats.values()), name
+        assert stats["floored_eigenvalues"] == floored, name
+    # a dead channel adds no gain: its floored variance and eigenvalue cancel
+    assert decorrelation_gain(dead) == pytest.approx(
+        decorrelation_gain(np.delete(np.delete(dead, 1, 0), 1, 1)) ** (4 / 5), rel=1e-9
+    )
+    # a copied channel is perfectly correlated: large but finite, bounded by the floor
+    assert total_correlation(twin) == pytest.approx(0.5 * math.log(1e12), rel=0.2)
+    single = {f.__name__: f(np.array([[2.5]])) for f in METRICS}
+    assert single == pytest.approx(
+        {k: 0.0 if k in ("offdiag_energy_ratio", "total_correlation") else 1.0 for k in single},
+        abs=1e-12,
+    )
+    assert effective_rank(np.zeros((4, 4))) == pytest.approx(4.0)
+
+
+def test_channel_stats_with_dead_channel_give_finite_statistics():
+    y = torch.randn(2, 4, 8, 8)
+    y[:, 2] = 5.0  # constant channel: zero variance, non-zero energy
+    stats = ChannelStats(4)
+    stats.update(y)
+    out = stats.statistics(k=1)
+    assert all(math.isfinite(v) for v in out.values())
+    assert out["floored_eigenvalues"] == 1
+    assert out["topk_energy_share"] > 0.5  # the constant channel holds most energy
+
+
+def test_covariance_input_errors():
+    for bad in (np.zeros((2, 3)), np.zeros(3), np.zeros((0, 0)), np.full((2, 2), np.nan)):
+        with pytest.raises(ValueError):
+            coding_gain(bad)
+
+
+# ---------------------------------------------------------------- energies, dict, dB
+
+
+def test_energy_compaction_curve_and_topk():
+    e = np.array([1.0, 6.0, 0.0, 3.0])
+    np.testing.assert_allclose(energy_compaction_curve(e), [0.6, 0.9, 1.0, 1.0])
+    np.testing.assert_allclose(energy_compaction_curve(torch.tensor(e)), [0.6, 0.9, 1.0, 1.0])
+    assert topk_energy_share(e, 2) == pytest.approx(0.9)
+    np.testing.assert_allclose(energy_compaction_curve(np.zeros(4)), [0.25, 0.5, 0.75, 1.0])
+    for k in (0, 5):
+        with pytest.raises(ValueError):
+            topk_energy_share(e, k)
+    with pytest.raises(ValueError):
+        energy_compaction_curve([1.0, -1.0])
+
+
+def test_energy_statistics_dict():
+    rng = np.random.default_rng(4)
+    cov = random_cov(rng, 20)
+    energies = np.diag(cov) + 1.0
+    stats = energy_statistics(torch.from_numpy(cov), energies)
+    assert list(stats) == [
+        "offdiag_energy_ratio",
+        "coding_gain",
+        "klt_coding_gain",
+        "decorrelation_gain",
+        "total_correlation",
+        "effective_rank",
+        "topk_energy_share",
+        "topk_k",
+        "floored_eigenvalues",
+    ]
+    assert stats["topk_k"] == 2  # round(20 / 8)
+    assert stats["topk_energy_share"] == topk_energy_share(energies, 2)
+    for f in METRICS:
+        assert stats[f.__name__] == f(cov)
+    assert json.loads(json.dumps(stats, allow_nan=False)) == stats
+    assert energy_statistics(cov[:1, :1], energies[:1])["topk_k"] == 1
+    assert energy_statistics(cov, energies, k=5)["topk_energy_share"] == pytest.approx(
+        energy_compaction_curve(energies)[4]
+    )
+
+
+def test_to_db():
+    assert to_db(10.0) == pytest.approx(10.0)
+    assert to_db(2.0) == pytest.approx(3.0103, abs=1e-4)
+    assert to_db(1.0) == 0.0
+    with pytest.raises(ValueError):
+        to_db(0.0)
+
+
+# ---------------------------------------------------------------- subbands and spatial correlation
+
+
+def pywt_shares(y: np.ndarray, levels: int, wavelet: str) -> dict[str, float]:
+    energy: dict[str, float] = {}
+    for img in y.reshape(-1, *y.shape[2:]):
+        coeffs = pywt.wavedec2(img, wavelet, mode="periodization", level=levels)
+        bands = {f"LL{levels}": coeffs[0]}
+        for lv, (ch, cv, cd) in zip(range(levels, 0, -1), coeffs[1:], strict=True):
+            bands |= {f"LH{lv}": ch, f"HL{lv}": cv, f"HH{lv}": cd}
+        for k, v in bands.items():
+            energy[k] = energy.get(k, 0.0) + float((v**2).sum())
+    total = sum(energy.values())
+    return {k: v / total for k, v in energy.items()}
+
+
+@pytest.mark.filterwarnings("ignore:Level value:UserWarning")  # pywt: boundary effects, fine
+@FAST
+@given(
+    levels=st.integers(1, 3),
+    wavelet=st.sampled_from(["haar", "db2"]),
+    seed=SEEDS,
+    b=st.integers(1, 2),
+    c=st.integers(1, 3),
+)
+def test_subband_energy_matches_pywt(levels, wavelet, seed, b, c):
+    y = np.random.default_rng(seed).standard_normal((b, c, 16, 8)).cumsum(-1)  # low-pass heavy
+    shares = subband_energy(torch.from_numpy(y), levels, wavelet)
+    ref = pywt_shares(y, levels, wavelet)
+    assert list(shares) == [f"LL{levels}"] + [
+        f"{band}{lv}" for lv in range(levels, 0, -1) for band in ("LH", "HL", "HH")
+    ]
+    assert sum(shares.values()) == pytest.approx(1.0, abs=1e-12)
+    for k in ref:
+        assert shares[k] == pytest.approx(ref[k], rel=1e-9, abs=1e-12)
+
+
+def test_subband_energy_streams_and_conserves_energy():
+    y = torch.randn(4, 3, 16, 16) + 2.0
+    m = SubbandEnergy(levels=2)
+    for part in y.split(1):
+        m.update(part.float())
+    assert m.energy.sum().item() == pytest.approx((y.double() ** 2).sum().item(), rel=1e-6)
+    once = subband_energy(y)
+    for k, v in m.compute().items():
+        assert v == pytest.approx(once[k], rel=1e-6)
+    assert once["LL2"] > 0.5  # the mean lives in LL
+    white = subband_energy(torch.zeros(1, 2, 8, 8))
+    assert white["LL2"] == pytest.approx(1 / 16) and white["HH1"] == pytest.approx(1 / 4)
+    with pytest.raises(ValueError):
+        subband_energy(torch.zeros(1, 1, 6, 8), levels=2)
+
+
+def reference_correlation(y: np.ndarray, lag: tuple[int, int]) -> float:
+    """Independent per-channel loop: two-pass centred products over the valid pairs."""
+    dh, dw = lag
+    b, c, h, w = y.shape
+    rhos = []
+    for ch in range(c):
+        z = y[:, ch] - y[:, ch].mean()
+        if z.var() <= 1e-12:
+            continue
+        prods = [
+            z[:, i, j] * z[:, i + dh, j + dw]
+            for i in range(h)
+            for j in range(w)
+            if 0 <= i + dh < h and 0 <= j + dw < w
+        ]
+        rhos.append(np.mean(prods) / z.var())
+    return float(np.mean(rhos)) if rhos else 0.0
+
+
+@FAST
+@given(seed=SEEDS, b=st.integers(1, 3), c=st.integers(1, 4), h=st.integers(3, 7))
+def test_spatial_correlation_matches_reference(seed, b, c, h):
+    rng = np.random.default_rng(seed)
+    y = rng.standard_normal((b, c, h, h + 1)).cumsum(-1) + rng.normal(0, 3, (1, c, 1, 1))
+    lags = ((0, 1), (1, 0), (1, 1), (1, -2), (-2, 0))
+    out = spatial_correlation(torch.from_numpy(y), lags)
+    assert list(out) == ["0,1", "1,0", "1,1", "1,-2", "-2,0"]
+    for lag in lags:
+        assert out[f"{lag[0]},{lag[1]}"] == pytest.approx(
+            reference_correlation(y, lag), rel=1e-8, abs=1e-10
+        )
+
+
+def test_spatial_correlation_known_field_dead_channel_and_streaming():
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((8, 2, 33, 33))
+    y = x[:, :, :32, :32] + x[:, :, :32, 1:]  # MA(1) along W: rho(0,1) = 1/2, rho(1,0) = 0
+    out = spatial_correlation(torch.from_numpy(y))
+    assert out["0,1"] == pytest.approx(0.5, abs=0.03)
+    assert out["1,0"] == pytest.approx(0.0, abs=0.03)
+    with_dead = np.concatenate([y, np.full((8, 1, 32, 32), 4.0)], 1)
+    dead_out = spatial_correlation(torch.from_numpy(with_dead))
+    assert dead_out == pytest.approx(out, rel=1e-9)
+    assert spatial_correlation(torch.zeros(1, 2, 4, 4)) == {"0,1": 0.0, "1,0": 0.0, "1,1": 0.0}
+    left, right = SpatialCorrelation(), SpatialCorrelation()
+    left.update(torch.from_numpy(y[:3]))
+    right.update(torch.from_numpy(y[3:]).float())
+    assert SpatialCorrelation().merge(left).merge(right).compute() == pytest.approx(out, rel=1e-6)
+    with pytest.raises(ValueError):
+        spatial_correlation(torch.zeros(1, 1, 2, 8), lags=((2, 0),))
+    with pytest.raises(ValueError):
+        left.update(torch.zeros(1, 3, 8, 8))
+
+
+# ---------------------------------------------------------------- two gloo processes
+
+
+def _ddp_data() -> torch.Tensor:
+    g = torch.Generator().manual_seed(11)
+    return torch.randn(6, 5, 8, 8, generator=g) * torch.linspace(0.5, 3.0, 5).reshape(1, 5, 1, 1)
+
+
+def _make_metrics() -> tuple[ChannelStats, SubbandEnergy, SpatialCorrelation]:
+    return ChannelStats(5), SubbandEnergy(levels=2), SpatialCorrelation()
+
+
+def _ddp_worker(rank: int, world: int, init_file: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        shard = _ddp_data()[[0, 1, 2], ...] if rank == 0 else _ddp_data()[[3, 4, 5], ...]
+        metrics = _make_metrics()
+        for m in metrics:
+            for img in shard.split(2 - rank):  # different update patterns per process
+                m.update(img)
+        results = [m.compute() for m in metrics]  # torchmetrics all-reduces the sums here
+        torch.save(results, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_processes_equal_one_process(tmp_path: Path):
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    single = _make_metrics()
+    for m in single:
+        m.update(_ddp_data())
+    expected = [m.compute() for m in single]
+    for rank in range(2):
+        stats, shares, corr = torch.load(tmp_path / f"rank{rank}.pt")
+        for key in ("mean", "covariance", "energies", "count"):
+            torch.testing.assert_close(stats[key], expected[0][key], rtol=1e-12, atol=1e-12)
+        assert shares == pytest.approx(expected[1], rel=1e-12)
+        assert corr == pytest.approx(expected[2], rel=1e-10)

@@ -1,0 +1,170 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from energylab import train as train_mod
+from energylab.capture import LatentProbe
+from energylab.models import build_model
+from energylab.runlog import read_jsonl
+
+TINY = ["--N", "8", "--M", "12", "--batch-size", "2", "--patch-size", "64", "--test-size", "64",
+        "--probe-count", "2", "--probe-size", "64", "--log-every", "2", "--eval-every", "4",
+        "--capture-every", "4"]
+
+
+def run(out, *extra, steps=8):
+    return train_mod.main(["--out", str(out), "--steps", str(steps), *TINY, *extra])
+
+
+def strip_time(records):
+    return [{k: v for k, v in r.items() if k != "wall_time"} for r in records]
+
+
+def load_run(out):
+    logs = {n: strip_time(read_jsonl(out / n)) for n in ("metrics.jsonl", "eval.jsonl",
+                                                           "energy.jsonl")}
+    captures = {}
+    for path in sorted((out / "captures").glob("*.npz")):
+        with np.load(path) as z:
+            captures[path.name] = {k: z[k] for k in z.files}
+    return logs, captures
+
+
+@pytest.fixture(scope="module")
+def auxt_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "auxt"
+    assert run(out, "--auxt") == 0
+    return out
+
+
+def test_run_directory_is_complete(auxt_run):
+    config = json.loads((auxt_run / "config.json").read_text())
+    assert config["args"]["auxt"] is True and config["versions"]["torch"]
+    for name in ("metrics.jsonl", "eval.jsonl", "energy.jsonl"):
+        records = read_jsonl(auxt_run / name)
+        assert records and all("step" in r for r in records)
+    assert [r["step"] for r in read_jsonl(auxt_run / "eval.jsonl")] == [0, 4, 8]
+    assert [r["step"] for r in read_jsonl(auxt_run / "metrics.jsonl")] == [2, 4, 6, 8]
+    energy = read_jsonl(auxt_run / "energy.jsonl")
+    layers = {r["layer"] for r in energy}
+    assert {"g_a.stage1", "g_a.stage2", "g_a.stage3", "y", "y_hat", "g_a.aux4"} <= layers
+    assert all(np.isfinite(r["coding_gain"]) for r in energy)
+    assert all(0 <= r["aux_energy_share"] for r in energy if r["layer"].startswith("g_a.aux"))
+    assert sorted(p.name for p in (auxt_run / "captures").glob("*.npz")) == [
+        "step_0000000.npz", "step_0000004.npz", "step_0000008.npz"]
+    with np.load(auxt_run / "captures" / "step_0000008.npz") as z:
+        assert z["cov/y"].shape == (12, 12) and z["cov/y"].dtype == np.float32
+        assert z["probe_y"].shape == (12, 4, 4)
+    final = torch.load(auxt_run / "final.pt", weights_only=False)
+    assert final["step"] == 8 and "g_a.auxiliary_layers.0.olp.linear.weight" in final["model"]
+    assert torch.load(auxt_run / "checkpoint.pt", weights_only=False)["step"] == 8
+    assert list((auxt_run / "tensorboard").glob("events.*"))
+
+
+@pytest.mark.parametrize("auxt", [False, True])
+def test_hooks_see_expected_layers_and_shapes(auxt):
+    model = build_model("mbt2018-mean", N=8, M=12, auxt=auxt).eval()
+    probe = LatentProbe(model)
+    x = torch.rand(2, 3, 64, 64)
+    with probe, torch.no_grad():
+        y = model.g_a(x)
+        model(x)
+    shapes = {name: m.channel.channels for name, m in probe.metrics.items()}
+    expected = {"g_a.stage1": 8, "g_a.stage2": 8, "g_a.stage3": 8, "y": 12, "y_hat": 12}
+    if auxt:
+        expected |= {f"g_a.{b}{k}": c for k, c in zip(range(1, 5), (8, 8, 8, 12), strict=True)
+                     for b in ("main", "aux")}
+    assert shapes == expected
+    assert probe.first["y"].shape == (12, 4, 4)
+    torch.testing.assert_close(probe.first["y"], y[0])
+    # two forwards of 2 images of 4x4 latents each
+    assert probe.metrics["y"].channel.compute()["count"] == 2 * 2 * 16
+    assert not model.g_a._forward_hooks  # handles removed on exit
+
+
+def test_same_seed_same_captures(auxt_run, tmp_path):
+    assert run(tmp_path / "again", "--auxt") == 0
+    logs_a, caps_a = load_run(auxt_run)
+    logs_b, caps_b = load_run(tmp_path / "again")
+    assert logs_a == logs_b
+    assert caps_a.keys() == caps_b.keys()
+    for name in caps_a:
+        for key in caps_a[name]:
+            np.testing.assert_array_equal(caps_a[name][key], caps_b[name][key])
+
+
+def test_resume_equals_uninterrupted(auxt_run, tmp_path, monkeypatch):
+    out = tmp_path / "killed"
+    real_batch = train_mod.TrainSampler.batch
+
+    def dying_batch(self, step, *args, **kwargs):
+        if step == 6:  # killed during step 7, after the checkpoint at step 4
+            raise KeyboardInterrupt
+        return real_batch(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(train_mod.TrainSampler, "batch", dying_batch)
+    with pytest.raises(KeyboardInterrupt):
+        run(out, "--auxt")
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 4
+    assert max(r["step"] for r in read_jsonl(out / "metrics.jsonl")) == 6
+    monkeypatch.setattr(train_mod.TrainSampler, "batch", real_batch)
+    assert run(out, "--auxt", "--resume") == 0
+    logs_a, caps_a = load_run(auxt_run)
+    logs_b, caps_b = load_run(out)
+    assert logs_a == logs_b
+    final_a = torch.load(auxt_run / "final.pt", weights_only=False)["model"]
+    final_b = torch.load(out / "final.pt", weights_only=False)["model"]
+    for key in final_a:
+        torch.testing.assert_close(final_a[key], final_b[key], rtol=0, atol=0)
+
+
+def test_nan_loss_stops_and_keeps_checkpoint(tmp_path, monkeypatch, capsys):
+    real = train_mod.ortho_loss
+    calls = {"n": 0}
+
+    def poisoned(model):
+        calls["n"] += 1
+        value = real(model)
+        return value * float("nan") if calls["n"] > 5 else value
+
+    monkeypatch.setattr(train_mod, "ortho_loss", poisoned)
+    assert run(tmp_path / "nan", "--auxt") == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # progress lines come before
+    assert last.startswith("error: loss is nan at step 6")
+    assert torch.load(tmp_path / "nan" / "checkpoint.pt", weights_only=False)["step"] == 4
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--data", "/nonexistent/folder"], "/nonexistent/folder"),
+        (["--auxt", "--remove", "scale"], "valid names are: wavelet, orthogonal, scaling"),
+        (["--resume"], "no checkpoint"),
+        (["--patch-size", "500"], "smaller than the 500x500 training patch"),
+    ],
+)
+def test_bad_input_one_line_errors(tmp_path, capsys, extra, message):
+    assert run(tmp_path / "bad", *extra) != 0
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and message in err
+
+
+def test_two_process_gloo_ddp(tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "energylab.train", "--out", str(out), "--steps", "4", "--device", "cpu",
+           "--auxt", *TINY]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    config = json.loads((out / "config.json").read_text())
+    assert config["world_size"] == 2
+    energy = read_jsonl(out / "energy.jsonl")
+    # the probe set (2 crops) is split over the ranks and the statistics all-reduced:
+    # y of two 64x64 crops is 2 * 4 * 4 samples, and every layer is written once per capture
+    y = [r for r in energy if r["layer"] == "y"]
+    assert [r["step"] for r in y] == [0, 4] and all(r["count"] == 32 for r in y)
+    assert (out / "final.pt").exists()
