@@ -50,6 +50,36 @@ LMBDA = 0.0130  # CompressAI's usual MSE lambda for the mid rate point; irreleva
 # ---------------------------------------------------------------------------------------------
 
 
+def machine_busy_s() -> float | None:
+    """CPU-seconds all processes have spent busy since boot (``/proc/stat``), None off Linux."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except OSError:
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_s() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+class Contention:
+    """Share of the machine's CPUs that *other* processes used between start and ``share()``."""
+
+    def __init__(self) -> None:
+        self.t0, self.busy0, self.own0 = time.perf_counter(), machine_busy_s(), own_cpu_s()
+
+    def share(self) -> float | None:
+        busy = machine_busy_s()
+        if busy is None or self.busy0 is None:
+            return None
+        others = busy - self.busy0 - (own_cpu_s() - self.own0)
+        return max(0.0, others / ((time.perf_counter() - self.t0) * (os.cpu_count() or 1)))
+
+
 def interleaved(
     fns: dict[str, Callable[[], object]], repeats: int, warmup: int
 ) -> dict[str, list[float]]:
@@ -68,36 +98,25 @@ def interleaved(
     return times
 
 
-def machine_busy_s() -> float | None:
-    """CPU-seconds all processes have spent busy since boot (``/proc/stat``), None off Linux."""
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(v) for v in f.readline().split()[1:]]
-    except OSError:
-        return None
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-
-def own_cpu_s() -> float:
-    t = os.times()
-    return t.user + t.system
-
-
 def med_ms(ts: list[float]) -> float:
     return 1e3 * statistics.median(ts)
 
 
-def spread(ts: list[float]) -> str:
-    q = statistics.quantiles(ts, n=4) if len(ts) > 1 else [ts[0]] * 3
-    return f"IQR {1e3 * q[0]:8.2f} .. {1e3 * q[2]:8.2f}"
+def min_ms(ts: list[float]) -> float:
+    return 1e3 * min(ts)
 
 
-def table(times: dict[str, list[float]], base: str) -> None:
-    ref = med_ms(times[base])
+def table(times: dict[str, list[float]], base: str, contention: Contention) -> None:
+    """Median and minimum per variant, and their ratios to ``base``."""
+    print(f"  {'':<34s} {'median':>9s} {'min':>9s}   {'ratio of medians (of mins)':>26s}")
     for name, ts in times.items():
-        m = med_ms(ts)
-        print(f"  {name:<34s} {m:9.2f} ms  ({spread(ts)})   x{m / ref:5.3f} vs {base}")
+        m, lo = med_ms(ts), min_ms(ts)
+        r_med, r_min = m / med_ms(times[base]), lo / min_ms(times[base])
+        print(f"  {name:<34s} {m:9.2f} {lo:9.2f} ms   x{r_med:6.3f} (x{r_min:6.3f})")
+    share = contention.share()
+    if share is not None:
+        flag = "  <- machine shared: timings contaminated" if share > 0.05 else ""
+        print(f"  [other processes used {100 * share:.0f}% of the CPUs meanwhile]{flag}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ All three are timed side by side in one process on the same float32 latent, roun
 ratios are comparable even when the absolute times are not (shared machines, other loads)::
 
     python bench/bench_stats.py [--device cpu|cuda] [--repeats 7] [--shape 16 192 64 64]
+                                [--threads T]
 
 * ``ChannelStats.update``: the whole update, from the float32 ``(B, C, H, W)`` tensor.
 * ``torch.cov``: on the ``(N, C)`` matrix already materialised (float32, as given).
@@ -53,7 +54,10 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--shape", type=int, nargs=4, default=(16, 192, 64, 64))
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     b, c, h, w = args.shape
 

@@ -505,8 +505,8 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     images = load_images(args.data)
     results: dict[str, list[float | None]] = {k: [] for k in RESULT_KEYS}
     runs, per_image, labels = [], [], []
-    for run in args.runs:
-        model, used = load_model(run, arch, device)
+    loaded = [load_model(run, arch, device) for run in args.runs]  # every RUN checked first
+    for run, (model, used) in zip(args.runs, loaded, strict=True):
         averages, rows = evaluate_model(model, images)
         for key in RESULT_KEYS:
             results[key].append(averages[key])

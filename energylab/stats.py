@@ -372,21 +372,17 @@ class ChannelStats(_StreamingMetric):
             y = self._subsample(y)
         step = max(1, _CHUNK_ELEMENTS // c)  # samples per float64 chunk
         if y.dim() == 2:
-            chunks = (x.to(torch.float64).T for x in y.split(step))
-        else:  # groups of images as (C, g*H*W) float64, cast and transposed in one copy
+            parts = [x.T for x in y.split(step)]  # (C, m) views
+        else:  # groups of images as (C, g, H*W) views
             b, _, h, w = y.shape
-            rows = y.reshape(b, c, h * w)
-            chunks = (
-                torch.empty((c, part.shape[0], h * w), dtype=torch.float64, device=y.device)
-                .copy_(part.transpose(0, 1))
-                .view(c, -1)
-                for part in rows.split(max(1, step // (h * w)))
-            )
-        for x in chunks:  # x: (C, m), columns are samples
+            parts = y.reshape(b, c, h * w).split(max(1, step // (h * w)))
+            parts = [p.transpose(0, 1) for p in parts]
+        for part in parts:  # cast and transpose in one copy into a fresh (C, m) float64 buffer
+            x = torch.empty(part.shape, dtype=torch.float64, device=y.device).copy_(part)
+            x = x.view(c, -1)  # columns are samples
             s = x.sum(1)
             mu = s / x.shape[1]
-            x = x - mu[:, None]
-            self.outer.addmm_(x, x.T).addr_(s, mu)
+            self.outer.addmm_(x.sub_(mu[:, None]), x.T).addr_(s, mu)
             self.sum += s
         self.count += y.numel() // c
 

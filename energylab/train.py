@@ -65,33 +65,39 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def add_training_arguments(p: argparse.ArgumentParser) -> None:
-    """The flags shared by ``energylab.train`` and ``energylab.ablate`` (with their defaults)."""
-    p.add_argument("--model", default="mbt2018-mean", choices=sorted(MODELS))
-    p.add_argument("--N", type=int, default=32, help="channels of the transforms")
-    p.add_argument("--M", type=int, default=48, help="channels of the latent y")
-    p.add_argument("--auxt", action="store_true", help="attach AuxT (WLS/iWLS)")
-    p.add_argument("--remove", action="append", default=[], metavar="COMPONENT",
-                   help=f"remove an AuxT component (repeatable): {', '.join(COMPONENTS)}")
-    p.add_argument("--wavelet", default="haar", help="AuxT's wavelet basis (any pywt name)")
-    p.add_argument("--g-a-placement", default="after_resample", choices=PLACEMENTS)
-    p.add_argument("--g-s-placement", default="stage_end", choices=PLACEMENTS)
-    p.add_argument("--lmbda", type=float, default=0.0130, help="λ of λ·255²·MSE + bpp")
-    p.add_argument("--ortho-weight", type=float, default=0.1)
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--batch-size", type=int, default=8, help="per process")
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--data", default="builtin", help="'builtin' or an image folder")
-    p.add_argument("--patch-size", type=int, default=64)
-    p.add_argument("--test-size", type=int, default=None,
-                   help="centre-crop test images to this size (default: whole images)")
-    p.add_argument("--eval-every", type=int, default=100)
-    p.add_argument("--capture-every", type=int, default=100)
-    p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--probe-count", type=int, default=4)
-    p.add_argument("--probe-size", type=int, default=128)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+def add_training_arguments(p, exclude: Sequence[str] = ()) -> None:
+    """Add the flags shared by ``energylab.train`` and ``energylab.ablate`` to parser or group
+    ``p``, except the destinations named in ``exclude`` (which the caller defines itself)."""
+    flags = [
+        (("--model",), {"default": "mbt2018-mean", "choices": sorted(MODELS)}),
+        (("--N",), {"type": int, "default": 32, "help": "channels of the transforms"}),
+        (("--M",), {"type": int, "default": 48, "help": "channels of the latent y"}),
+        (("--auxt",), {"action": "store_true", "help": "attach AuxT (WLS/iWLS)"}),
+        (("--remove",), {"action": "append", "default": [], "metavar": "COMPONENT",
+                         "help": f"remove an AuxT component (repeatable): {', '.join(COMPONENTS)}"}),
+        (("--wavelet",), {"default": "haar", "help": "AuxT's wavelet basis (any pywt name)"}),
+        (("--g-a-placement",), {"default": "after_resample", "choices": PLACEMENTS}),
+        (("--g-s-placement",), {"default": "stage_end", "choices": PLACEMENTS}),
+        (("--lmbda",), {"type": float, "default": 0.0130, "help": "λ of λ·255²·MSE + bpp"}),
+        (("--ortho-weight",), {"type": float, "default": 0.1}),
+        (("--steps",), {"type": int, "default": 2000}),
+        (("--batch-size",), {"type": int, "default": 8, "help": "per process"}),
+        (("--lr",), {"type": float, "default": 1e-4}),
+        (("--data",), {"default": "builtin", "help": "'builtin' or an image folder"}),
+        (("--patch-size",), {"type": int, "default": 64}),
+        (("--test-size",), {"type": int, "default": None,
+                            "help": "centre-crop test images to this size (default: whole)"}),
+        (("--eval-every",), {"type": int, "default": 100}),
+        (("--capture-every",), {"type": int, "default": 100}),
+        (("--log-every",), {"type": int, "default": 10}),
+        (("--probe-count",), {"type": int, "default": 4}),
+        (("--probe-size",), {"type": int, "default": 128}),
+        (("--seed",), {"type": int, "default": 0}),
+        (("--device",), {"default": "auto", "choices": ("auto", "cpu", "cuda")}),
+    ]
+    for names, kwargs in flags:
+        if names[0].lstrip("-").replace("-", "_") not in exclude:
+            p.add_argument(*names, **kwargs)
 
 
 @dataclass
