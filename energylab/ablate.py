@@ -301,7 +301,7 @@ def collect(root: Path) -> dict:
         raise AblationError(f"{root}: no baseline cell has evaluations yet")
     per_cell = {(c.variant, c.lmbda, c.seed): _cell_summary(c, targets.get((c.seed, c.lmbda)))
                 for c in cells}
-    for (variant, lmbda, seed), row in per_cell.items():
+    for (_variant, lmbda, seed), row in per_cell.items():
         base = per_cell.get(("baseline", lmbda, seed), {})
         for what in ("steps", "time"):
             b, v = base.get(f"{what}_to_target"), row.get(f"{what}_to_target")

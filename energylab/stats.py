@@ -65,8 +65,10 @@ __all__ = [
 EIGENVALUE_FLOOR = 1e-12
 """Eigenvalues and variances below this fraction of the largest eigenvalue are raised to it."""
 
-_CHUNK_ELEMENTS = 2**20
-"""float64 elements cast per accumulation step (8 MiB): the cast stays in cache beside the GEMM."""
+_CHUNK_ELEMENTS = {"cpu": 2**20}
+"""float64 elements cast per accumulation step, by device type: 8 MiB on the CPU, where the cast
+then stays in cache beside the GEMM; 256 MiB elsewhere (fewer, larger kernels)."""
+_DEFAULT_CHUNK_ELEMENTS = 2**25
 
 CovLike = Tensor | np.ndarray
 
@@ -304,8 +306,8 @@ class ChannelStats(_StreamingMetric):
     States (float64, ``dist_reduce_fx="sum"``): ``count`` (samples), ``sum`` ``(C,)`` and ``outer``
     ``(C, C)`` = ``sum_n y_n y_n^T``. The covariance is ``(outer - count mu mu^T) / (count - 1)``.
 
-    Accumulation is one float64 GEMM per chunk of ``m`` samples ``X`` (``2^20 / C`` samples, or
-    whole images), on the chunk centred at its own mean ``mu_X``:
+    Accumulation is one float64 GEMM per chunk of ``m`` samples ``X`` (whole images, or ``2^20 / C``
+    samples on the CPU, ``2^25 / C`` elsewhere), on the chunk centred at its own mean ``mu_X``:
     ``outer += (X - mu_X)^T (X - mu_X) + m mu_X mu_X^T`` (the parallel-variance update of Chan,
     Golub and LeVeque, 1979). A raw ``X^T X`` would lose about ``eps64 sqrt(m) (|mu| / s)^2`` of
     the covariance (``eps64 = 1.1e-16``, ``s`` the spread) to rounding inside the GEMM; centred,
@@ -370,7 +372,8 @@ class ChannelStats(_StreamingMetric):
         c = self.channels
         if self.max_positions is not None and y.numel() // c > self.max_positions:
             y = self._subsample(y)
-        step = max(1, _CHUNK_ELEMENTS // c)  # samples per float64 chunk
+        chunk = _CHUNK_ELEMENTS.get(y.device.type, _DEFAULT_CHUNK_ELEMENTS)
+        step = max(1, chunk // c)  # samples per float64 chunk
         if y.dim() == 2:
             parts = [x.T for x in y.split(step)]  # (C, m) views
         else:  # groups of images as (C, g, H*W) views

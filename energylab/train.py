@@ -20,14 +20,12 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import math
 import os
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -88,7 +86,7 @@ def add_training_arguments(p, exclude: Sequence[str] = ()) -> None:
         (("--test-size",), {"type": int, "default": None,
                             "help": "centre-crop test images to this size (default: whole)"}),
         (("--eval-every",), {"type": int, "default": 100}),
-        (("--capture-every",), {"type": int, "default": 100}),
+        (("--capture-every",), {"type": int, "default": 100, "help": "0: no captures"}),
         (("--log-every",), {"type": int, "default": 10}),
         (("--probe-count",), {"type": int, "default": 4}),
         (("--probe-size",), {"type": int, "default": 128}),
@@ -236,13 +234,16 @@ def train(args: argparse.Namespace) -> Path:
     sampler = TrainSampler([img for _, img in dataset.train], args.patch_size, args.batch_size,
                            args.seed)
     probe = probe_set(dataset.test, args.probe_count, args.probe_size).to(device)
+    if len(probe) < d.world_size:
+        raise TrainingError(f"--probe-count {len(probe)} is below the {d.world_size} processes: "
+                            "every process captures its share of the probe set")
     config = {
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "versions": _versions(),
         "device": str(device),
         "world_size": d.world_size,
         "git_revision": _git_revision(),
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "data": {"source": dataset.source, "train": [n for n, _ in dataset.train],
                  "test": [n for n, _ in dataset.test]},
     }
@@ -276,7 +277,7 @@ def train(args: argparse.Namespace) -> Path:
     def checkpoints(step: int, wall: float) -> None:
         """Evaluate / capture / checkpoint at ``step`` completed steps, as the schedule says."""
         last = step == args.steps
-        if step % args.capture_every == 0 or last:
+        if args.capture_every > 0 and (step % args.capture_every == 0 or last):
             lp = capture(net, probe, d)
             log.capture(step, lp.records(step), lp.arrays())
         if step % args.eval_every == 0 or last:

@@ -19,12 +19,11 @@ tests compare against.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 import pywt
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["DWT2", "IDWT2", "SUBBANDS", "dwt2", "idwt2", "haar_kernels"]
@@ -126,7 +125,7 @@ def _np_synthesis(lo, hi, s_lo: np.ndarray, s_hi: np.ndarray, shift: int) -> np.
     return (mask * (lo[idx] * s_lo + hi[idx] * s_hi)).sum(-1)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _filter_bank(name: str) -> _FilterBank:
     try:
         wav = pywt.Wavelet(name)

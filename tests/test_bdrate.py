@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from scipy.interpolate import PchipInterpolator
 
 from energylab.bdrate import MIN_POINTS, bd_rate
 
@@ -37,6 +38,18 @@ def test_point_counts_may_differ():
     anchor_q, test_q = [28.0, 36.0], [28.0, 31.0, 36.0]
     got = bd_rate([rate(q) for q in anchor_q], anchor_q, [1.1 * rate(q) for q in test_q], test_q)
     assert got == pytest.approx(10.0, rel=1e-9)
+
+
+def test_matches_an_independent_pchip_computation():
+    # VCEG-M33 with PCHIP: mean difference of log10-rate interpolants over the common quality range
+    test_rates, test_psnr = [0.1, 0.22, 0.41, 1.0], [28.5, 30.2, 33.4, 36.0]
+    lo, hi = max(PSNR[0], test_psnr[0]), min(PSNR[-1], test_psnr[-1])
+
+    def mean_log_rate(rates, quality):
+        return PchipInterpolator(quality, np.log10(rates)).integrate(lo, hi) / (hi - lo)
+
+    expected = (10 ** (mean_log_rate(test_rates, test_psnr) - mean_log_rate(RATES, PSNR)) - 1) * 100
+    assert bd_rate(RATES, PSNR, test_rates, test_psnr) == pytest.approx(expected, rel=1e-12)
 
 
 def test_better_quality_at_same_rate_saves_bits():

@@ -1,0 +1,939 @@
+"""Figures of a run or an ablation: training curves, the energy-compaction split, correlations, R-D.
+
+``python -m energylab.figures DIR --out FIGDIR [--list]`` draws every figure that ``DIR`` (a run
+directory or an ablation directory, layouts in ``data/README.md``) has the inputs for, each as
+``FIGDIR/<name>.png`` (200 dpi) and ``FIGDIR/<name>.pdf`` (vector); ``--list`` only says which
+figures it can draw. A figure whose inputs are missing is skipped with one line on stderr saying
+why; the others are still drawn. Figures (:data:`FIGURES`):
+
+* ``loss_curves``: test R-D loss, bpp and PSNR vs training step;
+* ``compaction_and_loss``: top-k energy share of ``y`` and test R-D loss vs training step;
+* ``energy_split``: the two-part split of energy compaction of ``y`` over training — coding gain
+  (energy modulation), decorrelation gain and total correlation (decorrelation);
+* ``correlation_heatmaps``: channel correlation matrices of ``y`` (channels ordered by energy),
+  variants × early / middle / final capture;
+* ``energy_spectra``: channel energy spectrum and compaction curve of ``y`` at the final capture;
+* ``subband_energy``: subband energy shares of ``y`` at the final capture;
+* ``aux_energy_share``: the AuxT branch's share of the merged energy per merge point over training;
+* ``ablation_summary``: the summary's per-seed numbers as bars (mean ± s.d.) with the seeds as dots;
+* ``rd_curves`` and ``bd_rate``: real-bitstream R-D curves and the BD-rate table of an R-D sweep.
+
+Curves are means over seeds with a ± 1 s.d. band; each variant keeps its colour (colour-blind-safe
+palette) in every figure and is named as ``energylab.ablate`` names it (``baseline``, ``auxt``,
+``auxt-no-scaling``, ...). In an R-D sweep the training figures show one λ (the middle one unless
+a function is given ``lmbda``).
+
+The loaders (:func:`load_run`, :func:`load_ablation`, :func:`load`, :func:`load_captures`,
+:func:`summary_table`) and the ``plot_*`` functions, each returning a matplotlib figure, are what
+the notebooks in ``notebooks/`` use; :func:`ablation_figures` is what the ablation command calls
+after writing its summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import textwrap
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from itertools import cycle
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.figure import Figure
+
+from energylab.auxt import COMPONENTS
+from energylab.runlog import read_jsonl
+
+__all__ = [
+    "ABLATION_FIGURES",
+    "FIGURES",
+    "FigureError",
+    "MissingInput",
+    "Study",
+    "ablation_figures",
+    "all_figures",
+    "available",
+    "correlation",
+    "load",
+    "load_ablation",
+    "load_captures",
+    "load_run",
+    "layers_of",
+    "main",
+    "plot_ablation_summary",
+    "plot_aux_energy_share",
+    "plot_bd_rate_table",
+    "plot_capture_matrices",
+    "plot_compaction_and_loss",
+    "plot_correlation_heatmaps",
+    "plot_eigenspectra",
+    "plot_energy_spectra",
+    "plot_energy_split",
+    "plot_loss_curves",
+    "plot_matrix",
+    "plot_probe_channels",
+    "plot_rd_curves",
+    "plot_subband_energy",
+    "set_style",
+    "summary_table",
+    "variant_colors",
+    "variant_name",
+]
+
+THEME = {"context": "paper", "style": "whitegrid", "palette": "colorblind", "font_scale": 1.1}
+"""``seaborn.set_theme`` arguments of every figure."""
+DPI = 200
+HEATMAP_CMAP = "RdBu_r"
+"""Diverging map of the correlation heatmaps (blue -1, white 0, red +1; colour-blind safe)."""
+BAND = "band: ± 1 s.d. over seeds"
+_FIXED_COLORS = {"baseline": 0, "auxt": 1, "auxt-no-wavelet": 2, "auxt-no-scaling": 3,
+                 "auxt-no-orthogonal": 4}
+"""Index into the colour-blind palette of the variants every ablation may have."""
+_SPARE_COLORS = (5, 6, 8, 9, 7)
+STEP = "training step"
+
+
+class FigureError(ValueError):
+    """``DIR`` is neither a run nor an ablation directory; one-line message."""
+
+
+class MissingInput(LookupError):
+    """A figure's inputs are missing from the directory; the message says which."""
+
+
+def set_style() -> None:
+    """Apply the figures' seaborn theme globally (for notebooks)."""
+    sns.set_theme(**THEME)
+
+
+def variant_name(args: dict) -> str:
+    """The ablation's name of a run's variant, from its ``config.json`` ``args``.
+
+    ``baseline`` without AuxT; else ``auxt`` (``auxt-<wavelet>`` for a basis other than Haar),
+    followed by ``-no-<component>[+<component>...]`` when components are removed.
+    """
+    if not args.get("auxt"):
+        return "baseline"
+    wavelet = args.get("wavelet", "haar")
+    name = "auxt" if wavelet == "haar" else f"auxt-{wavelet}"
+    removed = [c for c in COMPONENTS if c in args.get("remove", [])]
+    return name + ("-no-" + "+".join(removed) if removed else "")
+
+
+def variant_colors(variants: Sequence[str]) -> dict[str, tuple[float, float, float]]:
+    """Colour of each variant: fixed by name for the standard variants, spare colours else."""
+    palette = sns.color_palette("colorblind")
+    spare = cycle(_SPARE_COLORS)
+    return {v: palette[_FIXED_COLORS[v] if v in _FIXED_COLORS else next(spare)] for v in variants}
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+Key = tuple[str, float, int]
+"""A cell: (variant, λ, seed)."""
+
+
+@dataclass
+class Study:
+    """A run or an ablation, loaded: one row per log line, tagged with its cell.
+
+    Attributes:
+        root: the directory.
+        kind: ``"run"`` or ``"ablation"``.
+        variants: variant names in the ablation's order.
+        cells: (variant, λ, seed) -> run directory.
+        evals, metrics, energy: ``eval.jsonl``, ``metrics.jsonl``, ``energy.jsonl`` of every cell,
+            with columns ``variant``, ``lmbda``, ``seed`` first.
+        bitstream: one row per cell with real-bitstream results (``bitstream.json``): ``bpp``,
+            ``psnr-rgb``, ``bpp-estimated``, ...
+        summary: ``summary.json`` of an ablation, or None.
+    """
+
+    root: Path
+    kind: str
+    variants: list[str]
+    cells: dict[Key, Path]
+    evals: pd.DataFrame
+    metrics: pd.DataFrame
+    energy: pd.DataFrame
+    bitstream: pd.DataFrame
+    summary: dict | None
+
+    @property
+    def lmbdas(self) -> list[float]:
+        """Every λ of the study, ascending."""
+        return sorted({lm for _, lm, _ in self.cells})
+
+    @property
+    def default_lmbda(self) -> float:
+        """The λ the training figures show: the middle one of an R-D sweep."""
+        return self.lmbdas[(len(self.lmbdas) - 1) // 2]
+
+    @property
+    def colors(self) -> dict[str, tuple[float, float, float]]:
+        return variant_colors(self.variants)
+
+    def seeds(self, lmbda: float | None = None) -> list[int]:
+        """Seeds with a cell at ``lmbda`` (default: :attr:`default_lmbda`)."""
+        lmbda = self.default_lmbda if lmbda is None else lmbda
+        return sorted({s for _, lm, s in self.cells if np.isclose(lm, lmbda)})
+
+    def captures(self, key: Key) -> list[tuple[int, Path]]:
+        """(step, archive) of every capture of one cell, by step."""
+        return sorted((int(p.stem.removeprefix("step_")), p)
+                      for p in (self.cells[key] / "captures").glob("step_*.npz"))
+
+    def at(self, frame: pd.DataFrame, lmbda: float | None = None) -> pd.DataFrame:
+        """The rows of ``frame`` at ``lmbda`` (default: :attr:`default_lmbda`)."""
+        lmbda = self.default_lmbda if lmbda is None else lmbda
+        if frame.empty:
+            return frame
+        return frame[np.isclose(frame["lmbda"].astype(float), lmbda)]
+
+
+def _frame(records: dict[Key, list[dict]]) -> pd.DataFrame:
+    rows = [{"variant": v, "lmbda": lm, "seed": s, **r}
+            for (v, lm, s), recs in records.items() for r in recs]
+    return pd.DataFrame(rows) if rows else pd.DataFrame(columns=["variant", "lmbda", "seed"])
+
+
+def _study(root: Path, kind: str, variants: list[str], cells: dict[Key, Path],
+           summary: dict | None) -> Study:
+    bitstream = {}
+    for key, d in cells.items():
+        path = d / "bitstream.json"
+        bitstream[key] = [json.loads(path.read_text())["results"]] if path.exists() else []
+    return Study(root=root, kind=kind, variants=variants, cells=cells,
+                 evals=_frame({k: read_jsonl(d / "eval.jsonl") for k, d in cells.items()}),
+                 metrics=_frame({k: read_jsonl(d / "metrics.jsonl") for k, d in cells.items()}),
+                 energy=_frame({k: read_jsonl(d / "energy.jsonl") for k, d in cells.items()}),
+                 bitstream=_frame(bitstream), summary=summary)
+
+
+def load_run(run_dir: Path | str) -> Study:
+    """Load one run directory (``config.json`` and its logs) as a one-cell study.
+
+    Raises:
+        FigureError: no ``config.json``.
+    """
+    root = Path(run_dir)
+    config = root / "config.json"
+    if not config.exists():
+        raise FigureError(f"{root} is not a run directory (no config.json)")
+    args = json.loads(config.read_text())["args"]
+    name = variant_name(args)
+    return _study(root, "run", [name], {(name, float(args["lmbda"]), int(args["seed"])): root},
+                  None)
+
+
+def load_ablation(root: Path | str) -> Study:
+    """Load an ablation directory: every cell that exists, and ``summary.json`` if written.
+
+    Raises:
+        FigureError: no ``ablation.json``.
+    """
+    from energylab.ablate import plan_cells
+
+    root = Path(root)
+    meta_path = root / "ablation.json"
+    if not meta_path.exists():
+        raise FigureError(f"{root} is not an ablation directory (no ablation.json)")
+    meta = json.loads(meta_path.read_text())
+    names = list(meta["variants"])
+    cells = {(c.variant, float(c.lmbda or meta["lmbda"]), c.seed): c.dir
+             for c in plan_cells(root, names, meta["seeds"], meta.get("lmbdas"))
+             if (c.dir / "config.json").exists()}
+    summary_path = root / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
+    if summary is not None:
+        for cell in summary["cells"]:
+            cell["lmbda"] = float(cell["lmbda"] or meta["lmbda"])
+    present = [v for v in names if any(k[0] == v for k in cells)]
+    return _study(root, "ablation", present, cells, summary)
+
+
+def load(path: Path | str) -> Study:
+    """:func:`load_ablation` or :func:`load_run`, whichever ``path`` is.
+
+    Raises:
+        FigureError: neither ``ablation.json`` nor ``config.json`` in ``path``.
+    """
+    path = Path(path)
+    if (path / "ablation.json").exists():
+        return load_ablation(path)
+    if (path / "config.json").exists():
+        return load_run(path)
+    raise FigureError(f"{path} is neither a run directory (config.json) nor an ablation "
+                      "directory (ablation.json)")
+
+
+def load_captures(run_dir: Path | str,
+                  layers: Sequence[str] | None = None) -> dict[int, dict[str, np.ndarray]]:
+    """Every capture archive of a run: step -> {``cov/<layer>``, ``energies/<layer>``, ``probe_y``}.
+
+    Args:
+        run_dir: a run directory.
+        layers: keep only these layers' arrays (``probe_y`` is always kept); default all.
+    """
+    out = {}
+    for path in sorted((Path(run_dir) / "captures").glob("step_*.npz")):
+        with np.load(path) as z:
+            keep = [k for k in z.files if layers is None or k == "probe_y"
+                    or k.split("/", 1)[-1] in layers]
+            out[int(path.stem.removeprefix("step_"))] = {k: z[k] for k in keep}
+    return out
+
+
+def layers_of(captures: dict[int, dict[str, np.ndarray]]) -> list[str]:
+    """The layers held by the captures of :func:`load_captures`."""
+    first = next(iter(captures.values()), {})
+    return [k.removeprefix("cov/") for k in first if k.startswith("cov/")]
+
+
+def summary_table(study: Study) -> pd.DataFrame:
+    """The ablation summary as in ``summary.md``: one row per variant (and λ), mean ± s.d.
+
+    Raises:
+        MissingInput: the study has no ``summary.json``.
+    """
+    from energylab.ablate import TABLE
+
+    if study.summary is None:
+        raise MissingInput("no summary.json (not an ablation directory, or not summarised yet)")
+
+    def fmt(mean: float | None, std: float | None) -> str:
+        if mean is None:
+            return "—"
+        digits = 2 if abs(mean) >= 10 else 4
+        return f"{mean:.{digits}f} ± {std:.{digits}f}" if std else f"{mean:.{digits}f}"
+
+    rows = [{"variant": r["variant"], "λ": r["lmbda"], "seeds": r["seeds"],
+             **{title: fmt(r.get(f"{k}_mean"), r.get(f"{k}_std")) for k, title in TABLE}}
+            for r in study.summary["rows"]]
+    table = pd.DataFrame(rows).set_index(["variant", "λ"] if study.summary.get("bd_rate")
+                                         else "variant")
+    return table if study.summary.get("bd_rate") else table.drop(columns="λ")
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs of the figures
+
+_NEEDS: dict[str, tuple[Callable[[Study], bool], str]] = {
+    "evals": (lambda s: not s.evals.empty, "no test evaluations (eval.jsonl)"),
+    "energy": (lambda s: "layer" in s.energy and (s.energy["layer"] == "y").any(),
+               "no energy statistics of y (energy.jsonl)"),
+    "captures": (lambda s: any(s.captures(k) for k in s.cells),
+                 "no capture archives (captures/step_*.npz)"),
+    "aux": (lambda s: "aux_energy_share" in s.energy and s.energy["aux_energy_share"].notna().any(),
+            "no AuxT variant (no aux_energy_share in energy.jsonl)"),
+    "summary": (lambda s: s.summary is not None,
+                "no summary.json (needs a summarised ablation directory)"),
+    "sweep": (lambda s: not s.bitstream.empty and s.bitstream["lmbda"].nunique() >= 2,
+              "not an R-D sweep (needs real-bitstream results, bitstream.json, at ≥ 2 λ: "
+              "ablate --lmbdas)"),
+    "bd_rate": (lambda s: bool(s.summary and s.summary.get("bd_rate")),
+                "no BD-rates in summary.json (not an R-D sweep)"),
+}
+
+
+def _missing(study: Study, needs: Sequence[str]) -> str | None:
+    for need in needs:
+        ok, why = _NEEDS[need]
+        if not ok(study):
+            return why
+    return None
+
+
+def _require(study: Study, *needs: str) -> None:
+    why = _missing(study, needs)
+    if why:
+        raise MissingInput(why)
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _context(study: Study, lmbda: float | None, spread: str = BAND) -> str:
+    """``λ = …, n seeds`` and, with several seeds, what the spread shows."""
+    lmbda = study.default_lmbda if lmbda is None else lmbda
+    seeds = study.seeds(lmbda)
+    text = f"λ = {lmbda:g}, {len(seeds)} seed{'s' if len(seeds) > 1 else ''}"
+    return text + (f"; {spread}" if len(seeds) > 1 else "")
+
+
+def _title(fig: Figure, title: str, context: str) -> None:
+    """Two-line figure title: what the figure shows, then its context in smaller type."""
+    fig.suptitle(title, fontweight="bold")
+    fig.text(0.5, 1.0, context, ha="center", va="bottom", fontsize="small", color="0.3",
+             transform=fig.transSubfigure)
+
+
+def _loss_scale(ax: plt.Axes, values: pd.Series) -> None:
+    """Log scale for a loss axis spanning more than a decade, linear otherwise."""
+    positive = values[values > 0]
+    if len(positive) and positive.max() > 10 * positive.min():
+        ax.set_yscale("log")
+
+
+def _present(study: Study, frame: pd.DataFrame) -> list[str]:
+    return [v for v in study.variants if v in set(frame["variant"])]
+
+
+def _lines(ax: plt.Axes, study: Study, frame: pd.DataFrame, x: str, y: str) -> None:
+    """Mean over seeds with a ± 1 s.d. band, one line per variant."""
+    sns.lineplot(data=frame, x=x, y=y, hue="variant", hue_order=_present(study, frame),
+                 palette=study.colors, errorbar="sd", ax=ax, legend=True)
+
+
+def _figure_legend(fig: Figure, axes: Sequence[plt.Axes]) -> None:
+    """One legend for the figure, below the panels, from the first panel's lines."""
+    handles, labels = axes[0].get_legend_handles_labels()
+    for ax in axes:
+        if ax.get_legend() is not None:
+            ax.get_legend().remove()
+    if handles:
+        fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 6),
+                   frameon=False)
+
+
+def _energy_y(study: Study, lmbda: float | None) -> pd.DataFrame:
+    energy = study.at(study.energy, lmbda)
+    return energy[energy["layer"] == "y"]
+
+
+def _final(frame: pd.DataFrame) -> pd.DataFrame:
+    """Each cell's rows at its last step."""
+    last = frame.groupby(["variant", "lmbda", "seed"])["step"].transform("max")
+    return frame[frame["step"] == last]
+
+
+def correlation(cov: np.ndarray) -> np.ndarray:
+    """Correlation matrix of a covariance (a channel without variance correlates 0 off-diagonal)."""
+    std = np.sqrt(np.clip(np.diag(cov), 1e-30, None))
+    return np.clip(cov / np.outer(std, std), -1.0, 1.0)
+
+
+def _by_energy(energies: np.ndarray) -> np.ndarray:
+    """Channel order by energy, descending."""
+    return np.argsort(energies, kind="stable")[::-1]
+
+
+def _matrix(ax: plt.Axes, matrix: np.ndarray, energies: np.ndarray, kind: str) -> plt.AxesImage:
+    """Draw a correlation (±1) or covariance (symmetric scale) matrix, channels by energy."""
+    order = _by_energy(energies)
+    m = matrix[np.ix_(order, order)]
+    if kind == "correlation":
+        m, vmax = correlation(m), 1.0
+    else:
+        vmax = float(np.abs(m).max()) or 1.0
+    image = ax.imshow(m, cmap=HEATMAP_CMAP, vmin=-vmax, vmax=vmax, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.grid(False)
+    return image
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures
+
+
+def plot_loss_curves(study: Study, lmbda: float | None = None) -> Figure:
+    """Test R-D loss, bpp (from the likelihoods) and PSNR vs training step, per variant."""
+    _require(study, "evals")
+    evals = study.at(study.evals, lmbda)
+    fig, axes = plt.subplots(1, 3, figsize=(10, 3.4), layout="constrained")
+    for ax, (col, label) in zip(axes, (("loss", "test R-D loss (λ·255²·MSE + bpp)"),
+                                       ("bpp", "test rate (bpp, estimated)"),
+                                       ("psnr", "test PSNR (dB)")), strict=True):
+        _lines(ax, study, evals, "step", col)
+        ax.set(xlabel=STEP, ylabel=label)
+    axes[0].set_yscale("log")
+    _figure_legend(fig, axes)
+    fig.suptitle(f"Rate-distortion over training ({_subtitle(study, lmbda)})")
+    return fig
+
+
+def plot_compaction_and_loss(study: Study, lmbda: float | None = None) -> Figure:
+    """Energy compaction (top-k energy share of ``y``) and test R-D loss vs training step."""
+    _require(study, "evals", "energy")
+    energy = _energy_y(study, lmbda)
+    k = int(energy["topk_k"].iloc[0])
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.4), layout="constrained")
+    _lines(axes[0], study, energy, "step", "topk_energy_share")
+    axes[0].set(xlabel=STEP, ylabel=f"energy share of the top {k} channel{'s' if k > 1 else ''}"
+                f" of y", title="energy compaction")
+    _lines(axes[1], study, study.at(study.evals, lmbda), "step", "loss")
+    axes[1].set(xlabel=STEP, ylabel="test R-D loss (λ·255²·MSE + bpp)", yscale="log",
+                title="rate-distortion")
+    _figure_legend(fig, axes)
+    fig.suptitle(f"Energy compaction and R-D loss over training ({_subtitle(study, lmbda)})")
+    return fig
+
+
+def plot_energy_split(study: Study, lmbda: float | None = None) -> Figure:
+    """The two-part split over training: coding gain (energy modulation), decorrelation gain and
+    total correlation (decorrelation) of ``y``, per variant."""
+    _require(study, "energy")
+    energy = _energy_y(study, lmbda).copy()
+    energy["coding_gain_db"] = 10 * np.log10(energy["coding_gain"])
+    energy["decorrelation_gain_db"] = 10 * np.log10(energy["decorrelation_gain"])
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.5), layout="constrained")
+    for ax, (col, label, title) in zip(axes, (
+            ("coding_gain_db", "coding gain (dB)", "energy modulation"),
+            ("decorrelation_gain_db", "decorrelation gain (dB)", "decorrelation"),
+            ("total_correlation", "total correlation (nats)", "decorrelation")), strict=True):
+        _lines(ax, study, energy, "step", col)
+        ax.set(xlabel=STEP, ylabel=label, title=title)
+    _figure_legend(fig, axes)
+    fig.suptitle(f"Energy compaction of y split in two parts ({_subtitle(study, lmbda)})")
+    return fig
+
+
+def plot_correlation_heatmaps(study: Study, lmbda: float | None = None,
+                              variants: Sequence[str] | None = None, layer: str = "y") -> Figure:
+    """Channel correlation of ``layer``: a grid of variants × early / middle / final capture.
+
+    Channels are ordered by energy (descending) in every panel; the first seed of each variant.
+    """
+    _require(study, "captures")
+    lmbda = study.default_lmbda if lmbda is None else lmbda
+    rows = []
+    for variant in variants or study.variants:
+        keys = sorted(k for k in study.cells if k[0] == variant and np.isclose(k[1], lmbda))
+        caps = study.captures(keys[0]) if keys else []
+        if caps:
+            picks = sorted({0, (len(caps) - 1) // 2, len(caps) - 1})
+            rows.append((variant, keys[0][2], [caps[i] for i in picks]))
+    if not rows:
+        raise MissingInput(f"no captures at λ = {lmbda:g}")
+    ncols = max(len(r[2]) for r in rows)
+    fig, axes = plt.subplots(len(rows), ncols, figsize=(2.3 * ncols + 1.0, 2.3 * len(rows) + 0.6),
+                             layout="constrained", squeeze=False)
+    labels = ["early", "middle", "final"] if ncols == 3 else ["early", "final"][-ncols:]
+    image = None
+    for r, (variant, seed, caps) in enumerate(rows):
+        for c, ax in enumerate(axes[r]):
+            if c >= len(caps):
+                ax.set_visible(False)
+                continue
+            step, path = caps[c]
+            with np.load(path) as z:
+                if f"cov/{layer}" not in z.files:
+                    raise MissingInput(f"the captures hold no layer {layer!r}")
+                image = _matrix(ax, z[f"cov/{layer}"], z[f"energies/{layer}"], "correlation")
+            ax.set_title(f"{labels[c]}: step {step}", fontsize="small")
+            if c == 0:
+                ax.set_ylabel(f"{variant}\n(seed {seed})", color=study.colors[variant],
+                              fontweight="bold")
+            if r == len(rows) - 1:
+                ax.set_xlabel("channels by energy →", fontsize="small")
+    fig.colorbar(image, ax=axes, shrink=min(0.9, 0.35 + 0.2 * len(rows)),
+                 label="correlation coefficient")
+    fig.suptitle(f"Channel correlation of {layer} over training (λ = {lmbda:g})")
+    return fig
+
+
+def _final_energies(study: Study, lmbda: float | None, layer: str) -> pd.DataFrame:
+    lmbda = study.default_lmbda if lmbda is None else lmbda
+    rows = []
+    for key in study.cells:
+        if not np.isclose(key[1], lmbda) or not study.captures(key):
+            continue
+        step, path = study.captures(key)[-1]
+        with np.load(path) as z:
+            e = np.sort(z[f"energies/{layer}"].astype(np.float64))[::-1]
+        share = e / e.sum() if e.sum() > 0 else np.full_like(e, 1 / len(e))
+        rows += [{"variant": key[0], "seed": key[2], "step": step, "rank": i + 1,
+                  "share": s, "cumulative": c}
+                 for i, (s, c) in enumerate(zip(share, np.cumsum(share), strict=True))]
+    if not rows:
+        raise MissingInput(f"no captures at λ = {lmbda:g}")
+    return pd.DataFrame(rows)
+
+
+def plot_energy_spectra(study: Study, lmbda: float | None = None, layer: str = "y") -> Figure:
+    """Channel energy spectrum (energy share by rank) and compaction curve at the final capture."""
+    _require(study, "captures")
+    frame = _final_energies(study, lmbda, layer)
+    channels = int(frame["rank"].max())
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.4), layout="constrained")
+    _lines(axes[0], study, frame, "rank", "share")
+    axes[0].set(xlabel="channel rank (by energy)", ylabel=f"share of the energy of {layer}",
+                yscale="log", title="energy spectrum")
+    _lines(axes[1], study, frame, "rank", "cumulative")
+    axes[1].plot([0, channels], [0, 1], color="0.6", ls=":", lw=1, label="equal energies")
+    axes[1].set(xlabel="k most energetic channels", ylabel="cumulative energy share",
+                xlim=(0, channels), ylim=(0, 1.02), title="energy compaction curve")
+    for ax in axes:
+        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+    _figure_legend(fig, axes[::-1])
+    steps = sorted(set(frame["step"]))
+    at = f"step {steps[0]}" if len(steps) == 1 else f"steps {steps[0]}–{steps[-1]}"
+    fig.suptitle(f"Channel energies of {layer} at the final capture ({at}; "
+                 f"{_subtitle(study, lmbda)})")
+    return fig
+
+
+def plot_subband_energy(study: Study, lmbda: float | None = None) -> Figure:
+    """Subband energy shares of ``y`` (2-level Haar DWT of each channel) at the final capture."""
+    _require(study, "energy")
+    energy = _final(_energy_y(study, lmbda))
+    bands = [c for c in energy.columns if c.startswith("subband_energy.")]
+    if not bands:
+        raise MissingInput("no subband_energy.* statistics in energy.jsonl")
+    frame = energy.melt(id_vars=["variant", "seed"], value_vars=bands, var_name="band",
+                        value_name="share")
+    frame["band"] = frame["band"].str.removeprefix("subband_energy.")
+    fig, ax = plt.subplots(figsize=(7.5, 3.6), layout="constrained")
+    sns.barplot(data=frame, x="band", y="share", hue="variant", hue_order=_present(study, frame),
+                palette=study.colors, errorbar="sd", capsize=0.1, err_kws={"linewidth": 1},
+                ax=ax)
+    ax.set(xlabel="subband of y (2-level Haar DWT per channel)", ylabel="share of the energy of y",
+           yscale="log")
+    _figure_legend(fig, [ax])
+    fig.suptitle(f"Subband energy of y at the final capture ({_subtitle(study, lmbda)})")
+    return fig
+
+
+def plot_aux_energy_share(study: Study, lmbda: float | None = None) -> Figure:
+    """Share of the merged energy carried by the AuxT branch, ‖aux‖² / ‖main + aux‖², per merge
+    point (stage) over training, for the AuxT variants."""
+    _require(study, "aux")
+    energy = study.at(study.energy, lmbda)
+    aux = energy[energy["layer"].str.startswith("g_a.aux")].copy()
+    aux["stage"] = aux["layer"].str.removeprefix("g_a.aux").astype(int)
+    stages = sorted(set(aux["stage"]))
+    fig, axes = plt.subplots(1, len(stages), figsize=(2.8 * len(stages) + 0.6, 3.3),
+                             layout="constrained", squeeze=False)
+    for ax, stage in zip(axes[0], stages, strict=True):
+        _lines(ax, study, aux[aux["stage"] == stage], "step", "aux_energy_share")
+        ax.set(xlabel=STEP, ylabel="‖aux‖² / ‖main + aux‖²" if stage == stages[0] else "",
+               title=f"merge point {stage}" + (" (y)" if stage == stages[-1] else ""))
+    _figure_legend(fig, list(axes[0]))
+    fig.suptitle(f"Energy share of the AuxT branch in g_a over training "
+                 f"({_subtitle(study, lmbda)})")
+    return fig
+
+
+SUMMARY_BARS = (("test_loss", "test R-D loss"), ("real_bpp", "rate (bpp, real bitstream)"),
+                ("real_psnr", "PSNR (dB, real bitstream)"),
+                ("speedup_steps", "speedup to target (steps, ×)"),
+                ("final_coding_gain", "coding gain of y (dB)"),
+                ("final_decorrelation_gain", "decorrelation gain of y (dB)"),
+                ("final_total_correlation", "total correlation of y (nats)"),
+                ("final_topk_energy_share", "top-k energy share of y"))
+"""Per-cell summary values drawn by :func:`plot_ablation_summary` (gains converted to dB)."""
+
+
+def plot_ablation_summary(study: Study, lmbda: float | None = None) -> Figure:
+    """The ablation summary as bars (mean ± 1 s.d. over seeds), each seed a dot."""
+    _require(study, "summary")
+    cells = study.at(pd.DataFrame(study.summary["cells"]), lmbda)
+    for gain in ("final_coding_gain", "final_decorrelation_gain"):
+        if gain in cells:
+            cells[gain] = 10 * np.log10(cells[gain].astype(float))
+    panels = [(k, t) for k, t in SUMMARY_BARS if k in cells and cells[k].notna().any()]
+    if not panels:
+        raise MissingInput("summary.json has no per-cell values")
+    ncols = min(4, len(panels))
+    nrows = -(-len(panels) // ncols)
+    order = _present(study, cells)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(2.6 * ncols + 0.4, 2.9 * nrows + 0.4),
+                             layout="constrained", squeeze=False)
+    for ax, (key, title) in zip(axes.flat, panels, strict=False):
+        data = cells[["variant", key]].dropna().astype({key: float})
+        sns.barplot(data=data, x="variant", y=key, hue="variant", order=order, hue_order=order,
+                    palette=study.colors, errorbar="sd", capsize=0.15,
+                    err_kws={"linewidth": 1}, legend=False, ax=ax)
+        sns.stripplot(data=data, x="variant", y=key, order=order, color="0.15", size=3.5,
+                      jitter=0.12, ax=ax)
+        ax.set(xlabel="", ylabel="", title=title)
+        ax.tick_params(axis="x", labelrotation=35 if len(order) > 2 else 0)
+        for label in ax.get_xticklabels():
+            label.set_horizontalalignment("right" if len(order) > 2 else "center")
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    fig.suptitle(f"Ablation summary ({_subtitle(study, lmbda)}; dots: seeds)")
+    return fig
+
+
+def plot_rd_curves(study: Study) -> Figure:
+    """Real-bitstream rate-distortion curves of an R-D sweep: PSNR vs bpp, one point per λ
+    (mean over seeds, ± 1 s.d. error bars)."""
+    _require(study, "sweep")
+    stats = (study.bitstream.groupby(["variant", "lmbda"])[["bpp", "psnr-rgb"]]
+             .agg(["mean", "std"]).reset_index())
+    fig, ax = plt.subplots(figsize=(5.2, 4.0), layout="constrained")
+    for variant in _present(study, stats):
+        rows = stats[stats["variant"] == variant].sort_values("lmbda")
+        ax.errorbar(rows["bpp"]["mean"], rows["psnr-rgb"]["mean"],
+                    xerr=rows["bpp"]["std"].fillna(0), yerr=rows["psnr-rgb"]["std"].fillna(0),
+                    marker="o", ms=4, capsize=2, lw=1.5, color=study.colors[variant],
+                    label=variant)
+    ax.set(xlabel="rate (bpp, real bitstream)", ylabel="PSNR (dB)")
+    ax.legend(frameon=False)
+    seeds = study.bitstream["seed"].nunique()
+    lmbdas = ", ".join(f"{lm:g}" for lm in study.lmbdas)
+    fig.suptitle(f"R-D curves (λ = {lmbdas}; {seeds} seed{'s' if seeds > 1 else ''})")
+    return fig
+
+
+def plot_bd_rate_table(study: Study) -> Figure:
+    """The BD-rate of each variant against the baseline (real bitstreams, PCHIP) as a table."""
+    _require(study, "bd_rate")
+    rows = []
+    for variant, bd in study.summary["bd_rate"].items():
+        if bd["mean"] is None:
+            value = "—"
+        else:
+            value = f"{bd['mean']:+.2f}" + (f" ± {bd['std']:.2f}" if bd["std"] else "")
+        note = textwrap.fill("; ".join(bd["errors"]), 60) if bd["errors"] else ""
+        rows.append([variant, value, str(bd["seeds"]), note])
+    has_notes = any(r[3] for r in rows)
+    columns = ["variant", "BD-rate vs baseline (%)", "seeds"] + (["note"] if has_notes else [])
+    lines = sum(max(1, r[3].count("\n") + 1) for r in rows)
+    fig, ax = plt.subplots(figsize=(9 if has_notes else 5.5, 0.9 + 0.32 * (lines + 1)),
+                           layout="constrained")
+    ax.axis("off")
+    table = ax.table(cellText=[r[: len(columns)] for r in rows], colLabels=columns,
+                     loc="center", cellLoc="left", colLoc="left")
+    table.auto_set_font_size(False)
+    table.set_fontsize(9)
+    table.auto_set_column_width(list(range(len(columns))))
+    for (r, c), cell in table.get_celld().items():
+        cell.set_edgecolor("0.8")
+        if r == 0:
+            cell.set_text_props(fontweight="bold")
+        elif c == 0:
+            cell.set_text_props(color=study.colors.get(rows[r - 1][0], "black"),
+                                fontweight="bold")
+        if has_notes and r > 0:
+            cell.set_height(cell.get_height() * (rows[r - 1][3].count("\n") + 1))
+    seeds = study.bitstream["seed"].nunique()
+    ax.set_title(f"BD-rate against baseline (real bitstream bpp vs PSNR, PCHIP; mean ± s.d. over "
+                 f"{seeds} seed{'s' if seeds > 1 else ''}; negative = fewer bits)",
+                 fontsize="small")
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# Notebook helpers: one run's captures
+
+
+def plot_capture_matrices(captures: dict[int, dict[str, np.ndarray]], layer: str = "y",
+                          kind: str = "correlation", ncols: int = 4) -> Figure:
+    """The correlation (±1) or covariance matrix of ``layer`` at every capture, as a grid.
+
+    Channels are ordered by energy at each capture; the covariance uses a symmetric scale per panel.
+    """
+    if kind not in ("correlation", "covariance"):
+        raise ValueError(f"kind must be 'correlation' or 'covariance', got {kind!r}")
+    steps = sorted(captures)
+    if not steps:
+        raise MissingInput("no captures")
+    ncols = min(ncols, len(steps))
+    nrows = -(-len(steps) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(2.4 * ncols + 0.8, 2.4 * nrows + 0.5),
+                             layout="constrained", squeeze=False)
+    for ax, step in zip(axes.flat, steps, strict=False):
+        image = _matrix(ax, captures[step][f"cov/{layer}"], captures[step][f"energies/{layer}"],
+                        kind)
+        ax.set_title(f"step {step}", fontsize="small")
+        if kind == "covariance":
+            fig.colorbar(image, ax=ax, shrink=0.8)
+    for ax in axes.flat[len(steps):]:
+        ax.set_visible(False)
+    if kind == "correlation":
+        fig.colorbar(image, ax=axes, shrink=0.8, label="correlation coefficient")
+    fig.suptitle(f"Channel {kind} of {layer} at every capture (channels by energy, descending)")
+    return fig
+
+
+def plot_matrix(captures: dict[int, dict[str, np.ndarray]], step: int, layer: str = "y",
+                kind: str = "correlation") -> Figure:
+    """The correlation or covariance matrix of ``layer`` at one capture (for a slider)."""
+    fig, ax = plt.subplots(figsize=(4.6, 3.8), layout="constrained")
+    image = _matrix(ax, captures[step][f"cov/{layer}"], captures[step][f"energies/{layer}"], kind)
+    fig.colorbar(image, ax=ax, label="correlation coefficient" if kind == "correlation"
+                 else "covariance")
+    ax.set(title=f"{kind} of {layer}, step {step}", xlabel="channels by energy →",
+           ylabel="channels by energy →")
+    return fig
+
+
+def plot_eigenspectra(captures: dict[int, dict[str, np.ndarray]], layer: str = "y") -> Figure:
+    """Eigenvalue spectrum of the covariance of ``layer`` at every capture, normalised to sum 1."""
+    steps = sorted(captures)
+    if not steps:
+        raise MissingInput("no captures")
+    cmap = plt.get_cmap("viridis")
+    norm = plt.Normalize(steps[0], max(steps[-1], steps[0] + 1))
+    fig, ax = plt.subplots(figsize=(5.6, 3.8), layout="constrained")
+    for step in steps:
+        lam = np.linalg.eigvalsh(captures[step][f"cov/{layer}"].astype(np.float64))[::-1]
+        lam = np.clip(lam, lam[0] * 1e-12, None)
+        ax.plot(np.arange(1, len(lam) + 1), lam / lam.sum(), color=cmap(norm(step)), lw=1.3)
+    ax.set(xlabel="eigenvalue rank", ylabel="share of the variance", yscale="log",
+           title=f"Eigenvalue spectrum of the covariance of {layer} over training")
+    ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+    fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label=STEP)
+    return fig
+
+
+def plot_probe_channels(capture: dict[str, np.ndarray], k: int = 8) -> Figure:
+    """The ``k`` strongest channels (by energy in the probe image) of the probe latent ``y``."""
+    probe = capture["probe_y"]
+    energy = np.square(probe.astype(np.float64)).mean(axis=(1, 2))
+    order = _by_energy(energy)[:k]
+    ncols = min(4, len(order))
+    nrows = -(-len(order) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(2.3 * ncols + 0.6, 2.3 * nrows + 0.5),
+                             layout="constrained", squeeze=False)
+    for ax, c in zip(axes.flat, order, strict=False):
+        vmax = float(np.abs(probe[c]).max()) or 1.0
+        image = ax.imshow(probe[c], cmap=HEATMAP_CMAP, vmin=-vmax, vmax=vmax,
+                          interpolation="nearest")
+        ax.set_title(f"channel {c} ({energy[c] / energy.sum():.0%} of energy)", fontsize="small")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.grid(False)
+        fig.colorbar(image, ax=ax, shrink=0.75)
+    for ax in axes.flat[len(order):]:
+        ax.set_visible(False)
+    h, w = probe.shape[1:]
+    fig.suptitle(f"Strongest channels of the probe latent y ({h}×{w}; values of y)")
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+@dataclass(frozen=True)
+class FigureSpec:
+    """One figure of :func:`all_figures`: file name, what it shows, inputs it needs, its drawer."""
+
+    name: str
+    description: str
+    needs: tuple[str, ...]
+    draw: Callable[[Study], Figure]
+
+
+FIGURES = (
+    FigureSpec("loss_curves", "test R-D loss, bpp and PSNR vs training step", ("evals",),
+               plot_loss_curves),
+    FigureSpec("compaction_and_loss", "top-k energy share of y and test R-D loss vs training step",
+               ("evals", "energy"), plot_compaction_and_loss),
+    FigureSpec("energy_split", "coding gain, decorrelation gain and total correlation of y vs "
+               "training step", ("energy",), plot_energy_split),
+    FigureSpec("correlation_heatmaps", "channel correlation of y, variants × early/middle/final "
+               "capture", ("captures",), plot_correlation_heatmaps),
+    FigureSpec("energy_spectra", "channel energy spectrum and compaction curve of y at the final "
+               "capture", ("captures",), plot_energy_spectra),
+    FigureSpec("subband_energy", "subband energy shares of y at the final capture", ("energy",),
+               plot_subband_energy),
+    FigureSpec("aux_energy_share", "AuxT branch energy share per merge point vs training step",
+               ("aux",), plot_aux_energy_share),
+    FigureSpec("ablation_summary", "summary numbers as bars with seed spread", ("summary",),
+               plot_ablation_summary),
+    FigureSpec("rd_curves", "real-bitstream R-D curves (PSNR vs bpp)", ("sweep",), plot_rd_curves),
+    FigureSpec("bd_rate", "BD-rate table against the baseline", ("bd_rate",), plot_bd_rate_table),
+)
+"""Every figure :func:`all_figures` draws, in order."""
+ABLATION_FIGURES = ("loss_curves", "energy_split", "correlation_heatmaps")
+"""The figures the ablation command writes next to its summary (:func:`ablation_figures`)."""
+
+
+def available(study: Study) -> list[tuple[FigureSpec, str | None]]:
+    """Every figure with None if ``study`` has its inputs, else the reason it would be skipped."""
+    return [(spec, _missing(study, spec.needs)) for spec in FIGURES]
+
+
+def _write(study: Study, out: Path, names: Sequence[str]) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    with plt.rc_context():
+        set_style()
+        for spec, why in available(study):
+            if spec.name not in names:
+                continue
+            if why is None:
+                try:
+                    fig = spec.draw(study)
+                except MissingInput as err:
+                    why = str(err)
+            if why is not None:
+                print(f"skipping figure {spec.name}: {why}", file=sys.stderr)
+                continue
+            for suffix in ("png", "pdf"):
+                path = out / f"{spec.name}.{suffix}"
+                fig.savefig(path, dpi=DPI)
+                written.append(path)
+            plt.close(fig)
+    return written
+
+
+def all_figures(directory: Path | str, out: Path | str | None = None) -> list[Path]:
+    """Write every figure ``directory`` (a run or an ablation) has the inputs for.
+
+    Returns the written files (``<name>.png`` and ``<name>.pdf`` each); a figure without its
+    inputs is skipped with a line on stderr. ``out`` defaults to ``directory``.
+
+    Raises:
+        FigureError: ``directory`` is neither a run nor an ablation directory.
+    """
+    study = load(directory)
+    return _write(study, Path(out) if out is not None else study.root,
+                  [spec.name for spec in FIGURES])
+
+
+def ablation_figures(root: Path, out: Path | None = None) -> list[Path]:
+    """Write the ablation command's figures (:data:`ABLATION_FIGURES`: test loss with seed bands,
+    the coding-gain / decorrelation-gain split, correlation heatmaps) next to its summary.
+
+    Raises:
+        FigureError: ``root`` is not an ablation directory.
+    """
+    study = load_ablation(root)
+    return _write(study, Path(out) if out is not None else study.root, ABLATION_FIGURES)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m energylab.figures",
+        description="Draw the figures of a run or an ablation directory (PNG and PDF).")
+    p.add_argument("dir", type=Path, help="a run directory or an ablation directory")
+    p.add_argument("--out", type=Path, help="folder of the figures (default: DIR)")
+    p.add_argument("--list", action="store_true", help="only list the figures DIR can give")
+    args = p.parse_args(argv)
+    try:
+        study = load(args.dir)
+    except FigureError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.list:
+        seeds = sorted({s for _, _, s in study.cells})
+        print(f"{study.root}: {study.kind}, variants {', '.join(study.variants)}; "
+              f"λ {', '.join(f'{lm:g}' for lm in study.lmbdas)}; seeds "
+              f"{', '.join(map(str, seeds))}")
+        for spec, why in available(study):
+            state = "yes" if why is None else "no "
+            print(f"  {state} {spec.name:<21} {spec.description}"
+                  + (f"  [skipped: {why}]" if why else ""))
+        return 0
+    written = _write(study, args.out or study.root, [spec.name for spec in FIGURES])
+    names = sorted({p.stem for p in written})
+    print(f"{len(names)} figure(s) in {args.out or args.dir}: {', '.join(names)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

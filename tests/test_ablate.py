@@ -1,0 +1,110 @@
+import json
+
+import numpy as np
+import pytest
+
+from energylab import ablate
+from energylab.runlog import read_jsonl
+
+TINY = ["--steps", "12", "--eval-every", "3", "--capture-every", "6", "--N", "8", "--M", "12",
+        "--batch-size", "2", "--test-size", "64", "--probe-count", "2", "--probe-size", "64",
+        "--log-every", "3"]
+TIME_KEYS = ("time_to_target", "speedup_time")
+
+
+@pytest.fixture(scope="module")
+def full(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ablation") / "full"
+    assert ablate.main(["--remove", "scaling", "--seeds", "0", "1", "--out", str(out), *TINY]) == 0
+    return out
+
+
+def untimed(rows):
+    return [{k: v for k, v in r.items() if not k.startswith(TIME_KEYS)} for r in rows]
+
+
+def test_writes_every_output(full):
+    for name in ("ablation.json", "summary.md", "summary.csv", "summary.json"):
+        assert (full / name).stat().st_size > 0
+    summary = json.loads((full / "summary.json").read_text())
+    assert [r["variant"] for r in summary["rows"]] == ["baseline", "auxt", "auxt-no-scaling"]
+    for variant in ("baseline", "auxt", "auxt-no-scaling"):
+        for seed in (0, 1):
+            cell = full / variant / f"seed{seed}"
+            assert (cell / "final.pt").exists() and (cell / "bitstream.json").exists()
+    csv_header = (full / "summary.csv").read_text().splitlines()[0].split(",")
+    assert csv_header[0] == "variant" and "test_loss_mean" in csv_header
+    assert "| auxt-no-scaling |" in (full / "summary.md").read_text()
+
+
+def test_summary_matches_run_files(full):
+    summary = json.loads((full / "summary.json").read_text())
+    rows = {r["variant"]: r for r in summary["rows"]}
+    for variant, row in rows.items():
+        finals = [read_jsonl(full / variant / f"seed{s}" / "eval.jsonl")[-1] for s in (0, 1)]
+        losses = [f["loss"] for f in finals]
+        assert row["test_loss_mean"] == pytest.approx(np.mean(losses))
+        assert row["test_loss_std"] == pytest.approx(np.std(losses, ddof=1))
+        real = [json.loads((full / variant / f"seed{s}" / "bitstream.json").read_text())
+                ["results"]["bpp"] for s in (0, 1)]
+        assert row["real_bpp_mean"] == pytest.approx(np.mean(real))
+        y_last = [[r for r in read_jsonl(full / variant / f"seed{s}" / "energy.jsonl")
+                   if r["layer"] == "y"][-1]["coding_gain"] for s in (0, 1)]
+        assert row["final_coding_gain_mean"] == pytest.approx(np.mean(y_last))
+    base_evals = read_jsonl(full / "baseline" / "seed0" / "eval.jsonl")
+    target = np.mean([r["loss"] for r in base_evals[-3:]])
+    assert summary["targets"]["seed0"] == pytest.approx(target)
+    assert all(r["aux_share_1_mean"] is not None for v, r in rows.items() if v != "baseline")
+
+
+def test_only_and_collect_equal_full_run(full, tmp_path):
+    out = tmp_path / "split"
+    for variant in ("auxt-no-scaling", "baseline", "auxt"):
+        for seed in (1, 0):
+            argv = ["--remove", "scaling", "--seeds", "0", "1", "--out", str(out),
+                    "--only", variant, "--seed", str(seed), *TINY]
+            assert ablate.main(argv) == 0
+    assert ablate.main(["--collect", str(out)]) == 0
+    a = json.loads((full / "summary.json").read_text())
+    b = json.loads((out / "summary.json").read_text())
+    assert untimed(a["rows"]) == untimed(b["rows"])
+
+
+def test_resume_skips_finished_cells(full, capsys):
+    assert ablate.main(["--remove", "scaling", "--seeds", "0", "1", "--out", str(full),
+                        "--resume", *TINY]) == 0
+    assert "seed" not in capsys.readouterr().err  # nothing was retrained
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--remove", "scale"], "valid names are: wavelet, orthogonal, scaling"),
+        (["--only", "auxt-no-wavelet", "--seed", "0"], "unknown variant 'auxt-no-wavelet'"),
+        (["--collect", "/nonexistent"], "holds no ablation"),
+    ],
+)
+def test_bad_arguments(tmp_path, capsys, argv, message):
+    assert ablate.main([*argv, "--out", str(tmp_path / "x"), *TINY]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and message in err
+
+
+def test_existing_directory_needs_resume(full, capsys):
+    assert ablate.main(["--remove", "scaling", "--seeds", "0", "1", "--out", str(full),
+                        *TINY]) == 2
+    assert "add --resume" in capsys.readouterr().err
+
+
+def test_variants():
+    names = ablate.variants(["scaling", "wavelet"], combined=True, wavelets=["db4"])
+    assert list(names) == ["baseline", "auxt", "auxt-no-wavelet", "auxt-no-scaling",
+                           "auxt-no-wavelet+scaling", "auxt-db4"]
+    assert names["auxt-no-wavelet+scaling"]["remove"] == ["wavelet", "scaling"]
+    assert names["auxt-db4"] == {"auxt": True, "remove": [], "wavelet": "db4"}
+
+
+def test_crossing_interpolates():
+    x = np.array([0.0, 10.0, 20.0])
+    assert ablate._crossing(x, np.array([5.0, 3.0, 1.0]), 2.0) == pytest.approx(15.0)
+    assert ablate._crossing(x, np.array([5.0, 3.0, 2.5]), 2.0) is None
