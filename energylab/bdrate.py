@@ -33,18 +33,19 @@ def _curve(rate: Sequence[float], quality: Sequence[float], which: str) -> np.nd
     Raises:
         ValueError: one line naming ``which`` curve and the problem.
     """
-    r = np.asarray(rate, dtype=np.float64)
-    q = np.asarray(quality, dtype=np.float64)
+    try:
+        r = np.asarray(rate, dtype=np.float64)
+        q = np.asarray(quality, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"{which}: rates and qualities must be numbers (got text)") from None
     if r.ndim != 1 or q.ndim != 1:
         raise ValueError(f"{which}: rates and qualities must be flat sequences of numbers")
     if len(r) != len(q):
         raise ValueError(f"{which}: {len(r)} rates but {len(q)} quality values")
     if len(r) < MIN_POINTS:
-        raise ValueError(
-            f"{which}: {len(r)} R-D point(s); PCHIP BD-rate needs at least {MIN_POINTS}"
-        )
+        raise ValueError(f"{which}: {len(r)} R-D point(s); PCHIP BD-rate needs at least {MIN_POINTS}")
     if not (np.isfinite(r).all() and np.isfinite(q).all()):
-        raise ValueError(f"{which}: rates and qualities must be finite (got NaN or infinity)")
+        raise ValueError(f"{which}: rates and qualities must be finite (got NaN, infinity or None)")
     if (r <= 0).any():
         raise ValueError(f"{which}: rates must be positive (BD-rate takes their logarithm)")
     order = np.argsort(q, kind="stable")
@@ -81,8 +82,9 @@ def bd_rate(
 
     Raises:
         ValueError: (one line) a curve with fewer than :data:`MIN_POINTS` points, mismatched
-            lengths, a NaN/infinite value, a non-positive rate, a repeated quality value, a rate
-            that does not strictly increase with quality, or quality ranges that do not overlap.
+            lengths, text, a NaN/infinite/``None`` value, a non-positive rate, a repeated quality
+            value, a rate that does not strictly increase with quality, or quality ranges that do not
+            overlap.
     """
     anchor = _curve(rate_anchor, quality_anchor, "anchor curve")
     test = _curve(rate_test, quality_test, "test curve")

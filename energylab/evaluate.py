@@ -189,9 +189,7 @@ def _check_fits(model: nn.Module, sd: Mapping[str, Tensor], where: Path, arch: s
     expected = model.state_dict()
     for key, tensor in expected.items():
         if key not in sd:
-            raise EvaluationError(
-                f"{where}: checkpoint lacks {key!r} {_shape(tensor)} of model {arch}"
-            )
+            raise EvaluationError(f"{where}: checkpoint lacks {key!r} {_shape(tensor)} of model {arch}")
         if key.rsplit(".", 1)[-1] not in DYNAMIC_BUFFERS and sd[key].shape != tensor.shape:
             raise EvaluationError(
                 f"{where}: {key!r} is {_shape(sd[key])} in the checkpoint but "
@@ -200,9 +198,7 @@ def _check_fits(model: nn.Module, sd: Mapping[str, Tensor], where: Path, arch: s
     extra = [k for k in sd if k not in expected]
     if extra:
         more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
-        raise EvaluationError(
-            f"{where}: checkpoint has {extra[0]!r}{more}, which model {arch} lacks"
-        )
+        raise EvaluationError(f"{where}: checkpoint has {extra[0]!r}{more}, which model {arch} lacks")
 
 
 def architecture_label(arch: Mapping[str, Any]) -> str:
@@ -276,12 +272,12 @@ def load_model(
     else:
         weights = path
     obj = _torch_load(weights)
+    sd = _state_dict(obj, weights)
     if config is None and isinstance(obj, Mapping) and isinstance(obj.get("config"), Mapping):
         config = obj["config"]
     if config is not None and arch is not None:
         raise EvaluationError(
-            f"{path}: carries its own architecture (config); drop --model and the architecture "
-            f"flags"
+            f"{path}: carries its own architecture (config); drop --model and the architecture flags"
         )
     if config is None and arch is None:
         raise EvaluationError(
@@ -289,7 +285,6 @@ def load_model(
             f"--auxt, ... as trained)"
         )
     arch = dict(arch) if arch is not None else _arch_from_config(config, path)
-    sd = _state_dict(obj, weights)
     model = _build(arch, path)
     _check_fits(model, sd, weights, _describe(arch))
     model.load_state_dict(sd)
@@ -317,9 +312,7 @@ def load_images(data: str) -> list[tuple[str, Tensor]]:
     folder = root / "test" if (root / "test").is_dir() else root
     exts = image_extensions()
     files = sorted(
-        p
-        for p in folder.iterdir()
-        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in exts
+        p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in exts
     )
     if not files:
         raise DataError(f"{folder}: no image files (looked for .png, .jpg, ... by extension)")
@@ -476,7 +469,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _arch_from_args(args: argparse.Namespace) -> dict[str, Any] | None:
     flags = {k: getattr(args, k) for k in ARCH_KEYS}
-    given = {k: v for k, v in flags.items() if v not in (None, False)}
+    given = {k: v for k, v in flags.items() if v is not None and v is not False}
     if args.model is None:
         if given:
             names = ", ".join("--" + k.replace("_", "-") for k in given)

@@ -370,10 +370,8 @@ def _context(study: Study, lmbda: float | None, spread: str = BAND) -> str:
 
 
 def _title(fig: Figure, title: str, context: str) -> None:
-    """Two-line figure title: what the figure shows, then its context in smaller type."""
-    fig.suptitle(title, fontweight="bold")
-    fig.text(0.5, 1.0, context, ha="center", va="bottom", fontsize="small", color="0.3",
-             transform=fig.transSubfigure)
+    """Two-line figure title: what the figure shows, then its context."""
+    fig.suptitle(f"{title}\n{context}", fontsize="medium")
 
 
 def _loss_scale(ax: plt.Axes, values: pd.Series) -> None:
@@ -455,9 +453,9 @@ def plot_loss_curves(study: Study, lmbda: float | None = None) -> Figure:
                                        ("psnr", "test PSNR (dB)")), strict=True):
         _lines(ax, study, evals, "step", col)
         ax.set(xlabel=STEP, ylabel=label)
-    axes[0].set_yscale("log")
+    _loss_scale(axes[0], evals["loss"])
     _figure_legend(fig, axes)
-    fig.suptitle(f"Rate-distortion over training ({_subtitle(study, lmbda)})")
+    _title(fig, "Rate-distortion on the test images over training", _context(study, lmbda))
     return fig
 
 
@@ -465,16 +463,17 @@ def plot_compaction_and_loss(study: Study, lmbda: float | None = None) -> Figure
     """Energy compaction (top-k energy share of ``y``) and test R-D loss vs training step."""
     _require(study, "evals", "energy")
     energy = _energy_y(study, lmbda)
+    evals = study.at(study.evals, lmbda)
     k = int(energy["topk_k"].iloc[0])
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3.4), layout="constrained")
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.6), layout="constrained")
     _lines(axes[0], study, energy, "step", "topk_energy_share")
-    axes[0].set(xlabel=STEP, ylabel=f"energy share of the top {k} channel{'s' if k > 1 else ''}"
-                f" of y", title="energy compaction")
-    _lines(axes[1], study, study.at(study.evals, lmbda), "step", "loss")
-    axes[1].set(xlabel=STEP, ylabel="test R-D loss (λ·255²·MSE + bpp)", yscale="log",
-                title="rate-distortion")
+    axes[0].set(xlabel=STEP, ylabel=f"energy share of top {k} channel{'s' if k > 1 else ''}",
+                title="energy compaction of y")
+    _lines(axes[1], study, evals, "step", "loss")
+    axes[1].set(xlabel=STEP, ylabel="test R-D loss (λ·255²·MSE + bpp)", title="rate-distortion")
+    _loss_scale(axes[1], evals["loss"])
     _figure_legend(fig, axes)
-    fig.suptitle(f"Energy compaction and R-D loss over training ({_subtitle(study, lmbda)})")
+    _title(fig, "Energy compaction and R-D loss over training", _context(study, lmbda))
     return fig
 
 
@@ -489,11 +488,13 @@ def plot_energy_split(study: Study, lmbda: float | None = None) -> Figure:
     for ax, (col, label, title) in zip(axes, (
             ("coding_gain_db", "coding gain (dB)", "energy modulation"),
             ("decorrelation_gain_db", "decorrelation gain (dB)", "decorrelation"),
-            ("total_correlation", "total correlation (nats)", "decorrelation")), strict=True):
+            ("total_correlation", "total correlation (nats)", "decorrelation (Gaussian)")),
+            strict=True):
         _lines(ax, study, energy, "step", col)
         ax.set(xlabel=STEP, ylabel=label, title=title)
     _figure_legend(fig, axes)
-    fig.suptitle(f"Energy compaction of y split in two parts ({_subtitle(study, lmbda)})")
+    _title(fig, "Energy compaction of y in two parts: energy modulation and decorrelation",
+           _context(study, lmbda))
     return fig
 
 
@@ -537,7 +538,8 @@ def plot_correlation_heatmaps(study: Study, lmbda: float | None = None,
                 ax.set_xlabel("channels by energy →", fontsize="small")
     fig.colorbar(image, ax=axes, shrink=min(0.9, 0.35 + 0.2 * len(rows)),
                  label="correlation coefficient")
-    fig.suptitle(f"Channel correlation of {layer} over training (λ = {lmbda:g})")
+    _title(fig, f"Channel correlation of {layer} over training",
+           f"λ = {lmbda:g}; channels ordered by energy, descending")
     return fig
 
 
@@ -577,8 +579,8 @@ def plot_energy_spectra(study: Study, lmbda: float | None = None, layer: str = "
     _figure_legend(fig, axes[::-1])
     steps = sorted(set(frame["step"]))
     at = f"step {steps[0]}" if len(steps) == 1 else f"steps {steps[0]}–{steps[-1]}"
-    fig.suptitle(f"Channel energies of {layer} at the final capture ({at}; "
-                 f"{_subtitle(study, lmbda)})")
+    _title(fig, f"Channel energies of {layer} at the final capture ({at})",
+           _context(study, lmbda))
     return fig
 
 
@@ -599,7 +601,8 @@ def plot_subband_energy(study: Study, lmbda: float | None = None) -> Figure:
     ax.set(xlabel="subband of y (2-level Haar DWT per channel)", ylabel="share of the energy of y",
            yscale="log")
     _figure_legend(fig, [ax])
-    fig.suptitle(f"Subband energy of y at the final capture ({_subtitle(study, lmbda)})")
+    _title(fig, "Subband energy of y at the final capture",
+           _context(study, lmbda, "error bars: ± 1 s.d. over seeds"))
     return fig
 
 
@@ -618,8 +621,8 @@ def plot_aux_energy_share(study: Study, lmbda: float | None = None) -> Figure:
         ax.set(xlabel=STEP, ylabel="‖aux‖² / ‖main + aux‖²" if stage == stages[0] else "",
                title=f"merge point {stage}" + (" (y)" if stage == stages[-1] else ""))
     _figure_legend(fig, list(axes[0]))
-    fig.suptitle(f"Energy share of the AuxT branch in g_a over training "
-                 f"({_subtitle(study, lmbda)})")
+    _title(fig, "Energy share of the AuxT branch at each merge point of g_a over training",
+           _context(study, lmbda))
     return fig
 
 
@@ -640,7 +643,9 @@ def plot_ablation_summary(study: Study, lmbda: float | None = None) -> Figure:
     for gain in ("final_coding_gain", "final_decorrelation_gain"):
         if gain in cells:
             cells[gain] = 10 * np.log10(cells[gain].astype(float))
-    panels = [(k, t) for k, t in SUMMARY_BARS if k in cells and cells[k].notna().any()]
+    others = cells["variant"] != "baseline"
+    panels = [(k, t) for k, t in SUMMARY_BARS
+              if k in cells and cells.loc[others, k].notna().any()]
     if not panels:
         raise MissingInput("summary.json has no per-cell values")
     ncols = min(4, len(panels))
@@ -656,12 +661,16 @@ def plot_ablation_summary(study: Study, lmbda: float | None = None) -> Figure:
         sns.stripplot(data=data, x="variant", y=key, order=order, color="0.15", size=3.5,
                       jitter=0.12, ax=ax)
         ax.set(xlabel="", ylabel="", title=title)
+        for i, variant in enumerate(order):
+            if variant not in set(data["variant"]):
+                ax.text(i, 0, "n/a", ha="center", va="bottom", fontsize="small", color="0.4")
         ax.tick_params(axis="x", labelrotation=35 if len(order) > 2 else 0)
         for label in ax.get_xticklabels():
             label.set_horizontalalignment("right" if len(order) > 2 else "center")
     for ax in axes.flat[len(panels):]:
         ax.set_visible(False)
-    fig.suptitle(f"Ablation summary ({_subtitle(study, lmbda)}; dots: seeds)")
+    _title(fig, "Ablation summary", _context(study, lmbda, "bars: mean ± 1 s.d. over seeds; "
+                                                        "dots: seeds"))
     return fig
 
 
@@ -672,17 +681,21 @@ def plot_rd_curves(study: Study) -> Figure:
     stats = (study.bitstream.groupby(["variant", "lmbda"])[["bpp", "psnr-rgb"]]
              .agg(["mean", "std"]).reset_index())
     fig, ax = plt.subplots(figsize=(5.2, 4.0), layout="constrained")
+    seeds = study.bitstream["seed"].nunique()
     for variant in _present(study, stats):
         rows = stats[stats["variant"] == variant].sort_values("lmbda")
-        ax.errorbar(rows["bpp"]["mean"], rows["psnr-rgb"]["mean"],
-                    xerr=rows["bpp"]["std"].fillna(0), yerr=rows["psnr-rgb"]["std"].fillna(0),
-                    marker="o", ms=4, capsize=2, lw=1.5, color=study.colors[variant],
-                    label=variant)
+        x, y = rows["bpp"]["mean"], rows["psnr-rgb"]["mean"]
+        ax.plot(x, y, marker="o", ms=4, lw=1.5, color=study.colors[variant], label=variant)
+        if seeds > 1:
+            ax.errorbar(x, y, xerr=rows["bpp"]["std"].fillna(0),
+                        yerr=rows["psnr-rgb"]["std"].fillna(0), fmt="none", capsize=2, lw=1,
+                        color=study.colors[variant])
     ax.set(xlabel="rate (bpp, real bitstream)", ylabel="PSNR (dB)")
-    ax.legend(frameon=False)
-    seeds = study.bitstream["seed"].nunique()
+    _figure_legend(fig, [ax])
     lmbdas = ", ".join(f"{lm:g}" for lm in study.lmbdas)
-    fig.suptitle(f"R-D curves (λ = {lmbdas}; {seeds} seed{'s' if seeds > 1 else ''})")
+    context = f"λ = {lmbdas}; {seeds} seed{'s' if seeds > 1 else ''}"
+    _title(fig, "Rate-distortion of real bitstreams",
+           context + ("; mean ± 1 s.d. over seeds" if seeds > 1 else ""))
     return fig
 
 
@@ -698,29 +711,25 @@ def plot_bd_rate_table(study: Study) -> Figure:
         note = textwrap.fill("; ".join(bd["errors"]), 60) if bd["errors"] else ""
         rows.append([variant, value, str(bd["seeds"]), note])
     has_notes = any(r[3] for r in rows)
-    columns = ["variant", "BD-rate vs baseline (%)", "seeds"] + (["note"] if has_notes else [])
-    lines = sum(max(1, r[3].count("\n") + 1) for r in rows)
-    fig, ax = plt.subplots(figsize=(9 if has_notes else 5.5, 0.9 + 0.32 * (lines + 1)),
+    columns = ["variant", "BD-rate vs baseline (%)", "seeds", "note"][: 4 if has_notes else 3]
+    x = [0.0, 0.3, 0.62, 0.74][: len(columns)]
+    heights = [1] + [r[3].count("\n") + 1 for r in rows]
+    fig, ax = plt.subplots(figsize=(9.5 if has_notes else 5.5, 0.9 + 0.28 * sum(heights)),
                            layout="constrained")
+    ax.set(xlim=(0, 1), ylim=(sum(heights), 0))
     ax.axis("off")
-    table = ax.table(cellText=[r[: len(columns)] for r in rows], colLabels=columns,
-                     loc="center", cellLoc="left", colLoc="left")
-    table.auto_set_font_size(False)
-    table.set_fontsize(9)
-    table.auto_set_column_width(list(range(len(columns))))
-    for (r, c), cell in table.get_celld().items():
-        cell.set_edgecolor("0.8")
-        if r == 0:
-            cell.set_text_props(fontweight="bold")
-        elif c == 0:
-            cell.set_text_props(color=study.colors.get(rows[r - 1][0], "black"),
-                                fontweight="bold")
-        if has_notes and r > 0:
-            cell.set_height(cell.get_height() * (rows[r - 1][3].count("\n") + 1))
+    top = 0
+    for i, (cells, height) in enumerate(zip([columns, *rows], heights, strict=True)):
+        for j, (text, left) in enumerate(zip(cells, x, strict=False)):
+            color = study.colors.get(text, "black") if i and j == 0 else "0.1"
+            ax.text(left + 0.01, top + 0.25, text, va="top", fontsize="small", color=color,
+                    fontweight="bold" if i == 0 or j == 0 else "normal")
+        top += height
+        ax.axhline(top, color="0.6" if i == 0 else "0.85", lw=1)
     seeds = study.bitstream["seed"].nunique()
-    ax.set_title(f"BD-rate against baseline (real bitstream bpp vs PSNR, PCHIP; mean ± s.d. over "
-                 f"{seeds} seed{'s' if seeds > 1 else ''}; negative = fewer bits)",
-                 fontsize="small")
+    _title(fig, "BD-rate against the baseline (real bitstreams, PSNR, PCHIP)",
+           f"mean ± 1 s.d. over {seeds} seed{'s' if seeds > 1 else ''}; negative: fewer bits "
+           "for the same quality")
     return fig
 
 

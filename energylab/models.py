@@ -186,23 +186,26 @@ MODELS: dict[str, Callable[..., nn.Module]] = {}
 """energylab's model registry: CompressAI name -> builder ``(N, M) -> nn.Module``."""
 
 
-def register_model(name: str, takes_m: bool = True) -> None:
-    """Register CompressAI's architecture ``name`` (``takes_m``: whether it has an ``M``)."""
+def register_model(name: str, N: int, M: int | None) -> None:
+    """Register CompressAI's architecture ``name`` with default widths ``N`` and ``M``
+    (``M=None``: the model has no separate ``M``; its latent has ``N`` channels)."""
     cls = COMPRESSAI_MODELS[name]
+    defaults = {"N": N} if M is None else {"N": N, "M": M}
 
     def build(N: int | None = None, M: int | None = None) -> nn.Module:
-        kwargs = {"N": N, "M": M} if takes_m else {"N": N}
-        if M is not None and not takes_m:
+        if M is not None and "M" not in defaults:
             raise ValueError(f"model {name!r} has no M (its latent has N channels)")
-        return cls(**{k: v for k, v in kwargs.items() if v is not None})
+        given = {k: v for k, v in (("N", N), ("M", M)) if v is not None}
+        return cls(**{**defaults, **given})
 
     MODELS[name] = build
 
 
+# CompressAI's widths for its highest-quality configurations (compressai.zoo)
 for _name in ("bmshj2018-factorized", "bmshj2018-hyperprior", "mbt2018-mean", "mbt2018"):
-    register_model(_name)
-register_model("cheng2020-anchor", takes_m=False)
-register_model("elic2022-official")
+    register_model(_name, N=192, M=320)
+register_model("cheng2020-anchor", N=192, M=None)
+register_model("elic2022-official", N=192, M=320)
 
 
 def build_model(
@@ -218,7 +221,8 @@ def build_model(
 ) -> nn.Module:
     """Build a registered CompressAI model, randomly initialised, with AuxT if ``auxt``.
 
-    ``N``/``M`` default to CompressAI's own defaults. No weights are downloaded.
+    ``N``/``M`` default to the widths of CompressAI's highest-quality configuration (192/320).
+    No weights are downloaded.
 
     Raises:
         ValueError: unknown model name (listing the valid ones) or bad AuxT options; ``remove``

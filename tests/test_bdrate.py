@@ -77,6 +77,8 @@ def test_shifted_curve_property(steps, gains, factor):
         ((RATES, PSNR[:3], RATES, PSNR), "anchor curve: 4 rates but 3 quality values"),
         ((RATES, PSNR, [0.1, math.nan, 0.5, 0.9], PSNR), "test curve: .*must be finite"),
         ((RATES, [28.0, math.inf, 33.0, 35.0], RATES, PSNR), "anchor curve: .*must be finite"),
+        ((RATES, PSNR, RATES, [28.0, None, 33.0, 35.0]), "test curve: .*must be finite"),
+        ((RATES, PSNR, RATES, [28.0, "x", 33.0, 35.0]), "test curve: .*must be numbers"),
         ((RATES, PSNR, [0.0, 0.25, 0.5, 0.9], PSNR), "test curve: rates must be positive"),
         ((RATES, PSNR, [-0.1, 0.25, 0.5, 0.9], PSNR), "test curve: rates must be positive"),
         ((RATES, [28.0, 30.0, 30.0, 35.0], RATES, PSNR), "anchor curve: repeated quality value 30"),

@@ -15,12 +15,13 @@ from energylab.data import load_image, pad_to_multiple
 from energylab.evaluate import (
     RESULT_KEYS,
     EvaluationError,
+    architecture_label,
     evaluate_model,
     load_images,
     load_model,
     main,
 )
-from energylab.models import build_model
+from energylab.models import build_model, has_auxt
 
 TINY = {"model": "bmshj2018-hyperprior", "N": 8, "M": 12}
 SIZES = {"a.png": (64, 64), "b.png": (50, 70)}  # H x W; 50 x 70 is not a multiple of 64
@@ -84,9 +85,7 @@ def _compress_bytes(model, x):
 # Measurements
 
 
-@pytest.mark.parametrize(
-    "arch", [TINY, {"model": "mbt2018-mean", "N": 8, "M": 12}], ids=lambda a: a["model"]
-)
+@pytest.mark.parametrize("arch", [TINY, {"model": "mbt2018-mean", "N": 8, "M": 12}], ids=lambda a: a["model"])
 def test_bpp_is_bytes_times_8_over_original_pixels(arch, images_dir):
     model = _trained_like(arch).eval()
     images = load_images(str(images_dir))
@@ -191,6 +190,22 @@ def test_run_directory_falls_back_to_checkpoint_pt(run_dir):
     assert _same_weights(model, trained)
     model, _ = load_model(run / "checkpoint.pt")
     assert _same_weights(model, trained)
+
+
+def test_auxt_run_directory(tmp_path):
+    arch = {**TINY, "auxt": True, "remove": ["scaling"], "wavelet": "haar"}
+    run = tmp_path / "auxt_run"
+    run.mkdir()
+    config = {"args": arch}
+    (run / "config.json").write_text(json.dumps(config))
+    trained = _trained_like(arch)
+    torch.save({"model": trained.state_dict(), "step": 1, "config": config}, run / "final.pt")
+    model, used = load_model(run)
+    assert has_auxt(model) and _same_weights(model, trained)
+    assert architecture_label(used) == "bmshj2018-hyperprior+auxt-no-scaling"
+    x = torch.rand(3, 64, 64)
+    (row,) = evaluate_model(model, [("x", x)])[1]
+    assert row["bytes"] == _compress_bytes(model, x)[0]
 
 
 @pytest.mark.parametrize(

@@ -127,3 +127,10 @@ def test_errors():
 
     with pytest.raises(ValueError, match="g_a has 3 resolution changes"):
         attach_auxt(ThreeStages())
+
+
+def test_default_widths_and_m_only_where_it_exists():
+    assert build_model("mbt2018-mean", N=8).g_a[-1].out_channels == 320
+    assert build_model("cheng2020-anchor", N=8).g_a[-1].out_channels == 8
+    with pytest.raises(ValueError, match="has no M"):
+        build_model("cheng2020-anchor", N=8, M=12)
