@@ -30,6 +30,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import pywt
@@ -67,9 +68,12 @@ def own_cpu_s() -> float:
 
 
 class Contention:
-    """Share of the machine's CPUs that *other* processes used between start and ``share()``."""
+    """Share of the machine's CPUs that *other* processes used since ``reset()``."""
 
     def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
         self.t0, self.busy0, self.own0 = time.perf_counter(), machine_busy_s(), own_cpu_s()
 
     def share(self) -> float | None:
@@ -80,43 +84,65 @@ class Contention:
         return max(0.0, others / ((time.perf_counter() - self.t0) * (os.cpu_count() or 1)))
 
 
-def interleaved(
-    fns: dict[str, Callable[[], object]], repeats: int, warmup: int
-) -> dict[str, list[float]]:
-    """Seconds per call of each function, repeats interleaved (order rotated every round)."""
+CLEAN = 0.10
+"""A round counts as clean when other processes used less than this share of the CPUs."""
+
+
+@dataclass
+class Timings:
+    """Seconds per call, ``times[name][r]`` in round ``r``; ``shares[r]``: others' CPU share."""
+
+    times: dict[str, list[float]]
+    shares: list[float | None]
+
+    def clean(self) -> list[int]:
+        return [r for r, s in enumerate(self.shares) if s is not None and s < CLEAN]
+
+    def median_ms(self, name: str) -> float:
+        """Median over the clean rounds when there are at least 5, else over all rounds."""
+        rounds = self.clean()
+        ts = self.times[name]
+        return 1e3 * statistics.median([ts[r] for r in rounds] if len(rounds) >= 5 else ts)
+
+    def min_ms(self, name: str) -> float:
+        return 1e3 * min(self.times[name])
+
+
+def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int) -> Timings:
+    """Time each function ``repeats`` times, one call of each per round (order rotated)."""
     names = list(fns)
     for _ in range(warmup):
         for name in names:
             fns[name]()
-    times: dict[str, list[float]] = {name: [] for name in names}
+    out = Timings({name: [] for name in names}, [])
+    meter = Contention()
     for r in range(repeats):
         k = r % len(names)
+        meter.reset()
         for name in names[k:] + names[:k]:
             t0 = time.perf_counter()
             fns[name]()
-            times[name].append(time.perf_counter() - t0)
-    return times
+            out.times[name].append(time.perf_counter() - t0)
+        out.shares.append(meter.share())
+    return out
 
 
-def med_ms(ts: list[float]) -> float:
-    return 1e3 * statistics.median(ts)
-
-
-def min_ms(ts: list[float]) -> float:
-    return 1e3 * min(ts)
-
-
-def table(times: dict[str, list[float]], base: str, contention: Contention) -> None:
+def table(t: Timings, base: str) -> None:
     """Median and minimum per variant, and their ratios to ``base``."""
-    print(f"  {'':<34s} {'median':>9s} {'min':>9s}   {'ratio of medians (of mins)':>26s}")
-    for name, ts in times.items():
-        m, lo = med_ms(ts), min_ms(ts)
-        r_med, r_min = m / med_ms(times[base]), lo / min_ms(times[base])
-        print(f"  {name:<34s} {m:9.2f} {lo:9.2f} ms   x{r_med:6.3f} (x{r_min:6.3f})")
-    share = contention.share()
-    if share is not None:
-        flag = "  <- machine shared: timings contaminated" if share > 0.05 else ""
-        print(f"  [other processes used {100 * share:.0f}% of the CPUs meanwhile]{flag}")
+    clean, n = t.clean(), len(t.shares)
+    which = f"median of {len(clean)}/{n} clean rounds" if len(clean) >= 5 else f"median of {n}"
+    print(f"  {'':<34s} {which:>28s} {'min':>9s}   ratio of medians (of mins)")
+    for name in t.times:
+        m, lo = t.median_ms(name), t.min_ms(name)
+        r_med, r_min = m / t.median_ms(base), lo / t.min_ms(base)
+        print(f"  {name:<34s} {m:25.2f} ms {lo:9.2f} ms   x{r_med:6.3f} (x{r_min:6.3f})")
+    shares = [s for s in t.shares if s is not None]
+    if shares:
+        mean = statistics.fmean(shares)
+        flag = ""
+        if len(clean) < 5 and mean > CLEAN / 2:
+            flag = "  <- machine shared, too few clean rounds: timings contaminated"
+        print(f"  [other processes used {100 * mean:.0f}% of the CPUs meanwhile]{flag}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,7 +209,6 @@ def bench_dwt(shape: tuple[int, ...], repeats: int) -> None:
         pywt.idwt2((ca, det), "haar", mode="periodization", axes=(-2, -1))
 
     print("  forward + backward (idwt2(dwt2(x)).backward(g)):")
-    meter = Contention()
     table(
         interleaved(
             {
@@ -194,10 +219,8 @@ def bench_dwt(shape: tuple[int, ...], repeats: int) -> None:
             warmup=2,
         ),
         "dwt2+idwt2 (butterfly)",
-        meter,
     )
     print("  forward only (pywt is numpy: no backward):")
-    meter = Contention()
     table(
         interleaved(
             {
@@ -209,7 +232,6 @@ def bench_dwt(shape: tuple[int, ...], repeats: int) -> None:
             warmup=2,
         ),
         "dwt2+idwt2 (butterfly)",
-        meter,
     )
 
 
@@ -311,23 +333,21 @@ def bench_step(batch: int, crop: int, repeats: int, unfused: bool, profile: bool
             with torch.no_grad():
                 losses.append(trainers[k].loss().item())
         print(
-            f"  check: loss fused {losses[0]:.6f}, unfused {losses[1]:.6f} "
-            "(same weights, same noise draw)"
+            f"  check: loss fused {losses[0]:.6f}, unfused {losses[1]:.6f} (same weights, same noise draw)"
         )
 
     n_params = {k: sum(p.numel() for p in t.model.parameters()) for k, t in trainers.items()}
     flops = {k: t.flops() for k, t in trainers.items()}
-    meter = Contention()
     times = interleaved({k: t.step for k, t in trainers.items()}, repeats, warmup=3)
-    table(times, "plain", meter)
+    table(times, "plain")
     print("  conv/matmul FLOPs, forward + backward (FlopCounterMode):")
     for k in trainers:
         print(
             f"  {k:<34s} {flops[k] / 1e9:9.3f} GFLOP   x{flops[k] / flops['plain']:5.3f} vs plain"
             f"   ({n_params[k]:,} parameters)"
         )
-    step_ratio = med_ms(times["AuxT (fused WLS/iWLS)"]) / med_ms(times["plain"])
-    min_ratio = min_ms(times["AuxT (fused WLS/iWLS)"]) / min_ms(times["plain"])
+    step_ratio = times.median_ms("AuxT (fused WLS/iWLS)") / times.median_ms("plain")
+    min_ratio = times.min_ms("AuxT (fused WLS/iWLS)") / times.min_ms("plain")
     flop_ratio = flops["AuxT (fused WLS/iWLS)"] / flops["plain"]
     verdict = "met" if step_ratio <= 1.30 else "MISSED"
     print(
@@ -335,25 +355,49 @@ def bench_step(batch: int, crop: int, repeats: int, unfused: bool, profile: bool
         f"(goal <= 1.30: {verdict}); FLOP ratio {flop_ratio:.3f}"
     )
     if unfused:
-        un = med_ms(times["AuxT (unfused reference path)"])
-        fu = med_ms(times["AuxT (fused WLS/iWLS)"])
+        un = times.median_ms("AuxT (unfused reference path)")
+        fu = times.median_ms("AuxT (fused WLS/iWLS)")
         print(
-            f"  => (c) unfused/plain {un / med_ms(times['plain']):.3f}; fusion saves "
+            f"  => (c) unfused/plain {un / times.median_ms('plain'):.3f}; fusion saves "
             f"{un - fu:.1f} ms per step ({un / fu:.3f}x)"
         )
     if profile:
         run_profile(trainers)
 
 
-def run_profile(trainers: dict[str, Trainer]) -> None:
+def run_profile(trainers: dict[str, Trainer], steps: int = 5) -> None:
+    """Per-op self CPU time per step (``torch.profiler``), each variant beside ``plain``."""
     from torch.profiler import ProfilerActivity, profile
 
+    per_op: dict[str, dict[str, tuple[float, float]]] = {}
     for name, t in trainers.items():
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            for _ in range(3):
+            for _ in range(steps):
                 t.step()
-        print(f"\n  profile, {name} (3 steps, sorted by self CPU time):")
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+        per_op[name] = {
+            e.key: (e.self_cpu_time_total / steps / 1e3, e.count / steps)
+            for e in prof.key_averages()
+        }
+    names = list(trainers)
+    total = {n: sum(ms for ms, _ in per_op[n].values()) for n in names}
+    print(
+        f"\n  torch.profiler, self CPU ms per step ({steps} steps each; profiler overhead included)"
+    )
+    print("  " + "op".ljust(38) + "".join(f"{n[:22]:>24s}" for n in names) + "   calls/step")
+    print("  " + "TOTAL".ljust(38) + "".join(f"{total[n]:24.2f}" for n in names))
+
+    def extra(op: str) -> float:
+        return (
+            max(per_op[n].get(op, (0.0, 0))[0] for n in names[1:])
+            - per_op["plain"].get(op, (0.0, 0))[0]
+        )
+
+    ops = sorted(set().union(*per_op.values()), key=extra, reverse=True)[:18]
+    for op in ops:
+        cells = "".join(f"{per_op[n].get(op, (0.0, 0))[0]:24.2f}" for n in names)
+        calls = "/".join(f"{per_op[n].get(op, (0.0, 0))[1]:.0f}" for n in names)
+        print(f"  {op[:38]:<38s}{cells}   {calls}")
+    print("  (ops sorted by the largest extra time of an AuxT variant over plain)")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -288,6 +288,7 @@ def collect(root: Path) -> dict:
         AblationError: no ``ablation.json`` or no baseline cell with evaluations.
     """
     from energylab.bdrate import bd_rate
+    from energylab.figures import ablation_figures
 
     meta_path = root / "ablation.json"
     if not meta_path.exists():
@@ -328,6 +329,7 @@ def collect(root: Path) -> dict:
     if meta.get("lmbdas"):
         summary["bd_rate"] = _bd_rates(per_cell, names, meta["seeds"], bd_rate)
     _write_summary(root, summary)
+    summary["figures"] = [str(p) for p in ablation_figures(root)]
     return summary
 
 

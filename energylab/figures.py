@@ -712,7 +712,7 @@ def plot_bd_rate_table(study: Study) -> Figure:
         rows.append([variant, value, str(bd["seeds"]), note])
     has_notes = any(r[3] for r in rows)
     columns = ["variant", "BD-rate vs baseline (%)", "seeds", "note"][: 4 if has_notes else 3]
-    x = [0.0, 0.3, 0.62, 0.74][: len(columns)]
+    x = [0.0, 0.24, 0.52, 0.62] if has_notes else [0.0, 0.42, 0.85]
     heights = [1] + [r[3].count("\n") + 1 for r in rows]
     fig, ax = plt.subplots(figsize=(9.5 if has_notes else 5.5, 0.9 + 0.28 * sum(heights)),
                            layout="constrained")

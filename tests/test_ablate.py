@@ -35,6 +35,9 @@ def test_writes_every_output(full):
     csv_header = (full / "summary.csv").read_text().splitlines()[0].split(",")
     assert csv_header[0] == "variant" and "test_loss_mean" in csv_header
     assert "| auxt-no-scaling |" in (full / "summary.md").read_text()
+    for figure in ("loss_curves", "energy_split", "correlation_heatmaps"):
+        for ext in ("png", "pdf"):
+            assert (full / f"{figure}.{ext}").stat().st_size > 0
 
 
 def test_summary_matches_run_files(full):

@@ -303,7 +303,7 @@ def test_cli_plain_state_dict_per_image(tmp_path, images_dir, capsys):
             ["{tmp}/sd.pt", "--model", "bmshj2018-hyperprior", "--N", "16", "--M", "12"],
             r"'entropy_bottleneck.quantiles' is \(8, 1, 3\) in the checkpoint but \(16, 1, 3\)",
         ),
-        (["{tmp}/sd.pt", "--model", "bmshj2018-hyperprior", "--N", "8"], "cannot build"),
+        (["{tmp}/sd.pt", "--model", "cheng2020-anchor", "--N", "8", "--M", "12"], "cannot build"),
         (["{tmp}/sd.pt", "--N", "8"], "--N describe a plain state dict's model; add --model"),
         (["{tmp}/empty"], "a folder without config.json is not a run directory"),
         (["{tmp}/sd.pt", "--data", "{tmp}/empty"], "empty: no image files"),
