@@ -333,7 +333,8 @@ def bench_step(batch: int, crop: int, repeats: int, unfused: bool, profile: bool
             with torch.no_grad():
                 losses.append(trainers[k].loss().item())
         print(
-            f"  check: loss fused {losses[0]:.6f}, unfused {losses[1]:.6f} (same weights, same noise draw)"
+            f"  check: loss fused {losses[0]:.6f}, unfused {losses[1]:.6f} "
+            "(same weights, same noise draw)"
         )
 
     n_params = {k: sum(p.numel() for p in t.model.parameters()) for k, t in trainers.items()}

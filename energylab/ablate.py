@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     group = p.add_argument_group("training (passed to every cell)")
     add_training_arguments(group, exclude=("remove", "auxt", "wavelet", "seed"))
     # ablation defaults, tuned to finish within 15 minutes on a 2-core CPU (see README)
-    p.set_defaults(steps=600, eval_every=50, capture_every=100, N=32, M=48, test_size=256)
+    p.set_defaults(steps=1500, eval_every=100, capture_every=250, N=32, M=48, test_size=256)
     return p
 
 
