@@ -2,10 +2,14 @@
 
 Run from the repository root::
 
-    python bench/bench_auxt.py            # --repeats 15 --threads <CPUs available>
+    python bench/bench_auxt.py            # --repeats 25 --threads <CPUs available>
 
-Everything is measured in this one process, variants interleaved repeat by repeat after warm-up;
-the figures are medians over the repeats, the ratios ratios of medians.
+Everything is measured in this one process with a fixed number of torch threads (default: the
+CPUs this process may use), after warm-up, in rounds that call every variant once (order rotated).
+Reported: the median per variant and the ratio of medians, beside the minimum and the ratio of
+minima. Other processes' CPU use is read from ``/proc/stat`` during each round; when at least 5
+rounds are clean (others used < 10% of the CPUs) the medians are over those only, and a run on a
+busy machine says that its timings are contaminated.
 
 (a) Haar ``dwt2`` + ``idwt2`` on one ``(B, C, H, W)`` float32 tensor, against a grouped-convolution
     implementation written here (``conv2d`` with the four 2x2 Haar kernels, ``groups=C``, and
@@ -19,7 +23,8 @@ the figures are medians over the repeats, the ratios ratios of medians.
     ``* exp(s)`` -> ``Linear`` -> permute, and the mirror), i.e. without the fused stride-2
     (transposed) convolution of ``energylab.auxt``: what the fusion buys.
 
-``--profile`` adds a ``torch.profiler`` table of the AuxT and plain training steps.
+``--profile`` adds a ``torch.profiler`` table: self CPU time per step of the ops on which the AuxT
+step spends the most extra time over the plain one.
 """
 
 from __future__ import annotations
@@ -387,18 +392,15 @@ def run_profile(trainers: dict[str, Trainer], steps: int = 5) -> None:
     print("  " + "op".ljust(38) + "".join(f"{n[:22]:>24s}" for n in names) + "   calls/step")
     print("  " + "TOTAL".ljust(38) + "".join(f"{total[n]:24.2f}" for n in names))
 
-    def extra(op: str) -> float:
-        return (
-            max(per_op[n].get(op, (0.0, 0))[0] for n in names[1:])
-            - per_op["plain"].get(op, (0.0, 0))[0]
-        )
+    def extra(op: str) -> float:  # of the fused AuxT step over the plain one
+        return per_op[names[1]].get(op, (0.0, 0))[0] - per_op["plain"].get(op, (0.0, 0))[0]
 
-    ops = sorted(set().union(*per_op.values()), key=extra, reverse=True)[:18]
+    ops = sorted(set().union(*per_op.values()), key=extra, reverse=True)[:15]
     for op in ops:
         cells = "".join(f"{per_op[n].get(op, (0.0, 0))[0]:24.2f}" for n in names)
         calls = "/".join(f"{per_op[n].get(op, (0.0, 0))[1]:.0f}" for n in names)
         print(f"  {op[:38]:<38s}{cells}   {calls}")
-    print("  (ops sorted by the largest extra time of an AuxT variant over plain)")
+    print(f"  (the 15 ops with the most extra time in {names[1]!r} over 'plain')")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -407,7 +409,7 @@ def run_profile(trainers: dict[str, Trainer], steps: int = 5) -> None:
 def main(argv: list[str] | None = None) -> None:
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--repeats", type=int, default=15, help="timed repeats per variant (median)")
+    p.add_argument("--repeats", type=int, default=25, help="timed rounds (median)")
     p.add_argument("--threads", type=int, default=cpus, help=f"torch threads (default: {cpus})")
     p.add_argument(
         "--shape",

@@ -96,15 +96,22 @@ def _polyphase_kernels(dtype: torch.dtype, device) -> Tensor:
 class _Shortcut(nn.Module):
     """What WLS and iWLS share: the components, the OLP and the scaling factors."""
 
+    analysis: bool
+    """True for WLS (DWT then projection), False for iWLS (projection then inverse DWT)."""
+
     def __init__(
         self,
-        olp_in: int,
-        olp_out: int,
-        subband_channels: int,
-        wavelet: str,
-        remove: Iterable[str],
+        in_channels: int,
+        out_channels: int,
+        wavelet: str = "haar",
+        remove: Iterable[str] = (),
     ) -> None:
         super().__init__()
+        self.in_channels, self.out_channels = in_channels, out_channels
+        if self.analysis:
+            olp_in, olp_out, subband_channels = 4 * in_channels, out_channels, in_channels
+        else:
+            olp_in, olp_out, subband_channels = in_channels, 4 * out_channels, out_channels
         remove = check_components(remove)
         self.wavelet = None if "wavelet" in remove else wavelet
         if self.wavelet not in (None, "haar"):
@@ -151,15 +158,7 @@ class WLS(_Shortcut):
         ValueError: unknown component or wavelet name; odd input size.
     """
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        wavelet: str = "haar",
-        remove: Iterable[str] = (),
-    ) -> None:
-        super().__init__(4 * in_channels, out_channels, in_channels, wavelet, remove)
-        self.in_channels, self.out_channels = in_channels, out_channels
+    analysis = True
 
     def forward(self, x: Tensor) -> Tensor:
         weight = self.olp.linear.weight  # (C_out, 4 C_in)
@@ -185,15 +184,7 @@ class iWLS(_Shortcut):  # noqa: N801 - the paper's name
         ValueError: unknown component or wavelet name.
     """
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        wavelet: str = "haar",
-        remove: Iterable[str] = (),
-    ) -> None:
-        super().__init__(in_channels, 4 * out_channels, out_channels, wavelet, remove)
-        self.in_channels, self.out_channels = in_channels, out_channels
+    analysis = False
 
     def forward(self, x: Tensor) -> Tensor:
         weight, bias = self.olp.linear.weight, self.olp.linear.bias  # (4 C_out, C_in), (4 C_out,)
