@@ -19,9 +19,10 @@ Each of the three components can be removed on its own (``remove=...``), nothing
 * ``scaling``: no scaling factors at all.
 
 Speed: for Haar and space-to-depth the whole chain is linear over each 2x2 block, so the forward
-folds ``W * exp(s)`` and the 2x2 basis into one stride-2 (transposed) convolution kernel. This is the
-same function as the three steps applied in turn (tested against that formula), computed as one
-GEMM instead of a butterfly, a scaling pass and a projection.
+folds ``W * exp(s)`` and the 2x2 basis into one 1x1 convolution after ``pixel_unshuffle`` (before
+``pixel_shuffle`` for the iWLS). This is the same function as the three steps applied in turn
+(tested against that formula), computed as one GEMM instead of a butterfly, a scaling pass and a
+projection.
 """
 
 from __future__ import annotations
@@ -88,9 +89,9 @@ def _scaling_init(channels: int) -> Tensor:
     return torch.tensor(SCALING_INIT).repeat_interleave(channels).view(1, 1, 4 * channels)
 
 
-def _polyphase_kernels(dtype: torch.dtype, device) -> Tensor:
+def _polyphase_kernels() -> Tensor:
     """One-hot 2x2 kernels picking x[2h+i, 2w+j], phases (0,0), (0,1), (1,0), (1,1): ``(4, 2, 2)``."""
-    return torch.eye(4, dtype=dtype, device=device).view(4, 2, 2)
+    return torch.eye(4).view(4, 2, 2)
 
 
 class _Shortcut(nn.Module):
@@ -117,6 +118,10 @@ class _Shortcut(nn.Module):
         if self.wavelet not in (None, "haar"):
             dwt2(torch.zeros(1, 1, 2, 2), self.wavelet)  # unknown names fail here
         self.olp = OLP(olp_in, olp_out, orthogonal="orthogonal" not in remove)
+        basis = _polyphase_kernels() if self.wavelet is None else (
+            haar_kernels() if self.wavelet == "haar" else None)
+        # (4 subbands, 4 pixels of a 2x2 block); not saved in the state dict
+        self.register_buffer("basis", None if basis is None else basis.view(4, 4), persistent=False)
         if "scaling" not in remove:
             self.scaling_factors = nn.Parameter(_scaling_init(subband_channels))
         else:
@@ -135,14 +140,6 @@ class _Shortcut(nn.Module):
     def _gain(self) -> Tensor | None:
         """``exp(s)`` as a flat ``(4C,)`` vector, or None without scaling."""
         return None if self.scaling_factors is None else self.scaling_factors.exp().flatten()
-
-    def _block_basis(self, dtype: torch.dtype, device) -> Tensor | None:
-        """2x2 basis ``(4, 2, 2)`` when the transform is blockwise (Haar, space-to-depth)."""
-        if self.wavelet is None:
-            return _polyphase_kernels(dtype, device)
-        if self.wavelet == "haar":
-            return haar_kernels(dtype, device)
-        return None
 
     def extra_repr(self) -> str:
         return f"wavelet={self.wavelet!r}, components={self.components}"
@@ -165,13 +162,15 @@ class WLS(_Shortcut):
         gain = self._gain()
         if gain is not None:
             weight = weight * gain
-        basis = self._block_basis(x.dtype, x.device)
-        if basis is None:
+        if self.basis is None:
             return F.conv2d(dwt2(x, self.wavelet), weight[:, :, None, None], self.olp.linear.bias)
         if x.shape[-2] % 2 or x.shape[-1] % 2:
             raise ValueError(f"WLS needs even H and W, got shape {tuple(x.shape)}")
-        kernel = torch.einsum("obc,bij->ocij", weight.view(self.out_channels, 4, -1), basis)
-        return F.conv2d(x, kernel, self.olp.linear.bias, stride=2)
+        # Fold the 2x2 basis into the projection: kernel[o, c, i, j] = sum_b W[o, b, c] basis[b, (i, j)],
+        # one 2x2 stride-2 convolution.
+        c_out = self.out_channels
+        kernel = weight.view(c_out, 4, -1).transpose(1, 2).reshape(-1, 4) @ self.basis
+        return F.conv2d(x, kernel.view(c_out, -1, 2, 2), self.olp.linear.bias, stride=2)
 
 
 class iWLS(_Shortcut):  # noqa: N801 - the paper's name
@@ -191,16 +190,14 @@ class iWLS(_Shortcut):  # noqa: N801 - the paper's name
         gain = self._gain()
         if gain is not None:
             weight, bias = weight / gain[:, None], bias / gain
-        basis = self._block_basis(x.dtype, x.device)
-        if basis is None:
+        if self.basis is None:
             return idwt2(F.conv2d(x, weight[:, :, None, None], bias), self.wavelet)
-        # Synthesis with the 2x2 basis: out[o, 2h+i, 2w+j] = sum_b z[b, o, h, w] * basis[b, i, j].
-        kernel = torch.einsum("boc,bij->coij", weight.view(4, self.out_channels, -1), basis)
-        bias_block = torch.einsum("bo,bij->oij", bias.view(4, self.out_channels), basis)
-        out = F.conv_transpose2d(x, kernel, stride=2)
-        b, c, h2, w2 = out.shape
-        out = out.view(b, c, h2 // 2, 2, w2 // 2, 2) + bias_block[None, :, None, :, None, :]
-        return out.view(b, c, h2, w2)
+        # Synthesis out[o, 2h+i, 2w+j] = sum_b z[b, o] basis[b, (i, j)], folded into the projection:
+        # a 1x1 convolution to pixel_shuffle's (o, i, j) channel order, bias included.
+        c_out = self.out_channels
+        kernel = (weight.view(4, -1).T @ self.basis).view(c_out, -1, 4).transpose(1, 2)
+        bias = (bias.view(4, c_out).T @ self.basis).reshape(-1)
+        return F.pixel_shuffle(F.conv2d(x, kernel.reshape(4 * c_out, -1, 1, 1), bias), 2)
 
 
 def ortho_loss(model: nn.Module) -> Tensor:
