@@ -50,6 +50,7 @@ from scipy.integrate import trapezoid
 
 from energylab.auxt import COMPONENTS, check_components
 from energylab.runlog import read_jsonl
+from energylab.wavelets import DWT2
 
 __all__ = ["AblationError", "Cell", "collect", "main", "plan_cells", "variants"]
 
@@ -69,7 +70,7 @@ def variants(remove: Sequence[str], combined: bool = False,
     """Variant name -> training options (``auxt``, ``remove``, ``wavelet``), in order.
 
     Raises:
-        ValueError: an unknown component name (listing the valid ones).
+        ValueError: an unknown component name (listing the valid ones) or wavelet.
     """
     removed = [c for c in COMPONENTS if c in check_components(remove)]
     out: dict[str, dict] = {"baseline": {"auxt": False, "remove": [], "wavelet": "haar"},
@@ -79,6 +80,7 @@ def variants(remove: Sequence[str], combined: bool = False,
     if combined and len(removed) > 1:
         out["auxt-no-" + "+".join(removed)] = {"auxt": True, "remove": removed, "wavelet": "haar"}
     for wavelet in wavelets:
+        DWT2(wavelet)  # an unknown basis fails here, before anything is trained
         out[f"auxt-{wavelet}"] = {"auxt": True, "remove": [], "wavelet": wavelet}
     return out
 
@@ -106,7 +108,7 @@ def plan_cells(root: Path, names: Sequence[str], seeds: Sequence[int],
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from energylab.train import add_training_arguments
+    from energylab.train import NON_NEGATIVE, add_training_arguments
 
     p = argparse.ArgumentParser(
         prog="python -m energylab.ablate",
@@ -117,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--combined", action="store_true",
                    help="also train one variant with all the given components removed")
     p.add_argument("--wavelets", nargs="*", default=[], help="extra AuxT bases, e.g. db4 bior2.2")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--seeds", nargs="+", type=NON_NEGATIVE, default=[0, 1, 2])
     p.add_argument("--lmbdas", nargs="+", type=float, default=None,
                    help="several λ: an R-D sweep with BD-rates (overrides --lmbda)")
     p.add_argument("--out", type=Path, default=Path("runs/ablation"))

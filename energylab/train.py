@@ -63,13 +63,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _int_type(minimum: int, multiple: int = 1):
+    """An argparse ``type``: an integer ``>= minimum`` and a multiple of ``multiple``."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        if value % multiple:
+            raise argparse.ArgumentTypeError(f"must be a multiple of {multiple}, got {value}")
+        return value
+
+    return parse
+
+
+POSITIVE, NON_NEGATIVE = _int_type(1), _int_type(0)
+PATCH = _int_type(64, 64)  # the hyperprior models downsample by 64
+
+
 def add_training_arguments(p, exclude: Sequence[str] = ()) -> None:
     """Add the flags shared by ``energylab.train`` and ``energylab.ablate`` to parser or group
     ``p``, except the destinations named in ``exclude`` (which the caller defines itself)."""
     flags = [
         (("--model",), {"default": "mbt2018-mean", "choices": sorted(MODELS)}),
-        (("--N",), {"type": int, "default": 32, "help": "channels of the transforms"}),
-        (("--M",), {"type": int, "default": 48, "help": "channels of the latent y"}),
+        (("--N",), {"type": POSITIVE, "default": 32, "help": "channels of the transforms"}),
+        (("--M",), {"type": POSITIVE, "default": 48, "help": "channels of the latent y"}),
         (("--auxt",), {"action": "store_true", "help": "attach AuxT (WLS/iWLS)"}),
         (("--remove",), {"action": "append", "default": [], "metavar": "COMPONENT",
                          "help": f"remove an AuxT component (repeatable): {', '.join(COMPONENTS)}"}),
@@ -78,19 +96,19 @@ def add_training_arguments(p, exclude: Sequence[str] = ()) -> None:
         (("--g-s-placement",), {"default": "stage_end", "choices": PLACEMENTS}),
         (("--lmbda",), {"type": float, "default": 0.0130, "help": "λ of λ·255²·MSE + bpp"}),
         (("--ortho-weight",), {"type": float, "default": 0.1}),
-        (("--steps",), {"type": int, "default": 2000}),
-        (("--batch-size",), {"type": int, "default": 8, "help": "per process"}),
+        (("--steps",), {"type": POSITIVE, "default": 2000}),
+        (("--batch-size",), {"type": POSITIVE, "default": 8, "help": "per process"}),
         (("--lr",), {"type": float, "default": 1e-4}),
         (("--data",), {"default": "builtin", "help": "'builtin' or an image folder"}),
-        (("--patch-size",), {"type": int, "default": 64}),
-        (("--test-size",), {"type": int, "default": None,
+        (("--patch-size",), {"type": PATCH, "default": 64, "help": "a multiple of 64"}),
+        (("--test-size",), {"type": POSITIVE, "default": None,
                             "help": "centre-crop test images to this size (default: whole)"}),
-        (("--eval-every",), {"type": int, "default": 100}),
-        (("--capture-every",), {"type": int, "default": 100, "help": "0: no captures"}),
-        (("--log-every",), {"type": int, "default": 10}),
-        (("--probe-count",), {"type": int, "default": 4}),
-        (("--probe-size",), {"type": int, "default": 128}),
-        (("--seed",), {"type": int, "default": 0}),
+        (("--eval-every",), {"type": POSITIVE, "default": 100}),
+        (("--capture-every",), {"type": NON_NEGATIVE, "default": 100, "help": "0: no captures"}),
+        (("--log-every",), {"type": POSITIVE, "default": 10}),
+        (("--probe-count",), {"type": POSITIVE, "default": 4}),
+        (("--probe-size",), {"type": PATCH, "default": 128, "help": "a multiple of 64"}),
+        (("--seed",), {"type": NON_NEGATIVE, "default": 0}),
         (("--device",), {"default": "auto", "choices": ("auto", "cpu", "cuda")}),
     ]
     for names, kwargs in flags:

@@ -85,6 +85,7 @@ def test_resume_skips_finished_cells(full, capsys):
         (["--remove", "scale"], "valid names are: wavelet, orthogonal, scaling"),
         (["--only", "auxt-no-wavelet", "--seed", "0"], "unknown variant 'auxt-no-wavelet'"),
         (["--collect", "/nonexistent"], "holds no ablation"),
+        (["--wavelets", "nope"], "unknown wavelet 'nope'"),
     ],
 )
 def test_bad_arguments(tmp_path, capsys, argv, message):

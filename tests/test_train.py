@@ -153,6 +153,18 @@ def test_bad_input_one_line_errors(tmp_path, capsys, extra, message):
     assert err.startswith("error: ") and "\n" not in err and message in err
 
 
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [("--eval-every", "0", "must be >= 1"), ("--patch-size", "96", "must be a multiple of 64"),
+     ("--probe-size", "32", "must be >= 64"), ("--steps", "-3", "must be >= 1")],
+)
+def test_bad_numbers_are_rejected_by_the_parser(tmp_path, capsys, flag, value, message):
+    with pytest.raises(SystemExit) as exit_info:
+        train_mod.main(["--out", str(tmp_path), flag, value])
+    assert exit_info.value.code == 2
+    assert f"argument {flag}: {message}" in capsys.readouterr().err
+
+
 def test_two_process_gloo_ddp(tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
