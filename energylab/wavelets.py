@@ -86,6 +86,31 @@ def _haar_idwt2(y: Tensor) -> Tensor:
     return 0.5 * out.reshape(b, c4 // 4, 2 * h, 2 * w)
 
 
+class _HaarDWT2(torch.autograd.Function):
+    """Haar analysis whose gradient is the synthesis butterfly: the transform is orthonormal, so
+    its adjoint is its inverse (one butterfly instead of autograd's slice-and-scatter backward)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return _haar_dwt2(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return _HaarIDWT2.apply(grad)
+
+
+class _HaarIDWT2(torch.autograd.Function):
+    """Haar synthesis whose gradient is the analysis butterfly (see :class:`_HaarDWT2`)."""
+
+    @staticmethod
+    def forward(ctx, y: Tensor) -> Tensor:
+        return _haar_idwt2(y)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return _HaarDWT2.apply(grad)
+
+
 @dataclass(frozen=True)
 class _FilterBank:
     """A 1-D two-channel periodic filter bank with pywt's alignment, for signals of length N.
@@ -189,7 +214,7 @@ def dwt2(x: Tensor, wavelet: str = "haar") -> Tensor:
     """
     _check_even(x, "dwt2")
     if wavelet == "haar":
-        return _haar_dwt2(x)
+        return _HaarDWT2.apply(x)
     bank = _filter_bank(wavelet)
     lo_w, hi_w = _analysis(x, bank, -1)
     ll, lh = _analysis(lo_w, bank, -2)
@@ -208,7 +233,7 @@ def idwt2(y: Tensor, wavelet: str = "haar") -> Tensor:
             f"idwt2 expects (B, 4C, h, w) subband-major coefficients, got shape {tuple(y.shape)}"
         )
     if wavelet == "haar":
-        return _haar_idwt2(y)
+        return _HaarIDWT2.apply(y)
     bank = _filter_bank(wavelet)
     ll, lh, hl, hh = y.chunk(4, 1)
     lo_w = _synthesis(ll, lh, bank, -2)
