@@ -192,6 +192,9 @@ def run(args: argparse.Namespace) -> dict:
         if args.seed is None:
             raise AblationError("--only needs --seed S")
         cells = [c for c in cells if c.variant == args.only and c.seed == args.seed]
+    from energylab.data import load_dataset
+
+    load_dataset(args.data, args.patch_size)  # bad data fails before anything is written
     _check_out(args, names)
     for i, cell in enumerate(cells, 1):
         if cell.done:

@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import math
 import os
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import metadata
@@ -46,6 +48,8 @@ __all__ = ["TrainingError", "build_parser", "main", "train"]
 
 AUX_LR = 1e-3
 CLIP_MAX_NORM = 1.0
+RESUMABLE_CHANGES = frozenset({"steps", "device", "resume", "out", "log_every"})
+"""Arguments a resumed run may change; every other one must equal the run's ``config.json``."""
 
 
 class TrainingError(RuntimeError):
@@ -251,7 +255,13 @@ def train(args: argparse.Namespace) -> Path:
     criterion = RateDistortionLoss(lmbda=args.lmbda)
     sampler = TrainSampler([img for _, img in dataset.train], args.patch_size, args.batch_size,
                            args.seed)
+    list(test_batches(dataset.test, args.test_size))  # a too-small test image fails now, not later
     probe = probe_set(dataset.test, args.probe_count, args.probe_size).to(device)
+    samples = len(probe) * (args.probe_size // 16) ** 2
+    if d.main and samples < 2 * args.M:
+        warnings.warn(f"the probe set gives {samples} samples of y for {args.M} channels: its "
+                      "covariance is poorly determined; raise --probe-count or --probe-size",
+                      stacklevel=2)
     if len(probe) < d.world_size:
         raise TrainingError(f"--probe-count {len(probe)} is below the {d.world_size} processes: "
                             "every process captures its share of the probe set")
@@ -267,11 +277,25 @@ def train(args: argparse.Namespace) -> Path:
     }
     log = RunLog(out, enabled=d.main)
     start, wall_offset = 0, 0.0
+    if not args.resume and any((out / f).exists() for f in ("checkpoint.pt", "final.pt")):
+        raise TrainingError(f"{out} already holds a run; add --resume to continue it, or choose "
+                            "another --out")
     if args.resume:
         ckpt_path = out / "checkpoint.pt"
         if not ckpt_path.exists():
             raise TrainingError(f"--resume: no checkpoint at {ckpt_path}")
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        saved = ckpt["config"]["args"]
+        changed = [k for k, v in config["args"].items()
+                   if k not in RESUMABLE_CHANGES and saved.get(k) != v]
+        if changed:
+            k = changed[0]
+            raise TrainingError(f"--resume: {out} was trained with --{k.replace('_', '-')} "
+                                f"{saved.get(k)!r}, not {config['args'][k]!r}; resume with the "
+                                "same settings or choose another --out")
+        config = {**ckpt["config"], "args": {**saved, "steps": args.steps}}
+        if d.main:
+            (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         aux_optimizer.load_state_dict(ckpt["aux_optimizer"])

@@ -144,7 +144,7 @@ def test_nan_loss_stops_and_keeps_checkpoint(tmp_path, monkeypatch, capsys):
         (["--data", "/nonexistent/folder"], "/nonexistent/folder"),
         (["--auxt", "--remove", "scale"], "valid names are: wavelet, orthogonal, scaling"),
         (["--resume"], "no checkpoint"),
-        (["--patch-size", "500"], "smaller than the 500x500 training patch"),
+        (["--patch-size", "512"], "smaller than the 512x512 training patch"),
     ],
 )
 def test_bad_input_one_line_errors(tmp_path, capsys, extra, message):
@@ -180,3 +180,15 @@ def test_two_process_gloo_ddp(tmp_path):
     y = [r for r in energy if r["layer"] == "y"]
     assert [r["step"] for r in y] == [0, 4] and all(r["count"] == 32 for r in y)
     assert (out / "final.pt").exists()
+
+
+def test_existing_run_is_not_overwritten_and_resume_checks_settings(auxt_run, capsys):
+    before = (auxt_run / "eval.jsonl").read_text()
+    assert run(auxt_run, "--auxt") == 1
+    assert "already holds a run; add --resume" in capsys.readouterr().err
+    assert run(auxt_run, "--auxt", "--test-size", "1000") != 0  # fails before touching anything
+    assert run(auxt_run, "--resume", "--auxt", "--lmbda", "0.5") == 1
+    assert "was trained with --lmbda 0.013, not 0.5" in capsys.readouterr().err
+    assert run(auxt_run, "--resume") == 1  # without --auxt: another architecture
+    assert "was trained with --auxt True, not False" in capsys.readouterr().err
+    assert (auxt_run / "eval.jsonl").read_text() == before
