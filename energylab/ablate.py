@@ -27,7 +27,8 @@ Summary, per variant (and λ), mean ± std over seeds:
   which the variant's test loss, smoothed by a running mean over ``SMOOTH`` evaluations, reaches
   the target — the same seed's baseline's final test loss, the mean of its last ``SMOOTH``
   evaluations — linearly interpolated between evaluations; ``speedup_steps`` / ``speedup_time`` =
-  baseline's value / variant's, per seed. A variant that never reaches the target gets none;
+  baseline's value / variant's, per seed. A variant that never reaches the target gets none, and
+  so does a speed-up whose variant is already below the target at step 0 (no finite ratio);
 * the energy statistics of ``y`` at the last capture (``final_<stat>``) and their mean over training
   (``auc_<stat>``: the trapezoidal area under the curve divided by the number of steps);
 * ``aux_energy_share`` at each merge point (``aux_share_<k>``) at the last capture;
