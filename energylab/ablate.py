@@ -146,18 +146,18 @@ def _cell_args(args: argparse.Namespace, cell: Cell, options: dict) -> argparse.
     return argparse.Namespace(**{**base, **shared})
 
 
-def run_cell(args: argparse.Namespace, cell: Cell, options: dict) -> None:
-    """Train one cell (resuming it if it has a checkpoint), then code its test set for real."""
-    from energylab.data import load_dataset, test_batches
+def run_cell(args: argparse.Namespace, cell: Cell, options: dict, test: list) -> None:
+    """Train one cell (resuming it if it has a checkpoint), then code ``test`` — the dataset's
+    ``(name, image)`` test list — for real."""
+    from energylab.data import test_batches
     from energylab.evaluate import evaluate_model, load_model
     from energylab.train import train
 
     if not (cell.dir / "final.pt").exists():
         train(_cell_args(args, cell, options))
     model, _ = load_model(cell.dir)
-    dataset = load_dataset(args.data, args.patch_size)
     images = [(name, x[0, :, : hw[0], : hw[1]])
-              for name, x, hw in test_batches(dataset.test, args.test_size, multiple=1)]
+              for name, x, hw in test_batches(test, args.test_size, multiple=1)]
     averages, per_image = evaluate_model(model, images)
     (cell.dir / BITSTREAM_FILE).write_text(
         json.dumps({"results": averages, "per_image": per_image}, indent=2) + "\n")
@@ -195,14 +195,14 @@ def run(args: argparse.Namespace) -> dict:
         cells = [c for c in cells if c.variant == args.only and c.seed == args.seed]
     from energylab.data import load_dataset
 
-    load_dataset(args.data, args.patch_size)  # bad data fails before anything is written
+    dataset = load_dataset(args.data, args.patch_size)  # bad data fails before anything is written
     _check_out(args, names)
     for i, cell in enumerate(cells, 1):
         if cell.done:
             continue
         print(f"[{i}/{len(cells)}] {cell.variant} seed {cell.seed}"
               + (f" λ {cell.lmbda:g}" if cell.lmbda else ""), file=sys.stderr, flush=True)
-        run_cell(args, cell, names[cell.variant])
+        run_cell(args, cell, names[cell.variant], dataset.test)
     if args.only is not None:
         return {}
     return collect(args.out)

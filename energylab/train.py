@@ -198,7 +198,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, test, args, criterion: RateDistortionLoss, device) -> dict:
+def evaluate(model: nn.Module, test, args, device) -> dict:
     """Test loss, likelihood bpp, MSE and PSNR averaged over the test images (unpadded area)."""
     model.eval()
     totals = {"loss": 0.0, "bpp": 0.0, "mse": 0.0}
@@ -323,7 +323,7 @@ def train(args: argparse.Namespace) -> Path:
             lp = capture(net, probe, d)
             log.capture(step, lp.records(step), lp.arrays())
         if step % args.eval_every == 0 or last:
-            log.eval({"step": step, **evaluate(net, dataset.test, args, criterion, device),
+            log.eval({"step": step, **evaluate(net, dataset.test, args, device),
                       "wall_time": wall})
             save_checkpoint(step, wall)
 
