@@ -47,6 +47,7 @@ __all__ = [
     "Spectrum",
     "SubbandEnergy",
     "coding_gain",
+    "correlation_matrix",
     "decorrelation_gain",
     "effective_rank",
     "energy_compaction_curve",
@@ -54,6 +55,7 @@ __all__ = [
     "floored_eigenvalues",
     "klt_coding_gain",
     "offdiag_energy_ratio",
+    "psnr",
     "spatial_correlation",
     "spectrum",
     "subband_energy",
@@ -189,6 +191,36 @@ def effective_rank(cov: CovLike | Spectrum) -> float:
     lam = spectrum(cov).eigenvalues
     p = lam / lam.sum()
     return float(np.exp(-(p * np.log(p)).sum()))
+
+
+def correlation_matrix(cov: CovLike | Spectrum) -> np.ndarray:
+    """Correlation matrix ``R = D^-1/2 S D^-1/2`` with ``D = diag(S)``, ``(C, C)`` float64 in ``[-1, 1]``.
+
+    Channel variances below the floor of the module docstring are raised to it, so a dead channel
+    gives a zero row and column (and 1 on the diagonal only where it has variance).
+
+    >>> correlation_matrix(np.array([[4.0, 2.0], [2.0, 9.0]])).round(4).tolist()
+    [[1.0, 0.3333], [0.3333, 1.0]]
+    """
+    sp = spectrum(cov)
+    std = np.sqrt(sp.variances)
+    return np.clip(sp.covariance / np.outer(std, std), -1.0, 1.0)
+
+
+def psnr(mse: float, peak: float = 1.0) -> float:
+    """Peak signal-to-noise ratio in dB: ``10 log10(peak^2 / mse)``; ``inf`` for ``mse == 0``.
+
+    ``peak`` is the largest signal value (1 for images in ``[0, 1]``, 255 for 8-bit values).
+
+    Raises:
+        ValueError: ``mse < 0`` or ``peak <= 0``.
+
+    >>> round(psnr(0.001), 4)
+    30.0
+    """
+    if mse < 0 or peak <= 0:
+        raise ValueError(f"psnr needs mse >= 0 and peak > 0, got mse={mse}, peak={peak}")
+    return math.inf if mse == 0 else to_db(peak**2 / mse)
 
 
 def to_db(ratio: float) -> float:
