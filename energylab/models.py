@@ -35,6 +35,7 @@ __all__ = [
     "has_auxt",
     "register_model",
     "trace_stages",
+    "unwrap_model",
 ]
 
 PLACEMENTS = ("after_resample", "stage_end")
@@ -134,6 +135,14 @@ class AuxTransform(nn.Module):
                 aux = self.auxiliary_layers[k](aux)
                 x = self.merges[k](x, aux)
         return x
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside ``nn.DataParallel`` / ``DistributedDataParallel`` wrappers (``model`` itself
+    if it is not wrapped). Every public function of energylab that takes a model calls this first."""
+    while isinstance(model, nn.DataParallel | nn.parallel.DistributedDataParallel):
+        model = model.module
+    return model
 
 
 def has_auxt(model: nn.Module) -> bool:
