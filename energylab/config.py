@@ -1,0 +1,180 @@
+"""``TrainConfig``: every setting of one training run, validated on construction.
+
+It is the training API (``energylab.train.train(config)``) and is saved as the ``args`` of the run
+directory's config (:class:`energylab.rundir.RunDir`). Errors name the field in library terms
+(``patch_size must be a multiple of 64, got 100``); the command line maps field names to its flags
+(:mod:`energylab.cli`).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from energylab.auxt import COMPONENTS
+from energylab.models import MODELS, PLACEMENTS
+
+__all__ = ["DEVICES", "PATCH_MULTIPLE", "RESUMABLE_CHANGES", "ConfigError", "TrainConfig"]
+
+PATCH_MULTIPLE = 64
+"""Training patches and probe crops are multiples of this (the hyperprior models downsample by 64)."""
+DEVICES = ("auto", "cpu", "cuda")
+RESUMABLE_CHANGES = frozenset({"out", "steps", "device", "log_every"})
+"""Fields a resumed run may change; every other one must equal the run's saved config."""
+
+_FIELD_REF = re.compile(r"\{(\w+)\}")
+
+
+class ConfigError(ValueError):
+    """A setting that is not valid: ``field`` names it, ``problem`` says what is wrong.
+
+    ``problem`` may refer to other settings as ``{name}``; ``str(err)`` writes them as field names,
+    :meth:`render` with any spelling (the command line's flags).
+    """
+
+    def __init__(self, field: str, problem: str) -> None:
+        self.field, self.problem = field, " ".join(problem.split())
+        super().__init__(self.render(lambda name: name))
+
+    def render(self, name: Callable[[str], str]) -> str:
+        """The one-line message with every setting spelled by ``name(field)``."""
+        return f"{name(self.field)} " + _FIELD_REF.sub(lambda m: name(m.group(1)), self.problem)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Settings of one training run (defaults: ``python -m energylab.train``'s).
+
+    * model: ``model`` (registry name), ``N`` / ``M`` (channels of the transforms / of ``y``),
+      ``auxt``, ``remove`` (AuxT components switched off, kept in ``COMPONENTS`` order),
+      ``wavelet`` (pywt name), ``g_a_placement`` / ``g_s_placement``;
+    * loss ``λ·255²·MSE + bpp + ortho_weight·ortho``: ``lmbda``, ``ortho_weight``;
+    * training: ``steps``, ``batch_size`` (per process), ``lr``, ``seed``;
+    * data: ``data`` (``"builtin"`` or an image folder), ``patch_size`` (pixels, a multiple of 64),
+      ``test_size`` (centre crop of the test images; None: whole images);
+    * schedule (in steps): ``eval_every``, ``capture_every`` (0: no captures), ``log_every``; the
+      probe set: ``probe_count`` crops of ``probe_size`` pixels (a multiple of 64);
+    * ``device`` (``auto``, ``cpu``, ``cuda``) and ``out``, the run directory.
+
+    Raises:
+        ConfigError: on construction, the first invalid field, e.g. ``patch_size must be a
+            multiple of 64, got 100``.
+    """
+
+    out: Path
+    model: str = "mbt2018-mean"
+    N: int = 32
+    M: int = 48
+    auxt: bool = False
+    remove: tuple[str, ...] = ()
+    wavelet: str = "haar"
+    g_a_placement: str = "after_resample"
+    g_s_placement: str = "stage_end"
+    lmbda: float = 0.0130
+    ortho_weight: float = 0.1
+    steps: int = 2000
+    batch_size: int = 8
+    lr: float = 1e-4
+    data: str = "builtin"
+    patch_size: int = 64
+    test_size: int | None = None
+    eval_every: int = 100
+    capture_every: int = 100
+    log_every: int = 10
+    probe_count: int = 4
+    probe_size: int = 128
+    seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "out", Path(self.out))
+        unknown = sorted(set(self.remove) - set(COMPONENTS))
+        if isinstance(self.remove, str) or unknown:
+            raise ConfigError("remove", f"must name AuxT components, got {unknown or self.remove!r}; "
+                                        f"valid names are: {', '.join(COMPONENTS)}")
+        object.__setattr__(self, "remove", tuple(c for c in COMPONENTS if c in self.remove))
+        for name, minimum in (("N", 1), ("M", 1), ("steps", 1), ("batch_size", 1), ("eval_every", 1),
+                              ("capture_every", 0), ("log_every", 1), ("probe_count", 1),
+                              ("seed", 0), ("patch_size", PATCH_MULTIPLE),
+                              ("probe_size", PATCH_MULTIPLE)):
+            _check_int(name, getattr(self, name), minimum)
+        if self.test_size is not None:
+            _check_int("test_size", self.test_size, 1)
+        for name in ("patch_size", "probe_size"):
+            if getattr(self, name) % PATCH_MULTIPLE:
+                raise ConfigError(name, f"must be a multiple of {PATCH_MULTIPLE}, got "
+                                        f"{getattr(self, name)}")
+        for name, positive in (("lmbda", True), ("lr", True), ("ortho_weight", False)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(
+                    value) or value < 0 or (positive and value == 0):
+                raise ConfigError(name, f"must be a finite number {'>' if positive else '>='} 0, "
+                                        f"got {value!r}")
+        for name, choices in (("model", sorted(MODELS)), ("g_a_placement", PLACEMENTS),
+                              ("g_s_placement", PLACEMENTS), ("device", DEVICES)):
+            if getattr(self, name) not in choices:
+                raise ConfigError(name, f"must be one of {', '.join(choices)}, got "
+                                        f"{getattr(self, name)!r}")
+        if self.remove and not self.auxt:
+            raise ConfigError("remove", f"{', '.join(self.remove)} needs {{auxt}}: there is no "
+                                        "AuxT to remove components from")
+        if not isinstance(self.auxt, bool):
+            raise ConfigError("auxt", f"must be true or false, got {self.auxt!r}")
+        if not isinstance(self.data, str) or not self.data:
+            raise ConfigError("data", f"must be 'builtin' or a folder, got {self.data!r}")
+        self._check_wavelet()
+
+    def _check_wavelet(self) -> None:
+        from energylab.wavelets import DWT2
+
+        try:
+            DWT2(self.wavelet)
+        except ValueError as exc:
+            raise ConfigError("wavelet", f"is not usable: {exc}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of every field (``out`` a string, ``remove`` a list)."""
+        out = asdict(self)
+        out["out"] = str(self.out)
+        out["remove"] = list(self.remove)
+        return out
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], source: Path | str | None = None) -> TrainConfig:
+        """The config of :meth:`to_dict`'s dict; ``source`` (the file it came from) is named in
+        errors.
+
+        Raises:
+            ConfigError: a key that is not a field (or a missing ``out``), or an invalid value.
+        """
+        where = f" in {source}" if source is not None else ""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ConfigError(unknown[0], f"is not a training setting{where} (unknown key; known: "
+                                          f"{', '.join(sorted(names))})")
+        if "out" not in values:
+            raise ConfigError("out", f"is missing{where}")
+        try:
+            return cls(**values)
+        except ConfigError as exc:
+            if source is None:
+                raise
+            raise ConfigError(exc.field, f"{exc.problem} ({source})") from None
+
+    def changed_from(self, saved: TrainConfig) -> list[str]:
+        """Fields other than :data:`RESUMABLE_CHANGES` in which this config differs from ``saved``
+        (in field order)."""
+        return [f.name for f in fields(self) if f.name not in RESUMABLE_CHANGES
+                and getattr(self, f.name) != getattr(saved, f.name)]
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(name, f"must be an integer, got {value!r}")
+    if value < minimum:
+        raise ConfigError(name, f"must be >= {minimum}, got {value}")
