@@ -2,17 +2,17 @@
 
 ``python -m energylab.train --out RUN_DIR [flags]`` (``--help`` lists them). Multi-GPU:
 ``torchrun --nproc_per_node=K -m energylab.train ...`` (DistributedDataParallel: nccl on GPUs,
-gloo on the CPU; statistics are all-reduced; only rank 0 writes). The run directory's files are
-described in ``data/README.md``.
+gloo on the CPU; statistics are all-reduced; only rank 0 writes). The library API is
+``train(TrainConfig(...))``; the run directory's files are described in :mod:`energylab.rundir`.
 
 Loss (Li et al., ICLR 2025, official release): ``λ·255²·MSE + bpp + ortho_weight · ortho_loss``,
 with CompressAI's ``RateDistortionLoss`` for the first two terms; Adam on the model, a separate Adam
 (lr 1e-3) on the entropy bottleneck's quantiles (``aux_loss``), gradient clipping at max norm 1.0.
 
 Order of a run, with ``t`` the number of completed training steps: at ``t = 0`` and every
-``--eval-every`` / ``--capture-every`` steps (and at the end) evaluate / capture; a checkpoint is
-written atomically after every evaluation. ``--resume`` restarts from ``checkpoint.pt`` and drops
-anything the files hold beyond it, so on the CPU a resumed run writes the same numbers as an
+``eval_every`` / ``capture_every`` steps (and at the end) capture / evaluate; a checkpoint is
+written atomically after every evaluation. ``resume`` restarts from the run's checkpoint and drops
+anything the run directory holds beyond it, so on the CPU a resumed run writes the same numbers as an
 uninterrupted one.
 """
 
@@ -20,11 +20,8 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
-import math
 import os
 import subprocess
-import sys
 import time
 import warnings
 from collections.abc import Sequence
@@ -38,22 +35,23 @@ import torch.distributed as dist
 from compressai.losses import RateDistortionLoss
 from torch import Tensor, nn
 
-from energylab.auxt import COMPONENTS, ortho_loss
+from energylab import cli
+from energylab.auxt import ortho_loss
 from energylab.capture import LatentProbe
-from energylab.data import DataError, TrainSampler, crop_to, load_dataset, probe_set, test_batches
-from energylab.models import MODELS, PLACEMENTS, build_model
-from energylab.runlog import RunLog, atomic_save
+from energylab.config import ConfigError, TrainConfig
+from energylab.data import Dataset, TrainSampler, crop_to, load_dataset, probe_set, test_batches
+from energylab.models import build_model, unwrap_model
+from energylab.rundir import RunDir
+from energylab.stats import psnr
 
 __all__ = ["TrainingError", "build_parser", "main", "train"]
 
 AUX_LR = 1e-3
 CLIP_MAX_NORM = 1.0
-RESUMABLE_CHANGES = frozenset({"steps", "device", "resume", "out", "log_every"})
-"""Arguments a resumed run may change; every other one must equal the run's ``config.json``."""
 
 
 class TrainingError(RuntimeError):
-    """A run that cannot go on (non-finite loss, nothing to resume); one-line message."""
+    """A run that cannot go on (non-finite loss, no device); one-line message."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,63 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m energylab.train",
         description="Train a CompressAI model (optionally with AuxT) and capture latent statistics.",
     )
-    add_training_arguments(p)
     p.add_argument("--out", required=True, type=Path, help="run directory")
-    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt")
+    p.add_argument("--resume", action="store_true", help="continue from the run's checkpoint")
+    cli.add_model_arguments(p)
+    cli.add_auxt_arguments(p)
+    cli.add_training_arguments(p)
+    cli.add_data_arguments(p)
+    cli.add_device_arguments(p)
     return p
-
-
-def _int_type(minimum: int, multiple: int = 1):
-    """An argparse ``type``: an integer ``>= minimum`` and a multiple of ``multiple``."""
-
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
-        if value % multiple:
-            raise argparse.ArgumentTypeError(f"must be a multiple of {multiple}, got {value}")
-        return value
-
-    return parse
-
-
-POSITIVE, NON_NEGATIVE = _int_type(1), _int_type(0)
-PATCH = _int_type(64, 64)  # the hyperprior models downsample by 64
-
-
-def add_training_arguments(p, exclude: Sequence[str] = ()) -> None:
-    """Add the flags shared by ``energylab.train`` and ``energylab.ablate`` to parser or group
-    ``p``, except the destinations named in ``exclude`` (which the caller defines itself)."""
-    flags = [
-        (("--model",), {"default": "mbt2018-mean", "choices": sorted(MODELS)}),
-        (("--N",), {"type": POSITIVE, "default": 32, "help": "channels of the transforms"}),
-        (("--M",), {"type": POSITIVE, "default": 48, "help": "channels of the latent y"}),
-        (("--auxt",), {"action": "store_true", "help": "attach AuxT (WLS/iWLS)"}),
-        (("--remove",), {"action": "append", "default": [], "metavar": "COMPONENT",
-                         "help": f"remove an AuxT component (repeatable): {', '.join(COMPONENTS)}"}),
-        (("--wavelet",), {"default": "haar", "help": "AuxT's wavelet basis (any pywt name)"}),
-        (("--g-a-placement",), {"default": "after_resample", "choices": PLACEMENTS}),
-        (("--g-s-placement",), {"default": "stage_end", "choices": PLACEMENTS}),
-        (("--lmbda",), {"type": float, "default": 0.0130, "help": "λ of λ·255²·MSE + bpp"}),
-        (("--ortho-weight",), {"type": float, "default": 0.1}),
-        (("--steps",), {"type": POSITIVE, "default": 2000}),
-        (("--batch-size",), {"type": POSITIVE, "default": 8, "help": "per process"}),
-        (("--lr",), {"type": float, "default": 1e-4}),
-        (("--data",), {"default": "builtin", "help": "'builtin' or an image folder"}),
-        (("--patch-size",), {"type": PATCH, "default": 64, "help": "a multiple of 64"}),
-        (("--test-size",), {"type": POSITIVE, "default": None,
-                            "help": "centre-crop test images to this size (default: whole)"}),
-        (("--eval-every",), {"type": POSITIVE, "default": 100}),
-        (("--capture-every",), {"type": NON_NEGATIVE, "default": 100, "help": "0: no captures"}),
-        (("--log-every",), {"type": POSITIVE, "default": 10}),
-        (("--probe-count",), {"type": POSITIVE, "default": 4}),
-        (("--probe-size",), {"type": PATCH, "default": 128, "help": "a multiple of 64"}),
-        (("--seed",), {"type": NON_NEGATIVE, "default": 0}),
-        (("--device",), {"default": "auto", "choices": ("auto", "cpu", "cuda")}),
-    ]
-    for names, kwargs in flags:
-        if names[0].lstrip("-").replace("-", "_") not in exclude:
-            p.add_argument(*names, **kwargs)
 
 
 @dataclass
@@ -131,11 +80,16 @@ class Dist:
         return self.rank == 0
 
 
-def _setup(device_arg: str) -> tuple[torch.device, Dist]:
+def _setup_device(device: str) -> tuple[torch.device, Dist]:
+    """The device and the process group (``torchrun`` sets ``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``).
+
+    Raises:
+        ConfigError: ``device == "cuda"`` without a CUDA device.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = device_arg == "cuda" or (device_arg == "auto" and torch.cuda.is_available())
-    if device_arg == "cuda" and not torch.cuda.is_available():
-        raise TrainingError("--device cuda: no CUDA device is available")
+    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device", "is cuda, but no CUDA device is available")
     d = Dist()
     if world > 1:
         d = Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
@@ -147,7 +101,7 @@ def _setup(device_arg: str) -> tuple[torch.device, Dist]:
     return torch.device("cpu"), d
 
 
-def _versions() -> dict[str, str]:
+def _versions() -> dict[str, str | None]:
     out = {}
     for pkg in ("energylab", "torch", "compressai", "numpy", "torchmetrics", "PyWavelets"):
         try:
@@ -165,10 +119,6 @@ def _git_revision() -> str | None:
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
-
-
-def _psnr(mse: float) -> float:
-    return 10 * math.log10(1 / mse) if mse > 0 else float("inf")
 
 
 def _split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
@@ -193,37 +143,236 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+@dataclass
+class Session:
+    """Everything one training run holds: what :func:`setup` builds and the loop advances.
+
+    ``model`` is what the loop calls (wrapped in DDP with several processes), ``net`` the model
+    itself; ``meta`` the run directory's config besides ``args``; ``start`` the step to continue
+    from and ``wall_offset`` the training seconds spent before it.
+    """
+
+    config: TrainConfig
+    run: RunDir
+    device: torch.device
+    d: Dist
+    dataset: Dataset
+    model: nn.Module
+    net: nn.Module
+    main_params: list[nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    aux_optimizer: torch.optim.Optimizer
+    criterion: RateDistortionLoss
+    sampler: TrainSampler
+    probe: Tensor
+    meta: dict
+    start: int = 0
+    wall_offset: float = 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# The run, top to bottom: setup, resume, the schedule of steps, evaluations, captures, checkpoints
+
+
+def train(config: TrainConfig, *, resume: bool = False) -> RunDir:
+    """Run one training run into ``config.out`` (or continue it from its checkpoint with
+    ``resume``); returns the run directory.
+
+    Raises:
+        ConfigError: a setting that does not fit (a probe set smaller than the process count, no
+            CUDA device), or ``resume`` with settings other than the run's (outside
+            :data:`energylab.config.RESUMABLE_CHANGES`).
+        DataError: bad data (from :mod:`energylab.data`).
+        RunDirError: ``config.out`` already holds a run and ``resume`` is False, or ``resume``
+            without a checkpoint.
+        TrainingError: a non-finite loss (the last good checkpoint is kept).
+    """
+    s = setup(config)
+    if resume:
+        resume_run(s)
+    else:
+        s.run.start(s.config, s.meta)
+    if s.d.world_size > 1:
+        s.model = nn.parallel.DistributedDataParallel(s.net)
+    s.model.train()
+    if s.start == 0:
+        after_step(s, 0, 0.0)
+    progress = s.run.progress(s.start, config.steps)
+    wall_start = time.perf_counter() - s.wall_offset
+    paused = 0.0
+    for step in range(s.start + 1, config.steps + 1):
+        record = train_step(s, step)
+        wall = time.perf_counter() - wall_start - paused
+        if record is not None:
+            record["wall_time"] = wall
+            s.run.log_metrics(record)
+            progress.update(record)
+        tick = time.perf_counter()
+        after_step(s, step, wall)
+        paused += time.perf_counter() - tick
+    progress.close()
+    s.run.save_final({"model": s.net.state_dict(), "step": config.steps, "config": _saved(s)})
+    s.run.close()
+    if s.d.world_size > 1:
+        dist.barrier()
+    return s.run
+
+
+def setup(config: TrainConfig) -> Session:
+    """Device and process group, data, the model (built right after ``torch.manual_seed(seed)``,
+    so one seed gives one main-transform initialisation), optimizers, sampler and probe set."""
+    device, d = _setup_device(config.device)
+    dataset = load_dataset(config.data, config.patch_size)
+    torch.manual_seed(config.seed)
+    net = build_model(
+        config.model, N=config.N, M=config.M, auxt=config.auxt, remove=config.remove,
+        wavelet=config.wavelet, g_a_placement=config.g_a_placement,
+        g_s_placement=config.g_s_placement,
+    ).to(device)
+    main_params, quantiles = _split_parameters(net)
+    sampler = TrainSampler([img for _, img in dataset.train], config.patch_size, config.batch_size,
+                           config.seed)
+    list(test_batches(dataset.test, config.test_size))  # a too-small test image fails now, not later
+    probe = probe_set(dataset.test, config.probe_count, config.probe_size).to(device)
+    samples = len(probe) * (config.probe_size // 16) ** 2
+    if d.main and samples < 2 * config.M:
+        warnings.warn(f"the probe set gives {samples} samples of y for {config.M} channels: its "
+                      "covariance is poorly determined; raise probe_count or probe_size",
+                      stacklevel=3)
+    if len(probe) < d.world_size:
+        raise ConfigError("probe_count", f"gives {len(probe)} probe crops, fewer than the "
+                                         f"{d.world_size} processes: each captures its share")
+    meta = {
+        "versions": _versions(),
+        "device": str(device),
+        "world_size": d.world_size,
+        "git_revision": _git_revision(),
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "data": {"source": dataset.source, "train": [n for n, _ in dataset.train],
+                 "test": [n for n, _ in dataset.test]},
+    }
+    return Session(
+        config=config, run=RunDir(config.out, write=d.main), device=device, d=d, dataset=dataset,
+        model=net, net=net, main_params=main_params,
+        optimizer=torch.optim.Adam(main_params, lr=config.lr),
+        aux_optimizer=torch.optim.Adam(quantiles, lr=AUX_LR),
+        criterion=RateDistortionLoss(lmbda=config.lmbda), sampler=sampler, probe=probe, meta=meta,
+    )
+
+
+def resume_run(s: Session) -> None:
+    """Load the run's checkpoint into ``s``: model, optimizers, RNG state, step and training time;
+    the run directory drops whatever was written after the checkpoint.
+
+    Raises:
+        RunDirError: no checkpoint. ConfigError: a setting other than the saved one.
+    """
+    ckpt = s.run.load_checkpoint(s.device)
+    saved = TrainConfig.from_dict(ckpt["config"]["args"], source=s.run.checkpoint_path)
+    changed = s.config.changed_from(saved)
+    if changed:
+        k = changed[0]
+        raise ConfigError(k, f"was {getattr(saved, k)!r} in the run being resumed ({s.run.path}), "
+                             f"not {getattr(s.config, k)!r}; resume with the same settings or "
+                             "choose another run directory")
+    s.meta = {k: v for k, v in ckpt["config"].items() if k != "args"}
+    s.run.write_config(s.config, s.meta)
+    s.net.load_state_dict(ckpt["model"])
+    s.optimizer.load_state_dict(ckpt["optimizer"])
+    s.aux_optimizer.load_state_dict(ckpt["aux_optimizer"])
+    _set_rng_state(ckpt["rng"])
+    s.start, s.wall_offset = ckpt["step"], ckpt.get("wall_time", 0.0)
+    s.run.resume(s.start)
+
+
+def train_step(s: Session, step: int) -> dict | None:
+    """One optimisation step (``step`` counts from 1): R-D loss + ``ortho_weight`` x AuxT's
+    orthogonality penalty with gradient clipping, then the quantiles' ``aux_loss``. Returns the
+    metrics record (without ``wall_time``) on logging steps, else None.
+
+    Raises:
+        TrainingError: a non-finite loss (checked every step on the CPU, on logging steps on a GPU,
+            where the check is a host sync).
+    """
+    config = s.config
+    x = s.sampler.batch(step - 1, s.d.rank, s.d.world_size).to(s.device, non_blocking=True)
+    losses = s.criterion(s.model(x), x)
+    ortho = ortho_loss(s.net)
+    loss = losses["loss"] + config.ortho_weight * ortho
+    s.optimizer.zero_grad(set_to_none=True)
+    s.aux_optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    nn.utils.clip_grad_norm_(s.main_params, CLIP_MAX_NORM)
+    logging_step = step % config.log_every == 0 or step == config.steps
+    if (s.device.type == "cpu" or logging_step) and not torch.isfinite(loss):
+        raise TrainingError(
+            f"loss is {float(loss.detach())} at step {step}; stopped, the last good checkpoint "
+            f"({s.run.checkpoint_path}) is kept — lower the learning rate or λ, or check the data"
+        )
+    s.optimizer.step()
+    aux_loss = s.net.aux_loss()
+    aux_loss.backward()
+    s.aux_optimizer.step()
+    if not logging_step:
+        return None
+    mse = float(losses["mse_loss"].detach())
+    return {"step": step, "loss": float(loss.detach()), "mse": mse,
+            "bpp": float(losses["bpp_loss"].detach()), "psnr": psnr(mse),
+            "ortho_loss": float(ortho.detach()), "aux_loss": float(aux_loss.detach()),
+            "lr": s.optimizer.param_groups[0]["lr"]}
+
+
+def after_step(s: Session, step: int, wall: float) -> None:
+    """At ``step`` completed steps, as the schedule says: capture, then evaluate and checkpoint."""
+    last = step == s.config.steps
+    if s.config.capture_every > 0 and (step % s.config.capture_every == 0 or last):
+        lp = capture(s.net, s.probe, s.d)
+        s.run.log_capture(step, lp.records(step), lp.arrays())
+    if step % s.config.eval_every == 0 or last:
+        s.run.log_eval({"step": step, **evaluate(s.net, s.dataset.test, s.config, s.device),
+                        "wall_time": wall})
+        s.run.save_checkpoint({
+            "model": s.net.state_dict(), "optimizer": s.optimizer.state_dict(),
+            "aux_optimizer": s.aux_optimizer.state_dict(), "step": step, "rng": _rng_state(),
+            "config": _saved(s), "wall_time": wall,
+        })
+
+
+def _saved(s: Session) -> dict:
+    """The config as the run directory and the checkpoints store it."""
+    return {"args": s.config.to_dict(), **s.meta}
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, test, args, device) -> dict:
-    """Test loss, likelihood bpp, MSE and PSNR averaged over the test images (unpadded area)."""
+def evaluate(model: nn.Module, test: list[tuple[str, Tensor]], config: TrainConfig,
+             device: torch.device) -> dict:
+    """Test R-D loss (CompressAI's ``RateDistortionLoss`` at ``config.lmbda``), likelihood bpp,
+    MSE and PSNR (dB), averaged over the test images, on each image's unpadded area with the
+    reconstruction clamped to [0, 1]."""
+    model = unwrap_model(model)
+    criterion = RateDistortionLoss(lmbda=config.lmbda)
     model.eval()
     totals = {"loss": 0.0, "bpp": 0.0, "mse": 0.0}
     n = 0
-    for _, x, hw in test_batches(test, args.test_size):
+    for _, x, hw in test_batches(test, config.test_size):
         x = x.to(device)
         out = model(x)
-        x_hat = crop_to(out["x_hat"], hw)
-        ref = crop_to(x, hw)
-        pixels = hw[0] * hw[1]
-        bpp = sum(lk.log2().sum().neg() for lk in out["likelihoods"].values()) / pixels
-        mse = torch.mean((x_hat.clamp(0, 1) - ref) ** 2)
-        totals["bpp"] += float(bpp)
-        totals["mse"] += float(mse)
-        totals["loss"] += float(args.lmbda * 255**2 * mse + bpp)
+        losses = criterion({"x_hat": crop_to(out["x_hat"], hw).clamp(0, 1),
+                            "likelihoods": out["likelihoods"]}, crop_to(x, hw))
+        totals["bpp"] += float(losses["bpp_loss"])
+        totals["mse"] += float(losses["mse_loss"])
+        totals["loss"] += float(losses["loss"])
         n += 1
     model.train()
     result = {k: v / n for k, v in totals.items()}
-    result["psnr"] = _psnr(result["mse"])
+    result["psnr"] = psnr(result["mse"])
     return result
 
 
 @torch.no_grad()
 def capture(model: nn.Module, probe: Tensor, d: Dist) -> LatentProbe:
     """Run the probe set (this process's share of it) through ``model`` with hooks on."""
+    model = unwrap_model(model)
     model.eval()
     latent_probe = LatentProbe(model)
     with latent_probe:
@@ -233,163 +382,18 @@ def capture(model: nn.Module, probe: Tensor, d: Dist) -> LatentProbe:
     return latent_probe
 
 
-def train(args: argparse.Namespace) -> Path:
-    """Run (or resume) one training run; returns the run directory.
-
-    Raises:
-        DataError: bad data (from :mod:`energylab.data`).
-        TrainingError: non-finite loss, nothing to resume, a mismatching run directory.
-        ValueError: bad model options.
-    """
-    device, d = _setup(args.device)
-    out: Path = args.out
-    dataset = load_dataset(args.data, args.patch_size)
-    torch.manual_seed(args.seed)  # same seed -> same main-transform initialisation
-    model = build_model(
-        args.model, N=args.N, M=args.M, auxt=args.auxt, remove=args.remove,
-        wavelet=args.wavelet, g_a_placement=args.g_a_placement, g_s_placement=args.g_s_placement,
-    ).to(device)
-    main_params, quantiles = _split_parameters(model)
-    optimizer = torch.optim.Adam(main_params, lr=args.lr)
-    aux_optimizer = torch.optim.Adam(quantiles, lr=AUX_LR)
-    criterion = RateDistortionLoss(lmbda=args.lmbda)
-    sampler = TrainSampler([img for _, img in dataset.train], args.patch_size, args.batch_size,
-                           args.seed)
-    list(test_batches(dataset.test, args.test_size))  # a too-small test image fails now, not later
-    probe = probe_set(dataset.test, args.probe_count, args.probe_size).to(device)
-    samples = len(probe) * (args.probe_size // 16) ** 2
-    if d.main and samples < 2 * args.M:
-        warnings.warn(f"the probe set gives {samples} samples of y for {args.M} channels: its "
-                      "covariance is poorly determined; raise --probe-count or --probe-size",
-                      stacklevel=2)
-    if len(probe) < d.world_size:
-        raise TrainingError(f"--probe-count {len(probe)} is below the {d.world_size} processes: "
-                            "every process captures its share of the probe set")
-    config = {
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "versions": _versions(),
-        "device": str(device),
-        "world_size": d.world_size,
-        "git_revision": _git_revision(),
-        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "data": {"source": dataset.source, "train": [n for n, _ in dataset.train],
-                 "test": [n for n, _ in dataset.test]},
-    }
-    log = RunLog(out, enabled=d.main)
-    start, wall_offset = 0, 0.0
-    if not args.resume and any((out / f).exists() for f in ("checkpoint.pt", "final.pt")):
-        raise TrainingError(f"{out} already holds a run; add --resume to continue it, or choose "
-                            "another --out")
-    if args.resume:
-        ckpt_path = out / "checkpoint.pt"
-        if not ckpt_path.exists():
-            raise TrainingError(f"--resume: no checkpoint at {ckpt_path}")
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-        saved = ckpt["config"]["args"]
-        changed = [k for k, v in config["args"].items()
-                   if k not in RESUMABLE_CHANGES and saved.get(k) != v]
-        if changed:
-            k = changed[0]
-            raise TrainingError(f"--resume: {out} was trained with --{k.replace('_', '-')} "
-                                f"{saved.get(k)!r}, not {config['args'][k]!r}; resume with the "
-                                "same settings or choose another --out")
-        config = {**ckpt["config"], "args": {**saved, "steps": args.steps}}
-        if d.main:
-            (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        aux_optimizer.load_state_dict(ckpt["aux_optimizer"])
-        _set_rng_state(ckpt["rng"])
-        start, wall_offset = ckpt["step"], ckpt.get("wall_time", 0.0)
-        log.truncate(start)
-    else:
-        log.start(config)
-    if d.world_size > 1:
-        model = nn.parallel.DistributedDataParallel(model)
-    net = _unwrap(model)
-
-    def save_checkpoint(step: int, wall: float) -> None:
-        if d.main:
-            atomic_save({
-                "model": net.state_dict(), "optimizer": optimizer.state_dict(),
-                "aux_optimizer": aux_optimizer.state_dict(), "step": step, "rng": _rng_state(),
-                "config": config, "wall_time": wall,
-            }, out / "checkpoint.pt")
-
-    def checkpoints(step: int, wall: float) -> None:
-        """Evaluate / capture / checkpoint at ``step`` completed steps, as the schedule says."""
-        last = step == args.steps
-        if args.capture_every > 0 and (step % args.capture_every == 0 or last):
-            lp = capture(net, probe, d)
-            log.capture(step, lp.records(step), lp.arrays())
-        if step % args.eval_every == 0 or last:
-            log.eval({"step": step, **evaluate(net, dataset.test, args, device),
-                      "wall_time": wall})
-            save_checkpoint(step, wall)
-
-    model.train()
-    if start == 0:
-        checkpoints(0, 0.0)
-    progress = log.progress(start, args.steps)
-    wall_start = time.perf_counter() - wall_offset
-    paused = 0.0
-    for step in range(start + 1, args.steps + 1):
-        x = sampler.batch(step - 1, d.rank, d.world_size).to(device, non_blocking=True)
-        out_ = model(x)
-        losses = criterion(out_, x)
-        ortho = ortho_loss(net)
-        loss = losses["loss"] + args.ortho_weight * ortho
-        optimizer.zero_grad(set_to_none=True)
-        aux_optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(main_params, CLIP_MAX_NORM)
-        logging_step = step % args.log_every == 0 or step == args.steps
-        # a host sync per step is free on the CPU; on a GPU the check waits for logging steps
-        if (device.type == "cpu" or logging_step) and not torch.isfinite(loss):
-            raise TrainingError(
-                f"loss is {float(loss.detach())} at step {step}; stopped, the last good checkpoint "
-                f"({out / 'checkpoint.pt'}) is kept — lower --lr or --lmbda, or check the data"
-            )
-        optimizer.step()
-        aux_loss = net.aux_loss()
-        aux_loss.backward()
-        aux_optimizer.step()
-        wall = time.perf_counter() - wall_start - paused
-        if logging_step:
-            mse = float(losses["mse_loss"].detach())
-            record = {
-                "step": step, "loss": float(loss.detach()), "mse": mse,
-                "bpp": float(losses["bpp_loss"].detach()),
-                "psnr": _psnr(mse), "ortho_loss": float(ortho.detach()),
-                "aux_loss": float(aux_loss.detach()),
-                "lr": optimizer.param_groups[0]["lr"], "wall_time": wall,
-            }
-            log.metrics(record)
-            progress.update(record)
-        tick = time.perf_counter()
-        checkpoints(step, wall)
-        paused += time.perf_counter() - tick
-    progress.close()
-    if d.main:
-        atomic_save({"model": net.state_dict(), "step": args.steps, "config": config},
-                    out / "final.pt")
-    log.close()
-    if d.world_size > 1:
-        dist.barrier()
-    return out
+# ---------------------------------------------------------------------------------------------
+# Command line
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m energylab.train``; returns the exit status (:func:`energylab.cli.run_command`)."""
     args = build_parser().parse_args(argv)
     try:
-        train(args)
-    except (DataError, TrainingError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2 if not isinstance(err, TrainingError) else 1
+        return cli.run_command(lambda: train(cli.config_from_args(args), resume=args.resume))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,136 @@
+"""The command-line layer: shared argument groups, ``TrainConfig`` from flags, one error mapping.
+
+``python -m energylab.train``, ``.ablate``, ``.evaluate`` and ``.figures`` build their parsers from
+the groups below (as ``compressai.utils``' commands share parent parsers) and run through
+:func:`run_command`, so every command reports errors the same way:
+
+* a library error prints one line ``error: <message>`` on stderr; a :class:`ConfigError` is written
+  with the flags' spellings (``--patch-size must be a multiple of 64, got 100``);
+* exit status 2 for bad arguments or input (``ConfigError``, ``RunDirError``, ``DataError``,
+  ``EvaluationError``, ``AblationError``, ``FigureError``: every library ``ValueError``), 1 for a
+  run that failed (``TrainingError``), 0 otherwise. argparse's own errors also exit with 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Collection
+from dataclasses import fields
+from pathlib import Path
+
+from energylab.auxt import COMPONENTS
+from energylab.config import DEVICES, ConfigError, TrainConfig
+from energylab.models import MODELS, PLACEMENTS
+
+__all__ = ["add_auxt_arguments", "add_data_arguments", "add_device_arguments",
+           "add_model_arguments", "add_training_arguments", "config_from_args", "flag",
+           "run_command"]
+
+_DEFAULTS = {f.name: f.default for f in fields(TrainConfig) if f.name != "out"}
+
+
+def flag(field: str) -> str:
+    """The command-line spelling of a :class:`TrainConfig` field: ``patch_size`` -> ``--patch-size``."""
+    return "--" + field.replace("_", "-")
+
+
+def _add(group, field: str, defaults: bool, exclude: Collection[str], **kwargs) -> None:
+    if field in exclude:
+        return
+    if kwargs.get("action") == "store_true":
+        kwargs.setdefault("default", False)
+    else:
+        kwargs.setdefault("default", _DEFAULTS[field] if defaults else None)
+    group.add_argument(flag(field), dest=field, **kwargs)
+
+
+def add_model_arguments(p: argparse.ArgumentParser, defaults: bool = True,
+                        exclude: Collection[str] = ()) -> None:
+    """``--model``, ``--N``, ``--M`` in a group of ``p``; ``defaults=False``: None unless given."""
+    g = p.add_argument_group("model")
+    _add(g, "model", defaults, exclude, choices=sorted(MODELS), help="registry name")
+    _add(g, "N", defaults, exclude, type=int, help="channels of the transforms")
+    _add(g, "M", defaults, exclude, type=int, help="channels of the latent y")
+
+
+def add_auxt_arguments(p: argparse.ArgumentParser, defaults: bool = True,
+                       exclude: Collection[str] = ()) -> None:
+    """``--auxt``, ``--remove``, ``--wavelet``, ``--g-a-placement``, ``--g-s-placement``."""
+    g = p.add_argument_group("AuxT")
+    _add(g, "auxt", defaults, exclude, action="store_true", help="attach AuxT (WLS/iWLS)")
+    _add(g, "remove", defaults, exclude, action="append", metavar="COMPONENT",
+         default=[] if defaults else None,
+         help=f"remove an AuxT component (repeatable): {', '.join(COMPONENTS)}")
+    _add(g, "wavelet", defaults, exclude, help="AuxT's wavelet basis (any pywt name)")
+    _add(g, "g_a_placement", defaults, exclude, choices=PLACEMENTS)
+    _add(g, "g_s_placement", defaults, exclude, choices=PLACEMENTS)
+
+
+def add_training_arguments(p: argparse.ArgumentParser, exclude: Collection[str] = ()) -> None:
+    """Loss, optimisation, schedule and probe flags (``--lmbda`` ... ``--seed``)."""
+    g = p.add_argument_group("training")
+    _add(g, "lmbda", True, exclude, type=float, help="λ of λ·255²·MSE + bpp")
+    _add(g, "ortho_weight", True, exclude, type=float, help="weight of AuxT's orthogonality penalty")
+    _add(g, "steps", True, exclude, type=int)
+    _add(g, "batch_size", True, exclude, type=int, help="per process")
+    _add(g, "lr", True, exclude, type=float)
+    _add(g, "eval_every", True, exclude, type=int)
+    _add(g, "capture_every", True, exclude, type=int, help="0: no captures")
+    _add(g, "log_every", True, exclude, type=int)
+    _add(g, "probe_count", True, exclude, type=int)
+    _add(g, "probe_size", True, exclude, type=int, help="a multiple of 64")
+    _add(g, "seed", True, exclude, type=int)
+
+
+def add_data_arguments(p: argparse.ArgumentParser, exclude: Collection[str] = ()) -> None:
+    """``--data``, ``--patch-size``, ``--test-size``."""
+    g = p.add_argument_group("data")
+    _add(g, "data", True, exclude, help="'builtin' or an image folder")
+    _add(g, "patch_size", True, exclude, type=int, help="a multiple of 64")
+    _add(g, "test_size", True, exclude, type=int,
+         help="centre-crop test images to this size (default: whole)")
+
+
+def add_device_arguments(p: argparse.ArgumentParser, default: str = "auto",
+                         choices: Collection[str] | None = DEVICES) -> None:
+    """``--device``; ``choices=None`` accepts any torch device string."""
+    g = p.add_argument_group("device")
+    g.add_argument("--device", default=default, choices=choices,
+                   help="'auto' picks CUDA when available" if choices else "torch device")
+
+
+def config_from_args(args: argparse.Namespace, **overrides) -> TrainConfig:
+    """A :class:`TrainConfig` from parsed flags (every field the namespace holds, the defaults for
+    the rest) and ``overrides``.
+
+    Raises:
+        ConfigError: an invalid value (``str(err)`` names the field; :func:`run_command` the flag).
+    """
+    values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    values.update(overrides)
+    if isinstance(values.get("out"), str):
+        values["out"] = Path(values["out"])
+    return TrainConfig(**values)
+
+
+def error_message(err: BaseException) -> str:
+    """One line for a library error, options spelled as flags."""
+    text = err.render(flag) if isinstance(err, ConfigError) else str(err)
+    return " ".join(text.split())
+
+
+def run_command(body: Callable[[], object]) -> int:
+    """Run a command's ``body``; map library errors to one stderr line and an exit status.
+
+    Returns 0 on success, 2 for bad arguments or input (any ``ValueError`` of the library), 1 for a
+    failed run (``TrainingError``).
+    """
+    from energylab.train import TrainingError
+
+    try:
+        body()
+    except (ValueError, TrainingError) as err:
+        print(f"error: {error_message(err)}", file=sys.stderr)
+        return 1 if isinstance(err, TrainingError) else 2
+    return 0
