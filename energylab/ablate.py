@@ -44,13 +44,16 @@ import json
 import math
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 from scipy.integrate import trapezoid
 
+from energylab import cli
 from energylab.auxt import COMPONENTS, check_components
-from energylab.runlog import read_jsonl
+from energylab.config import ConfigError, TrainConfig
+from energylab.rundir import AblationDir, RunDir, read_jsonl
 from energylab.wavelets import DWT2
 
 __all__ = ["AblationError", "Cell", "collect", "main", "plan_cells", "variants"]
@@ -59,7 +62,10 @@ SMOOTH = 3
 """Evaluations averaged for the target and the smoothed test-loss curve."""
 ENERGY_STATS = ("coding_gain", "decorrelation_gain", "total_correlation", "offdiag_energy_ratio",
                 "topk_energy_share")
-BITSTREAM_FILE = "bitstream.json"
+BITSTREAM_FILE = RunDir.BITSTREAM
+CELL_FIELDS = ("out", "seed", "auxt", "remove", "wavelet", "device")
+"""Training settings each cell sets itself (or that may differ between sessions): not recorded as
+the ablation's settings."""
 
 
 class AblationError(ValueError):
@@ -87,16 +93,21 @@ def variants(remove: Sequence[str], combined: bool = False,
 
 
 class Cell:
-    """One training run of the ablation: a variant at one λ and one seed."""
+    """One training run of the ablation: a variant at one λ and one seed, in ``run``."""
 
     def __init__(self, root: Path, variant: str, seed: int, lmbda: float | None) -> None:
         self.variant, self.seed, self.lmbda = variant, seed, lmbda
-        sub = Path(variant) if lmbda is None else Path(variant) / f"lmbda{lmbda:g}"
-        self.dir = root / sub / f"seed{seed}"
+        self.run = AblationDir(root).cell(variant, seed, lmbda)
+
+    @property
+    def dir(self) -> Path:
+        """The cell's run directory."""
+        return self.run.path
 
     @property
     def done(self) -> bool:
-        return (self.dir / "final.pt").exists() and (self.dir / BITSTREAM_FILE).exists()
+        """Trained and coded for real."""
+        return self.run.is_finished() and self.run.has_bitstream()
 
 
 def plan_cells(root: Path, names: Sequence[str], seeds: Sequence[int],
@@ -109,8 +120,6 @@ def plan_cells(root: Path, names: Sequence[str], seeds: Sequence[int],
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from energylab.train import NON_NEGATIVE, add_training_arguments
-
     p = argparse.ArgumentParser(
         prog="python -m energylab.ablate",
         description="Train baseline, AuxT and AuxT-without-components on equal terms; summarise.",
@@ -120,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--combined", action="store_true",
                    help="also train one variant with all the given components removed")
     p.add_argument("--wavelets", nargs="*", default=[], help="extra AuxT bases, e.g. db4 bior2.2")
-    p.add_argument("--seeds", nargs="+", type=NON_NEGATIVE, default=[0, 1, 2])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--lmbdas", nargs="+", type=float, default=None,
                    help="several λ: an R-D sweep with BD-rates (overrides --lmbda)")
     p.add_argument("--out", type=Path, default=Path("runs/ablation"))
@@ -128,63 +137,76 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", metavar="VARIANT", help="run this variant only (with --seed)")
     p.add_argument("--seed", type=int, help="with --only: the seed of the single cell")
     p.add_argument("--collect", type=Path, metavar="DIR", help="only summarise the cells in DIR")
-    group = p.add_argument_group("training (passed to every cell)")
-    add_training_arguments(group, exclude=("remove", "auxt", "wavelet", "seed"))
+    # training flags passed to every cell; the variants set auxt, remove and wavelet themselves
+    cli.add_model_arguments(p)
+    cli.add_auxt_arguments(p, exclude=("auxt", "remove", "wavelet"))
+    cli.add_training_arguments(p, exclude=("seed",))
+    cli.add_data_arguments(p)
+    cli.add_device_arguments(p)
     # ablation defaults, tuned to finish within 15 minutes on a 2-core CPU (see README)
     p.set_defaults(steps=1500, eval_every=100, capture_every=250, N=32, M=48, test_size=256)
     return p
 
 
-def _cell_args(args: argparse.Namespace, cell: Cell, options: dict) -> argparse.Namespace:
-    from energylab.train import build_parser as train_parser
+def base_config(args: argparse.Namespace) -> TrainConfig:
+    """The training settings every cell shares (validated now, before anything is trained); each
+    cell replaces ``out``, ``seed``, ``auxt``, ``remove``, ``wavelet`` and, in a sweep, ``lmbda``.
 
-    base = vars(train_parser().parse_args(["--out", str(cell.dir)]))
-    shared = {k: v for k, v in vars(args).items() if k in base}
-    shared.update(out=cell.dir, seed=cell.seed, resume=(cell.dir / "checkpoint.pt").exists(),
-                  auxt=options["auxt"], remove=list(options["remove"]),
-                  wavelet=options["wavelet"], lmbda=cell.lmbda if cell.lmbda else args.lmbda)
-    return argparse.Namespace(**{**base, **shared})
+    Raises:
+        ConfigError: an invalid setting; a negative seed.
+    """
+    negative = [s for s in args.seeds if s < 0]
+    if negative:
+        raise ConfigError("seeds", f"must be >= 0, got {negative[0]}")
+    return cli.config_from_args(args, out=args.out, seed=0)
 
 
-def run_cell(args: argparse.Namespace, cell: Cell, options: dict, test: list) -> None:
+def cell_config(base: TrainConfig, cell: Cell, options: dict) -> TrainConfig:
+    """The training config of one cell: ``base`` with the cell's directory, seed, λ and the
+    variant's ``options`` (``auxt``, ``remove``, ``wavelet``)."""
+    return replace(base, out=cell.dir, seed=cell.seed, auxt=options["auxt"],
+                   remove=tuple(options["remove"]), wavelet=options["wavelet"],
+                   lmbda=cell.lmbda if cell.lmbda else base.lmbda)
+
+
+def run_cell(config: TrainConfig, cell: Cell, test: list) -> None:
     """Train one cell (resuming it if it has a checkpoint), then code ``test`` — the dataset's
-    ``(name, image)`` test list — for real."""
+    ``(name, image)`` test list, centre-cropped to ``config.test_size`` — for real."""
     from energylab.data import test_batches
     from energylab.evaluate import evaluate_model, load_model
     from energylab.train import train
 
-    if not (cell.dir / "final.pt").exists():
-        train(_cell_args(args, cell, options))
+    if not cell.run.is_finished():
+        train(config, resume=cell.run.has_checkpoint())
     model, _ = load_model(cell.dir)
     images = [(name, x[0, :, : hw[0], : hw[1]])
-              for name, x, hw in test_batches(test, args.test_size, multiple=1)]
+              for name, x, hw in test_batches(test, config.test_size, multiple=1)]
     averages, per_image = evaluate_model(model, images)
-    (cell.dir / BITSTREAM_FILE).write_text(
-        json.dumps({"results": averages, "per_image": per_image}, indent=2) + "\n")
+    cell.run.write_bitstream(averages, per_image)
 
 
-def _check_out(args: argparse.Namespace, names: dict) -> None:
-    meta = args.out / "ablation.json"
-    record = {k: v for k, v in vars(args).items()
-              if k not in ("resume", "only", "seed", "collect", "device", "out")}
-    record = json.loads(json.dumps(record, default=str))
-    if meta.exists():
-        old = json.loads(meta.read_text())
+def _check_out(args: argparse.Namespace, base: TrainConfig, names: dict) -> None:
+    ablation = AblationDir(args.out)
+    record = {"remove": args.remove, "combined": args.combined, "wavelets": args.wavelets,
+              "seeds": args.seeds, "lmbdas": args.lmbdas,
+              **{k: v for k, v in base.to_dict().items() if k not in CELL_FIELDS}}
+    if ablation.is_ablation():
+        old = ablation.meta()
         if not (args.resume or args.only):
             raise AblationError(f"{args.out} already holds an ablation; add --resume to continue "
                                 "it, or choose another --out")
-        changed = sorted(k for k in record if k != "variants" and old.get(k) != record.get(k))
+        changed = sorted(k for k in record if old.get(k) != record.get(k))
         if changed:
             raise AblationError(f"{args.out} was started with other settings ({', '.join(changed)});"
                                 " use another --out")
-    args.out.mkdir(parents=True, exist_ok=True)
-    meta.write_text(json.dumps({**record, "variants": names}, indent=2) + "\n")
+    ablation.write_meta({**record, "variants": names})
 
 
 def run(args: argparse.Namespace) -> dict:
     names = variants(args.remove, args.combined, args.wavelets)
     if args.collect is not None:
         return collect(args.collect)
+    base = base_config(args)
     cells = plan_cells(args.out, list(names), args.seeds, args.lmbdas)
     if args.only is not None:
         if args.only not in names:
@@ -195,14 +217,14 @@ def run(args: argparse.Namespace) -> dict:
         cells = [c for c in cells if c.variant == args.only and c.seed == args.seed]
     from energylab.data import load_dataset
 
-    dataset = load_dataset(args.data, args.patch_size)  # bad data fails before anything is written
-    _check_out(args, names)
+    dataset = load_dataset(base.data, base.patch_size)  # bad data fails before anything is written
+    _check_out(args, base, names)
     for i, cell in enumerate(cells, 1):
         if cell.done:
             continue
         print(f"[{i}/{len(cells)}] {cell.variant} seed {cell.seed}"
               + (f" λ {cell.lmbda:g}" if cell.lmbda else ""), file=sys.stderr, flush=True)
-        run_cell(args, cell, names[cell.variant], dataset.test)
+        run_cell(cell_config(base, cell, names[cell.variant]), cell, dataset.test)
     if args.only is not None:
         return {}
     return collect(args.out)
@@ -404,19 +426,16 @@ def _write_summary(root: Path, summary: dict) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from energylab.data import DataError
-    from energylab.train import TrainingError
-
+    """``python -m energylab.ablate``; returns the exit status (:func:`energylab.cli.run_command`)."""
     args = build_parser().parse_args(argv)
-    try:
+
+    def body() -> None:
         summary = run(args)
-    except (AblationError, DataError, TrainingError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1 if isinstance(err, TrainingError) else 2
-    if summary:
-        print(format_table(summary))
-        print(f"summary and figures in {args.collect or args.out}")
-    return 0
+        if summary:
+            print(format_table(summary))
+            print(f"summary and figures in {args.collect or args.out}")
+
+    return cli.run_command(body)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 ``python -m energylab.evaluate RUN [RUN ...] --data DIR --out FILE [--per-image] [--device DEV]``
 
-Each ``RUN`` is one R-D point: a run directory, a ``final.pt`` / ``checkpoint.pt``, or a plain
+Each ``RUN`` is one R-D point: a run directory, its final-model or checkpoint file, or a plain
 CompressAI state dict (then ``--model NAME`` and the architecture flags it was trained with). The
 conventions are those of CompressAI's ``compressai.utils.eval_model``:
 
@@ -56,7 +56,7 @@ import torch
 from pytorch_msssim import ms_ssim
 from torch import Tensor, nn
 
-from energylab.auxt import COMPONENTS
+from energylab import cli
 from energylab.data import (
     BUILTIN_TEST,
     DataError,
@@ -66,7 +66,8 @@ from energylab.data import (
     load_image,
     pad_to_multiple,
 )
-from energylab.models import MODELS, PLACEMENTS, build_model
+from energylab.models import build_model
+from energylab.rundir import RunDir, RunDirError
 
 __all__ = [
     "ARCH_KEYS",
@@ -225,10 +226,10 @@ def load_model(
 
     ``path`` is one of:
 
-    * a run directory: architecture from ``config.json``'s ``args``; weights from ``final.pt``,
-      else ``checkpoint.pt``;
-    * a ``final.pt`` / ``checkpoint.pt`` file: weights under ``model``, architecture from its
-      ``config`` (the ``config.json`` dict, or its ``args`` directly);
+    * a run directory (:class:`energylab.rundir.RunDir`): architecture from its config's
+      ``args``; weights from its final model, else its checkpoint;
+    * a run's final-model or checkpoint file: weights under ``model``, architecture from its
+      ``config`` (the run's config dict, or its ``args`` directly);
     * a plain CompressAI state dict, at the top level or under ``state_dict`` (or
       ``model_state_dict``, ``network``), keys with or without the ``module.`` prefix of
       DataParallel/DDP: the architecture must come from ``arch``.
@@ -246,7 +247,7 @@ def load_model(
 
     Raises:
         EvaluationError: (one line naming ``path``) a missing or unreadable path, a run
-            directory without ``config.json`` or weights, a plain state dict without ``arch``, a
+            directory without a config or weights, a plain state dict without ``arch``, a
             checkpoint carrying its own config together with ``arch``, an unknown architecture,
             or weights that do not fit: the first missing or differently shaped key in the
             model's order (with both shapes), else the first key the model lacks.
@@ -256,19 +257,15 @@ def load_model(
         raise EvaluationError(f"{path}: no such file or run directory")
     config = None
     if path.is_dir():
-        config_file = path / "config.json"
-        if not config_file.is_file():
-            raise EvaluationError(f"{path}: a folder without config.json is not a run directory")
+        run = RunDir(path)
         try:
-            config = json.loads(config_file.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise EvaluationError(f"{config_file}: unreadable ({_first_line(exc)})") from None
-        if not isinstance(config, Mapping):
-            raise EvaluationError(f"{config_file}: not a JSON object")
-        candidates = (path / "final.pt", path / "checkpoint.pt")
-        weights = next((f for f in candidates if f.is_file()), None)
+            config = run.config()
+        except RunDirError as exc:
+            raise EvaluationError(str(exc)) from None
+        weights = run.weights_path()
         if weights is None:
-            raise EvaluationError(f"{path}: run directory has neither final.pt nor checkpoint.pt")
+            raise EvaluationError(f"{path}: run directory has no trained weights (final model or "
+                                  "checkpoint)")
     else:
         weights = path
     obj = _torch_load(weights)
@@ -444,7 +441,7 @@ def _parser() -> argparse.ArgumentParser:
         "runs",
         nargs="+",
         metavar="RUN",
-        help="run directory, final.pt / checkpoint.pt, or plain CompressAI state dict",
+        help="run directory, its final model or checkpoint file, or plain CompressAI state dict",
     )
     p.add_argument(
         "--data",
@@ -453,17 +450,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, help="output JSON file")
     p.add_argument("--per-image", action="store_true", help="add per-image results")
-    p.add_argument("--device", default="cpu", help="torch device for the model (default: cpu)")
     p.add_argument("--name", help="the JSON's 'name' (default: the architectures' labels)")
-    arch = p.add_argument_group("architecture of plain state dicts (as trained)")
-    arch.add_argument("--model", choices=list(MODELS), help="registry name")
-    arch.add_argument("--N", type=int)
-    arch.add_argument("--M", type=int)
-    arch.add_argument("--auxt", action="store_true", help="the model has AuxT")
-    arch.add_argument("--remove", action="append", choices=COMPONENTS, help="removed AuxT parts")
-    arch.add_argument("--wavelet")
-    arch.add_argument("--g-a-placement", choices=PLACEMENTS)
-    arch.add_argument("--g-s-placement", choices=PLACEMENTS)
+    cli.add_device_arguments(p, default="cpu", choices=None)
+    # the architecture of a plain state dict, as trained (a run carries its own)
+    cli.add_model_arguments(p, defaults=False)
+    cli.add_auxt_arguments(p, defaults=False)
     return p
 
 
@@ -523,7 +514,8 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit status (0, or 2 for bad input)."""
     args = _parser().parse_args(argv)
-    try:
+
+    def body() -> None:
         output = _run(args)
         out = Path(args.out).expanduser()
         try:
@@ -531,10 +523,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             out.write_text(json.dumps(output, indent=2, allow_nan=False) + "\n")
         except OSError as exc:
             raise EvaluationError(f"{out}: cannot write ({_first_line(exc)})") from None
-    except (EvaluationError, DataError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+
+    return cli.run_command(body)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,6 @@ after writing its summary.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import textwrap
 from collections.abc import Callable, Sequence
@@ -47,7 +46,7 @@ import seaborn as sns
 from matplotlib.figure import Figure
 
 from energylab.auxt import COMPONENTS
-from energylab.runlog import read_jsonl
+from energylab.rundir import AblationDir, RunDir, RunDirError
 
 __all__ = [
     "ABLATION_FIGURES",
@@ -149,11 +148,12 @@ class Study:
         kind: ``"run"`` or ``"ablation"``.
         variants: variant names in the ablation's order.
         cells: (variant, λ, seed) -> run directory.
-        evals, metrics, energy: ``eval.jsonl``, ``metrics.jsonl``, ``energy.jsonl`` of every cell,
-            with columns ``variant``, ``lmbda``, ``seed`` first.
-        bitstream: one row per cell with real-bitstream results (``bitstream.json``): ``bpp``,
-            ``psnr-rgb``, ``bpp-estimated``, ...
-        summary: ``summary.json`` of an ablation, or None.
+        evals, metrics, energy: the evaluation, training-step and energy records of every cell
+            (:meth:`energylab.rundir.RunDir.evals` ...), with columns ``variant``, ``lmbda``,
+            ``seed`` first.
+        bitstream: one row per cell with real-bitstream results
+            (:meth:`energylab.rundir.RunDir.bitstream`): ``bpp``, ``psnr-rgb``, ``bpp-estimated``, ...
+        summary: the ablation's summary (:meth:`energylab.rundir.AblationDir.summary`), or None.
     """
 
     root: Path
@@ -187,8 +187,7 @@ class Study:
 
     def captures(self, key: Key) -> list[tuple[int, Path]]:
         """(step, archive) of every capture of one cell, by step."""
-        return sorted((int(p.stem.removeprefix("step_")), p)
-                      for p in (self.cells[key] / "captures").glob("step_*.npz"))
+        return RunDir(self.cells[key]).capture_files()
 
     def at(self, frame: pd.DataFrame, lmbda: float | None = None) -> pd.DataFrame:
         """The rows of ``frame`` at ``lmbda`` (default: :attr:`default_lmbda`)."""
@@ -206,72 +205,68 @@ def _frame(records: dict[Key, list[dict]]) -> pd.DataFrame:
 
 def _study(root: Path, kind: str, variants: list[str], cells: dict[Key, Path],
            summary: dict | None) -> Study:
-    bitstream = {}
-    for key, d in cells.items():
-        path = d / "bitstream.json"
-        bitstream[key] = [json.loads(path.read_text())["results"]] if path.exists() else []
+    runs = {key: RunDir(d) for key, d in cells.items()}
+    bitstream = {key: [b] if (b := run.bitstream()) is not None else [] for key, run in runs.items()}
     return Study(root=root, kind=kind, variants=variants, cells=cells,
-                 evals=_frame({k: read_jsonl(d / "eval.jsonl") for k, d in cells.items()}),
-                 metrics=_frame({k: read_jsonl(d / "metrics.jsonl") for k, d in cells.items()}),
-                 energy=_frame({k: read_jsonl(d / "energy.jsonl") for k, d in cells.items()}),
+                 evals=_frame({k: run.evals() for k, run in runs.items()}),
+                 metrics=_frame({k: run.metrics() for k, run in runs.items()}),
+                 energy=_frame({k: run.energy() for k, run in runs.items()}),
                  bitstream=_frame(bitstream), summary=summary)
 
 
 def load_run(run_dir: Path | str) -> Study:
-    """Load one run directory (``config.json`` and its logs) as a one-cell study.
+    """Load one run directory (its config and logs) as a one-cell study.
 
     Raises:
-        FigureError: no ``config.json``.
+        FigureError: not a run directory.
     """
     root = Path(run_dir)
-    config = root / "config.json"
-    if not config.exists():
-        raise FigureError(f"{root} is not a run directory (no config.json)")
-    args = json.loads(config.read_text())["args"]
+    try:
+        args = RunDir(root).config()["args"]
+    except RunDirError as err:
+        raise FigureError(str(err)) from None
     name = variant_name(args)
     return _study(root, "run", [name], {(name, float(args["lmbda"]), int(args["seed"])): root},
                   None)
 
 
 def load_ablation(root: Path | str) -> Study:
-    """Load an ablation directory: every cell that exists, and ``summary.json`` if written.
+    """Load an ablation directory: every cell that exists, and its summary if written.
 
     Raises:
-        FigureError: no ``ablation.json``.
+        FigureError: not an ablation directory.
     """
     from energylab.ablate import plan_cells
 
-    root = Path(root)
-    meta_path = root / "ablation.json"
-    if not meta_path.exists():
-        raise FigureError(f"{root} is not an ablation directory (no ablation.json)")
-    meta = json.loads(meta_path.read_text())
+    ablation = AblationDir(root)
+    try:
+        meta = ablation.meta()
+    except RunDirError as err:
+        raise FigureError(str(err)) from None
     names = list(meta["variants"])
     cells = {(c.variant, float(c.lmbda or meta["lmbda"]), c.seed): c.dir
-             for c in plan_cells(root, names, meta["seeds"], meta.get("lmbdas"))
-             if (c.dir / "config.json").exists()}
-    summary_path = root / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
+             for c in plan_cells(ablation.path, names, meta["seeds"], meta.get("lmbdas"))
+             if c.run.is_run()}
+    summary = ablation.summary()
     if summary is not None:
         for cell in summary["cells"]:
             cell["lmbda"] = float(cell["lmbda"] or meta["lmbda"])
     present = [v for v in names if any(k[0] == v for k in cells)]
-    return _study(root, "ablation", present, cells, summary)
+    return _study(ablation.path, "ablation", present, cells, summary)
 
 
 def load(path: Path | str) -> Study:
     """:func:`load_ablation` or :func:`load_run`, whichever ``path`` is.
 
     Raises:
-        FigureError: neither ``ablation.json`` nor ``config.json`` in ``path``.
+        FigureError: ``path`` is neither an ablation nor a run directory.
     """
-    path = Path(path)
-    if (path / "ablation.json").exists():
+    if AblationDir(path).is_ablation():
         return load_ablation(path)
-    if (path / "config.json").exists():
+    if RunDir(path).is_run():
         return load_run(path)
-    raise FigureError(f"{path} is neither a run directory (config.json) nor an ablation "
-                      "directory (ablation.json)")
+    raise FigureError(f"{path} is neither a run directory nor an ablation directory "
+                      "(layouts: energylab.rundir)")
 
 
 def load_captures(run_dir: Path | str,
@@ -282,13 +277,7 @@ def load_captures(run_dir: Path | str,
         run_dir: a run directory.
         layers: keep only these layers' arrays (``probe_y`` is always kept); default all.
     """
-    out = {}
-    for path in sorted((Path(run_dir) / "captures").glob("step_*.npz")):
-        with np.load(path) as z:
-            keep = [k for k in z.files if layers is None or k == "probe_y"
-                    or k.split("/", 1)[-1] in layers]
-            out[int(path.stem.removeprefix("step_"))] = {k: z[k] for k in keep}
-    return out
+    return RunDir(run_dir).captures(layers)
 
 
 def layers_of(captures: dict[int, dict[str, np.ndarray]]) -> list[str]:

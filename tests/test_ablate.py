@@ -1,10 +1,9 @@
-import json
-
 import numpy as np
 import pytest
 
 from energylab import ablate
-from energylab.runlog import read_jsonl
+from energylab.config import TrainConfig
+from energylab.rundir import AblationDir
 
 TINY = ["--steps", "12", "--eval-every", "3", "--capture-every", "6", "--N", "8", "--M", "12",
         "--batch-size", "2", "--test-size", "64", "--probe-count", "2", "--probe-size", "64",
@@ -24,37 +23,43 @@ def untimed(rows):
 
 
 def test_writes_every_output(full):
-    for name in ("ablation.json", "summary.md", "summary.csv", "summary.json"):
+    ablation = AblationDir(full)
+    assert ablation.meta()["variants"]["auxt-no-scaling"]["remove"] == ["scaling"]
+    for name in (ablation.SUMMARY_MD, ablation.SUMMARY_CSV, ablation.SUMMARY_JSON):
         assert (full / name).stat().st_size > 0
-    summary = json.loads((full / "summary.json").read_text())
+    summary = ablation.summary()
     assert [r["variant"] for r in summary["rows"]] == ["baseline", "auxt", "auxt-no-scaling"]
     for variant in ("baseline", "auxt", "auxt-no-scaling"):
         for seed in (0, 1):
-            cell = full / variant / f"seed{seed}"
-            assert (cell / "final.pt").exists() and (cell / "bitstream.json").exists()
-    csv_header = (full / "summary.csv").read_text().splitlines()[0].split(",")
+            cell = AblationDir(full).cell(variant, seed)
+            assert cell.is_finished() and cell.has_bitstream()
+            config = cell.train_config()
+            assert (config.seed, config.auxt, config.steps, config.N) == (
+                seed, variant != "baseline", 12, 8)
+            assert config.remove == (("scaling",) if variant == "auxt-no-scaling" else ())
+    csv_header = (full / ablation.SUMMARY_CSV).read_text().splitlines()[0].split(",")
     assert csv_header[0] == "variant" and "test_loss_mean" in csv_header
-    assert "| auxt-no-scaling |" in (full / "summary.md").read_text()
+    assert "| auxt-no-scaling |" in (full / ablation.SUMMARY_MD).read_text()
     for figure in ("loss_curves", "energy_split", "correlation_heatmaps"):
         for ext in ("png", "pdf"):
             assert (full / f"{figure}.{ext}").stat().st_size > 0
 
 
 def test_summary_matches_run_files(full):
-    summary = json.loads((full / "summary.json").read_text())
+    summary = AblationDir(full).summary()
     rows = {r["variant"]: r for r in summary["rows"]}
+    cells = {(v, s): AblationDir(full).cell(v, s) for v in rows for s in (0, 1)}
     for variant, row in rows.items():
-        finals = [read_jsonl(full / variant / f"seed{s}" / "eval.jsonl")[-1] for s in (0, 1)]
+        finals = [cells[variant, s].evals()[-1] for s in (0, 1)]
         losses = [f["loss"] for f in finals]
         assert row["test_loss_mean"] == pytest.approx(np.mean(losses))
         assert row["test_loss_std"] == pytest.approx(np.std(losses, ddof=1))
-        real = [json.loads((full / variant / f"seed{s}" / "bitstream.json").read_text())
-                ["results"]["bpp"] for s in (0, 1)]
+        real = [cells[variant, s].bitstream()["bpp"] for s in (0, 1)]
         assert row["real_bpp_mean"] == pytest.approx(np.mean(real))
-        y_last = [[r for r in read_jsonl(full / variant / f"seed{s}" / "energy.jsonl")
-                   if r["layer"] == "y"][-1]["coding_gain"] for s in (0, 1)]
+        y_last = [[r for r in cells[variant, s].energy() if r["layer"] == "y"][-1]["coding_gain"]
+                  for s in (0, 1)]
         assert row["final_coding_gain_mean"] == pytest.approx(np.mean(y_last))
-    base_evals = read_jsonl(full / "baseline" / "seed0" / "eval.jsonl")
+    base_evals = cells["baseline", 0].evals()
     target = np.mean([r["loss"] for r in base_evals[-3:]])
     assert summary["targets"]["seed0"] == pytest.approx(target)
     assert all(r["aux_share_1_mean"] is not None for v, r in rows.items() if v != "baseline")
@@ -68,8 +73,8 @@ def test_only_and_collect_equal_full_run(full, tmp_path):
                     "--only", variant, "--seed", str(seed), *TINY]
             assert ablate.main(argv) == 0
     assert ablate.main(["--collect", str(out)]) == 0
-    a = json.loads((full / "summary.json").read_text())
-    b = json.loads((out / "summary.json").read_text())
+    a = AblationDir(full).summary()
+    b = AblationDir(out).summary()
     assert untimed(a["rows"]) == untimed(b["rows"])
 
 
@@ -112,3 +117,14 @@ def test_crossing_interpolates():
     x = np.array([0.0, 10.0, 20.0])
     assert ablate._crossing(x, np.array([5.0, 3.0, 1.0]), 2.0) == pytest.approx(15.0)
     assert ablate._crossing(x, np.array([5.0, 3.0, 2.5]), 2.0) is None
+
+
+def test_defaults_and_cell_configs(tmp_path):
+    args = ablate.build_parser().parse_args(["--out", str(tmp_path)])
+    base = ablate.base_config(args)
+    assert (base.steps, base.eval_every, base.capture_every, base.N, base.M, base.test_size) == (
+        1500, 100, 250, 32, 48, 256)
+    cell = ablate.plan_cells(tmp_path, ["auxt-no-scaling"], [2], [0.0067])[0]
+    config = ablate.cell_config(base, cell, {"auxt": True, "remove": ["scaling"], "wavelet": "haar"})
+    assert config == TrainConfig(**{**base.__dict__, "out": cell.dir, "seed": 2, "auxt": True,
+                                           "remove": ("scaling",), "lmbda": 0.0067})

@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from energylab.config import TrainConfig
 from energylab.data import load_image, pad_to_multiple
 from energylab.evaluate import (
     RESULT_KEYS,
@@ -22,6 +23,7 @@ from energylab.evaluate import (
     main,
 )
 from energylab.models import build_model, has_auxt
+from energylab.rundir import RunDir
 
 TINY = {"model": "bmshj2018-hyperprior", "N": 8, "M": 12}
 SIZES = {"a.png": (64, 64), "b.png": (50, 70)}  # H x W; 50 x 70 is not a multiple of 64
@@ -63,15 +65,13 @@ def images_dir(tmp_path):
 
 @pytest.fixture
 def run_dir(tmp_path):
-    """A run directory as ``energylab.train`` writes it: config.json + final.pt."""
-    arch = {**TINY, "auxt": False, "remove": [], "wavelet": "haar"}
-    config = {"args": {**arch, "lmbda": 0.01, "steps": 3}, "device": "cpu"}
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "config.json").write_text(json.dumps(config))
+    """A run directory as ``energylab.train`` writes it: config + final model."""
+    run = RunDir(tmp_path / "run")
+    config = TrainConfig(out=run.path, lmbda=0.01, steps=3, **TINY)
+    run.write_config(config, {"device": "cpu"})
     model = _trained_like(TINY)
-    torch.save({"model": model.state_dict(), "step": 3, "config": config}, run / "final.pt")
-    return run, model
+    run.save_final({"model": model.state_dict(), "step": 3, "config": run.config()})
+    return run.path, model
 
 
 def _compress_bytes(model, x):
@@ -149,7 +149,7 @@ def _save_forms(tmp_path, run, model):
     prefixed = {f"module.{k}": v for k, v in sd.items()}
     forms = {
         "run directory": (run, None),
-        "final.pt": (run / "final.pt", None),
+        "final.pt": (RunDir(run).final_path, None),
         "plain state dict": (sd, TINY),
         "nested state_dict": ({"state_dict": sd, "epoch": 3}, TINY),
         "module. prefix": (prefixed, TINY),
@@ -176,8 +176,8 @@ def test_load_every_checkpoint_form(tmp_path, run_dir):
 
 def test_run_directory_falls_back_to_checkpoint_pt(run_dir):
     run, trained = run_dir
-    final = torch.load(run / "final.pt", weights_only=True)
-    (run / "final.pt").unlink()
+    final = torch.load(RunDir(run).final_path, weights_only=True)
+    (RunDir(run).final_path).unlink()
     state = {
         "model": final["model"],
         "optimizer": {},
@@ -185,22 +185,20 @@ def test_run_directory_falls_back_to_checkpoint_pt(run_dir):
         "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state()},
         "config": final["config"],
     }
-    torch.save(state, run / "checkpoint.pt")
+    torch.save(state, RunDir(run).checkpoint_path)
     model, _ = load_model(run)
     assert _same_weights(model, trained)
-    model, _ = load_model(run / "checkpoint.pt")
+    model, _ = load_model(RunDir(run).checkpoint_path)
     assert _same_weights(model, trained)
 
 
 def test_auxt_run_directory(tmp_path):
     arch = {**TINY, "auxt": True, "remove": ["scaling"], "wavelet": "haar"}
-    run = tmp_path / "auxt_run"
-    run.mkdir()
-    config = {"args": arch}
-    (run / "config.json").write_text(json.dumps(config))
+    run = RunDir(tmp_path / "auxt_run")
+    run.write_config(TrainConfig(out=run.path, **arch), {})
     trained = _trained_like(arch)
-    torch.save({"model": trained.state_dict(), "step": 1, "config": config}, run / "final.pt")
-    model, used = load_model(run)
+    run.save_final({"model": trained.state_dict(), "step": 1, "config": run.config()})
+    model, used = load_model(run.path)
     assert has_auxt(model) and _same_weights(model, trained)
     assert architecture_label(used) == "bmshj2018-hyperprior+auxt-no-scaling"
     x = torch.rand(3, 64, 64)
@@ -256,7 +254,7 @@ def test_config_and_architecture_flags_conflict(run_dir):
 def test_cli_writes_compressai_schema(tmp_path, images_dir, run_dir, capsys):
     run, _ = run_dir
     out = tmp_path / "out" / "results.json"
-    rc = main([str(run), str(run / "final.pt"), "--data", str(images_dir), "--out", str(out)])
+    rc = main([str(run), str(RunDir(run).final_path), "--data", str(images_dir), "--out", str(out)])
     assert rc == 0
     data = json.loads(out.read_text())
     assert data["name"] == "bmshj2018-hyperprior"
@@ -264,7 +262,7 @@ def test_cli_writes_compressai_schema(tmp_path, images_dir, run_dir, capsys):
     assert list(data["results"]) == list(RESULT_KEYS)
     assert all(len(v) == 2 for v in data["results"].values())  # one point per RUN
     assert data["results"]["bpp"][0] == data["results"]["bpp"][1]  # same weights, same bits
-    assert [r["path"] for r in data["runs"]] == [str(run), str(run / "final.pt")]
+    assert [r["path"] for r in data["runs"]] == [str(run), str(RunDir(run).final_path)]
     assert data["images"] == sorted(SIZES)
     assert "per_image" not in data
 
@@ -305,7 +303,7 @@ def test_cli_plain_state_dict_per_image(tmp_path, images_dir, capsys):
         ),
         (["{tmp}/sd.pt", "--model", "cheng2020-anchor", "--N", "8", "--M", "12"], "cannot build"),
         (["{tmp}/sd.pt", "--N", "8"], "--N describe a plain state dict's model; add --model"),
-        (["{tmp}/empty"], "a folder without config.json is not a run directory"),
+        (["{tmp}/empty"], "empty is not a run directory"),
         (["{tmp}/sd.pt", "--data", "{tmp}/empty"], "empty: no image files"),
         (["{tmp}/sd.pt", "--data", "{tmp}/nowhere"], "nowhere: no such folder"),
         (["{tmp}/sd.pt", "--device", "nonsense"], "--device nonsense"),
