@@ -158,7 +158,8 @@ def base_config(args: argparse.Namespace) -> TrainConfig:
     negative = [s for s in args.seeds if s < 0]
     if negative:
         raise ConfigError("seeds", f"must be >= 0, got {negative[0]}")
-    return cli.config_from_args(args, out=args.out, seed=0)
+    # ``args.remove`` lists the components to ablate, not a setting of the shared config
+    return cli.config_from_args(args, out=args.out, seed=0, auxt=False, remove=(), wavelet="haar")
 
 
 def cell_config(base: TrainConfig, cell: Cell, options: dict) -> TrainConfig:

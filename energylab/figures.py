@@ -1,7 +1,7 @@
 """Figures of a run or an ablation: training curves, the energy-compaction split, correlations, R-D.
 
 ``python -m energylab.figures DIR --out FIGDIR [--list]`` draws every figure that ``DIR`` (a run
-directory or an ablation directory, layouts in ``data/README.md``) has the inputs for, each as
+directory or an ablation directory, layouts in :mod:`energylab.rundir`) has the inputs for, each as
 ``FIGDIR/<name>.png`` (200 dpi) and ``FIGDIR/<name>.pdf`` (vector); ``--list`` only says which
 figures it can draw. A figure whose inputs are missing is skipped with one line on stderr saying
 why; the others are still drawn. Figures (:data:`FIGURES`):

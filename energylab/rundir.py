@@ -15,9 +15,17 @@ A **run directory** (:class:`RunDir`; written by ``energylab.train``) holds:
   excluding evaluation and capture).
 * ``eval.jsonl``: one line per evaluation on the test images: ``step``, ``loss``, ``bpp``
   (estimated from the likelihoods), ``mse``, ``psnr``, ``wall_time``.
-* ``energy.jsonl``: one line per capture per layer: ``step``, ``layer``, ``role``, ``merge``,
+* ``energy.jsonl``: one line per capture per layer (the records of
+  :meth:`energylab.capture.LatentProbe.records`): ``step``, ``layer``, ``role`` (``stage``, ``y``,
+  ``y_hat``, ``main``, ``aux``), ``merge`` (k = 1..4 for ``main`` / ``aux``, else null),
   ``channels``, ``count``, then every statistic under the name of its function in
-  :mod:`energylab.stats` (the records of :meth:`energylab.capture.LatentProbe.records`).
+  :mod:`energylab.stats` (``offdiag_energy_ratio``, ``coding_gain``, ``klt_coding_gain``,
+  ``decorrelation_gain``, ``total_correlation``, ``effective_rank``, ``topk_energy_share``,
+  ``topk_k``, ...), ``subband_energy.<band>`` (``LL2``, ``LH2``, ``HL2``, ``HH2``, ``LH1``,
+  ``HL1``, ``HH1``) and ``spatial_correlation.<dy>,<dx>`` (lags ``0,1``, ``1,0``, ``1,1``); layers
+  ``g_a.stage1``..``g_a.stage3``, ``y``, ``y_hat`` and with AuxT ``g_a.main<k>`` / ``g_a.aux<k>``
+  (the two branches at merge point k; the ``aux`` line also carries ``aux_energy_share`` =
+  ‖aux‖² / ‖main + aux‖²).
 * ``captures/step_XXXXXXX.npz`` (seven-digit step): ``cov/<layer>`` (C×C float32 channel
   covariance), ``energies/<layer>`` (C float32, E[y_c²]), ``probe_y`` (C×h×w float32, the latent
   ``y`` of the first probe image).
