@@ -45,6 +45,7 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 
+from energylab import cli
 from energylab.auxt import COMPONENTS
 from energylab.rundir import AblationDir, RunDir, RunDirError
 
@@ -912,11 +913,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", type=Path, help="folder of the figures (default: DIR)")
     p.add_argument("--list", action="store_true", help="only list the figures DIR can give")
     args = p.parse_args(argv)
-    try:
-        study = load(args.dir)
-    except FigureError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return cli.run_command(lambda: _draw(args))
+
+
+def _draw(args: argparse.Namespace) -> None:
+    study = load(args.dir)
     if args.list:
         seeds = sorted({s for _, _, s in study.cells})
         print(f"{study.root}: {study.kind}, variants {', '.join(study.variants)}; "
@@ -926,11 +927,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             state = "yes" if why is None else "no "
             print(f"  {state} {spec.name:<21} {spec.description}"
                   + (f"  [skipped: {why}]" if why else ""))
-        return 0
+        return
     written = _write(study, args.out or study.root, [spec.name for spec in FIGURES])
     names = sorted({p.stem for p in written})
     print(f"{len(names)} figure(s) in {args.out or args.dir}: {', '.join(names)}")
-    return 0
 
 
 if __name__ == "__main__":
