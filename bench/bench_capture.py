@@ -18,13 +18,14 @@ from pathlib import Path
 
 import torch
 
+from energylab.cli import config_from_args
 from energylab.train import build_parser, train
 
 
 def timed_run(out: Path, extra: list[str]) -> float:
-    args = build_parser().parse_args(["--out", str(out), *extra])
+    config = config_from_args(build_parser().parse_args(["--out", str(out), *extra]))
     start = time.perf_counter()
-    train(args)
+    train(config)
     return time.perf_counter() - start
 
 

@@ -10,13 +10,13 @@ speed-ups to the baseline's final test loss, with the final test loss, bpp and P
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import warnings
 from pathlib import Path
 
 from energylab import ablate
+from energylab.rundir import AblationDir
 
 
 def main() -> int:
@@ -30,7 +30,7 @@ def main() -> int:
         print("python -m energylab.ablate " + " ".join(argv), flush=True)
         if ablate.main(argv) != 0:
             return 1
-        summary = json.loads((out / "summary.json").read_text())
+        summary = AblationDir(out).summary()
     print("\nper seed (auxt against the same seed's baseline):")
     for cell in summary["cells"]:
         if cell["variant"] == "auxt":

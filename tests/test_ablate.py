@@ -65,6 +65,7 @@ def test_summary_matches_run_files(full):
     assert all(r["aux_share_1_mean"] is not None for v, r in rows.items() if v != "baseline")
 
 
+@pytest.mark.slow
 def test_only_and_collect_equal_full_run(full, tmp_path):
     out = tmp_path / "split"
     for variant in ("auxt-no-scaling", "baseline", "auxt"):
