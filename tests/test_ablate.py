@@ -1,81 +1,74 @@
+"""``energylab.ablate`` on the session's tiny ablation (``conftest.ABLATION``: baseline, auxt and
+auxt-no-scaling, two seeds); the end-to-end re-run cell by cell is ``slow``."""
+
 import json
 
 import numpy as np
 import pytest
+from conftest import ABLATION, TINY, ablation_argv, flags
 
 from energylab import ablate
 from energylab.runlog import read_jsonl
 
-TINY = ["--steps", "12", "--eval-every", "3", "--capture-every", "6", "--N", "8", "--M", "12",
-        "--batch-size", "2", "--test-size", "64", "--probe-count", "2", "--probe-size", "64",
-        "--log-every", "3"]
 TIME_KEYS = ("time_to_target", "speedup_time")
-
-
-@pytest.fixture(scope="module")
-def full(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ablation") / "full"
-    assert ablate.main(["--remove", "scaling", "--seeds", "0", "1", "--out", str(out), *TINY]) == 0
-    return out
 
 
 def untimed(rows):
     return [{k: v for k, v in r.items() if not k.startswith(TIME_KEYS)} for r in rows]
 
 
-def test_writes_every_output(full):
+def test_writes_every_output(tiny_ablation):
     for name in ("ablation.json", "summary.md", "summary.csv", "summary.json"):
-        assert (full / name).stat().st_size > 0
-    summary = json.loads((full / "summary.json").read_text())
+        assert (tiny_ablation / name).stat().st_size > 0
+    summary = json.loads((tiny_ablation / "summary.json").read_text())
     assert [r["variant"] for r in summary["rows"]] == ["baseline", "auxt", "auxt-no-scaling"]
     for variant in ("baseline", "auxt", "auxt-no-scaling"):
         for seed in (0, 1):
-            cell = full / variant / f"seed{seed}"
+            cell = tiny_ablation / variant / f"seed{seed}"
             assert (cell / "final.pt").exists() and (cell / "bitstream.json").exists()
-    csv_header = (full / "summary.csv").read_text().splitlines()[0].split(",")
+    csv_header = (tiny_ablation / "summary.csv").read_text().splitlines()[0].split(",")
     assert csv_header[0] == "variant" and "test_loss_mean" in csv_header
-    assert "| auxt-no-scaling |" in (full / "summary.md").read_text()
+    assert "| auxt-no-scaling |" in (tiny_ablation / "summary.md").read_text()
     for figure in ("loss_curves", "energy_split", "correlation_heatmaps"):
         for ext in ("png", "pdf"):
-            assert (full / f"{figure}.{ext}").stat().st_size > 0
+            assert (tiny_ablation / f"{figure}.{ext}").stat().st_size > 0
 
 
-def test_summary_matches_run_files(full):
-    summary = json.loads((full / "summary.json").read_text())
+def test_summary_matches_run_files(tiny_ablation):
+    summary = json.loads((tiny_ablation / "summary.json").read_text())
     rows = {r["variant"]: r for r in summary["rows"]}
     for variant, row in rows.items():
-        finals = [read_jsonl(full / variant / f"seed{s}" / "eval.jsonl")[-1] for s in (0, 1)]
+        finals = [read_jsonl(tiny_ablation / variant / f"seed{s}" / "eval.jsonl")[-1] for s in (0, 1)]
         losses = [f["loss"] for f in finals]
         assert row["test_loss_mean"] == pytest.approx(np.mean(losses))
         assert row["test_loss_std"] == pytest.approx(np.std(losses, ddof=1))
-        real = [json.loads((full / variant / f"seed{s}" / "bitstream.json").read_text())
+        real = [json.loads((tiny_ablation / variant / f"seed{s}" / "bitstream.json").read_text())
                 ["results"]["bpp"] for s in (0, 1)]
         assert row["real_bpp_mean"] == pytest.approx(np.mean(real))
-        y_last = [[r for r in read_jsonl(full / variant / f"seed{s}" / "energy.jsonl")
+        y_last = [[r for r in read_jsonl(tiny_ablation / variant / f"seed{s}" / "energy.jsonl")
                    if r["layer"] == "y"][-1]["coding_gain"] for s in (0, 1)]
         assert row["final_coding_gain_mean"] == pytest.approx(np.mean(y_last))
-    base_evals = read_jsonl(full / "baseline" / "seed0" / "eval.jsonl")
+    base_evals = read_jsonl(tiny_ablation / "baseline" / "seed0" / "eval.jsonl")
     target = np.mean([r["loss"] for r in base_evals[-3:]])
     assert summary["targets"]["seed0"] == pytest.approx(target)
     assert all(r["aux_share_1_mean"] is not None for v, r in rows.items() if v != "baseline")
 
 
-def test_only_and_collect_equal_full_run(full, tmp_path):
+@pytest.mark.slow
+def test_only_and_collect_equal_full_run(tiny_ablation, tmp_path):
     out = tmp_path / "split"
     for variant in ("auxt-no-scaling", "baseline", "auxt"):
         for seed in (1, 0):
-            argv = ["--remove", "scaling", "--seeds", "0", "1", "--out", str(out),
-                    "--only", variant, "--seed", str(seed), *TINY]
+            argv = [*ablation_argv(out, **ABLATION), "--only", variant, "--seed", str(seed)]
             assert ablate.main(argv) == 0
     assert ablate.main(["--collect", str(out)]) == 0
-    a = json.loads((full / "summary.json").read_text())
+    a = json.loads((tiny_ablation / "summary.json").read_text())
     b = json.loads((out / "summary.json").read_text())
     assert untimed(a["rows"]) == untimed(b["rows"])
 
 
-def test_resume_skips_finished_cells(full, capsys):
-    assert ablate.main(["--remove", "scaling", "--seeds", "0", "1", "--out", str(full),
-                        "--resume", *TINY]) == 0
+def test_resume_skips_finished_cells(tiny_ablation, capsys):
+    assert ablate.main([*ablation_argv(tiny_ablation, **ABLATION), "--resume"]) == 0
     assert "seed" not in capsys.readouterr().err  # nothing was retrained
 
 
@@ -89,14 +82,13 @@ def test_resume_skips_finished_cells(full, capsys):
     ],
 )
 def test_bad_arguments(tmp_path, capsys, argv, message):
-    assert ablate.main([*argv, "--out", str(tmp_path / "x"), *TINY]) == 2
+    assert ablate.main([*argv, "--out", str(tmp_path / "x"), *flags(**TINY)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and message in err
 
 
-def test_existing_directory_needs_resume(full, capsys):
-    assert ablate.main(["--remove", "scaling", "--seeds", "0", "1", "--out", str(full),
-                        *TINY]) == 2
+def test_existing_directory_needs_resume(tiny_ablation, capsys):
+    assert ablate.main(ablation_argv(tiny_ablation, **ABLATION)) == 2
     assert "add --resume" in capsys.readouterr().err
 
 
@@ -108,7 +100,3 @@ def test_variants():
     assert names["auxt-db4"] == {"auxt": True, "remove": [], "wavelet": "db4"}
 
 
-def test_crossing_interpolates():
-    x = np.array([0.0, 10.0, 20.0])
-    assert ablate._crossing(x, np.array([5.0, 3.0, 1.0]), 2.0) == pytest.approx(15.0)
-    assert ablate._crossing(x, np.array([5.0, 3.0, 2.5]), 2.0) is None
