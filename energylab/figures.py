@@ -80,6 +80,7 @@ __all__ = [
     "plot_probe_channels",
     "plot_rd_curves",
     "plot_subband_energy",
+    "reference_dir",
     "set_style",
     "summary_table",
     "variant_colors",
@@ -109,6 +110,20 @@ class MissingInput(LookupError):
 def set_style() -> None:
     """Apply the figures' seaborn theme globally (for notebooks)."""
     sns.set_theme(**THEME)
+
+
+def reference_dir() -> Path:
+    """The reference results of the source repository (``data/reference``), found from the package's
+    location, never the working directory: the notebooks' default inputs.
+
+    Raises:
+        FigureError: no ``data/reference`` beside the package (an installed wheel ships no data).
+    """
+    path = Path(__file__).resolve().parent.parent / "data" / "reference"
+    if not path.is_dir():
+        raise FigureError(f"no reference results at {path} (they ship with the source repository, "
+                          "not the installed package); give a run or ablation directory instead")
+    return path
 
 
 def variant_colors(variants: Sequence[str]) -> dict[str, tuple[float, float, float]]:
