@@ -1,8 +1,8 @@
 """AuxT ablation: baseline, AuxT and AuxT without some components, trained on equal terms.
 
 ``python -m energylab.ablate --remove scaling`` trains ``baseline`` (no AuxT), ``auxt`` (full) and
-``auxt-no-scaling`` for every seed, then writes a summary (``summary.md``, ``summary.csv``,
-``summary.json``) and figures into ``--out``. Variants:
+``auxt-no-scaling`` for every seed, then writes a summary (Markdown, CSV and JSON; the layout of
+the ablation directory is :mod:`energylab.rundir`'s) and figures into ``--out``. Variants:
 
 * ``baseline``, ``auxt``, and ``auxt-no-X`` for each ``--remove X``;
 * ``--combined``: also one variant with every given component removed (``auxt-no-X+Y``);
@@ -20,49 +20,29 @@ After training each cell its final model is coded for real (``energylab.evaluate
 ``compress``/``decompress``), so the rates in the summary and the BD-rates are those of real
 bitstreams.
 
-Summary, per variant (and λ), mean ± std over seeds:
-
-* final test R-D loss, bpp and PSNR (``eval.jsonl``, likelihood bpp) and real-bitstream bpp/PSNR;
-* ``steps_to_target`` / ``time_to_target``: the first step (wall-clock seconds of training) at
-  which the variant's test loss, smoothed by a running mean over ``SMOOTH`` evaluations, reaches
-  the target — the same seed's baseline's final test loss, the mean of its last ``SMOOTH``
-  evaluations — linearly interpolated between evaluations; ``speedup_steps`` / ``speedup_time`` =
-  baseline's value / variant's, per seed. A variant that never reaches the target gets none, and
-  so does a speed-up whose variant is already below the target at step 0 (no finite ratio);
-* the energy statistics of ``y`` at the last capture (``final_<stat>``) and their mean over training
-  (``auc_<stat>``: the trapezoidal area under the curve divided by the number of steps);
-* ``aux_energy_share`` at each merge point (``aux_share_<k>``) at the last capture;
-* with ``--lmbdas``: the BD-rate of each variant against the baseline (bjontegaard, PCHIP), on real
-  bitstream bpp against PSNR, per seed.
+The summary (per variant and λ, mean ± std over seeds: final R-D numbers on the likelihoods and
+on real bitstreams, steps and time to the baseline's final test loss and the speed-ups, the energy
+statistics of ``y``, the AuxT branch's energy shares and, with ``--lmbdas``, BD-rates against the
+baseline) is computed by :mod:`energylab.summary`, whose docstring defines every number.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import json
-import math
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
-from scipy.integrate import trapezoid
-
 from energylab import cli
-from energylab.auxt import COMPONENTS, check_components
+from energylab.auxt import COMPONENTS, check_components, variant_name
 from energylab.config import ConfigError, TrainConfig
-from energylab.rundir import AblationDir, RunDir, read_jsonl
+from energylab.rundir import AblationDir, RunDirError
+from energylab.summary import CellLogs, format_csv, format_json, format_markdown, format_table, summarize
 from energylab.wavelets import DWT2
 
 __all__ = ["AblationError", "Cell", "collect", "main", "plan_cells", "variants"]
 
-SMOOTH = 3
-"""Evaluations averaged for the target and the smoothed test-loss curve."""
-ENERGY_STATS = ("coding_gain", "decorrelation_gain", "total_correlation", "offdiag_energy_ratio",
-                "topk_energy_share")
-BITSTREAM_FILE = RunDir.BITSTREAM
 CELL_FIELDS = ("out", "seed", "auxt", "remove", "wavelet", "device")
 """Training settings each cell sets itself (or that may differ between sessions): not recorded as
 the ablation's settings."""
@@ -80,16 +60,15 @@ def variants(remove: Sequence[str], combined: bool = False,
         ValueError: an unknown component name (listing the valid ones) or wavelet.
     """
     removed = [c for c in COMPONENTS if c in check_components(remove)]
-    out: dict[str, dict] = {"baseline": {"auxt": False, "remove": [], "wavelet": "haar"},
-                            "auxt": {"auxt": True, "remove": [], "wavelet": "haar"}}
-    for component in removed:
-        out[f"auxt-no-{component}"] = {"auxt": True, "remove": [component], "wavelet": "haar"}
+    options = [{"auxt": False, "remove": [], "wavelet": "haar"},
+               {"auxt": True, "remove": [], "wavelet": "haar"}]
+    options += [{"auxt": True, "remove": [c], "wavelet": "haar"} for c in removed]
     if combined and len(removed) > 1:
-        out["auxt-no-" + "+".join(removed)] = {"auxt": True, "remove": removed, "wavelet": "haar"}
+        options.append({"auxt": True, "remove": removed, "wavelet": "haar"})
     for wavelet in wavelets:
         DWT2(wavelet)  # an unknown basis fails here, before anything is trained
-        out[f"auxt-{wavelet}"] = {"auxt": True, "remove": [], "wavelet": wavelet}
-    return out
+        options.append({"auxt": True, "remove": [], "wavelet": wavelet})
+    return {variant_name(**o): o for o in options}
 
 
 class Cell:
@@ -235,195 +214,29 @@ def run(args: argparse.Namespace) -> dict:
 # Summary
 
 
-def _smoothed(values: np.ndarray) -> np.ndarray:
-    """Running mean over the last ``SMOOTH`` values (fewer at the start)."""
-    csum = np.cumsum(values)
-    out = csum.copy()
-    out[SMOOTH:] = csum[SMOOTH:] - csum[:-SMOOTH]
-    return out / np.minimum(np.arange(1, len(values) + 1), SMOOTH)
-
-
-def _crossing(x: np.ndarray, curve: np.ndarray, target: float) -> float | None:
-    """First ``x`` where ``curve`` (decreasing towards the target) reaches ``target``,
-    linearly interpolated between points; None if never."""
-    hit = np.nonzero(curve <= target)[0]
-    if not len(hit):
-        return None
-    i = hit[0]
-    if i == 0:
-        return float(x[0])
-    frac = (curve[i - 1] - target) / (curve[i - 1] - curve[i])
-    return float(x[i - 1] + frac * (x[i] - x[i - 1]))
-
-
-def _energy_summary(run_dir: Path) -> dict[str, float]:
-    energy = read_jsonl(run_dir / "energy.jsonl")
-    out: dict[str, float] = {}
-    y = sorted((r for r in energy if r["layer"] == "y"), key=lambda r: r["step"])
-    if y:
-        steps = np.array([r["step"] for r in y], dtype=float)
-        for stat in ENERGY_STATS:
-            values = np.array([r[stat] for r in y])
-            out[f"final_{stat}"] = float(values[-1])
-            span = steps[-1] - steps[0]
-            out[f"auc_{stat}"] = float(trapezoid(values, steps) / span) if span else float(
-                values[-1])
-    last = max((r["step"] for r in energy), default=None)
-    for r in energy:
-        if r["step"] == last and "aux_energy_share" in r:
-            out[f"aux_share_{r['layer'].removeprefix('g_a.aux')}"] = r["aux_energy_share"]
-    return out
-
-
-def _cell_summary(cell: Cell, target: float | None) -> dict[str, float | None]:
-    evals = read_jsonl(cell.dir / "eval.jsonl")
-    if not evals:
-        return {}
-    last = evals[-1]
-    out: dict[str, float | None] = {"test_loss": last["loss"], "test_bpp": last["bpp"],
-                                    "test_psnr": last["psnr"], "steps": last["step"]}
-    bitstream = cell.dir / BITSTREAM_FILE
-    if bitstream.exists():
-        results = json.loads(bitstream.read_text())["results"]
-        out["real_bpp"], out["real_psnr"] = results["bpp"], results["psnr-rgb"]
-    if target is not None:
-        steps = np.array([r["step"] for r in evals], dtype=float)
-        times = np.array([r["wall_time"] for r in evals], dtype=float)
-        curve = _smoothed(np.array([r["loss"] for r in evals]))
-        out["steps_to_target"] = _crossing(steps, curve, target)
-        out["time_to_target"] = _crossing(times, curve, target)
-    out.update(_energy_summary(cell.dir))
-    return out
-
-
-def _target(cell: Cell) -> float | None:
-    evals = read_jsonl(cell.dir / "eval.jsonl")
-    if not evals:
-        return None
-    return float(np.mean([r["loss"] for r in evals[-SMOOTH:]]))
-
-
-def _mean_std(values: list) -> tuple[float | None, float | None, int]:
-    vals = [v for v in values if v is not None and math.isfinite(v)]
-    if not vals:
-        return None, None, 0
-    return float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0, len(vals)
-
-
 def collect(root: Path) -> dict:
-    """Summarise every finished cell under ``root``; writes ``summary.{md,csv,json}`` and figures.
+    """Summarise every finished cell under ``root`` (:mod:`energylab.summary`); writes the summary
+    files of the ablation directory and the figures of :func:`energylab.figures.ablation_figures`.
 
     Raises:
-        AblationError: no ``ablation.json`` or no baseline cell with evaluations.
+        AblationError: ``root`` holds no ablation.
+        SummaryError: no baseline cell with evaluations.
     """
-    from energylab.bdrate import bd_rate
     from energylab.figures import ablation_figures
 
-    meta_path = root / "ablation.json"
-    if not meta_path.exists():
-        raise AblationError(f"{root} holds no ablation (no ablation.json)")
-    meta = json.loads(meta_path.read_text())
+    ablation = AblationDir(root)
+    try:
+        meta = ablation.meta()
+    except RunDirError as err:
+        raise AblationError(str(err)) from None
     names = list(meta["variants"])
-    cells = [c for c in plan_cells(root, names, meta["seeds"], meta.get("lmbdas"))
-             if (c.dir / "eval.jsonl").exists()]
-    targets = {(c.seed, c.lmbda): _target(c) for c in cells if c.variant == "baseline"}
-    if not targets:
-        raise AblationError(f"{root}: no baseline cell has evaluations yet")
-    per_cell = {(c.variant, c.lmbda, c.seed): _cell_summary(c, targets.get((c.seed, c.lmbda)))
-                for c in cells}
-    for (_variant, lmbda, seed), row in per_cell.items():
-        base = per_cell.get(("baseline", lmbda, seed), {})
-        for what in ("steps", "time"):
-            b, v = base.get(f"{what}_to_target"), row.get(f"{what}_to_target")
-            row[f"speedup_{what}"] = b / v if b and v else None
-    rows = []
-    for lmbda in meta.get("lmbdas") or [None]:
-        for variant in names:
-            group = {s: r for (v, lm, s), r in per_cell.items() if v == variant and lm == lmbda}
-            if not group:
-                continue
-            keys = sorted({k for r in group.values() for k in r})
-            row: dict = {"variant": variant, "lmbda": lmbda if lmbda else meta["lmbda"],
-                         "seeds": len(group)}
-            for key in keys:
-                mean, std, n = _mean_std([r.get(key) for r in group.values()])
-                row[f"{key}_mean"], row[f"{key}_std"] = mean, std
-                if key.endswith("_to_target"):
-                    row[f"{key}_reached"] = n
-            rows.append(row)
-    summary = {"root": str(root), "smooth": SMOOTH, "targets": {
-        f"seed{s}" + (f"_lmbda{lm:g}" if lm else ""): t for (s, lm), t in targets.items()},
-        "cells": [{"variant": v, "lmbda": lm, "seed": s, **r} for (v, lm, s), r in per_cell.items()],
-        "rows": rows}
-    if meta.get("lmbdas"):
-        summary["bd_rate"] = _bd_rates(per_cell, names, meta["seeds"], bd_rate)
-    _write_summary(root, summary)
-    summary["figures"] = [str(p) for p in ablation_figures(root)]
-    return summary
-
-
-def _bd_rates(per_cell: dict, names: list[str], seeds: list[int], bd_rate) -> dict:
-    out = {}
-    for variant in names[1:]:
-        values, errors = [], []
-        for seed in seeds:
-            def curve(v, seed=seed):
-                pts = sorted((r["real_bpp"], r["real_psnr"]) for (vv, _, s), r in per_cell.items()
-                             if vv == v and s == seed and r.get("real_bpp") is not None)
-                return [p[0] for p in pts], [p[1] for p in pts]
-            try:
-                values.append(bd_rate(*curve("baseline"), *curve(variant)))
-            except ValueError as err:
-                errors.append(f"seed {seed}: {err}")
-        mean, std, n = _mean_std(values)
-        out[variant] = {"mean": mean, "std": std, "seeds": n, "values": values, "errors": errors}
-    return out
-
-
-def _fmt(mean, std) -> str:
-    if mean is None:
-        return "—"
-    digits = 2 if abs(mean) >= 10 else 4
-    return f"{mean:.{digits}f} ± {std:.{digits}f}" if std else f"{mean:.{digits}f}"
-
-
-TABLE = (("test_loss", "test loss"), ("test_bpp", "bpp (est.)"), ("real_bpp", "bpp (real)"),
-         ("test_psnr", "PSNR dB"), ("steps_to_target", "steps to target"),
-         ("speedup_steps", "speedup (steps)"), ("speedup_time", "speedup (time)"),
-         ("final_coding_gain", "coding gain"), ("final_decorrelation_gain", "decorr. gain"),
-         ("final_total_correlation", "TC nats"), ("final_topk_energy_share", "top-k share"))
-
-
-def format_table(summary: dict) -> str:
-    """The summary as a Markdown table (mean ± std over seeds)."""
-    lines = ["| variant | λ | seeds | " + " | ".join(t for _, t in TABLE) + " |",
-             "|---" * (len(TABLE) + 3) + "|"]
-    for row in summary["rows"]:
-        cells = [_fmt(row.get(f"{k}_mean"), row.get(f"{k}_std")) for k, _ in TABLE]
-        lines.append(f"| {row['variant']} | {row['lmbda']:g} | {row['seeds']} | "
-                     + " | ".join(cells) + " |")
-    if "bd_rate" in summary:
-        lines += ["", "| variant | BD-rate vs baseline (%) |", "|---|---|"]
-        for variant, bd in summary["bd_rate"].items():
-            text = _fmt(bd["mean"], bd["std"])
-            if bd["errors"]:
-                text += " (" + "; ".join(bd["errors"]) + ")"
-            lines.append(f"| {variant} | {text} |")
-    return "\n".join(lines) + "\n"
-
-
-def _write_summary(root: Path, summary: dict) -> None:
-    (root / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    table = format_table(summary)
-    targets = ", ".join(f"{k}: {v:.4f}" for k, v in summary["targets"].items())
-    (root / "summary.md").write_text(
-        f"# Ablation summary\n\nTarget (baseline's final test loss, mean of its last "
-        f"{SMOOTH} evaluations): {targets}\n\n{table}")
-    keys = sorted({k for row in summary["rows"] for k in row} - {"variant"})
-    with open(root / "summary.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["variant", *keys])
-        writer.writeheader()
-        writer.writerows(summary["rows"])
+    cells = {(c.variant, c.lmbda, c.seed): CellLogs.of(c.run)
+             for c in plan_cells(root, names, meta["seeds"], meta.get("lmbdas"))
+             if c.run.evals()}
+    result = summarize(cells, names, meta["seeds"], meta["lmbda"], meta.get("lmbdas"), str(root))
+    ablation.write_summary(format_json(result), format_markdown(result), format_csv(result))
+    result["figures"] = [str(p) for p in ablation_figures(root)]
+    return result
 
 
 def main(argv: Sequence[str] | None = None) -> int:

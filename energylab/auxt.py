@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from energylab.wavelets import dwt2, haar_kernels, idwt2
 
-__all__ = ["COMPONENTS", "OLP", "WLS", "iWLS", "check_components", "ortho_loss"]
+__all__ = ["COMPONENTS", "OLP", "WLS", "iWLS", "check_components", "ortho_loss", "variant_name"]
 
 COMPONENTS = ("wavelet", "orthogonal", "scaling")
 """The removable WLS components, named as on the command line (``--remove``)."""
@@ -58,6 +58,26 @@ def check_components(remove: Iterable[str]) -> frozenset[str]:
             f"valid names are: {', '.join(COMPONENTS)}"
         )
     return remove
+
+
+def variant_name(auxt: bool, remove: Iterable[str] = (), wavelet: str = "haar") -> str:
+    """The name of a model variant, as ablations, figures and evaluation write it.
+
+    ``baseline`` without AuxT; else ``auxt`` (``auxt-<wavelet>`` for a basis other than Haar),
+    followed by ``-no-<c1>[+<c2>...]`` for the removed components in ``COMPONENTS`` order:
+    ``auxt``, ``auxt-no-scaling``, ``auxt-no-wavelet+scaling``, ``auxt-db4``.
+
+    Raises:
+        ValueError: an unknown component name, or components removed without AuxT.
+    """
+    removed = check_components(remove)
+    if not auxt:
+        if removed:
+            raise ValueError("AuxT components can only be removed from an AuxT variant")
+        return "baseline"
+    name = "auxt" if wavelet == "haar" else f"auxt-{wavelet}"
+    ordered = [c for c in COMPONENTS if c in removed]
+    return name + ("-no-" + "+".join(ordered) if ordered else "")
 
 
 class OLP(nn.Module):

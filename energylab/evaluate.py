@@ -57,6 +57,7 @@ from pytorch_msssim import ms_ssim
 from torch import Tensor, nn
 
 from energylab import cli
+from energylab.auxt import variant_name
 from energylab.data import (
     BUILTIN_TEST,
     DataError,
@@ -203,12 +204,13 @@ def _check_fits(model: nn.Module, sd: Mapping[str, Tensor], where: Path, arch: s
 
 
 def architecture_label(arch: Mapping[str, Any]) -> str:
-    """A short name for an architecture: ``mbt2018-mean``, ``mbt2018-mean+auxt-no-scaling``, ..."""
+    """A short name for an architecture: ``mbt2018-mean``, ``mbt2018-mean+auxt-no-scaling``, ...
+
+    The model name, then ``+`` and :func:`energylab.auxt.variant_name` when AuxT is on.
+    """
     label = str(arch["model"])
     if arch.get("auxt"):
-        label += "+auxt" + "".join(f"-no-{c}" for c in sorted(arch.get("remove", ())))
-        if arch.get("wavelet", "haar") != "haar":
-            label += f"-{arch['wavelet']}"
+        label += "+" + variant_name(True, arch.get("remove", ()), arch.get("wavelet", "haar"))
     return label
 
 

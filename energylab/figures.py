@@ -19,7 +19,7 @@ why; the others are still drawn. Figures (:data:`FIGURES`):
 * ``rd_curves`` and ``bd_rate``: real-bitstream R-D curves and the BD-rate table of an R-D sweep.
 
 Curves are means over seeds with a ± 1 s.d. band; each variant keeps its colour (colour-blind-safe
-palette) in every figure and is named as ``energylab.ablate`` names it (``baseline``, ``auxt``,
+palette) in every figure and is named by ``energylab.auxt.variant_name`` (``baseline``, ``auxt``,
 ``auxt-no-scaling``, ...). In an R-D sweep the training figures show one λ (the middle one unless
 a function is given ``lmbda``).
 
@@ -45,9 +45,10 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 
-from energylab import cli
-from energylab.auxt import COMPONENTS
+from energylab import cli, stats
+from energylab.auxt import variant_name
 from energylab.rundir import AblationDir, RunDir, RunDirError
+from energylab.summary import table_rows, with_roles
 
 __all__ = [
     "ABLATION_FIGURES",
@@ -58,7 +59,6 @@ __all__ = [
     "ablation_figures",
     "all_figures",
     "available",
-    "correlation",
     "load",
     "load_ablation",
     "load_captures",
@@ -79,10 +79,10 @@ __all__ = [
     "plot_probe_channels",
     "plot_rd_curves",
     "plot_subband_energy",
+    "reference_dir",
     "set_style",
     "summary_table",
     "variant_colors",
-    "variant_name",
 ]
 
 THEME = {"context": "paper", "style": "whitegrid", "palette": "colorblind", "font_scale": 1.1}
@@ -111,18 +111,18 @@ def set_style() -> None:
     sns.set_theme(**THEME)
 
 
-def variant_name(args: dict) -> str:
-    """The ablation's name of a run's variant, from its ``config.json`` ``args``.
+def reference_dir() -> Path:
+    """The reference results of the source repository (``data/reference``), found from the package's
+    location, never the working directory: the notebooks' default inputs.
 
-    ``baseline`` without AuxT; else ``auxt`` (``auxt-<wavelet>`` for a basis other than Haar),
-    followed by ``-no-<component>[+<component>...]`` when components are removed.
+    Raises:
+        FigureError: no ``data/reference`` beside the package (an installed wheel ships no data).
     """
-    if not args.get("auxt"):
-        return "baseline"
-    wavelet = args.get("wavelet", "haar")
-    name = "auxt" if wavelet == "haar" else f"auxt-{wavelet}"
-    removed = [c for c in COMPONENTS if c in args.get("remove", [])]
-    return name + ("-no-" + "+".join(removed) if removed else "")
+    path = Path(__file__).resolve().parent.parent / "data" / "reference"
+    if not path.is_dir():
+        raise FigureError(f"no reference results at {path} (they ship with the source repository, "
+                          "not the installed package); give a run or ablation directory instead")
+    return path
 
 
 def variant_colors(variants: Sequence[str]) -> dict[str, tuple[float, float, float]]:
@@ -211,7 +211,7 @@ def _study(root: Path, kind: str, variants: list[str], cells: dict[Key, Path],
     return Study(root=root, kind=kind, variants=variants, cells=cells,
                  evals=_frame({k: run.evals() for k, run in runs.items()}),
                  metrics=_frame({k: run.metrics() for k, run in runs.items()}),
-                 energy=_frame({k: run.energy() for k, run in runs.items()}),
+                 energy=_frame({k: [with_roles(r) for r in run.energy()] for k, run in runs.items()}),
                  bitstream=_frame(bitstream), summary=summary)
 
 
@@ -226,7 +226,7 @@ def load_run(run_dir: Path | str) -> Study:
         args = RunDir(root).config()["args"]
     except RunDirError as err:
         raise FigureError(str(err)) from None
-    name = variant_name(args)
+    name = variant_name(bool(args.get("auxt")), args.get("remove", ()), args.get("wavelet", "haar"))
     return _study(root, "run", [name], {(name, float(args["lmbda"]), int(args["seed"])): root},
                   None)
 
@@ -293,21 +293,9 @@ def summary_table(study: Study) -> pd.DataFrame:
     Raises:
         MissingInput: the study has no ``summary.json``.
     """
-    from energylab.ablate import TABLE
-
     if study.summary is None:
         raise MissingInput("no summary.json (not an ablation directory, or not summarised yet)")
-
-    def fmt(mean: float | None, std: float | None) -> str:
-        if mean is None:
-            return "—"
-        digits = 2 if abs(mean) >= 10 else 4
-        return f"{mean:.{digits}f} ± {std:.{digits}f}" if std else f"{mean:.{digits}f}"
-
-    rows = [{"variant": r["variant"], "λ": r["lmbda"], "seeds": r["seeds"],
-             **{title: fmt(r.get(f"{k}_mean"), r.get(f"{k}_std")) for k, title in TABLE}}
-            for r in study.summary["rows"]]
-    table = pd.DataFrame(rows).set_index(["variant", "λ"] if study.summary.get("bd_rate")
+    table = pd.DataFrame(table_rows(study.summary)).set_index(["variant", "λ"] if study.summary.get("bd_rate")
                                          else "variant")
     return table if study.summary.get("bd_rate") else table.drop(columns="λ")
 
@@ -317,7 +305,7 @@ def summary_table(study: Study) -> pd.DataFrame:
 
 _NEEDS: dict[str, tuple[Callable[[Study], bool], str]] = {
     "evals": (lambda s: not s.evals.empty, "no test evaluations (eval.jsonl)"),
-    "energy": (lambda s: "layer" in s.energy and (s.energy["layer"] == "y").any(),
+    "energy": (lambda s: "role" in s.energy and (s.energy["role"] == "y").any(),
                "no energy statistics of y (energy.jsonl)"),
     "captures": (lambda s: any(s.captures(k) for k in s.cells),
                  "no capture archives (captures/step_*.npz)"),
@@ -394,19 +382,13 @@ def _figure_legend(fig: Figure, axes: Sequence[plt.Axes]) -> None:
 
 def _energy_y(study: Study, lmbda: float | None) -> pd.DataFrame:
     energy = study.at(study.energy, lmbda)
-    return energy[energy["layer"] == "y"]
+    return energy[energy["role"] == "y"]
 
 
 def _final(frame: pd.DataFrame) -> pd.DataFrame:
     """Each cell's rows at its last step."""
     last = frame.groupby(["variant", "lmbda", "seed"])["step"].transform("max")
     return frame[frame["step"] == last]
-
-
-def correlation(cov: np.ndarray) -> np.ndarray:
-    """Correlation matrix of a covariance (a channel without variance correlates 0 off-diagonal)."""
-    std = np.sqrt(np.clip(np.diag(cov), 1e-30, None))
-    return np.clip(cov / np.outer(std, std), -1.0, 1.0)
 
 
 def _by_energy(energies: np.ndarray) -> np.ndarray:
@@ -419,7 +401,7 @@ def _matrix(ax: plt.Axes, matrix: np.ndarray, energies: np.ndarray, kind: str) -
     order = _by_energy(energies)
     m = matrix[np.ix_(order, order)]
     if kind == "correlation":
-        m, vmax = correlation(m), 1.0
+        m, vmax = stats.correlation_matrix(m), 1.0
     else:
         vmax = float(np.abs(m).max()) or 1.0
     image = ax.imshow(m, cmap=HEATMAP_CMAP, vmin=-vmax, vmax=vmax, interpolation="nearest")
@@ -472,8 +454,8 @@ def plot_energy_split(study: Study, lmbda: float | None = None) -> Figure:
     total correlation (decorrelation) of ``y``, per variant."""
     _require(study, "energy")
     energy = _energy_y(study, lmbda).copy()
-    energy["coding_gain_db"] = 10 * np.log10(energy["coding_gain"])
-    energy["decorrelation_gain_db"] = 10 * np.log10(energy["decorrelation_gain"])
+    energy["coding_gain_db"] = energy["coding_gain"].map(stats.to_db)
+    energy["decorrelation_gain_db"] = energy["decorrelation_gain"].map(stats.to_db)
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.5), layout="constrained")
     for ax, (col, label, title) in zip(axes, (
             ("coding_gain_db", "coding gain (dB)", "energy modulation"),
@@ -541,11 +523,13 @@ def _final_energies(study: Study, lmbda: float | None, layer: str) -> pd.DataFra
             continue
         step, path = study.captures(key)[-1]
         with np.load(path) as z:
-            e = np.sort(z[f"energies/{layer}"].astype(np.float64))[::-1]
+            energies = z[f"energies/{layer}"]
+        curve = stats.energy_compaction_curve(energies)
+        e = np.sort(energies.astype(np.float64))[::-1]
         share = e / e.sum() if e.sum() > 0 else np.full_like(e, 1 / len(e))
         rows += [{"variant": key[0], "seed": key[2], "step": step, "rank": i + 1,
                   "share": s, "cumulative": c}
-                 for i, (s, c) in enumerate(zip(share, np.cumsum(share), strict=True))]
+                 for i, (s, c) in enumerate(zip(share, curve, strict=True))]
     if not rows:
         raise MissingInput(f"no captures at λ = {lmbda:g}")
     return pd.DataFrame(rows)
@@ -601,8 +585,8 @@ def plot_aux_energy_share(study: Study, lmbda: float | None = None) -> Figure:
     point (stage) over training, for the AuxT variants."""
     _require(study, "aux")
     energy = study.at(study.energy, lmbda)
-    aux = energy[energy["layer"].str.startswith("g_a.aux")].copy()
-    aux["stage"] = aux["layer"].str.removeprefix("g_a.aux").astype(int)
+    aux = energy[energy["role"] == "aux"].copy()
+    aux["stage"] = aux["merge"].astype(int)
     stages = sorted(set(aux["stage"]))
     fig, axes = plt.subplots(1, len(stages), figsize=(2.8 * len(stages) + 0.6, 3.3),
                              layout="constrained", squeeze=False)
@@ -632,7 +616,7 @@ def plot_ablation_summary(study: Study, lmbda: float | None = None) -> Figure:
     cells = study.at(pd.DataFrame(study.summary["cells"]), lmbda)
     for gain in ("final_coding_gain", "final_decorrelation_gain"):
         if gain in cells:
-            cells[gain] = 10 * np.log10(cells[gain].astype(float))
+            cells[gain] = cells[gain].astype(float).map(stats.to_db)
     others = cells["variant"] != "baseline"
     panels = [(k, t) for k, t in SUMMARY_BARS
               if k in cells and cells.loc[others, k].notna().any()]
@@ -777,8 +761,7 @@ def plot_eigenspectra(captures: dict[int, dict[str, np.ndarray]], layer: str = "
     norm = plt.Normalize(steps[0], max(steps[-1], steps[0] + 1))
     fig, ax = plt.subplots(figsize=(5.6, 3.8), layout="constrained")
     for step in steps:
-        lam = np.linalg.eigvalsh(captures[step][f"cov/{layer}"].astype(np.float64))[::-1]
-        lam = np.clip(lam, lam[0] * 1e-12, None)
+        lam = stats.spectrum(captures[step][f"cov/{layer}"]).eigenvalues
         ax.plot(np.arange(1, len(lam) + 1), lam / lam.sum(), color=cmap(norm(step)), lw=1.3)
     ax.set(xlabel="eigenvalue rank", ylabel="share of the variance", yscale="log",
            title=f"Eigenvalue spectrum of the covariance of {layer} over training")

@@ -50,7 +50,6 @@ and the figures.
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import sys
@@ -461,14 +460,10 @@ class AblationDir:
         path = self.path / self.SUMMARY_JSON
         return _read_json(path) if path.is_file() else None
 
-    def write_summary(self, summary: dict, markdown: str) -> None:
-        """Write ``summary.json`` (``summary``), ``summary.md`` (``markdown``) and ``summary.csv``
-        (``summary["rows"]``, columns ``variant`` then the other keys sorted)."""
+    def write_summary(self, json_text: str, markdown: str, csv_text: str) -> None:
+        """Write ``summary.json``, ``summary.md`` and ``summary.csv`` atomically, each from its text
+        (:mod:`energylab.summary` formats them)."""
         self.path.mkdir(parents=True, exist_ok=True)
-        _atomic_text(self.path / self.SUMMARY_JSON, json.dumps(summary, indent=2) + "\n")
-        _atomic_text(self.path / self.SUMMARY_MD, markdown)
-        keys = sorted({k for row in summary["rows"] for k in row} - {"variant"})
-        with open(self.path / self.SUMMARY_CSV, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=["variant", *keys])
-            writer.writeheader()
-            writer.writerows(summary["rows"])
+        for name, text in ((self.SUMMARY_JSON, json_text), (self.SUMMARY_MD, markdown),
+                           (self.SUMMARY_CSV, csv_text)):
+            _atomic_text(self.path / name, text)

@@ -1,54 +1,48 @@
+"""``energylab.ablate`` on the session's tiny ablation (``conftest.ABLATION``: baseline, auxt and
+auxt-no-scaling, two seeds); the end-to-end re-run cell by cell is ``slow``."""
+
 import numpy as np
 import pytest
+from conftest import ABLATION, TINY, ablation_argv, flags
 
 from energylab import ablate
 from energylab.config import TrainConfig
 from energylab.rundir import AblationDir
 
-TINY = ["--steps", "12", "--eval-every", "3", "--capture-every", "6", "--N", "8", "--M", "12",
-        "--batch-size", "2", "--test-size", "64", "--probe-count", "2", "--probe-size", "64",
-        "--log-every", "3"]
 TIME_KEYS = ("time_to_target", "speedup_time")
-
-
-@pytest.fixture(scope="module")
-def full(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ablation") / "full"
-    assert ablate.main(["--remove", "scaling", "--seeds", "0", "1", "--out", str(out), *TINY]) == 0
-    return out
 
 
 def untimed(rows):
     return [{k: v for k, v in r.items() if not k.startswith(TIME_KEYS)} for r in rows]
 
 
-def test_writes_every_output(full):
-    ablation = AblationDir(full)
+def test_writes_every_output(tiny_ablation):
+    ablation = AblationDir(tiny_ablation)
     assert ablation.meta()["variants"]["auxt-no-scaling"]["remove"] == ["scaling"]
     for name in (ablation.SUMMARY_MD, ablation.SUMMARY_CSV, ablation.SUMMARY_JSON):
-        assert (full / name).stat().st_size > 0
+        assert (tiny_ablation / name).stat().st_size > 0
     summary = ablation.summary()
     assert [r["variant"] for r in summary["rows"]] == ["baseline", "auxt", "auxt-no-scaling"]
     for variant in ("baseline", "auxt", "auxt-no-scaling"):
         for seed in (0, 1):
-            cell = AblationDir(full).cell(variant, seed)
+            cell = AblationDir(tiny_ablation).cell(variant, seed)
             assert cell.is_finished() and cell.has_bitstream()
             config = cell.train_config()
             assert (config.seed, config.auxt, config.steps, config.N) == (
-                seed, variant != "baseline", 12, 8)
+                seed, variant != "baseline", TINY["steps"], TINY["N"])
             assert config.remove == (("scaling",) if variant == "auxt-no-scaling" else ())
-    csv_header = (full / ablation.SUMMARY_CSV).read_text().splitlines()[0].split(",")
+    csv_header = (tiny_ablation / ablation.SUMMARY_CSV).read_text().splitlines()[0].split(",")
     assert csv_header[0] == "variant" and "test_loss_mean" in csv_header
-    assert "| auxt-no-scaling |" in (full / ablation.SUMMARY_MD).read_text()
+    assert "| auxt-no-scaling |" in (tiny_ablation / ablation.SUMMARY_MD).read_text()
     for figure in ("loss_curves", "energy_split", "correlation_heatmaps"):
         for ext in ("png", "pdf"):
-            assert (full / f"{figure}.{ext}").stat().st_size > 0
+            assert (tiny_ablation / f"{figure}.{ext}").stat().st_size > 0
 
 
-def test_summary_matches_run_files(full):
-    summary = AblationDir(full).summary()
+def test_summary_matches_run_files(tiny_ablation):
+    summary = AblationDir(tiny_ablation).summary()
     rows = {r["variant"]: r for r in summary["rows"]}
-    cells = {(v, s): AblationDir(full).cell(v, s) for v in rows for s in (0, 1)}
+    cells = {(v, s): AblationDir(tiny_ablation).cell(v, s) for v in rows for s in (0, 1)}
     for variant, row in rows.items():
         finals = [cells[variant, s].evals()[-1] for s in (0, 1)]
         losses = [f["loss"] for f in finals]
@@ -66,22 +60,20 @@ def test_summary_matches_run_files(full):
 
 
 @pytest.mark.slow
-def test_only_and_collect_equal_full_run(full, tmp_path):
+def test_only_and_collect_equal_full_run(tiny_ablation, tmp_path):
     out = tmp_path / "split"
     for variant in ("auxt-no-scaling", "baseline", "auxt"):
         for seed in (1, 0):
-            argv = ["--remove", "scaling", "--seeds", "0", "1", "--out", str(out),
-                    "--only", variant, "--seed", str(seed), *TINY]
+            argv = [*ablation_argv(out, **ABLATION), "--only", variant, "--seed", str(seed)]
             assert ablate.main(argv) == 0
     assert ablate.main(["--collect", str(out)]) == 0
-    a = AblationDir(full).summary()
+    a = AblationDir(tiny_ablation).summary()
     b = AblationDir(out).summary()
     assert untimed(a["rows"]) == untimed(b["rows"])
 
 
-def test_resume_skips_finished_cells(full, capsys):
-    assert ablate.main(["--remove", "scaling", "--seeds", "0", "1", "--out", str(full),
-                        "--resume", *TINY]) == 0
+def test_resume_skips_finished_cells(tiny_ablation, capsys):
+    assert ablate.main([*ablation_argv(tiny_ablation, **ABLATION), "--resume"]) == 0
     assert "seed" not in capsys.readouterr().err  # nothing was retrained
 
 
@@ -95,14 +87,13 @@ def test_resume_skips_finished_cells(full, capsys):
     ],
 )
 def test_bad_arguments(tmp_path, capsys, argv, message):
-    assert ablate.main([*argv, "--out", str(tmp_path / "x"), *TINY]) == 2
+    assert ablate.main([*argv, "--out", str(tmp_path / "x"), *flags(**TINY)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and message in err
 
 
-def test_existing_directory_needs_resume(full, capsys):
-    assert ablate.main(["--remove", "scaling", "--seeds", "0", "1", "--out", str(full),
-                        *TINY]) == 2
+def test_existing_directory_needs_resume(tiny_ablation, capsys):
+    assert ablate.main(ablation_argv(tiny_ablation, **ABLATION)) == 2
     assert "add --resume" in capsys.readouterr().err
 
 
@@ -112,12 +103,6 @@ def test_variants():
                            "auxt-no-wavelet+scaling", "auxt-db4"]
     assert names["auxt-no-wavelet+scaling"]["remove"] == ["wavelet", "scaling"]
     assert names["auxt-db4"] == {"auxt": True, "remove": [], "wavelet": "db4"}
-
-
-def test_crossing_interpolates():
-    x = np.array([0.0, 10.0, 20.0])
-    assert ablate._crossing(x, np.array([5.0, 3.0, 1.0]), 2.0) == pytest.approx(15.0)
-    assert ablate._crossing(x, np.array([5.0, 3.0, 2.5]), 2.0) is None
 
 
 def test_defaults_and_cell_configs(tmp_path):

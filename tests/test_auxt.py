@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from energylab.auxt import COMPONENTS, OLP, WLS, iWLS, ortho_loss
+from energylab.auxt import COMPONENTS, OLP, WLS, iWLS, ortho_loss, variant_name
 from energylab.wavelets import dwt2, idwt2
 
 
@@ -122,3 +122,29 @@ def test_ortho_loss_sums_and_is_zero_without_olp():
     both = torch.nn.ModuleList([a, b])
     torch.testing.assert_close(ortho_loss(both), a.olp.loss() + b.olp.loss())
     assert ortho_loss(torch.nn.Linear(2, 2)).item() == 0
+
+
+@pytest.mark.parametrize(
+    ("auxt", "remove", "wavelet", "name"),
+    [
+        (False, (), "haar", "baseline"),
+        (True, (), "haar", "auxt"),
+        (True, ["scaling"], "haar", "auxt-no-scaling"),
+        (True, ("scaling", "wavelet"), "haar", "auxt-no-wavelet+scaling"),
+        (True, ["scaling", "orthogonal", "wavelet"], "haar", "auxt-no-wavelet+orthogonal+scaling"),
+        (True, (), "db4", "auxt-db4"),
+        (True, ["scaling"], "bior2.2", "auxt-bior2.2-no-scaling"),
+    ],
+)
+def test_variant_name(auxt, remove, wavelet, name):
+    assert variant_name(auxt, remove, wavelet) == name
+
+
+@pytest.mark.parametrize(
+    ("auxt", "remove", "message"),
+    [(True, ["scale"], "valid names are: wavelet, orthogonal, scaling"),
+     (False, ["scaling"], "only be removed from an AuxT variant")],
+)
+def test_variant_name_rejects(auxt, remove, message):
+    with pytest.raises(ValueError, match=message):
+        variant_name(auxt, remove)

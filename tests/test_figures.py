@@ -1,8 +1,5 @@
-"""``energylab.figures``: every figure from a tiny ablation and a tiny R-D sweep, ``--list``, skips.
-
-The tiny ablation (baseline and auxt, two seeds) and R-D sweep (two λ, one seed) are trained once
-per test session by :func:`tiny_study`, which ``test_notebooks.py`` shares.
-"""
+"""``energylab.figures``: every figure from the session's tiny ablation and tiny R-D sweep
+(``conftest.ABLATION`` and ``conftest.SWEEP``), ``--list``, skips."""
 
 from __future__ import annotations
 
@@ -13,35 +10,11 @@ import numpy as np
 import pytest
 
 from energylab import figures
-from energylab.ablate import main as ablate
+from energylab.stats import correlation_matrix
 
-TINY = ["--steps", "8", "--eval-every", "4", "--capture-every", "4", "--N", "8", "--M", "12",
-        "--batch-size", "2", "--test-size", "64", "--probe-count", "2", "--probe-size", "64"]
-"""Training flags of the tiny studies: three evaluations and three captures per cell."""
-STUDIES = {"ablation": ["--seeds", "0", "1"],
-           "sweep": ["--seeds", "0", "--lmbdas", "0.0035", "0.025"]}
 ALL = [spec.name for spec in figures.FIGURES]
 SWEEP_ONLY = ["rd_curves", "bd_rate"]
-
-
-def tiny_study(tmp_path_factory: pytest.TempPathFactory, kind: str) -> Path:
-    """The tiny ``kind`` study (``ablation`` or ``sweep``), trained at its first use in the
-    session and reused after (also by the fixtures of other test modules)."""
-    root = tmp_path_factory.getbasetemp() / "tiny" / kind
-    if not (root / "summary.json").exists():
-        shutil.rmtree(root, ignore_errors=True)
-        assert ablate(["--out", str(root), *STUDIES[kind], *TINY]) == 0
-    return root
-
-
-@pytest.fixture(scope="session")
-def tiny_ablation(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_study(tmp_path_factory, "ablation")
-
-
-@pytest.fixture(scope="session")
-def tiny_sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_study(tmp_path_factory, "sweep")
+VARIANTS = ["baseline", "auxt", "auxt-no-scaling"]
 
 
 def _check_files(out: Path, names: list[str]) -> None:
@@ -118,12 +91,12 @@ def test_not_a_run_directory(tmp_path: Path, capsys) -> None:
 
 def test_loaders(tiny_ablation: Path, tiny_sweep: Path) -> None:
     study = figures.load(tiny_ablation)
-    assert study.kind == "ablation" and study.variants == ["baseline", "auxt"]
-    assert sorted(study.cells) == [(v, 0.013, s) for v in ("auxt", "baseline") for s in (0, 1)]
+    assert study.kind == "ablation" and study.variants == VARIANTS
+    assert sorted(study.cells) == [(v, 0.013, s) for v in sorted(VARIANTS) for s in (0, 1)]
     for frame in (study.evals, study.metrics, study.energy, study.bitstream):
         assert list(frame.columns[:3]) == ["variant", "lmbda", "seed"]
     assert sorted(set(study.evals["step"])) == [0, 4, 8]
-    assert list(figures.summary_table(study).index) == ["baseline", "auxt"]
+    assert list(figures.summary_table(study).index) == VARIANTS
 
     sweep = figures.load_ablation(tiny_sweep)
     assert sweep.lmbdas == [0.0035, 0.025] and sweep.default_lmbda == 0.0035
@@ -142,7 +115,7 @@ def test_heatmaps_order_channels_by_energy_on_a_fixed_scale(tiny_ablation: Path)
     study = figures.load(tiny_ablation)
     fig = figures.plot_correlation_heatmaps(study)
     panels = [ax for ax in fig.axes if ax.images and ax.get_title()]
-    assert len(panels) == 2 * 3
+    assert len(panels) == len(VARIANTS) * 3
     step, path = study.captures(("baseline", 0.013, 0))[-1]
     with np.load(path) as z:
         cov, energies = z["cov/y"], z["energies/y"]
@@ -150,17 +123,11 @@ def test_heatmaps_order_channels_by_energy_on_a_fixed_scale(tiny_ablation: Path)
     final = panels[2]
     assert final.get_title() == f"final: step {step}"
     np.testing.assert_allclose(final.images[0].get_array(),
-                               figures.correlation(cov[np.ix_(order, order)]), atol=1e-6)
+                               correlation_matrix(cov[np.ix_(order, order)]), atol=1e-6)
     assert final.images[0].get_clim() == (-1.0, 1.0)
 
 
-def test_variant_names_and_colours() -> None:
-    def name(**args) -> str:
-        return figures.variant_name({"auxt": True, "remove": [], "wavelet": "haar", **args})
-
-    assert name(auxt=False) == "baseline" and name() == "auxt"
-    assert name(remove=["scaling", "wavelet"]) == "auxt-no-wavelet+scaling"
-    assert name(wavelet="db4") == "auxt-db4"
+def test_variant_colours() -> None:
     one = figures.variant_colors(["auxt"])
     many = figures.variant_colors(["baseline", "auxt", "auxt-no-scaling", "auxt-db4"])
     assert one["auxt"] == many["auxt"] and len(set(many.values())) == 4

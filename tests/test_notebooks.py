@@ -1,9 +1,10 @@
-"""The notebooks in ``notebooks/`` execute headless against a tiny ablation trained in the session.
+"""The notebooks in ``notebooks/`` are stored clean, declare a Python 3 kernel, and execute headless.
 
-They are run as ``pytest --nbmake`` runs them (``nbclient``, the notebook's folder as working
-directory), pointed at the tiny ablation through ``ENERGYLAB_RUN_DIR`` / ``ENERGYLAB_ABLATION_DIR``;
-one run reads the default ``../data/reference/ablation`` of a copy of the notebook laid out as in
-the repository.
+Execution is ``slow``: against the session's tiny ablation through ``ENERGYLAB_RUN_DIR`` /
+``ENERGYLAB_ABLATION_DIR`` with the notebook's folder as working directory (as ``pytest --nbmake``
+runs them), and notebook 01 on its default input (the repository's reference run) with the
+repository root as working directory (as ``jupyter nbconvert --execute notebooks/01_...`` or
+papermill from the root run it).
 """
 
 from __future__ import annotations
@@ -14,23 +15,18 @@ from pathlib import Path
 import nbformat
 import pytest
 from nbclient import NotebookClient
-from test_figures import tiny_study
 
-NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = ROOT / "notebooks"
 NAMES = ["01_latent_covariance_over_epochs", "02_ablation", "03_paper_figures"]
 FIGURES = {"01_latent_covariance_over_epochs": 3, "02_ablation": 4, "03_paper_figures": 8}
-"""Figures each notebook shows for the tiny ablation (not an R-D sweep)."""
+"""Figures each notebook shows for an ablation that is not an R-D sweep."""
 
 
-@pytest.fixture(scope="session")
-def tiny_ablation(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_study(tmp_path_factory, "ablation")
-
-
-def _execute(path: Path) -> nbformat.NotebookNode:
+def _execute(path: Path, cwd: Path) -> nbformat.NotebookNode:
     nb = nbformat.read(path, as_version=4)
     NotebookClient(nb, timeout=180, kernel_name="python3",
-                   resources={"metadata": {"path": str(path.parent)}}).execute()
+                   resources={"metadata": {"path": str(cwd)}}).execute()
     return nb
 
 
@@ -49,28 +45,41 @@ def test_notebook_is_stored_clean_with_a_parameters_cell(name: str) -> None:
     assert all(not c.outputs and c.execution_count is None for c in code)
     params = [c for c in code if "parameters" in c.metadata.get("tags", [])]
     assert len(params) == 1
-    assert "../data/reference/ablation" in params[0].source
+    assert "reference_dir()" in params[0].source and "../" not in params[0].source
     variable = "ENERGYLAB_RUN_DIR" if name.startswith("01") else "ENERGYLAB_ABLATION_DIR"
-    assert f'os.environ.get("{variable}"' in params[0].source
+    assert f'os.environ.get("{variable}")' in params[0].source
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_notebook_declares_a_python3_kernel(name: str) -> None:
+    meta = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4).metadata
+    assert meta.kernelspec.name == "python3" and meta.kernelspec.language == "python"
+    assert meta.language_info.name == "python"
+
+
+def test_reference_dir_is_found_from_the_package(tmp_path: Path, monkeypatch) -> None:
+    from energylab.figures import reference_dir
+
+    monkeypatch.chdir(tmp_path)
+    assert reference_dir() == ROOT / "data" / "reference"
+    assert (reference_dir() / "ablation" / "auxt" / "seed0").is_dir()
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_notebook_runs_headless(name: str, tiny_ablation: Path, monkeypatch) -> None:
     monkeypatch.setenv("ENERGYLAB_RUN_DIR", str(tiny_ablation / "auxt" / "seed0"))
     monkeypatch.setenv("ENERGYLAB_ABLATION_DIR", str(tiny_ablation))
     monkeypatch.delenv("MPLBACKEND", raising=False)  # the kernel's inline backend
-    nb = _execute(NOTEBOOKS / f"{name}.ipynb")
+    nb = _execute(NOTEBOOKS / f"{name}.ipynb", NOTEBOOKS)
     assert _images(nb) == FIGURES[name]
 
 
-def test_notebook_reads_the_reference_path_by_default(tiny_ablation: Path, tmp_path: Path,
-                                                      monkeypatch) -> None:
-    (tmp_path / "notebooks").mkdir()
-    (tmp_path / "data" / "reference").mkdir(parents=True)
-    (tmp_path / "data" / "reference" / "ablation").symlink_to(tiny_ablation)
-    name = "01_latent_covariance_over_epochs.ipynb"
-    (tmp_path / "notebooks" / name).write_bytes((NOTEBOOKS / name).read_bytes())
+@pytest.mark.slow
+def test_notebook_01_reads_the_reference_run_from_the_repository_root(monkeypatch) -> None:
     monkeypatch.delenv("ENERGYLAB_RUN_DIR", raising=False)
     monkeypatch.delenv("MPLBACKEND", raising=False)
-    nb = _execute(tmp_path / "notebooks" / name)
+    nb = _execute(NOTEBOOKS / "01_latent_covariance_over_epochs.ipynb", ROOT)
     assert _images(nb) == FIGURES["01_latent_covariance_over_epochs"]
+    printed = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
+    assert "variant auxt, 7 captures" in printed

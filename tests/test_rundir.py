@@ -132,8 +132,9 @@ def test_ablation_dir_layout_and_summary(tmp_path):
     assert ablation.cell("auxt", 1).path == ablation.path / "auxt" / "seed1"
     assert ablation.cell("auxt", 1, 0.0067).path == ablation.path / "auxt" / "lmbda0.0067" / "seed1"
     summary = {"rows": [{"variant": "baseline", "test_loss_mean": 1.5}]}
-    ablation.write_summary(summary, "# table\n")
+    ablation.write_summary(json.dumps(summary), "# table\n", "variant,test_loss_mean\nbaseline,1.5\n")
     assert ablation.summary() == summary
+    assert (ablation.path / AblationDir.SUMMARY_MD).read_text() == "# table\n"
     assert (ablation.path / AblationDir.SUMMARY_CSV).read_text().splitlines() == [
         "variant,test_loss_mean", "baseline,1.5"]
 
