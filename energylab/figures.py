@@ -288,13 +288,13 @@ def layers_of(captures: dict[int, dict[str, np.ndarray]]) -> list[str]:
 
 
 def summary_table(study: Study) -> pd.DataFrame:
-    """The ablation summary as in ``summary.md``: one row per variant (and λ), mean ± s.d.
+    """The ablation summary as in its Markdown table: one row per variant (and λ), mean ± s.d.
 
     Raises:
-        MissingInput: the study has no ``summary.json``.
+        MissingInput: the study has no summary.
     """
     if study.summary is None:
-        raise MissingInput("no summary.json (not an ablation directory, or not summarised yet)")
+        raise MissingInput(f"no {AblationDir.SUMMARY_JSON} (not an ablation directory, or not summarised yet)")
     table = pd.DataFrame(table_rows(study.summary)).set_index(["variant", "λ"] if study.summary.get("bd_rate")
                                          else "variant")
     return table if study.summary.get("bd_rate") else table.drop(columns="λ")
@@ -304,20 +304,20 @@ def summary_table(study: Study) -> pd.DataFrame:
 # Inputs of the figures
 
 _NEEDS: dict[str, tuple[Callable[[Study], bool], str]] = {
-    "evals": (lambda s: not s.evals.empty, "no test evaluations (eval.jsonl)"),
+    "evals": (lambda s: not s.evals.empty, f"no test evaluations ({RunDir.EVAL})"),
     "energy": (lambda s: "role" in s.energy and (s.energy["role"] == "y").any(),
-               "no energy statistics of y (energy.jsonl)"),
+               f"no energy statistics of y ({RunDir.ENERGY})"),
     "captures": (lambda s: any(s.captures(k) for k in s.cells),
-                 "no capture archives (captures/step_*.npz)"),
+                 f"no capture archives ({RunDir.CAPTURES}/)"),
     "aux": (lambda s: "aux_energy_share" in s.energy and s.energy["aux_energy_share"].notna().any(),
-            "no AuxT variant (no aux_energy_share in energy.jsonl)"),
+            f"no AuxT variant (no aux_energy_share in {RunDir.ENERGY})"),
     "summary": (lambda s: s.summary is not None,
-                "no summary.json (needs a summarised ablation directory)"),
+                f"no {AblationDir.SUMMARY_JSON} (needs a summarised ablation directory)"),
     "sweep": (lambda s: not s.bitstream.empty and s.bitstream["lmbda"].nunique() >= 2,
-              "not an R-D sweep (needs real-bitstream results, bitstream.json, at ≥ 2 λ: "
+              f"not an R-D sweep (needs real-bitstream results, {RunDir.BITSTREAM}, at ≥ 2 λ: "
               "ablate --lmbdas)"),
     "bd_rate": (lambda s: bool(s.summary and s.summary.get("bd_rate")),
-                "no BD-rates in summary.json (not an R-D sweep)"),
+                f"no BD-rates in {AblationDir.SUMMARY_JSON} (not an R-D sweep)"),
 }
 
 
@@ -564,7 +564,7 @@ def plot_subband_energy(study: Study, lmbda: float | None = None) -> Figure:
     energy = _final(_energy_y(study, lmbda))
     bands = [c for c in energy.columns if c.startswith("subband_energy.")]
     if not bands:
-        raise MissingInput("no subband_energy.* statistics in energy.jsonl")
+        raise MissingInput(f"no subband_energy.* statistics in {RunDir.ENERGY}")
     frame = energy.melt(id_vars=["variant", "seed"], value_vars=bands, var_name="band",
                         value_name="share")
     frame["band"] = frame["band"].str.removeprefix("subband_energy.")
@@ -621,7 +621,7 @@ def plot_ablation_summary(study: Study, lmbda: float | None = None) -> Figure:
     panels = [(k, t) for k, t in SUMMARY_BARS
               if k in cells and cells.loc[others, k].notna().any()]
     if not panels:
-        raise MissingInput("summary.json has no per-cell values")
+        raise MissingInput(f"{AblationDir.SUMMARY_JSON} has no per-cell values")
     ncols = min(4, len(panels))
     nrows = -(-len(panels) // ncols)
     order = _present(study, cells)

@@ -196,7 +196,7 @@ def _mean_std(values: list) -> tuple[float | None, float | None, int]:
 
 def summarize(cells: Mapping[Key, CellLogs], variants: Sequence[str], seeds: Sequence[int],
               lmbda: float, lmbdas: Sequence[float] | None = None, root: str = "") -> dict:
-    """The summary of an ablation's cells (the content of ``summary.json``).
+    """The summary of an ablation's cells (what the ablation directory stores as its JSON summary).
 
     Args:
         cells: (variant, λ or None, seed) -> the cell's logs, in the ablation's order (λ, variant,
