@@ -294,7 +294,8 @@ def summary_table(study: Study) -> pd.DataFrame:
         MissingInput: the study has no summary.
     """
     if study.summary is None:
-        raise MissingInput(f"no {AblationDir.SUMMARY_JSON} (not an ablation directory, or not summarised yet)")
+        raise MissingInput(f"no {AblationDir.SUMMARY_JSON} (not an ablation directory, or not "
+                           "summarised yet)")
     table = pd.DataFrame(table_rows(study.summary)).set_index(["variant", "λ"] if study.summary.get("bd_rate")
                                          else "variant")
     return table if study.summary.get("bd_rate") else table.drop(columns="λ")
