@@ -9,6 +9,8 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from compressai.ops import compute_padding
 from PIL import Image
 
 from energylab.data import load_image, pad_to_multiple
@@ -17,6 +19,7 @@ from energylab.evaluate import (
     EvaluationError,
     architecture_label,
     evaluate_model,
+    fit_quantiles,
     load_images,
     load_model,
     main,
@@ -39,6 +42,7 @@ def _trained_like(arch, seed=1):
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.01 * torch.randn_like(p))
+    fit_quantiles(model)  # as the aux optimiser would have after training
     return model
 
 
@@ -74,8 +78,12 @@ def run_dir(tmp_path):
     return run, model
 
 
-def _compress_bytes(model, x):
-    padded, _ = pad_to_multiple(x.unsqueeze(0), 64)
+def _compress_bytes(model, x, padding="compressai"):
+    if padding == "replicate":
+        padded, _ = pad_to_multiple(x.unsqueeze(0), 64)
+    else:  # compressai.utils.eval_model's inference(): centred zeros
+        pad, _ = compute_padding(*x.shape[-2:], min_div=64)
+        padded = F.pad(x.unsqueeze(0), pad, mode="constant", value=0)
     with torch.no_grad():
         enc = model.compress(padded)
     return sum(len(s) for strings in enc["strings"] for s in strings), enc, padded
@@ -85,14 +93,16 @@ def _compress_bytes(model, x):
 # Measurements
 
 
+@pytest.mark.parametrize("padding", ["compressai", "replicate"])
 @pytest.mark.parametrize("arch", [TINY, {"model": "mbt2018-mean", "N": 8, "M": 12}], ids=lambda a: a["model"])
-def test_bpp_is_bytes_times_8_over_original_pixels(arch, images_dir):
+def test_bpp_is_bytes_times_8_over_original_pixels(arch, padding, images_dir):
     model = _trained_like(arch).eval()
     images = load_images(str(images_dir))
-    averages, rows = evaluate_model(model, images)
+    averages, rows = evaluate_model(model, images, padding=padding)
     for (name, x), row in zip(images, rows, strict=True):
         h, w = SIZES[name]
-        n_bytes, enc, padded = _compress_bytes(model, x)  # after evaluate_model's update()
+        assert row["padding"] == padding
+        n_bytes, enc, padded = _compress_bytes(model, x, padding)  # after evaluate_model's update()
         assert row["image"] == name
         assert (row["height"], row["width"]) == (h, w)
         assert row["bytes"] == n_bytes > 0
@@ -107,9 +117,9 @@ def test_bpp_is_bytes_times_8_over_original_pixels(arch, images_dir):
 def test_psnr_is_on_the_cropped_8_bit_reconstruction(images_dir):
     model = _trained_like(TINY).eval()
     images = load_images(str(images_dir))
-    _, rows = evaluate_model(model, images)
+    _, rows = evaluate_model(model, images, padding="replicate")
     for (name, x), row in zip(images, rows, strict=True):
-        _, enc, _ = _compress_bytes(model, x)
+        _, enc, _ = _compress_bytes(model, x, "replicate")
         with torch.no_grad():
             x_hat = model.decompress(enc["strings"], enc["shape"])["x_hat"]
         h, w = SIZES[name]
@@ -265,7 +275,11 @@ def test_cli_writes_compressai_schema(tmp_path, images_dir, run_dir, capsys):
     assert all(len(v) == 2 for v in data["results"].values())  # one point per RUN
     assert data["results"]["bpp"][0] == data["results"]["bpp"][1]  # same weights, same bits
     assert [r["path"] for r in data["runs"]] == [str(run), str(run / "final.pt")]
-    assert data["images"] == sorted(SIZES)
+    assert data["images"] == [
+        {"name": n, "height": SIZES[n][0], "width": SIZES[n][1], "conversion": "RGB: 8-bit values / 255"}
+        for n in sorted(SIZES)
+    ]  # sizes and conversions recorded without --per-image
+    assert all(r["padding"] == "compressai" for r in data["runs"])
     assert "per_image" not in data
 
     from compressai.utils.plot.__main__ import parse_json_file
@@ -287,7 +301,7 @@ def test_cli_plain_state_dict_per_image(tmp_path, images_dir, capsys):
     (rows,) = data["per_image"]
     assert [r["image"] for r in rows] == sorted(SIZES)
     model.eval().update(force=True)
-    expected, _, _ = _compress_bytes(model, load_image(images_dir / "b.png"))
+    expected, _, _ = _compress_bytes(model, load_image(images_dir / "b.png"), rows[1]["padding"])
     assert rows[1]["bytes"] == expected
     assert data["results"]["bpp"] == [sum(r["bpp"] for r in rows) / 2]
     assert capsys.readouterr().err == ""

@@ -110,7 +110,7 @@ def test_same_seed_same_main_initialisation():
 def test_errors():
     with pytest.raises(ValueError, match="unknown model 'nope'; valid names are"):
         build_model("nope")
-    with pytest.raises(ValueError, match="needs --auxt"):
+    with pytest.raises(ValueError, match="needs auxt=True"):
         build_model("mbt2018-mean", remove=("scaling",))
     with pytest.raises(ValueError, match="valid names are: wavelet, orthogonal, scaling"):
         build_model("mbt2018-mean", auxt=True, remove=("bogus",))
