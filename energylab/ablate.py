@@ -340,20 +340,25 @@ def collect(root: Path) -> dict:
 
 
 def _bd_rates(per_cell: dict, names: list[str], seeds: list[int], bd_rate) -> dict:
+    from energylab.bdrate import METHOD
+
     out = {}
     for variant in names[1:]:
-        values, errors = [], []
+        values, intervals, errors = [], [], []
         for seed in seeds:
             def curve(v, seed=seed):
                 pts = sorted((r["real_bpp"], r["real_psnr"]) for (vv, _, s), r in per_cell.items()
                              if vv == v and s == seed and r.get("real_bpp") is not None)
                 return [p[0] for p in pts], [p[1] for p in pts]
             try:
-                values.append(bd_rate(*curve("baseline"), *curve(variant)))
+                result = bd_rate(*curve("baseline"), *curve(variant))
+                values.append(result.percent)
+                intervals.append(list(result.interval))
             except ValueError as err:
                 errors.append(f"seed {seed}: {err}")
         mean, std, n = _mean_std(values)
-        out[variant] = {"mean": mean, "std": std, "seeds": n, "values": values, "errors": errors}
+        out[variant] = {"mean": mean, "std": std, "seeds": n, "values": values, "errors": errors,
+                        "method": METHOD, "intervals": intervals}
     return out
 
 
