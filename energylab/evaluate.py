@@ -52,7 +52,10 @@ Images (``--data``): ``builtin`` (the built-in test photographs,
 :data:`energylab.data.BUILTIN_TEST`), a folder in CompressAI's layout (its ``test/`` images) or any
 other folder (**all** its images, sorted by name, like CompressAI's ``eval_model``; not the
 every-5th test split that training uses for a flat folder). Only the folder's own files count; an
-unreadable image file is an error.
+unreadable image file is an error. Files are decoded by :func:`energylab.data.load_image`: for 8-bit
+RGB files the pixels are those ``eval_model`` reads; for other modes the rule applied is recorded
+(``eval_model`` calls ``Image.convert("RGB")``, which drops alpha instead of compositing it, and it
+also descends into subfolders).
 
 Bad input (a missing path, an unreadable or unfitting checkpoint, no images) prints
 ``error: <one line>`` on stderr and exits with status 2.
