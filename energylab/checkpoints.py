@@ -240,12 +240,17 @@ def load_weights(model: nn.Module, checkpoint: Any, where: str | Path, label: st
         The :class:`CheckpointLayout` recognised.
 
     Raises:
-        CheckpointError: no state dict (listing the top-level keys), or weights that do not fit
-            (:func:`check_fits`).
+        CheckpointError: no state dict (listing the top-level keys), weights that do not fit
+            (:func:`check_fits`), or a load that fails anyway (e.g. entropy-coder tables of a
+            different size in a model already ``update()``-d: CompressAI resizes only empty ones).
     """
     model = unwrap_model(model)
     raw, container = extract_state_dict(checkpoint, where)
     sd, renames = remap_state_dict(model, raw)
-    check_fits(model, sd, where, label or type(model).__name__)
-    model.load_state_dict(sd)
+    label = label or type(model).__name__
+    check_fits(model, sd, where, label)
+    try:
+        model.load_state_dict(sd)
+    except (RuntimeError, KeyError, ValueError) as exc:  # e.g. coder tables of an update()-d model
+        raise CheckpointError(f"{where}: does not load into model {label} ({_first_line(exc)})") from None
     return CheckpointLayout(container, renames)

@@ -128,3 +128,14 @@ def test_a_dataparallel_model_is_loaded_into(tmp_path):
     layout = load_weights(wrapped, trained.state_dict(), "memory")
     assert layout == CheckpointLayout(None, ())
     torch.testing.assert_close(wrapped.module.g_a[0].weight, trained.g_a[0].weight)
+
+
+def test_coder_tables_into_an_updated_model_fail_in_one_line():
+    trained = _trained(True)
+    model = _model()
+    model.entropy_bottleneck.update(force=True)  # its own, differently sized tables
+    sd = dict(trained.state_dict())
+    sd["entropy_bottleneck._quantized_cdf"] = torch.zeros(3, 5, dtype=torch.int32)
+    with pytest.raises(CheckpointError, match=r"memory: does not load into model ScaleHyperprior") as info:
+        load_weights(model, sd, "memory")
+    assert "\n" not in str(info.value)
