@@ -128,14 +128,15 @@ class AuxTransform(nn.Module):
         self._stage_of = {pos: k for k, pos in enumerate(self.merge_positions)}
 
     def forward(self, x: Tensor) -> Tensor:
-        """``(B, C, H, W)`` -> the transform's output. For ``g_a`` (input of 3 channels) ``H`` and
-        ``W`` must be multiples of ``2 ** len(merge_positions)`` (each WLS halves them).
+        """``(B, C, H, W)`` -> the transform's output. On the analysis side (WLS auxiliary layers)
+        ``H`` and ``W`` must be multiples of ``2 ** len(merge_positions)`` (each WLS halves them).
 
         Raises:
             ValueError: that size rule broken, naming the input's size.
         """
         factor = 2 ** len(self.merge_positions)
-        if x.ndim == 4 and x.shape[1] == 3 and (x.shape[-2] % factor or x.shape[-1] % factor):
+        analysis = bool(self.auxiliary_layers) and isinstance(self.auxiliary_layers[0], WLS)
+        if analysis and (x.shape[-2] % factor or x.shape[-1] % factor):
             raise ValueError(
                 f"AuxT needs an input whose height and width are multiples of {factor} "
                 f"({len(self.merge_positions)} wavelet stages), got {x.shape[-2]}x{x.shape[-1]}; "
