@@ -16,15 +16,44 @@ overlap and fails with an ``AssertionError`` or SciPy's message for unsorted or 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import bjontegaard
 import numpy as np
 
-__all__ = ["MIN_POINTS", "bd_rate"]
+__all__ = ["METHOD", "MIN_POINTS", "BDRate", "bd_rate"]
+
+METHOD = "pchip log-rate (bjontegaard package, method='pchip')"
+"""How :func:`bd_rate` computes: PCHIP interpolation of log-rate against quality, integrated over
+the overlapping quality interval, by the ``bjontegaard`` package."""
 
 MIN_POINTS = 2
 """Fewest R-D points per curve: what PCHIP interpolation needs. (VCEG-M33 and the JVET common test
 conditions use four; with two, PCHIP is a straight line in (quality, log-rate).)"""
+
+
+@dataclass(frozen=True)
+class BDRate:
+    """A BD-rate result with how it was computed.
+
+    Attributes:
+        percent: the average rate difference at equal quality, in percent (``-10.0``: the test
+            codec needs 10 % fewer bits than the anchor).
+        interval: ``(low, high)``, the quality interval integrated over: where both curves have
+            points (in the quality's unit, e.g. dB).
+        method: :data:`METHOD`.
+    """
+
+    percent: float
+    interval: tuple[float, float]
+    method: str = METHOD
+
+    def __float__(self) -> float:
+        return self.percent
+
+    def as_dict(self) -> dict[str, object]:
+        """JSON-ready ``{"percent", "interval": [low, high], "method"}``."""
+        return {"percent": self.percent, "interval": list(self.interval), "method": self.method}
 
 
 def _curve(rate: Sequence[float], quality: Sequence[float], which: str) -> np.ndarray:
@@ -66,7 +95,7 @@ def bd_rate(
     quality_anchor: Sequence[float],
     rate_test: Sequence[float],
     quality_test: Sequence[float],
-) -> float:
+) -> BDRate:
     """BD-rate of the test curve against the anchor, in percent (PCHIP; see the module docstring).
 
     Args:
@@ -78,7 +107,8 @@ def bd_rate(
     positive rate (bpp, bytes): only ratios of rates matter.
 
     Returns:
-        The average rate difference at equal quality, in percent: ``-10.0`` means 10 % fewer bits.
+        A :class:`BDRate`: ``percent``, the average rate difference at equal quality (``-10.0``
+        means 10 % fewer bits), the quality ``interval`` integrated over and the ``method``.
 
     Raises:
         ValueError: (one line) a curve with fewer than :data:`MIN_POINTS` points, mismatched
@@ -95,8 +125,7 @@ def bd_rate(
             f"quality ranges do not overlap: anchor [{anchor[1, 0]:g}, {anchor[1, -1]:g}], "
             f"test [{test[1, 0]:g}, {test[1, -1]:g}]"
         )
-    return float(
-        bjontegaard.bd_rate(
-            anchor[0], anchor[1], test[0], test[1], method="pchip", require_matching_points=False
-        )
+    percent = bjontegaard.bd_rate(
+        anchor[0], anchor[1], test[0], test[1], method="pchip", require_matching_points=False
     )
+    return BDRate(float(percent), (float(lo), float(hi)))

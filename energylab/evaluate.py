@@ -6,34 +6,56 @@ Each ``RUN`` is one R-D point: a run directory, its final-model or checkpoint fi
 CompressAI state dict (then ``--model NAME`` and the architecture flags it was trained with). The
 conventions are those of CompressAI's ``compressai.utils.eval_model``:
 
-* ``model.update(force=True)``, then per image a real ``compress`` / ``decompress``; the image is
-  padded (replicating its last row and column, :func:`energylab.data.pad_to_multiple`) to the
-  model's ``downsampling_factor`` (64 for the hyperprior models: 4 + 2 stride-2 layers; 64 when a
-  model does not say), and the reconstruction is cropped back to the original size;
+* the images are checked first (:func:`check_image`): ``(3, H, W)`` floats in ``[0, 1]``; values
+  outside it (an image multiplied by 255) or a brightest value at most 1/255 (divided by 255
+  twice) are refused with one line naming the image and its range;
+* ``model.update(force=True)`` (after :func:`fit_quantiles` if asked; ``eval_model`` does not),
+  then per image a real ``compress`` / ``decompress``. By default (``padding="compressai"``) the
+  image is padded as ``eval_model`` pads it: centred, with zeros, to a multiple of 64
+  (``compressai.ops.compute_padding``), and the reconstruction is unpadded the same way;
+  ``padding="replicate"`` pads bottom/right replicating the last row and column
+  (:func:`energylab.data.pad_to_multiple`) to the model's ``downsampling_factor``. The padding
+  used is recorded with every image;
 * ``bpp`` = bytes of every string ``compress`` produced x 8 / (H x W of the original image);
   beside it ``bpp-estimated`` = -log2 of the likelihoods of ``model(x)`` (eval mode, same padded
-  input) / the same pixel count, so that a gap between the two (quantiles not fitted, a broken
-  entropy model) shows;
+  input) / the same pixel count. When they differ by more than :data:`BPP_GAP_LIMIT` of the
+  estimate a ``RuntimeWarning`` names the likely cause (latents outside the entropy bottleneck's
+  quantile range, quantiles not fitted, stale coder tables), recorded in the image's ``notes``
+  with ``bpp-gap``, ``escape-share`` and the model's ``aux-loss`` per quantile;
+* encoder/decoder agreement: the decoder's ``y_hat`` (the input of ``g_s`` in ``decompress``) is
+  compared with the encoder's ``y`` (the output of ``g_a`` in ``compress``); every CompressAI
+  model quantises as ``round(y - mu) + mu``, so ``|y_hat - y| <= 1/2`` when both sides share
+  their entropy parameters. ``latent-errors`` counts the values off by more, and
+  ``latent-max-abs-error`` is the largest difference (a warning when the count is not 0);
 * ``psnr-rgb`` (dB) and ``ms-ssim-rgb`` on the reconstruction rounded to 8 bits,
   ``round(clamp(x_hat, 0, 1) * 255)``, against the original rounded the same way, on the 0..255
-  scale. MS-SSIM is ``pytorch_msssim.ms_ssim`` (5 scales, 11x11 Gaussian window, the weights of
-  Wang et al. 2003), as in CompressAI; it needs both sides of the image above 160 pixels, so for a
-  smaller image it is ``null`` (no fewer-scale variant, whose numbers would not be comparable);
+  scale, as ``eval_model``'s ``compute_metrics``. MS-SSIM is ``pytorch_msssim.ms_ssim`` (5 scales,
+  11x11 Gaussian window, the weights of Wang et al. 2003); it needs both sides of the image above
+  160 pixels, so for a smaller image it is ``null`` (no fewer-scale variant, whose numbers would
+  not be comparable; ``eval_model`` fails there), the reason in the image's ``notes`` and printed;
+  PSNR above :data:`IMPLAUSIBLE_PSNR` dB at under :data:`IMPLAUSIBLE_BPP` bpp is flagged as
+  implausible (a warning and a note);
 * ``encoding_time`` / ``decoding_time``: wall-clock seconds of ``compress`` / ``decompress``
   (after a device synchronisation on CUDA), entropy coding included.
 
 Output JSON: ``{"name", "description", "results": {key: [one value per RUN, in RUN order]}, "runs",
 "images"}``, each result averaged over the images, so several runs at different lambdas form one
-R-D curve that ``python -m compressai.utils.plot --results-file FILE`` reads. ``--per-image``
-adds ``"per_image"``: per run, one dict per image. A value that is not a finite number (PSNR of a
-lossless reconstruction, MS-SSIM of a small image) is ``null``, and a run's average of a metric is
-``null`` when any image's value is.
+R-D curve that ``python -m compressai.utils.plot --results-file FILE`` reads. ``images`` holds
+each image's name, height, width and the conversion its file went through (alpha, CMYK, ...;
+:func:`conversion_rule`); each entry of ``runs`` its path, architecture (with the checkpoint layout
+recognised) and :func:`run_record` (padding, quantiles, largest bpp gap, latent errors, every
+note). ``--per-image`` adds ``"per_image"``: per run, one dict per image. A value that is not a
+finite number (PSNR of a lossless reconstruction, MS-SSIM of a small image) is ``null``, and a
+run's average of a metric is ``null`` when any image's value is.
 
 Images (``--data``): ``builtin`` (the built-in test photographs,
 :data:`energylab.data.BUILTIN_TEST`), a folder in CompressAI's layout (its ``test/`` images) or any
 other folder (**all** its images, sorted by name, like CompressAI's ``eval_model``; not the
 every-5th test split that training uses for a flat folder). Only the folder's own files count; an
-unreadable image file is an error.
+unreadable image file is an error. Files are decoded by :func:`energylab.data.load_image`: for 8-bit
+RGB files the pixels are those ``eval_model`` reads; for other modes the rule applied is recorded
+(``eval_model`` calls ``Image.convert("RGB")``, which drops alpha instead of compositing it, and it
+also descends into subfolders).
 
 Bad input (a missing path, an unreadable or unfitting checkpoint, no images) prints
 ``error: <one line>`` on stderr and exits with status 2.
@@ -46,18 +68,23 @@ import json
 import math
 import sys
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import compressai
-import numpy as np
 import torch
+import torch.nn.functional as F
+from compressai.entropy_models import EntropyBottleneck
+from compressai.ops import compute_padding
+from PIL import Image
 from pytorch_msssim import ms_ssim
 from torch import Tensor, nn
 
-from energylab import cli
+from energylab import cli, stats
 from energylab.auxt import variant_name
+from energylab.checkpoints import CheckpointError, extract_state_dict, load_weights, torch_load
 from energylab.data import (
     BUILTIN_TEST,
     DataError,
@@ -67,44 +94,40 @@ from energylab.data import (
     load_image,
     pad_to_multiple,
 )
-from energylab.models import build_model
+from energylab.models import build_model, unwrap_model
 from energylab.rundir import RunDir, RunDirError
 
 __all__ = [
     "ARCH_KEYS",
+    "BPP_GAP_LIMIT",
+    "CODER_OVERHEAD_BYTES",
+    "IMPLAUSIBLE_BPP",
+    "IMPLAUSIBLE_PSNR",
+    "PADDINGS",
+    "RESULT_KEYS",
     "EvaluationError",
     "architecture_label",
+    "aux_loss_per_quantile",
+    "check_image",
+    "coding_multiple",
+    "conversion_rule",
     "evaluate_image",
     "evaluate_model",
+    "fit_quantiles",
+    "image_conversions",
+    "image_records",
     "load_images",
     "load_model",
     "main",
+    "run_record",
 ]
 
 ARCH_KEYS = ("N", "M", "auxt", "remove", "wavelet", "g_a_placement", "g_s_placement")
 """Keyword arguments of :func:`energylab.models.build_model` read from a run's ``args`` (besides
 ``model``, the registry name)."""
 
-STATE_DICT_KEYS = ("model", "state_dict", "model_state_dict", "network")
-"""Where a checkpoint may nest its state dict: energylab's ``final.pt``/``checkpoint.pt`` use
-``model``; CompressAI's training example ``state_dict``; its ``eval_model`` also accepts the
-others."""
-
-DYNAMIC_BUFFERS = frozenset({"_quantized_cdf", "_offset", "_cdf_length", "scale_table"})
-"""Entropy-coder buffers whose size depends on the last ``update()``; CompressAI resizes them on
-load and ``update(force=True)`` rewrites them, so their shapes are not compared."""
-
 MSSSIM_MIN_SIDE = 161
 """Smallest image side for 5-scale MS-SSIM with an 11-pixel window: (11 - 1) * 2**4 + 1."""
-
-CHECKPOINT_NUMPY_GLOBALS = [
-    np.core.multiarray._reconstruct,
-    np.ndarray,
-    np.dtype,
-    type(np.dtype(np.uint32)),
-]
-"""Allowed besides tensors when unpickling a checkpoint: NumPy arrays (a training checkpoint's
-NumPy RNG state). Everything else goes through ``torch.load(weights_only=True)``."""
 
 
 class EvaluationError(ValueError):
@@ -121,44 +144,6 @@ class EvaluationError(ValueError):
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
-
-
-def _load_failure(exc: Exception) -> str:
-    """A one-line reason for a failed ``torch.load``, without PyTorch's page of advice."""
-    text = str(exc)
-    marker = "WeightsUnpickler error:"
-    if marker in text:
-        detail = " ".join(text.split(marker, 1)[1].split("Check the documentation")[0].split())
-        return (
-            f"not a checkpoint that torch.load(weights_only=True) accepts ({detail[:160]}); only "
-            f"tensors, NumPy arrays and plain containers are loaded"
-        )
-    return f"not a readable PyTorch checkpoint ({type(exc).__name__}: {_first_line(exc)})"
-
-
-def _torch_load(path: Path) -> Any:
-    try:
-        with torch.serialization.safe_globals(CHECKPOINT_NUMPY_GLOBALS):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except PermissionError:
-        raise EvaluationError(f"{path}: cannot read the file (permission denied)") from None
-    except Exception as exc:  # torch.load raises many kinds; all of them mean "unreadable"
-        raise EvaluationError(f"{path}: {_load_failure(exc)}") from None
-
-
-def _state_dict(obj: Any, where: Path) -> dict[str, Tensor]:
-    """The state dict in a loaded checkpoint, with a DataParallel/DDP ``module.`` prefix removed."""
-    if not isinstance(obj, Mapping):
-        raise EvaluationError(f"{where}: holds a {type(obj).__name__}, not a checkpoint dict")
-    sd = next((obj[k] for k in STATE_DICT_KEYS if isinstance(obj.get(k), Mapping)), obj)
-    if not sd or not all(isinstance(v, Tensor) for v in sd.values()):
-        raise EvaluationError(
-            f"{where}: no state dict (a dict of tensors, at the top level or under "
-            f"{', '.join(map(repr, STATE_DICT_KEYS))})"
-        )
-    if all(k.startswith("module.") for k in sd):
-        return {k.removeprefix("module."): v for k, v in sd.items()}
-    return dict(sd)
 
 
 def _arch_from_config(config: Mapping[str, Any], where: Path) -> dict[str, Any]:
@@ -179,28 +164,6 @@ def _build(arch: Mapping[str, Any], where: Path) -> nn.Module:
         return build_model(arch["model"], **kwargs)
     except (ValueError, TypeError) as exc:
         raise EvaluationError(f"{where}: cannot build the model: {_first_line(exc)}") from None
-
-
-def _shape(t: Tensor) -> str:
-    return f"({', '.join(map(str, t.shape))})"
-
-
-def _check_fits(model: nn.Module, sd: Mapping[str, Tensor], where: Path, arch: str) -> None:
-    """Raise one line for the first key (in the model's order) that is missing or misshapen, then
-    for the first key the model does not have."""
-    expected = model.state_dict()
-    for key, tensor in expected.items():
-        if key not in sd:
-            raise EvaluationError(f"{where}: checkpoint lacks {key!r} {_shape(tensor)} of model {arch}")
-        if key.rsplit(".", 1)[-1] not in DYNAMIC_BUFFERS and sd[key].shape != tensor.shape:
-            raise EvaluationError(
-                f"{where}: {key!r} is {_shape(sd[key])} in the checkpoint but "
-                f"{_shape(tensor)} in model {arch}"
-            )
-    extra = [k for k in sd if k not in expected]
-    if extra:
-        more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
-        raise EvaluationError(f"{where}: checkpoint has {extra[0]!r}{more}, which model {arch} lacks")
 
 
 def architecture_label(arch: Mapping[str, Any]) -> str:
@@ -233,8 +196,10 @@ def load_model(
     * a run's final-model or checkpoint file: weights under ``model``, architecture from its
       ``config`` (the run's config dict, or its ``args`` directly);
     * a plain CompressAI state dict, at the top level or under ``state_dict`` (or
-      ``model_state_dict``, ``network``), keys with or without the ``module.`` prefix of
-      DataParallel/DDP: the architecture must come from ``arch``.
+      ``model_state_dict``, ``network``): the architecture must come from ``arch``.
+
+    Every key layout CompressAI's own loaders accept loads (``module.`` prefixes of
+    DataParallel/DDP, legacy entropy-bottleneck keys, ...): see :mod:`energylab.checkpoints`.
 
     Args:
         path: see above.
@@ -245,14 +210,17 @@ def load_model(
 
     Returns:
         ``(model, architecture)``; the model is not yet ``update()``-d
-        (:func:`evaluate_model` does that).
+        (:func:`evaluate_model` does that). ``architecture["checkpoint"]`` records the weights
+        file and the layout recognised: ``{"file", "container", "renames"}``
+        (:class:`energylab.checkpoints.CheckpointLayout`).
 
     Raises:
         EvaluationError: (one line naming ``path``) a missing or unreadable path, a run
             directory without a config or weights, a plain state dict without ``arch``, a
             checkpoint carrying its own config together with ``arch``, an unknown architecture,
-            or weights that do not fit: the first missing or differently shaped key in the
-            model's order (with both shapes), else the first key the model lacks.
+            no state dict (listing the top-level keys found), or weights that do not fit: the
+            first missing or differently shaped key in the model's order (with both shapes),
+            else the first key the model lacks.
     """
     path = Path(path).expanduser()
     if not path.exists():
@@ -270,8 +238,11 @@ def load_model(
                                   "checkpoint)")
     else:
         weights = path
-    obj = _torch_load(weights)
-    sd = _state_dict(obj, weights)
+    try:
+        obj = torch_load(weights)
+        extract_state_dict(obj, weights)  # no state dict: fail before the architecture questions
+    except CheckpointError as exc:
+        raise EvaluationError(str(exc)) from None
     if config is None and isinstance(obj, Mapping) and isinstance(obj.get("config"), Mapping):
         config = obj["config"]
     if config is not None and arch is not None:
@@ -285,13 +256,31 @@ def load_model(
         )
     arch = dict(arch) if arch is not None else _arch_from_config(config, path)
     model = _build(arch, path)
-    _check_fits(model, sd, weights, _describe(arch))
-    model.load_state_dict(sd)
+    try:
+        layout = load_weights(model, obj, weights, _describe(arch))
+    except CheckpointError as exc:
+        raise EvaluationError(str(exc)) from None
+    arch["checkpoint"] = {"file": str(weights), **layout.as_dict()}
     return model.to(device).eval(), arch
 
 
 # ---------------------------------------------------------------------------------------------
 # Images
+
+
+def _image_files(data: str) -> list[Path]:
+    """The image files of a folder ``data`` (its ``test/`` if it has one), sorted by name."""
+    root = Path(data).expanduser()
+    if not root.is_dir():
+        raise DataError(f"{root}: no such folder (pass a folder of images or 'builtin')")
+    folder = root / "test" if (root / "test").is_dir() else root
+    exts = image_extensions()
+    files = sorted(
+        p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in exts
+    )
+    if not files:
+        raise DataError(f"{folder}: no image files (looked for .png, .jpg, ... by extension)")
+    return files
 
 
 def load_images(data: str) -> list[tuple[str, Tensor]]:
@@ -305,25 +294,167 @@ def load_images(data: str) -> list[tuple[str, Tensor]]:
     """
     if data == "builtin":
         return builtin_images(BUILTIN_TEST)
-    root = Path(data).expanduser()
-    if not root.is_dir():
-        raise DataError(f"{root}: no such folder (pass a folder of images or 'builtin')")
-    folder = root / "test" if (root / "test").is_dir() else root
-    exts = image_extensions()
-    files = sorted(
-        p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in exts
-    )
-    if not files:
-        raise DataError(f"{folder}: no image files (looked for .png, .jpg, ... by extension)")
-    return [(p.name, load_image(p)) for p in files]
+    return [(p.name, load_image(p)) for p in _image_files(data)]
+
+
+def conversion_rule(mode: str, transparency: bool = False) -> str:
+    """How :func:`energylab.data.load_image` turns a Pillow image of ``mode`` into RGB in
+    ``[0, 1]`` (the rules of :mod:`energylab.data`'s docstring), as one line for the results JSON.
+
+    ``transparency``: a palette (``P``) image with a transparent index.
+    """
+    if mode in ("LA", "La", "PA", "RGBA", "RGBa") or (mode == "P" and transparency):
+        return f"{mode}: alpha composited over white, rgb * alpha + (1 - alpha)"
+    rules = {
+        "RGB": "RGB: 8-bit values / 255",
+        "L": "L: grayscale / 255 repeated on R, G, B",
+        "1": "1: bilevel as grayscale 0 or 1, repeated on R, G, B",
+        "P": "P: palette expanded to RGB",
+        "I": "I: 32-bit integer grayscale / 65535 repeated on R, G, B",
+        "F": "F: float grayscale (in [0, 1]) repeated on R, G, B",
+    }
+    if mode.startswith("I;16"):
+        return f"{mode}: 16-bit grayscale / 65535 repeated on R, G, B"
+    return rules.get(mode, f"{mode}: converted to RGB by Pillow (Image.convert('RGB'))")
+
+
+def image_conversions(data: str) -> dict[str, str]:
+    """:func:`conversion_rule` of every image :func:`load_images` returns for ``data``, by name
+    (from the files' headers; the built-in photographs are 8-bit RGB).
+
+    Raises:
+        DataError: as :func:`load_images`, naming the file.
+    """
+    if data == "builtin":
+        return {name: conversion_rule("RGB") for name in BUILTIN_TEST}
+    rules = {}
+    for path in _image_files(data):
+        try:
+            with Image.open(path) as im:
+                rules[path.name] = conversion_rule(im.mode, "transparency" in im.info)
+        except (OSError, ValueError) as exc:
+            raise DataError(f"{path}: not an image ({_first_line(exc)})") from None
+    return rules
 
 
 # ---------------------------------------------------------------------------------------------
 # Evaluation
 
+PADDINGS = ("compressai", "replicate")
+"""How :func:`evaluate_image` pads an image to the coding multiple. ``"compressai"`` (default):
+``compressai.utils.eval_model``'s, centred zero padding from ``compressai.ops.compute_padding``
+(to a multiple of 64, or of the model's downsampling factor if larger); ``"replicate"``:
+:func:`energylab.data.pad_to_multiple` (bottom/right, replicating the last row and column) to the
+model's downsampling factor."""
 
-def _finite(value: float) -> float | None:
-    return value if math.isfinite(value) else None
+IMPLAUSIBLE_PSNR = 60.0
+IMPLAUSIBLE_BPP = 0.01
+"""PSNR above ``IMPLAUSIBLE_PSNR`` dB at fewer than ``IMPLAUSIBLE_BPP`` bits per pixel is flagged
+as implausible (a near-constant image, or one on the wrong scale)."""
+
+BPP_GAP_LIMIT = 0.10
+"""Real bpp and estimated bpp (the likelihoods) differing by more than this fraction of the
+estimate, and by more than the coder's fixed overhead (:data:`CODER_OVERHEAD_BYTES` per string), is
+flagged with the likely cause."""
+
+CODER_OVERHEAD_BYTES = 8
+"""Bytes a CompressAI rANS string may cost beyond its information content (the 32-bit final state
+and word alignment: an all-zero 4x4 latent codes to 8 bytes)."""
+
+ESCAPE_LIMIT = 1e-3
+"""Share of an entropy bottleneck's input outside its quantile range above which the gap's likely
+cause is named as latents wider than the learned density."""
+
+UNFITTED_AUX_LOSS = 1.0
+"""``aux_loss`` per quantile (3 per channel) above which the quantiles count as not fitted."""
+
+
+def check_image(name: str, x: Tensor) -> None:
+    """Refuse an evaluation image that is not ``(3, H, W)`` float in ``[0, 1]`` on the 8-bit scale.
+
+    Raises:
+        EvaluationError: one line naming the image and the problem: wrong shape or dtype, NaN or
+            infinity, values outside ``[0, 1]`` (an image multiplied by 255), or a brightest value
+            at most 1/255 but above 0 (an image divided by 255 twice). An all-zero image passes.
+    """
+    if not isinstance(x, Tensor) or x.ndim != 3 or x.shape[0] != 3:
+        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise EvaluationError(f"image {name}: expected a (3, H, W) tensor, got {shape}")
+    if not x.is_floating_point():
+        raise EvaluationError(f"image {name}: dtype {x.dtype}; expected floats in [0, 1]")
+    lo, hi = (float(v) for v in torch.aminmax(x.detach()))
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise EvaluationError(f"image {name}: contains NaN or infinite values")
+    if lo < 0 or hi > 1:
+        raise EvaluationError(
+            f"image {name}: values in [{lo:g}, {hi:g}], outside [0, 1] (multiplied by 255?); "
+            f"evaluation images are floats in [0, 1]"
+        )
+    if 0 < hi <= 1 / 255:
+        raise EvaluationError(
+            f"image {name}: values in [{lo:g}, {hi:g}], brightest at most 1/255 (divided by 255 "
+            f"twice?); evaluation images are floats in [0, 1]"
+        )
+
+
+def _entropy_bottlenecks(model: nn.Module) -> list[EntropyBottleneck]:
+    return [m for m in model.modules() if isinstance(m, EntropyBottleneck)]
+
+
+def aux_loss_per_quantile(model: nn.Module) -> float | None:
+    """``model.aux_loss()`` divided by the number of quantiles (3 per entropy-bottleneck
+    channel): the mean absolute error of the quantiles' CDF logits; ``None`` without an
+    entropy bottleneck. 0 when the quantiles are fitted."""
+    ebs = _entropy_bottlenecks(unwrap_model(model))
+    if not ebs:
+        return None
+    with torch.no_grad():
+        return float(sum(eb.loss() for eb in ebs)) / sum(eb.quantiles.numel() for eb in ebs)
+
+
+def fit_quantiles(model: nn.Module, steps: int = 60) -> float | None:
+    """Fit every entropy bottleneck's quantiles, **in place**, until ``aux_loss`` is ~0.
+
+    ``aux_loss`` is the sum of ``|logit(CDF(q)) - target|`` over the quantiles, each term
+    depending on one quantile only and monotone in it, so it is minimised element-wise by bisection
+    on the sign of its gradient (its own minimiser instead of the aux optimiser's Adam steps:
+    exact to float precision in ``steps`` halvings after the bracket is found). Only the
+    ``quantiles`` parameters change; run ``update(force=True)`` afterwards (:func:`evaluate_model`
+    does). CompressAI's ``EntropyBottleneck.loss`` is the objective.
+
+    Returns:
+        :func:`aux_loss_per_quantile` after fitting (``None`` without an entropy bottleneck).
+    """
+    model = unwrap_model(model)
+    for eb in _entropy_bottlenecks(model):
+        q = eb.quantiles
+
+        def slope(values: Tensor, eb: EntropyBottleneck = eb, q: nn.Parameter = q) -> Tensor:
+            with torch.no_grad():
+                q.copy_(values)
+            q.grad = None
+            with torch.enable_grad():
+                eb.loss().backward()
+            return q.grad.sign()
+
+        start = q.detach().clone()
+        lo, hi = start.clone(), start.clone()
+        width = torch.ones_like(start)
+        for _ in range(64):  # widen until lo is below and hi above every root
+            low_bad, high_bad = slope(lo) > 0, slope(hi) < 0
+            if not (low_bad.any() or high_bad.any()):
+                break
+            lo = torch.where(low_bad, lo - width, lo)
+            hi = torch.where(high_bad, hi + width, hi)
+            width = width * 2
+        for _ in range(steps):
+            mid = (lo + hi) / 2
+            above = slope(mid) > 0
+            hi, lo = torch.where(above, mid, hi), torch.where(above, lo, mid)
+        with torch.no_grad():
+            q.copy_((lo + hi) / 2)
+        q.grad = None
+    return aux_loss_per_quantile(model)
 
 
 def _sync(device: torch.device) -> None:
@@ -331,61 +462,224 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _count_bytes(strings: Any) -> int:
-    """Total length of the byte strings in ``compress()``'s (nested) ``strings`` lists."""
+def _count_bytes(strings: Any) -> tuple[int, int]:
+    """Total length and number of the byte strings in ``compress()``'s (nested) ``strings``."""
     if isinstance(strings, bytes | bytearray):
-        return len(strings)
-    return sum(_count_bytes(s) for s in strings)
+        return len(strings), 1
+    counts = [_count_bytes(s) for s in strings]
+    return sum(c[0] for c in counts), sum(c[1] for c in counts)
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def _escape_share(inputs: list[tuple[EntropyBottleneck, Tensor]]) -> float | None:
+    """Share of the entropy bottlenecks' input values outside their quantile ranges (coded by
+    the escape path), over all of them."""
+    if not inputs:
+        return None
+    outside, total = 0, 0
+    for eb, y in inputs:
+        q = eb.quantiles.detach()
+        lo = q[:, 0, 0].view(1, -1, *([1] * (y.ndim - 2)))
+        hi = q[:, 0, 2].view(1, -1, *([1] * (y.ndim - 2)))
+        outside += int(((y < lo - 0.5) | (y > hi + 0.5)).sum())
+        total += y.numel()
+    return outside / total
+
+
+def _gap_cause(escape: float | None, aux: float | None) -> str:
+    if escape is not None and escape > ESCAPE_LIMIT:
+        return (
+            f"{100 * escape:.1f} % of the entropy bottleneck's input lies outside its quantile "
+            f"range (escape-coded): the latents are wider than the density it learned (rescaled "
+            f"after training, or the entropy model not trained with them)"
+        )
+    if aux is not None and aux > UNFITTED_AUX_LOSS:
+        return (
+            f"the entropy bottleneck's quantiles are not fitted (aux_loss {aux:.3g} per quantile): "
+            f"train with the aux optimiser, or evaluate with fit_quantiles"
+        )
+    return (
+        "the entropy coder's tables do not match the model's likelihoods (update() not run after a "
+        "change?)"
+    )
+
+
+class _Capture:
+    """Forward hooks recording, while active: ``g_a``'s output (the encoder's latent ``y``),
+    ``g_s``'s input (the decoder's ``y_hat``) and each entropy bottleneck's input."""
+
+    def __init__(self, encoder: nn.Module, decoder: nn.Module) -> None:
+        self.y: Tensor | None = None
+        self.y_hat: Tensor | None = None
+        self.eb_inputs: list[tuple[EntropyBottleneck, Tensor]] = []
+        self.record_eb = False
+        self.handles = []
+        if isinstance(getattr(encoder, "g_a", None), nn.Module):
+            self.handles.append(encoder.g_a.register_forward_hook(self._on_g_a))
+        if isinstance(getattr(decoder, "g_s", None), nn.Module):
+            self.handles.append(decoder.g_s.register_forward_pre_hook(self._on_g_s))
+        for eb in _entropy_bottlenecks(encoder):
+            self.handles.append(eb.register_forward_pre_hook(self._on_eb))
+
+    def _on_g_a(self, module: nn.Module, args: tuple, out: Tensor) -> None:
+        self.y = out
+
+    def _on_g_s(self, module: nn.Module, args: tuple) -> None:
+        self.y_hat = args[0]
+
+    def _on_eb(self, module: nn.Module, args: tuple) -> None:
+        if self.record_eb:
+            self.eb_inputs.append((module, args[0]))
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _latent_errors(y: Tensor | None, y_hat: Tensor | None) -> tuple[int | None, float | None]:
+    """Values of the decoded ``y_hat`` off the encoder's ``y`` by more than half a quantisation
+    step (``y_hat = round(y - mu) + mu`` for any ``mu`` the encoder and decoder share), and the
+    largest ``|y_hat - y|``."""
+    if y is None or y_hat is None or y.shape != y_hat.shape:
+        return None, None
+    err = (y_hat.double() - y.double()).abs()
+    bound = 0.5 + 1e-5 * (1 + y.double().abs())  # float32 rounding of round(y - mu) + mu
+    return int((err > bound).sum()), float(err.max())
 
 
 @torch.no_grad()
-def evaluate_image(model: nn.Module, x: Tensor, multiple: int) -> dict[str, Any]:
+def evaluate_image(
+    model: nn.Module,
+    x: Tensor,
+    multiple: int = 64,
+    *,
+    padding: str = "compressai",
+    decoder: nn.Module | None = None,
+    name: str = "image",
+) -> dict[str, Any]:
     """Compress, decompress and measure one image with an ``update()``-d model in eval mode.
 
+    By default the numbers are ``compressai.utils.eval_model``'s (``inference``): centred zero
+    padding, metrics on the 8-bit-rounded images, bpp from the bytes.
+
     Args:
-        model: a CompressAI model (``compress``/``decompress``/``forward``).
-        x: ``(3, H, W)`` float in ``[0, 1]``; moved to the model's device.
+        model: a CompressAI model (``compress``/``decompress``/``forward``); DataParallel/DDP
+            wrappers are seen through.
+        x: ``(3, H, W)`` float in ``[0, 1]`` (:func:`check_image`); moved to the model's device.
         multiple: pad H and W up to a multiple of this before coding.
+        padding: one of :data:`PADDINGS`.
+        decoder: the model that decompresses (default ``model``): another copy, e.g. one whose
+            entropy parameters differ, to check encoder/decoder agreement.
+        name: the image's name, for messages.
 
     Returns:
         ``{"psnr-rgb" (dB), "ms-ssim-rgb", "bpp", "bpp-estimated", "encoding_time",
-        "decoding_time" (s), "bytes", "height", "width"}``; see the module docstring for how each
-        is computed. PSNR / MS-SSIM are ``None`` when not finite / the image is too small.
+        "decoding_time" (s), "bytes", "height", "width", "bpp-gap", "escape-share",
+        "latent-errors", "latent-max-abs-error", "notes"}``: see the module docstring. PSNR /
+        MS-SSIM are ``None`` when not finite / the image is too small, the reason in ``notes``
+        (a list of one-line strings: also the implausible-value, bpp-gap and latent-mismatch
+        flags, each of these three issued as a ``RuntimeWarning`` too).
+
+    Raises:
+        EvaluationError: a bad image (:func:`check_image`).
+        ValueError: an unknown ``padding``.
     """
+    if padding not in PADDINGS:
+        raise ValueError(f"unknown padding {padding!r}; valid: {', '.join(PADDINGS)}")
+    check_image(name, x)
+    model = unwrap_model(model)
+    decoder = model if decoder is None else unwrap_model(decoder)
     device = next(model.parameters()).device
     h, w = x.shape[-2:]
-    padded, size = pad_to_multiple(x.unsqueeze(0).to(device), multiple)
+    x = x.unsqueeze(0).to(device)
+    if padding == "compressai":
+        pad, unpad = compute_padding(h, w, min_div=multiple)
+        padded = F.pad(x, pad, mode="constant", value=0)
+    else:
+        padded, size = pad_to_multiple(x, multiple)
+    notes: list[str] = []
 
-    _sync(device)
-    start = time.perf_counter()
-    enc = model.compress(padded)
-    _sync(device)
-    encoding_time = time.perf_counter() - start
-    start = time.perf_counter()
-    dec = model.decompress(enc["strings"], enc["shape"])
-    _sync(device)
-    decoding_time = time.perf_counter() - start
+    capture = _Capture(model, decoder)
+    try:
+        _sync(device)
+        start = time.perf_counter()
+        enc = model.compress(padded)
+        _sync(device)
+        encoding_time = time.perf_counter() - start
+        y = capture.y
+        start = time.perf_counter()
+        dec = decoder.decompress(enc["strings"], enc["shape"])
+        _sync(device)
+        decoding_time = time.perf_counter() - start
+        y_hat = capture.y_hat
+        capture.record_eb = True
+        likelihoods = model(padded)["likelihoods"].values()
+        eb_inputs = capture.eb_inputs
+    finally:
+        capture.remove()
 
-    x_hat = crop_to(dec["x_hat"], size)
-    n_bytes = _count_bytes(enc["strings"])
-    likelihoods = model(padded)["likelihoods"].values()
+    x_hat = F.pad(dec["x_hat"], unpad) if padding == "compressai" else crop_to(dec["x_hat"], size)
+    n_bytes, n_strings = _count_bytes(enc["strings"])
+    bpp = n_bytes * 8 / (h * w)
     estimated = sum(float(torch.log2(lk).sum()) for lk in likelihoods) / -(h * w)
 
-    org = (crop_to(padded, size) * 255).clamp(0, 255).round().double()
-    rec = (x_hat * 255).clamp(0, 255).round().double()
-    mse = float((org - rec).pow(2).mean())
-    psnr = 10 * math.log10(255**2 / mse) if mse > 0 else math.inf
-    msssim = float(ms_ssim(org, rec, data_range=255)) if min(h, w) >= MSSSIM_MIN_SIDE else math.nan
+    org = (x * 255).clamp(0, 255).round()
+    rec = (x_hat * 255).clamp(0, 255).round()
+    mse = float((org.double() - rec.double()).pow(2).mean())
+    psnr = stats.psnr(mse, peak=255)
+    if mse == 0:
+        notes.append("psnr-rgb null: lossless reconstruction (PSNR infinite)")
+    if min(h, w) >= MSSSIM_MIN_SIDE:
+        msssim = float(ms_ssim(org.float(), rec.float(), data_range=255))
+        if not math.isfinite(msssim):
+            notes.append("ms-ssim-rgb null: pytorch_msssim returned a non-finite value")
+    else:
+        msssim = math.nan
+        notes.append(
+            f"ms-ssim-rgb null: 5-scale MS-SSIM needs both sides >= {MSSSIM_MIN_SIDE} px, image is {h}x{w}"
+        )
+
+    flags = []
+    if psnr > IMPLAUSIBLE_PSNR and bpp < IMPLAUSIBLE_BPP:
+        flags.append(
+            f"implausible: PSNR {psnr:.1f} dB at {bpp:.4f} bpp (a near-constant image, or one on the "
+            f"wrong scale?)"
+        )
+    gap = bpp / estimated - 1 if estimated > 0 else None
+    escape = _escape_share(eb_inputs)
+    beyond_overhead = abs(n_bytes - estimated * h * w / 8) > CODER_OVERHEAD_BYTES * n_strings
+    if gap is not None and abs(gap) > BPP_GAP_LIMIT and beyond_overhead:
+        cause = _gap_cause(escape, aux_loss_per_quantile(model))
+        flags.append(
+            f"real bpp {bpp:.4f} is {100 * gap:+.1f} % off the estimate {estimated:.4f}; likely "
+            f"cause: {cause}"
+        )
+    errors, max_error = _latent_errors(y, y_hat)
+    if errors:
+        flags.append(
+            f"decoder's y_hat differs from the encoder's latent: {errors} values off by more than half "
+            f"a step (max {max_error:.3g}); the entropy parameters differ between encoder and decoder"
+        )
+    for flag in flags:
+        warnings.warn(f"image {name}: {flag}", RuntimeWarning, stacklevel=3)
     return {
         "psnr-rgb": _finite(psnr),
         "ms-ssim-rgb": _finite(msssim),
-        "bpp": n_bytes * 8 / (h * w),
+        "bpp": bpp,
         "bpp-estimated": _finite(estimated),
         "encoding_time": encoding_time,
         "decoding_time": decoding_time,
         "bytes": n_bytes,
         "height": h,
         "width": w,
+        "bpp-gap": gap,
+        "escape-share": escape,
+        "latent-errors": errors,
+        "latent-max-abs-error": max_error,
+        "notes": notes + flags,
     }
 
 
@@ -400,33 +694,98 @@ RESULT_KEYS = (
 """The averaged results, the keys of the output's ``results``."""
 
 
-def evaluate_model(
-    model: nn.Module, images: Sequence[tuple[str, Tensor]]
-) -> tuple[dict[str, float | None], list[dict[str, Any]]]:
-    """``update(force=True)`` the model, then :func:`evaluate_image` on every image.
+def coding_multiple(model: nn.Module, padding: str = "compressai") -> int:
+    """The multiple images are padded to: the model's ``downsampling_factor`` (else 64), at least
+    64 for ``"compressai"`` padding (``eval_model`` pads to 64 whatever the model)."""
+    factor = int(getattr(unwrap_model(model), "downsampling_factor", 64))
+    return max(factor, 64) if padding == "compressai" else factor
 
-    The padding multiple is the model's ``downsampling_factor`` (CompressAI's models declare it),
-    else 64.
+
+def evaluate_model(
+    model: nn.Module,
+    images: Sequence[tuple[str, Tensor]],
+    *,
+    padding: str = "compressai",
+    fit: bool = False,
+    decoder: nn.Module | None = None,
+    conversions: Mapping[str, str] | None = None,
+) -> tuple[dict[str, float | None], list[dict[str, Any]]]:
+    """Check every image, ``update(force=True)`` the model, then :func:`evaluate_image` each.
+
+    With the defaults the numbers are those of ``compressai.utils.eval_model checkpoint`` on the
+    same model and images (its ``update(force=True)``, padding, metrics and bpp).
+
+    Args:
+        model: a CompressAI model (a DataParallel/DDP wrapper is seen through); switched to eval
+            mode and ``update()``-d in place.
+        images: ``(name, (3, H, W) float in [0, 1])`` pairs.
+        padding: one of :data:`PADDINGS`.
+        fit: :func:`fit_quantiles` (in place) before ``update`` (not done by ``eval_model``, so
+            numbers may then differ from it).
+        decoder: another model to decompress with (``update()``-d too); default ``model``.
+        conversions: per image name, how its file was turned into RGB (:func:`image_conversions`),
+            recorded in its row.
 
     Returns:
         ``(averages, per_image)``: ``averages[key]`` for each of :data:`RESULT_KEYS`, the mean
         over images (``None`` if any image's value is ``None``); ``per_image`` the
-        :func:`evaluate_image` dicts with ``"image": name`` added, in order.
+        :func:`evaluate_image` dicts with ``"image"`` (name), ``"conversion"`` (or ``None``),
+        ``"padding"``, ``"aux-loss"`` (:func:`aux_loss_per_quantile` when coded) and
+        ``"quantiles-fitted"`` added, in order.
 
     Raises:
-        EvaluationError: no images.
+        EvaluationError: no images, or a bad image (:func:`check_image`, before any coding).
     """
     if not images:
         raise EvaluationError("no images to evaluate")
+    for name, x in images:
+        check_image(name, x)
+    model = unwrap_model(model)
     model.eval()
+    if fit:
+        fit_quantiles(model)
     model.update(force=True)
-    multiple = int(getattr(model, "downsampling_factor", 64))
-    per_image = [{"image": name, **evaluate_image(model, x, multiple)} for name, x in images]
+    if decoder is not None:
+        decoder = unwrap_model(decoder).eval()
+        decoder.update(force=True)
+    aux = aux_loss_per_quantile(model)
+    multiple = coding_multiple(model, padding)
+    per_image = []
+    for name, x in images:
+        row = evaluate_image(model, x, multiple, padding=padding, decoder=decoder, name=name)
+        extra = {"conversion": (conversions or {}).get(name), "padding": padding, "aux-loss": aux,
+                 "quantiles-fitted": fit}
+        per_image.append({"image": name, **row, **extra})
     averages: dict[str, float | None] = {}
     for key in RESULT_KEYS:
         values = [r[key] for r in per_image]
         averages[key] = None if None in values else sum(values) / len(values)
     return averages, per_image
+
+
+def run_record(per_image: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """What the results JSON keeps of one run's per-image rows even without ``--per-image``:
+    ``{"padding", "quantiles-fitted", "aux-loss", "max-abs-bpp-gap", "latent-errors",
+    "notes": ["<image>: <note>", ...]}``."""
+    gaps = [abs(r["bpp-gap"]) for r in per_image if r.get("bpp-gap") is not None]
+    errors = [r["latent-errors"] for r in per_image if r.get("latent-errors") is not None]
+    first = per_image[0] if per_image else {}
+    return {
+        "padding": first.get("padding"),
+        "quantiles-fitted": first.get("quantiles-fitted"),
+        "aux-loss": first.get("aux-loss"),
+        "max-abs-bpp-gap": max(gaps) if gaps else None,
+        "latent-errors": sum(errors) if errors else None,
+        "notes": [f"{r['image']}: {note}" for r in per_image for note in r.get("notes", ())],
+    }
+
+
+def image_records(per_image: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The results JSON's ``images``: ``{"name", "height", "width", "conversion"}`` per image."""
+    return [
+        {"name": r["image"], "height": r["height"], "width": r["width"], "conversion": r.get("conversion")}
+        for r in per_image
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -453,6 +812,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output JSON file")
     p.add_argument("--per-image", action="store_true", help="add per-image results")
     p.add_argument("--name", help="the JSON's 'name' (default: the architectures' labels)")
+    p.add_argument("--padding", choices=PADDINGS, default="compressai",
+                   help="'compressai' (default): centred zeros, as compressai.utils.eval_model; "
+                   "'replicate': bottom/right edge replication")
+    p.add_argument("--fit-quantiles", action="store_true",
+                   help="fit the entropy bottleneck's quantiles before coding (eval_model does not)")
     cli.add_device_arguments(p, default="cpu", choices=None)
     # the architecture of a plain state dict, as trained (a run carries its own)
     cli.add_model_arguments(p, defaults=False)
@@ -489,24 +853,28 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     arch = _arch_from_args(args)
     device = _device(args.device)
     images = load_images(args.data)
+    conversions = image_conversions(args.data)
     results: dict[str, list[float | None]] = {k: [] for k in RESULT_KEYS}
     runs, per_image, labels = [], [], []
     loaded = [load_model(run, arch, device) for run in args.runs]  # every RUN checked first
     for run, (model, used) in zip(args.runs, loaded, strict=True):
-        averages, rows = evaluate_model(model, images)
+        averages, rows = evaluate_model(model, images, padding=args.padding, fit=args.fit_quantiles,
+                                        conversions=conversions)
         for key in RESULT_KEYS:
             results[key].append(averages[key])
-        runs.append({"path": str(run), "architecture": used})
+        runs.append({"path": str(run), "architecture": used, **run_record(rows)})
         per_image.append(rows)
         labels.append(architecture_label(used))
         print(f"{run}: " + ", ".join(f"{k} {_fmt(averages[k])}" for k in RESULT_KEYS))
+        for note in run_record(rows)["notes"]:
+            print(f"  {note}")
     output: dict[str, Any] = {
         "name": args.name or ",".join(dict.fromkeys(labels)),
         "description": f"Inference ({compressai.get_entropy_coder()}), energylab.evaluate, "
         f"bpp from real bitstreams",
         "results": results,
         "runs": runs,
-        "images": [name for name, _ in images],
+        "images": image_records(per_image[0]),
     }
     if args.per_image:
         output["per_image"] = per_image

@@ -30,6 +30,7 @@ __all__ = [
     "PLACEMENTS",
     "AuxTransform",
     "Merge",
+    "InputSizeCheck",
     "attach_auxt",
     "build_model",
     "has_auxt",
@@ -127,6 +128,20 @@ class AuxTransform(nn.Module):
         self._stage_of = {pos: k for k, pos in enumerate(self.merge_positions)}
 
     def forward(self, x: Tensor) -> Tensor:
+        """``(B, C, H, W)`` -> the transform's output. On the analysis side (WLS auxiliary layers)
+        ``H`` and ``W`` must be multiples of ``2 ** len(merge_positions)`` (each WLS halves them).
+
+        Raises:
+            ValueError: that size rule broken, naming the input's size.
+        """
+        factor = 2 ** len(self.merge_positions)
+        analysis = bool(self.auxiliary_layers) and isinstance(self.auxiliary_layers[0], WLS)
+        if analysis and (x.shape[-2] % factor or x.shape[-1] % factor):
+            raise ValueError(
+                f"AuxT needs an input whose height and width are multiples of {factor} "
+                f"({len(self.merge_positions)} wavelet stages), got {x.shape[-2]}x{x.shape[-1]}; "
+                f"pad it (energylab.data.pad_to_multiple)"
+            )
         aux = x
         for i, layer in enumerate(self.transform):
             x = layer(x)
@@ -147,7 +162,31 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 def has_auxt(model: nn.Module) -> bool:
     """Whether ``model.g_a`` carries AuxT."""
-    return isinstance(getattr(model, "g_a", None), AuxTransform)
+    return isinstance(getattr(unwrap_model(model), "g_a", None), AuxTransform)
+
+
+class InputSizeCheck:
+    """A forward pre-hook for a model's ``g_a``: the input's height and width must be multiples of
+    the model's downsampling factor (CompressAI's ``downsampling_factor``: 16 for
+    ``bmshj2018-factorized``, 64 with a hyperprior), else a one-line ``ValueError`` naming the rule,
+    the model and the input's size, before any layer runs. Checks shapes only (no host sync).
+    """
+
+    def __init__(self, multiple: int, name: str) -> None:
+        self.multiple = int(multiple)
+        self.name = name
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        x = args[0] if args else None
+        if not isinstance(x, Tensor) or x.ndim < 2:
+            return
+        h, w = x.shape[-2:]
+        if h % self.multiple or w % self.multiple:
+            raise ValueError(
+                f"{self.name} needs an input whose height and width are multiples of its "
+                f"downsampling factor {self.multiple}, got {h}x{w}; pad it "
+                f"(energylab.data.pad_to_multiple)"
+            )
 
 
 def attach_auxt(
@@ -164,10 +203,14 @@ def attach_auxt(
     ``WLS(c_1, c_2)``, ... with ``c_k`` the main branch's channels at merge ``k``; ``g_s`` gets
     ``iWLS(M, c_1)``, ... ending at the image's 3 channels.
 
+    A DataParallel/DDP wrapper is seen through (:func:`unwrap_model`); the inner model is changed
+    and returned.
+
     Raises:
         ValueError: a model without ``nn.Sequential`` ``g_a``/``g_s`` of four stride-2 stages, an
             unknown component, wavelet or placement, or a model that already has AuxT.
     """
+    model = unwrap_model(model)
     remove = check_components(remove)
     if has_auxt(model):
         raise ValueError("model already has AuxT attached")
@@ -231,7 +274,9 @@ def build_model(
     """Build a registered CompressAI model, randomly initialised, with AuxT if ``auxt``.
 
     ``N``/``M`` default to the widths of CompressAI's highest-quality configuration (192/320).
-    No weights are downloaded.
+    No weights are downloaded. ``model.g_a`` gets an :class:`InputSizeCheck` pre-hook: an input
+    whose height or width is not a multiple of the model's ``downsampling_factor`` is refused
+    with one line naming the rule and the size (``forward`` and ``compress`` alike).
 
     Raises:
         ValueError: unknown model name (listing the valid ones) or bad AuxT options; ``remove``
@@ -241,8 +286,13 @@ def build_model(
         raise ValueError(f"unknown model {name!r}; valid names are: {', '.join(MODELS)}")
     remove = check_components(remove)
     if remove and not auxt:
-        raise ValueError("--remove needs --auxt: there are no AuxT components to remove")
+        raise ValueError(
+            f"removing AuxT components {', '.join(remove)} needs auxt=True: a model without AuxT "
+            f"has none to remove"
+        )
     model = MODELS[name](N=N, M=M)
     if auxt:
         attach_auxt(model, remove, wavelet, g_a_placement, g_s_placement)
+    multiple = int(getattr(model, "downsampling_factor", 2**STAGES))
+    model.g_a.register_forward_pre_hook(InputSizeCheck(multiple, name))
     return model

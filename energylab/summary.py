@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.integrate import trapezoid
 
+from energylab.bdrate import METHOD as BD_METHOD
 from energylab.bdrate import bd_rate
 from energylab.rundir import RunDir
 
@@ -249,18 +250,22 @@ def summarize(cells: Mapping[Key, CellLogs], variants: Sequence[str], seeds: Seq
 def _bd_rates(per_cell: dict, names: Sequence[str], seeds: Sequence[int]) -> dict:
     out = {}
     for variant in names[1:]:
-        values, errors = [], []
+        values, intervals, errors = [], [], []
         for seed in seeds:
             def curve(v, seed=seed):
                 pts = sorted((r["real_bpp"], r["real_psnr"]) for (vv, _, s), r in per_cell.items()
                              if vv == v and s == seed and r.get("real_bpp") is not None)
                 return [p[0] for p in pts], [p[1] for p in pts]
             try:
-                values.append(bd_rate(*curve("baseline"), *curve(variant)))
+                result = bd_rate(*curve("baseline"), *curve(variant))
             except ValueError as err:
                 errors.append(f"seed {seed}: {err}")
+                continue
+            values.append(result.percent)
+            intervals.append(list(result.interval))
         mean, std, n = _mean_std(values)
-        out[variant] = {"mean": mean, "std": std, "seeds": n, "values": values, "errors": errors}
+        out[variant] = {"mean": mean, "std": std, "seeds": n, "values": values, "errors": errors,
+                        "method": BD_METHOD, "intervals": intervals}
     return out
 
 
@@ -289,12 +294,14 @@ def format_table(summary: dict) -> str:
         lines.append(f"| {row['variant']} | {row['λ']:g} | {row['seeds']} | "
                      + " | ".join(str(row[t]) for t in titles) + " |")
     if "bd_rate" in summary:
-        lines += ["", "| variant | BD-rate vs baseline (%) |", "|---|---|"]
+        lines += ["", "| variant | BD-rate vs baseline (%) | method | PSNR interval per seed (dB) |",
+                  "|---|---|---|---|"]
         for variant, bd in summary["bd_rate"].items():
             text = format_value(bd["mean"], bd["std"])
             if bd["errors"]:
                 text += " (" + "; ".join(bd["errors"]) + ")"
-            lines.append(f"| {variant} | {text} |")
+            spans = ", ".join(f"{lo:.2f}–{hi:.2f}" for lo, hi in bd.get("intervals", [])) or "—"
+            lines.append(f"| {variant} | {text} | {bd.get('method', '—')} | {spans} |")
     return "\n".join(lines) + "\n"
 
 

@@ -8,25 +8,25 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.interpolate import PchipInterpolator
 
-from energylab.bdrate import MIN_POINTS, bd_rate
+from energylab.bdrate import METHOD, MIN_POINTS, BDRate, bd_rate
 
 RATES = [0.12, 0.25, 0.5, 0.9]
 PSNR = [28.1, 30.4, 32.9, 35.0]
 
 
 def test_curve_against_itself_is_zero():
-    assert bd_rate(RATES, PSNR, RATES, PSNR) == pytest.approx(0.0, abs=1e-9)
+    assert bd_rate(RATES, PSNR, RATES, PSNR).percent == pytest.approx(0.0, abs=1e-9)
 
 
 @pytest.mark.parametrize("factor", [0.5, 0.8, 1.25, 3.0])
 def test_scaled_rates_give_the_factor(factor):
     scaled = [r * factor for r in RATES]
-    assert bd_rate(RATES, PSNR, scaled, PSNR) == pytest.approx((factor - 1) * 100, rel=1e-9)
+    assert bd_rate(RATES, PSNR, scaled, PSNR).percent == pytest.approx((factor - 1) * 100, rel=1e-9)
 
 
 def test_order_of_points_does_not_matter():
     order = [2, 0, 3, 1]
-    got = bd_rate(RATES, PSNR, [RATES[i] * 0.9 for i in order], [PSNR[i] for i in order])
+    got = bd_rate(RATES, PSNR, [RATES[i] * 0.9 for i in order], [PSNR[i] for i in order]).percent
     assert got == pytest.approx(-10.0, rel=1e-9)
 
 
@@ -36,7 +36,7 @@ def test_point_counts_may_differ():
         return 10 ** (0.1 * q - 3.5)
 
     anchor_q, test_q = [28.0, 36.0], [28.0, 31.0, 36.0]
-    got = bd_rate([rate(q) for q in anchor_q], anchor_q, [1.1 * rate(q) for q in test_q], test_q)
+    got = bd_rate([rate(q) for q in anchor_q], anchor_q, [1.1 * rate(q) for q in test_q], test_q).percent
     assert got == pytest.approx(10.0, rel=1e-9)
 
 
@@ -49,11 +49,15 @@ def test_matches_an_independent_pchip_computation():
         return PchipInterpolator(quality, np.log10(rates)).integrate(lo, hi) / (hi - lo)
 
     expected = (10 ** (mean_log_rate(test_rates, test_psnr) - mean_log_rate(RATES, PSNR)) - 1) * 100
-    assert bd_rate(RATES, PSNR, test_rates, test_psnr) == pytest.approx(expected, rel=1e-12)
+    result = bd_rate(RATES, PSNR, test_rates, test_psnr)
+    assert result.percent == pytest.approx(expected, rel=1e-12)
+    assert result.interval == (lo, hi) == (28.5, 35.0)  # the overlapping PSNR range
+    assert "pchip" in result.method and "log-rate" in result.method
+    assert result.as_dict() == {"percent": result.percent, "interval": [28.5, 35.0], "method": result.method}
 
 
 def test_better_quality_at_same_rate_saves_bits():
-    assert bd_rate(RATES, PSNR, RATES, [q + 0.5 for q in PSNR]) < 0
+    assert bd_rate(RATES, PSNR, RATES, [q + 0.5 for q in PSNR]).percent < 0
 
 
 @settings(max_examples=40, deadline=None)
@@ -65,7 +69,7 @@ def test_better_quality_at_same_rate_saves_bits():
 def test_shifted_curve_property(steps, gains, factor):
     rates = np.cumsum([0.05, *steps])
     quality = np.cumsum([25.0, *gains[: len(steps)]])
-    got = bd_rate(rates, quality, rates * factor, quality)
+    got = bd_rate(rates, quality, rates * factor, quality).percent
     assert got == pytest.approx((factor - 1) * 100, rel=1e-7, abs=1e-7)
 
 
@@ -100,5 +104,9 @@ def test_bad_inputs_raise_one_line(args, message):
     assert "\n" not in str(info.value)
 
 
-def test_returns_a_python_float():
-    assert type(bd_rate(RATES, PSNR, RATES, PSNR)) is float
+def test_returns_a_result_carrying_its_method_and_interval():
+    result = bd_rate(RATES, PSNR, [r * 0.8 for r in RATES], [q + 0.3 for q in PSNR])
+    assert isinstance(result, BDRate) and type(result.percent) is float
+    assert float(result) == result.percent
+    assert result.interval == (PSNR[0] + 0.3, PSNR[-1])
+    assert result.method == METHOD

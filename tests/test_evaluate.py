@@ -1,26 +1,38 @@
 """Real-bitstream evaluation: bytes -> bpp, cropping, the results JSON and checkpoint loading."""
 
+import copy
 import json
 import math
 import re
 import runpy
 import sys
+import warnings
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from compressai.ops import compute_padding
 from PIL import Image
+from torch import nn
 
 from energylab.config import TrainConfig
 from energylab.data import load_image, pad_to_multiple
 from energylab.evaluate import (
+    BPP_GAP_LIMIT,
     RESULT_KEYS,
+    UNFITTED_AUX_LOSS,
     EvaluationError,
     architecture_label,
+    aux_loss_per_quantile,
+    check_image,
+    evaluate_image,
     evaluate_model,
+    fit_quantiles,
     load_images,
     load_model,
     main,
+    run_record,
 )
 from energylab.models import build_model, has_auxt
 from energylab.rundir import RunDir
@@ -41,6 +53,7 @@ def _trained_like(arch, seed=1):
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.01 * torch.randn_like(p))
+    fit_quantiles(model)  # as the aux optimiser would have after training
     return model
 
 
@@ -74,8 +87,12 @@ def run_dir(tmp_path):
     return run.path, model
 
 
-def _compress_bytes(model, x):
-    padded, _ = pad_to_multiple(x.unsqueeze(0), 64)
+def _compress_bytes(model, x, padding="compressai"):
+    if padding == "replicate":
+        padded, _ = pad_to_multiple(x.unsqueeze(0), 64)
+    else:  # compressai.utils.eval_model's inference(): centred zeros
+        pad, _ = compute_padding(*x.shape[-2:], min_div=64)
+        padded = F.pad(x.unsqueeze(0), pad, mode="constant", value=0)
     with torch.no_grad():
         enc = model.compress(padded)
     return sum(len(s) for strings in enc["strings"] for s in strings), enc, padded
@@ -85,14 +102,16 @@ def _compress_bytes(model, x):
 # Measurements
 
 
+@pytest.mark.parametrize("padding", ["compressai", "replicate"])
 @pytest.mark.parametrize("arch", [TINY, {"model": "mbt2018-mean", "N": 8, "M": 12}], ids=lambda a: a["model"])
-def test_bpp_is_bytes_times_8_over_original_pixels(arch, images_dir):
+def test_bpp_is_bytes_times_8_over_original_pixels(arch, padding, images_dir):
     model = _trained_like(arch).eval()
     images = load_images(str(images_dir))
-    averages, rows = evaluate_model(model, images)
+    averages, rows = evaluate_model(model, images, padding=padding)
     for (name, x), row in zip(images, rows, strict=True):
         h, w = SIZES[name]
-        n_bytes, enc, padded = _compress_bytes(model, x)  # after evaluate_model's update()
+        assert row["padding"] == padding
+        n_bytes, enc, padded = _compress_bytes(model, x, padding)  # after evaluate_model's update()
         assert row["image"] == name
         assert (row["height"], row["width"]) == (h, w)
         assert row["bytes"] == n_bytes > 0
@@ -107,9 +126,9 @@ def test_bpp_is_bytes_times_8_over_original_pixels(arch, images_dir):
 def test_psnr_is_on_the_cropped_8_bit_reconstruction(images_dir):
     model = _trained_like(TINY).eval()
     images = load_images(str(images_dir))
-    _, rows = evaluate_model(model, images)
+    _, rows = evaluate_model(model, images, padding="replicate")
     for (name, x), row in zip(images, rows, strict=True):
-        _, enc, _ = _compress_bytes(model, x)
+        _, enc, _ = _compress_bytes(model, x, "replicate")
         with torch.no_grad():
             x_hat = model.decompress(enc["strings"], enc["shape"])["x_hat"]
         h, w = SIZES[name]
@@ -263,7 +282,11 @@ def test_cli_writes_compressai_schema(tmp_path, images_dir, run_dir, capsys):
     assert all(len(v) == 2 for v in data["results"].values())  # one point per RUN
     assert data["results"]["bpp"][0] == data["results"]["bpp"][1]  # same weights, same bits
     assert [r["path"] for r in data["runs"]] == [str(run), str(RunDir(run).final_path)]
-    assert data["images"] == sorted(SIZES)
+    assert data["images"] == [
+        {"name": n, "height": SIZES[n][0], "width": SIZES[n][1], "conversion": "RGB: 8-bit values / 255"}
+        for n in sorted(SIZES)
+    ]  # sizes and conversions recorded without --per-image
+    assert all(r["padding"] == "compressai" for r in data["runs"])
     assert "per_image" not in data
 
     from compressai.utils.plot.__main__ import parse_json_file
@@ -285,7 +308,7 @@ def test_cli_plain_state_dict_per_image(tmp_path, images_dir, capsys):
     (rows,) = data["per_image"]
     assert [r["image"] for r in rows] == sorted(SIZES)
     model.eval().update(force=True)
-    expected, _, _ = _compress_bytes(model, load_image(images_dir / "b.png"))
+    expected, _, _ = _compress_bytes(model, load_image(images_dir / "b.png"), rows[1]["padding"])
     assert rows[1]["bytes"] == expected
     assert data["results"]["bpp"] == [sum(r["bpp"] for r in rows) / 2]
     assert capsys.readouterr().err == ""
@@ -332,3 +355,218 @@ def test_module_entry_point(tmp_path, monkeypatch, capsys):
         runpy.run_module("energylab.evaluate", run_name="__main__", alter_sys=True)
     assert info.value.code == 2
     assert capsys.readouterr().err.startswith("error: ")
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs that used to pass silently (issue 9, item 6)
+
+
+def _photo(h=64, w=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ramp = torch.linspace(0.1, 0.9, w).expand(3, h, w)
+    return (0.7 * ramp + 0.3 * torch.rand(3, h, w, generator=g)).clamp(0, 1)
+
+
+@pytest.mark.parametrize(
+    ("x", "message"),
+    [
+        (_photo() * 255, r"photo: values in \[\d.*, 2\d\d.*\], outside \[0, 1\] \(multiplied by 255\?\)"),
+        (_photo() / 255, r"photo: values in \[.*\], brightest at most 1/255 \(divided by 255 twice\?\)"),
+        (_photo() - 0.5, r"image photo: values in \[-.*\], outside \[0, 1\]"),
+        (torch.where(torch.rand(3, 64, 64) < 0.01, torch.nan, _photo()), "image photo: contains NaN"),
+        (_photo()[None], r"image photo: expected a \(3, H, W\) tensor, got \(1, 3, 64, 64\)"),
+        ((_photo() * 255).to(torch.uint8), r"image photo: dtype torch.uint8; expected floats in \[0, 1\]"),
+    ],
+    ids=["times-255", "divided-by-255-twice", "negative", "nan", "batched", "uint8"],
+)
+def test_images_off_the_0_1_scale_are_refused(x, message):
+    model = _trained_like(TINY)
+    with pytest.raises(EvaluationError, match=message) as info:
+        evaluate_model(model, [("fine", _photo()), ("photo", x)])
+    assert "\n" not in str(info.value)
+    with pytest.raises(EvaluationError, match=message):
+        evaluate_image(model, x, name="photo")
+    check_image("black", torch.zeros(3, 8, 8))  # an all-black image is a valid image
+
+
+class _NearlyLossless(nn.Module):
+    """A stand-in codec: 2 bytes per image, reconstruction off by one 8-bit step in one pixel."""
+
+    def __init__(self):
+        super().__init__()
+        self.unused = nn.Parameter(torch.zeros(1))
+
+    def update(self, force=False):
+        return True
+
+    def compress(self, x):
+        self.sent = x.clone()
+        return {"strings": [[b"ab"]], "shape": x.shape[-2:]}
+
+    def decompress(self, strings, shape):
+        x_hat = self.sent.clone()
+        step = 1 / 255 if x_hat[0, 0, 0, 0] < 0.5 else -1 / 255
+        x_hat[0, 0, 0, 0] = (x_hat[0, 0, 0, 0] * 255).round() / 255 + step
+        return {"x_hat": x_hat}
+
+    def forward(self, x):
+        return {"x_hat": x, "likelihoods": {"y": torch.full((1, 1, 4, 4), 0.5)}}
+
+
+def test_implausible_psnr_at_tiny_rate_is_flagged():
+    x = (_photo() * 255).round() / 255
+    with pytest.warns(RuntimeWarning, match=r"image photo: implausible: PSNR 89\.0 dB at 0\.0039 bpp"):
+        _, (row,) = evaluate_model(_NearlyLossless(), [("photo", x)])
+    expected_psnr = 10 * math.log10(255**2 * 3 * 64 * 64)  # one pixel off by 1 of 3 x 64 x 64 values
+    assert row["psnr-rgb"] == pytest.approx(expected_psnr, rel=1e-12)
+    assert row["bpp"] == 16 / 4096
+    assert any(note.startswith("implausible: PSNR 89.0 dB") for note in row["notes"])
+
+
+def test_dataparallel_model_is_evaluated_like_the_model():
+    torch.manual_seed(0)
+    model = build_model("bmshj2018-factorized", N=16, M=24, auxt=True)
+    fit_quantiles(model)
+    images = [("photo", _photo())]
+    plain, _ = evaluate_model(model, images)
+    wrapped, _ = evaluate_model(nn.DataParallel(model), images)
+    assert {k: wrapped[k] for k in ("bpp", "psnr-rgb", "bpp-estimated")} == {
+        k: plain[k] for k in ("bpp", "psnr-rgb", "bpp-estimated")
+    }
+
+
+def _entropy_trained_factorized(images, steps=150):
+    """A factorized model whose entropy bottleneck has learned its latents' density (only the
+    density is trained: fast), quantiles fitted."""
+    torch.manual_seed(0)
+    model = build_model("bmshj2018-factorized", N=16, M=24)
+    with torch.no_grad():
+        y = torch.cat([model.g_a(x[None]) for _, x in images])
+    eb = model.entropy_bottleneck
+    opt = torch.optim.Adam([p for n, p in eb.named_parameters() if n != "quantiles"], lr=1e-2)
+    for _ in range(steps):
+        opt.zero_grad()
+        _, likelihoods = eb(y)
+        (-torch.log2(likelihoods).mean()).backward()
+        opt.step()
+    fit_quantiles(model)
+    return model
+
+
+def test_latents_wider_than_the_learned_density_are_flagged_with_the_cause():
+    images = [("a", _photo(128, 128, 1)), ("b", _photo(128, 128, 2))]
+    model = _entropy_trained_factorized(images)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the model as trained: no warning
+        _, rows = evaluate_model(copy.deepcopy(model), images)
+    assert all(r["escape-share"] == 0 for r in rows)
+    with torch.no_grad():  # latents x40, decoder compensates: same reconstruction, wider latents
+        model.g_a[-1].weight.mul_(40)
+        model.g_a[-1].bias.mul_(40)
+        model.g_s[0].weight.div_(40)
+    with pytest.warns(RuntimeWarning, match="off the estimate .* outside its quantile range") as record:
+        _, rows = evaluate_model(model, images)
+    assert len(record) == 2
+    for row in rows:
+        assert row["bpp-gap"] == pytest.approx(row["bpp"] / row["bpp-estimated"] - 1, rel=1e-12)
+        assert abs(row["bpp-gap"]) > BPP_GAP_LIMIT
+        assert row["escape-share"] > 0.01
+        assert any("likely cause" in note for note in row["notes"])
+    assert run_record(rows)["max-abs-bpp-gap"] == max(abs(r["bpp-gap"]) for r in rows)
+
+
+def test_fit_quantiles_minimises_aux_loss():
+    torch.manual_seed(0)
+    model = build_model("bmshj2018-factorized", N=8, M=12)
+    eb = model.entropy_bottleneck
+    assert aux_loss_per_quantile(model) > UNFITTED_AUX_LOSS  # CompressAI's initial quantiles
+    with torch.no_grad():
+        before = eb.quantiles.clone()
+    assert fit_quantiles(model) < 1e-3
+    with torch.no_grad():
+        assert float(model.aux_loss()) / eb.quantiles.numel() < 1e-3
+        # the CDF at the fitted quantiles is tail_mass / 2, 1/2 and 1 - tail_mass / 2
+        cdf = torch.sigmoid(eb._logits_cumulative(eb.quantiles, stop_gradient=True))
+        tail = eb.tail_mass
+        target = torch.tensor([tail / 2, 0.5, 1 - tail / 2]).view(1, 1, 3).expand_as(cdf)
+        torch.testing.assert_close(cdf.double(), target.double(), rtol=1e-3, atol=tail / 2 * 1e-2)
+    assert not torch.equal(before, eb.quantiles)
+    _, rows = evaluate_model(model, [("photo", _photo())], fit=True)
+    assert rows[0]["quantiles-fitted"] is True and rows[0]["aux-loss"] < 1e-3
+
+
+@pytest.mark.parametrize("arch", ["bmshj2018-factorized", "bmshj2018-hyperprior"])
+def test_decoder_with_other_entropy_parameters_is_caught(arch):
+    torch.manual_seed(0)
+    model = build_model(arch, N=8, M=12)
+    fit_quantiles(model)
+    images = [("photo", _photo())]
+    _, (same,) = evaluate_model(model, images)
+    assert same["latent-errors"] == 0 and 0 < same["latent-max-abs-error"] <= 0.5
+    decoder = copy.deepcopy(model)
+    with torch.no_grad():  # the decoder's density (factorized) or scale network (hyperprior) differs
+        if arch == "bmshj2018-factorized":
+            decoder.entropy_bottleneck.biases[0].add_(3.0)
+        else:
+            decoder.h_s[-2].bias.add_(2.0)
+    with pytest.warns(RuntimeWarning, match=r"decoder's y_hat differs from the encoder's latent: \d+ values"):
+        _, (other,) = evaluate_model(model, images, decoder=decoder)
+    assert other["latent-errors"] > 0 and other["latent-max-abs-error"] > 0.5
+    assert run_record([other])["latent-errors"] == other["latent-errors"]
+
+
+def test_conversions_small_image_notes_and_sizes_in_the_json(tmp_path, capsys):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    rgba = rng.integers(0, 256, (64, 64, 4), dtype=np.uint8)
+    Image.fromarray(rgba, "RGBA").save(folder / "a_rgba.png")
+    rgb = rng.integers(0, 256, (64, 128, 3), dtype=np.uint8)
+    Image.fromarray(rgb).convert("CMYK").save(folder / "b_cmyk.tif")
+    plain = tmp_path / "plain.pt"
+    torch.save(_trained_like(TINY).state_dict(), plain)
+    out = tmp_path / "results.json"
+    arch = ["--model", TINY["model"], "--N", "8", "--M", "12"]
+    rc = main([str(plain), "--data", str(folder), "--out", str(out), *arch])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    assert data["images"] == [
+        {"name": "a_rgba.png", "height": 64, "width": 64,
+         "conversion": "RGBA: alpha composited over white, rgb * alpha + (1 - alpha)"},
+        {"name": "b_cmyk.tif", "height": 64, "width": 128,
+         "conversion": "CMYK: converted to RGB by Pillow (Image.convert('RGB'))"},
+    ]
+    notes = data["runs"][0]["notes"]
+    reason = "ms-ssim-rgb null: 5-scale MS-SSIM needs both sides >= 161 px, image is"
+    assert f"a_rgba.png: {reason} 64x64" in notes
+    assert f"b_cmyk.tif: {reason} 64x128" in notes
+    assert f"a_rgba.png: {reason} 64x64" in capsys.readouterr().out
+    assert data["runs"][0]["padding"] == "compressai"
+
+
+def test_numbers_are_compressai_eval_model_numbers(tmp_path):
+    from compressai.utils.eval_model.__main__ import collect_images
+    from compressai.utils.eval_model.__main__ import eval_model as compressai_eval_model
+
+    threads = torch.get_num_threads()
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(3)
+    for name, (h, w) in {"a.png": (170, 200), "b.png": (200, 165)}.items():  # not multiples of 64
+        smooth = np.linspace(0, 255, w)[None, :, None] * np.ones((h, 1, 3))
+        Image.fromarray((smooth * 0.6 + rng.uniform(0, 100, (h, w, 3))).astype(np.uint8)).save(folder / name)
+    model = _trained_like(TINY)
+    ours, _ = evaluate_model(model, load_images(str(folder)))  # update()s the model, as eval_model's loader
+    try:
+        theirs = compressai_eval_model(
+            model, tmp_path, folder, collect_images(str(folder)), half=False, per_image=False,
+            architecture=TINY["model"],
+        )
+    finally:
+        torch.set_num_threads(threads)  # importing eval_model sets one thread
+    assert ours["bpp"] == theirs["bpp"]
+    assert ours["psnr-rgb"] == pytest.approx(theirs["psnr-rgb"], abs=1e-4)
+    assert ours["ms-ssim-rgb"] == pytest.approx(theirs["ms-ssim-rgb"], abs=1e-6)
+    other, rows = evaluate_model(model, load_images(str(folder)), padding="replicate")
+    assert other["psnr-rgb"] != pytest.approx(theirs["psnr-rgb"], abs=1e-4)  # the padding matters
+    assert rows[0]["padding"] == "replicate"

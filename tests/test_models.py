@@ -110,7 +110,7 @@ def test_same_seed_same_main_initialisation():
 def test_errors():
     with pytest.raises(ValueError, match="unknown model 'nope'; valid names are"):
         build_model("nope")
-    with pytest.raises(ValueError, match="needs --auxt"):
+    with pytest.raises(ValueError, match="needs auxt=True"):
         build_model("mbt2018-mean", remove=("scaling",))
     with pytest.raises(ValueError, match="valid names are: wavelet, orthogonal, scaling"):
         build_model("mbt2018-mean", auxt=True, remove=("bogus",))
@@ -134,3 +134,41 @@ def test_default_widths_and_m_only_where_it_exists():
     assert build_model("cheng2020-anchor", N=8).g_a[-1].out_channels == 8
     with pytest.raises(ValueError, match="has no M"):
         build_model("cheng2020-anchor", N=8, M=12)
+
+
+@pytest.mark.parametrize(("name", "factor"), [("bmshj2018-factorized", 16), ("bmshj2018-hyperprior", 64)])
+@pytest.mark.parametrize("auxt", [True, False])
+def test_input_size_rule_is_named_before_any_layer_runs(name, factor, auxt):
+    model = build_model(name, N=8, M=12, auxt=auxt).eval()
+    x = torch.rand(1, 3, 66, 66)
+    rule = (rf"{name} needs an input whose height and width are multiples of its downsampling factor "
+            rf"{factor}, got 66x66")
+    with pytest.raises(ValueError, match=rule) as info:
+        model(x)
+    assert "\n" not in str(info.value)
+    model.update(force=True)
+    with pytest.raises(ValueError, match=rule), torch.no_grad():
+        model.compress(x)
+    model(torch.rand(1, 3, factor, 2 * factor))  # a multiple passes
+
+
+def test_auxt_on_any_model_names_its_size_rule():
+    model = attach_auxt(MODELS["bmshj2018-factorized"](N=8, M=12))  # not through build_model
+    rule = r"AuxT needs an input whose height and width are multiples of 16 \(4 wavelet stages\), got 66x66"
+    with pytest.raises(ValueError, match=rule):
+        model.g_a(torch.rand(1, 3, 66, 66))
+
+
+def test_dataparallel_models_are_seen_through():
+    torch.manual_seed(0)
+    wrapped = nn.DataParallel(build_model("bmshj2018-factorized", N=16, M=24))
+    assert attach_auxt(wrapped) is wrapped.module
+    assert has_auxt(wrapped) and has_auxt(wrapped.module)
+    with pytest.raises(ValueError, match="already has AuxT"):
+        attach_auxt(nn.DataParallel(wrapped.module))
+
+
+def test_errors_are_in_library_terms():
+    with pytest.raises(ValueError, match=r"removing AuxT components scaling needs auxt=True") as info:
+        build_model("mbt2018-mean", remove=("scaling",))
+    assert "--" not in str(info.value)
