@@ -23,8 +23,9 @@ Architecture (``N`` = half of the paper's ``C``: the channels of each of a TCM b
   decoded slices, ``cc_mean_transforms`` / ``cc_scale_transforms`` giving the Gaussian's mean and scale,
   and ``lrp_transforms`` (latent residual prediction, ``0.5 * tanh``) refining the decoded slice.
 
-Sizes: ``forward`` needs H and W multiples of 16; ``compress`` / ``decompress`` need multiples of 64
-(the hyperprior halves ``y`` twice and ``decompress`` reads ``y``'s size as 4x ``z``'s). Feature maps
+Sizes: ``forward`` needs H and W multiples of 16 (the hyperprior's output is cropped to ``y``'s size,
+which the release does only for the means and scales, so it needs multiples of 64); ``compress`` /
+``decompress`` need multiples of 64 (``decompress`` reads ``y``'s size as 4x ``z``'s). Feature maps
 that are not a multiple of the attention window are zero-padded on the right and bottom before window
 attention and cropped after; at sizes the release accepts (multiples of the window, larger than it)
 nothing is padded and the arithmetic is the release's.
@@ -208,7 +209,13 @@ class SWAtten(AttentionBlock):
     """
 
     def __init__(
-        self, input_dim: int, output_dim: int, head_dim: int, window_size: int, drop_path: float, inter_dim: int
+        self,
+        input_dim: int,
+        output_dim: int,
+        head_dim: int,
+        window_size: int,
+        drop_path: float,
+        inter_dim: int,
     ):
         super().__init__(N=inter_dim)
         self.non_local_block = SwinBlock(inter_dim, head_dim, window_size, drop_path)
@@ -277,7 +284,9 @@ class TCM(CompressionModel):
     ):
         super().__init__()
         if len(config) != 6 or len(head_dim) != 6:
-            raise ValueError(f"TCM needs 6 stages in config and head_dim, got {len(config)} and {len(head_dim)}")
+            raise ValueError(
+                f"TCM needs 6 stages in config and head_dim, got {len(config)} and {len(head_dim)}"
+            )
         if M % num_slices:
             raise ValueError(f"TCM latent width M={M} is not a multiple of num_slices={num_slices}")
         self.N, self.M = N, M
@@ -355,15 +364,20 @@ class TCM(CompressionModel):
             return slice_index
         return min(slice_index, self.max_support_slices)
 
+    def _hyper_synthesis(self, z_hat: Tensor, size: Sequence[int]) -> tuple[Tensor, Tensor]:
+        """``h_mean_s(z_hat)``, ``h_scale_s(z_hat)``, cropped to ``y``'s spatial ``size``."""
+        h, w = size
+        return self.h_mean_s(z_hat)[:, :, :h, :w], self.h_scale_s(z_hat)[:, :, :h, :w]
+
     def _slice_params(
-        self, slice_index: int, latent_means: Tensor, latent_scales: Tensor, decoded: list[Tensor], size
+        self, slice_index: int, latent_means: Tensor, latent_scales: Tensor, decoded: list[Tensor]
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """Mean, scale (cropped to ``y``'s ``size``) and mean support of slice ``slice_index``."""
+        """Mean, scale and mean support of slice ``slice_index`` given the ``decoded`` slices."""
         support = decoded[: self._n_support(slice_index)]
         mean_support = self.atten_mean[slice_index](torch.cat([latent_means, *support], dim=1))
-        mu = self.cc_mean_transforms[slice_index](mean_support)[:, :, : size[0], : size[1]]
+        mu = self.cc_mean_transforms[slice_index](mean_support)
         scale_support = self.atten_scale[slice_index](torch.cat([latent_scales, *support], dim=1))
-        scale = self.cc_scale_transforms[slice_index](scale_support)[:, :, : size[0], : size[1]]
+        scale = self.cc_scale_transforms[slice_index](scale_support)
         return mu, scale, mean_support
 
     def _refine(self, slice_index: int, mean_support: Tensor, y_hat_slice: Tensor) -> Tensor:
@@ -377,12 +391,12 @@ class TCM(CompressionModel):
         _, z_likelihoods = self.entropy_bottleneck(z)
         z_offset = self.entropy_bottleneck._get_medians()
         z_hat = ste_round(z - z_offset) + z_offset
-        latent_means, latent_scales = self.h_mean_s(z_hat), self.h_scale_s(z_hat)
+        latent_means, latent_scales = self._hyper_synthesis(z_hat, y.shape[2:])
 
         y_hat_slices: list[Tensor] = []
         y_likelihoods = []
         for i, y_slice in enumerate(y.chunk(self.num_slices, dim=1)):
-            mu, scale, mean_support = self._slice_params(i, latent_means, latent_scales, y_hat_slices, y.shape[2:])
+            mu, scale, mean_support = self._slice_params(i, latent_means, latent_scales, y_hat_slices)
             _, likelihood = self.gaussian_conditional(y_slice, scale, mu)
             y_likelihoods.append(likelihood)
             y_hat_slices.append(self._refine(i, mean_support, ste_round(y_slice - mu) + mu))
@@ -392,25 +406,33 @@ class TCM(CompressionModel):
 
     def _coding_tables(self) -> tuple[list, list, list]:
         gc = self.gaussian_conditional
-        return gc.quantized_cdf.tolist(), gc.cdf_length.reshape(-1).int().tolist(), gc.offset.reshape(-1).int().tolist()
+        return (
+            gc.quantized_cdf.tolist(),
+            gc.cdf_length.reshape(-1).int().tolist(),
+            gc.offset.reshape(-1).int().tolist(),
+        )
 
     def compress(self, x: Tensor) -> dict:
         y = self.g_a(x)
         z = self.h_a(y)
         z_strings = self.entropy_bottleneck.compress(z)
         z_hat = self.entropy_bottleneck.decompress(z_strings, z.shape[-2:])
-        latent_means, latent_scales = self.h_mean_s(z_hat), self.h_scale_s(z_hat)
+        latent_means, latent_scales = self._hyper_synthesis(z_hat, y.shape[2:])
 
         cdf, cdf_lengths, offsets = self._coding_tables()
         encoders = [BufferedRansEncoder() for _ in range(x.shape[0])]
         y_hat_slices: list[Tensor] = []
         for i, y_slice in enumerate(y.chunk(self.num_slices, dim=1)):
-            mu, scale, mean_support = self._slice_params(i, latent_means, latent_scales, y_hat_slices, y.shape[2:])
+            mu, scale, mean_support = self._slice_params(i, latent_means, latent_scales, y_hat_slices)
             indexes = self.gaussian_conditional.build_indexes(scale)
             symbols = self.gaussian_conditional.quantize(y_slice, "symbols", mu)
             for encoder, sym, idx in zip(encoders, symbols, indexes, strict=True):
-                encoder.encode_with_indexes(sym.reshape(-1).tolist(), idx.reshape(-1).tolist(), cdf, cdf_lengths, offsets)
-            y_hat_slices.append(self._refine(i, mean_support, self.gaussian_conditional.dequantize(symbols, mu)))
+                encoder.encode_with_indexes(
+                    sym.reshape(-1).tolist(), idx.reshape(-1).tolist(), cdf, cdf_lengths, offsets
+                )
+            y_hat_slices.append(
+                self._refine(i, mean_support, self.gaussian_conditional.dequantize(symbols, mu))
+            )
 
         y_strings = [encoder.flush() for encoder in encoders]
         return {"strings": [y_strings, z_strings], "shape": z.shape[-2:]}
@@ -422,8 +444,7 @@ class TCM(CompressionModel):
         """
         y_strings, z_strings = strings
         z_hat = self.entropy_bottleneck.decompress(z_strings, shape)
-        latent_means, latent_scales = self.h_mean_s(z_hat), self.h_scale_s(z_hat)
-        y_size = (4 * z_hat.shape[2], 4 * z_hat.shape[3])
+        latent_means, latent_scales = self.h_mean_s(z_hat), self.h_scale_s(z_hat)  # y's size: 4x z's
 
         cdf, cdf_lengths, offsets = self._coding_tables()
         decoders = []
@@ -433,17 +454,21 @@ class TCM(CompressionModel):
             decoders.append(decoder)
         y_hat_slices: list[Tensor] = []
         for i in range(self.num_slices):
-            mu, scale, mean_support = self._slice_params(i, latent_means, latent_scales, y_hat_slices, y_size)
+            mu, scale, mean_support = self._slice_params(i, latent_means, latent_scales, y_hat_slices)
             indexes = self.gaussian_conditional.build_indexes(scale)
-            symbols = torch.stack([
-                torch.tensor(
-                    decoder.decode_stream(idx.reshape(-1).tolist(), cdf, cdf_lengths, offsets),
-                    dtype=torch.int32,
-                    device=mu.device,
-                ).reshape(idx.shape)
-                for decoder, idx in zip(decoders, indexes, strict=True)
-            ])
-            y_hat_slices.append(self._refine(i, mean_support, self.gaussian_conditional.dequantize(symbols, mu)))
+            symbols = torch.stack(
+                [
+                    torch.tensor(
+                        decoder.decode_stream(idx.reshape(-1).tolist(), cdf, cdf_lengths, offsets),
+                        dtype=torch.int32,
+                        device=mu.device,
+                    ).reshape(idx.shape)
+                    for decoder, idx in zip(decoders, indexes, strict=True)
+                ]
+            )
+            y_hat_slices.append(
+                self._refine(i, mean_support, self.gaussian_conditional.dequantize(symbols, mu))
+            )
 
         x_hat = self.g_s(torch.cat(y_hat_slices, dim=1)).clamp_(0, 1)
         return {"x_hat": x_hat}
