@@ -480,7 +480,8 @@ def build_tcm(N: int | None = None, M: int | None = None, drop_path_rate: float 
     Head widths are the release's (``HEAD_DIM``, hyperprior 32, SWAtten 16), each reduced to its
     greatest common divisor with the width it splits, so that small test widths (e.g. ``N=16``) keep
     valid heads; at the release's widths (N = 64 / 96 / 128) they are unchanged. The attention window
-    stays 8 (4 in the hyperprior); smaller maps are padded (see the module docstring).
+    stays 8 (4 in the hyperprior); smaller maps are padded (see the module docstring). Stochastic depth
+    up to ``drop_path_rate`` = 0.1 (the release's constructor defaults to 0 and its ``train.py`` passes 0).
 
     Raises:
         ValueError: as :class:`TCM`.
