@@ -358,6 +358,11 @@ class TCM(CompressionModel):
         self.entropy_bottleneck = EntropyBottleneck(hyper_channels)
         self.gaussian_conditional = GaussianConditional(None)
 
+    @property
+    def downsampling_factor(self) -> int:
+        """64: ``compress`` / ``decompress`` need H and W multiples of this (``y`` is 1/16, ``z`` 1/64)."""
+        return 2 ** (4 + 2)
+
     def _n_support(self, slice_index: int) -> int:
         """How many decoded slices condition slice ``slice_index``."""
         if self.max_support_slices < 0:
