@@ -24,6 +24,7 @@ from compressai.registry import MODELS as COMPRESSAI_MODELS
 from torch import Tensor, nn
 
 from energylab.auxt import WLS, check_components, iWLS
+from energylab.tcm import build_tcm
 
 __all__ = [
     "MODELS",
@@ -258,6 +259,7 @@ for _name in ("bmshj2018-factorized", "bmshj2018-hyperprior", "mbt2018-mean", "m
     register_model(_name, N=192, M=320)
 register_model("cheng2020-anchor", N=192, M=None)
 register_model("elic2022-official", N=192, M=320)
+MODELS["tcm"] = build_tcm  # energylab.tcm: TCM (Liu et al., CVPR 2023), N=64, M=320 as in the AuxT release
 
 
 def build_model(
