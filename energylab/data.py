@@ -768,6 +768,7 @@ class TrainStream:
         self.rank, self.world_size = rank, world_size
         self.workers, self.prefetch = workers, prefetch
         self._files: list[IndexedImage] = []
+        self._sizes: list[tuple[int, int]] = []
         self._memory: TrainSampler | None = None
         if isinstance(data, Dataset):
             self.names = [name for name, _ in data.train]
@@ -775,6 +776,7 @@ class TrainStream:
         else:
             self._files = _usable(data, patch_size, small_images)
             self.names = [im.name for im in self._files]
+            self._sizes = [(im.height, im.width) for im in self._files]
             images = [_check_indexed(im, load_image(im.path)) for im in self._files] if cache else []
         if images:
             self._memory = TrainSampler(images, patch_size, batch_size, seed)
@@ -790,9 +792,9 @@ class TrainStream:
             return self._memory.batch(step, self.rank, self.world_size)
         _check_step(step, self.rank, self.world_size)
         p = self.patch_size
-        sizes = [(im.height, im.width) for im in self._files]
         crops = []
-        for idx, top, left, flip in _crop_plan(sizes, p, self.batch_size, self.seed, step, self.rank):
+        plan = _crop_plan(self._sizes, p, self.batch_size, self.seed, step, self.rank)
+        for idx, top, left, flip in plan:
             crop = _decode_crop(self._files[idx], top, left, p)
             crops.append(crop.flip(-1) if flip else crop)
         return torch.stack(crops)
