@@ -1,8 +1,18 @@
 """Images for training and evaluation: loading, the built-in set, folders, crops and padding.
 
 Every image is returned as a ``float32`` tensor of shape ``(3, H, W)`` with values in ``[0, 1]``.
-Datasets are small, so :func:`load_dataset` decodes every image once and keeps the tensors in
-memory (the built-in set takes about 53 MB); nothing is read from disk during training.
+Two ways to train from a data source:
+
+* in memory: :func:`load_dataset` decodes every image once and keeps the tensors (the built-in
+  set takes about 53 MB); :class:`TrainSampler` crops them. For the built-in set and small folders.
+* streaming: :func:`index_folder` reads a folder's file list and image sizes from the headers
+  (no decoding) into a small JSON index, reused while the files are unchanged;
+  :class:`TrainStream` decodes each crop from its file in ``DataLoader`` workers, so memory does
+  not grow with the folder (``cache=True`` holds a small folder's images in memory instead).
+  Its batches are :class:`TrainSampler`'s, bit for bit, for any number of workers.
+  Training images smaller than the patch are skipped with one warning (or refused:
+  ``small_images="error"``); the test images stay small and are decoded into memory
+  (:meth:`DataIndex.load_test`).
 
 Loading (:func:`load_image`, through Pillow; the first frame of a multi-frame file; the EXIF
 orientation tag is applied):
@@ -38,15 +48,23 @@ Bad input, and what it does:
   with out-of-range 32-bit values, and every failure of :func:`load_image` called directly.
 * a :class:`DataWarning` naming the file, which is then skipped: an image file that cannot be read
   (not an image, corrupt, truncated, out of range) in a folder where at least one image can be.
+
+An index only reads headers, so a file whose header reads but whose pixels do not is listed, and
+stops the stream with a :class:`DataError` naming it when a crop of it is first drawn (skipping it
+then would change every later batch); so does a file whose size differs from the indexed one.
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+import json
 import os
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -58,14 +76,21 @@ __all__ = [
     "BUILTIN_TEST",
     "BUILTIN_TRAIN",
     "FLAT_TEST_EVERY",
+    "INDEX_VERSION",
+    "SMALL_IMAGES",
     "DataError",
+    "DataIndex",
     "DataWarning",
     "Dataset",
+    "IndexedImage",
     "TrainSampler",
+    "TrainStream",
     "builtin_images",
     "center_crop",
     "crop_to",
+    "default_workers",
     "image_extensions",
+    "index_folder",
     "load_dataset",
     "load_image",
     "pad_to_multiple",
@@ -92,6 +117,11 @@ whole images stays quick on a CPU."""
 
 FLAT_TEST_EVERY = 5
 """In a flat folder, readable images number 0, 5, 10, ... (sorted by name) go to test."""
+
+
+_ORIENTATION = 0x0112  # the EXIF orientation tag
+_T = TypeVar("_T")
+_I = TypeVar("_I", Image.Image, Tensor)
 
 
 class DataError(ValueError):
@@ -181,23 +211,11 @@ def _array_to_rgb(a: np.ndarray) -> Tensor:
     return torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1), dtype=np.float32))
 
 
-def load_image(path: str | os.PathLike[str]) -> Tensor:
-    """Decode an image file into a ``(3, H, W)`` float32 tensor in ``[0, 1]``.
-
-    Conversions are those of the module docstring (alpha is composited over white; 16-bit
-    grayscale is divided by 65535).
-
-    Raises:
-        DataError: the file is missing, is not an image Pillow can identify, is corrupt or
-            truncated, is too large for Pillow's decompression-bomb limit, or holds 32-bit values
-            outside the supported range. The message names the file.
-    """
-    where = str(path)
+@contextlib.contextmanager
+def _reading(where: str) -> Iterator[None]:
+    """Turn Pillow's and the OS's errors while reading ``where`` into one-line DataErrors."""
     try:
-        with Image.open(path) as im:
-            im.load()
-            im = ImageOps.exif_transpose(im)
-            return _array_to_rgb(_to_array(im, where))
+        yield
     except DataError:
         raise
     except FileNotFoundError:
@@ -214,6 +232,40 @@ def load_image(path: str | os.PathLike[str]) -> Tensor:
         raise DataError(
             f"{where}: corrupt or truncated image ({type(exc).__name__}: {exc})"
         ) from None
+
+
+def load_image(path: str | os.PathLike[str]) -> Tensor:
+    """Decode an image file into a ``(3, H, W)`` float32 tensor in ``[0, 1]``.
+
+    Conversions are those of the module docstring (alpha is composited over white; 16-bit
+    grayscale is divided by 65535).
+
+    Raises:
+        DataError: the file is missing, is not an image Pillow can identify, is corrupt or
+            truncated, is too large for Pillow's decompression-bomb limit, or holds 32-bit values
+            outside the supported range. The message names the file.
+    """
+    where = str(path)
+    with _reading(where), Image.open(path) as im:
+        im.load()
+        return _array_to_rgb(_to_array(ImageOps.exif_transpose(im), where))
+
+
+def _read_size(path: Path) -> tuple[int, int]:
+    """``(H, W)`` of the image :func:`load_image` would return, from the file's header only.
+
+    EXIF orientations 5-8 swap the sides. A PNG's ``eXIf`` chunk stored after the pixel data is
+    not seen here (Pillow reads it only when decoding); :func:`_decode_crop` then finds the
+    mismatch and names the file.
+
+    Raises:
+        DataError: as :func:`load_image`, for what the header shows.
+    """
+    with _reading(str(path)), Image.open(path) as im:
+        w, h = im.size
+        if im.format == "PNG" and "exif" not in im.info:
+            return h, w  # Pillow's PNG getexif() would decode the whole image
+        return (w, h) if im.getexif().get(_ORIENTATION, 1) in (5, 6, 7, 8) else (h, w)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,8 +341,40 @@ def _check_patch(train: list[tuple[str, Tensor]], patch_size: int) -> None:
             )
 
 
+def _resolve_folder(data: str) -> tuple[Path, str, dict[str, Path]]:
+    """``(root, layout, {split: folder})`` of a data folder; split ``""`` is a flat folder.
+
+    Raises:
+        DataError: a missing path, not a folder, a CompressAI layout lacking train/ or test/.
+    """
+    root = Path(data).expanduser()
+    if not root.exists():
+        raise DataError(f"{root}: data folder does not exist (pass a folder or 'builtin')")
+    if not root.is_dir():
+        raise DataError(f"{root}: not a folder (pass a folder of images or 'builtin')")
+    train_dir, test_dir = root / "train", root / "test"
+    if not (train_dir.is_dir() or test_dir.is_dir()):
+        return root, "flat", {"": root}
+    for sub in (train_dir, test_dir):
+        if not sub.is_dir():
+            raise DataError(f"{sub}: missing; a CompressAI-layout folder needs both train/ and test/")
+    return root, "compressai", {"train": train_dir, "test": test_dir}
+
+
+def _split_flat(root: Path, readable: list[_T]) -> tuple[list[_T], list[_T]]:
+    """``(train, test)`` of a flat folder's readable images, sorted by name."""
+    if len(readable) < 2:
+        raise DataError(
+            f"{root}: only {len(readable)} readable image; a flat folder needs at least 2 "
+            f"(every {FLAT_TEST_EVERY}th, starting with the first, goes to test)"
+        )
+    return [f for i, f in enumerate(readable) if i % FLAT_TEST_EVERY], readable[::FLAT_TEST_EVERY]
+
+
 def load_dataset(data: str, patch_size: int = 64) -> Dataset:
     """Load the built-in set (``data == "builtin"``) or a folder, all images into memory.
+
+    For folders too large to hold in memory, see :func:`index_folder` and :class:`TrainStream`.
 
     Args:
         data: ``"builtin"`` or a folder path (CompressAI layout or flat; see the module docstring).
@@ -311,35 +395,212 @@ def load_dataset(data: str, patch_size: int = 64) -> Dataset:
         _check_patch([(f"built-in image {n!r}", x) for n, x in train], patch_size)
         return Dataset(train, builtin_images(BUILTIN_TEST), "builtin", "builtin")
 
-    root = Path(data).expanduser()
-    if not root.exists():
-        raise DataError(f"{root}: data folder does not exist (pass a folder or 'builtin')")
-    if not root.is_dir():
-        raise DataError(f"{root}: not a folder (pass a folder of images or 'builtin')")
-    source = str(root.resolve())
-    train_dir, test_dir = root / "train", root / "test"
-    if train_dir.is_dir() or test_dir.is_dir():
-        for sub in (train_dir, test_dir):
-            if not sub.is_dir():
-                raise DataError(
-                    f"{sub}: missing; a CompressAI-layout folder needs both train/ and test/"
-                )
-        train_files, test_files = _load_folder(train_dir), _load_folder(test_dir)
-        layout = "compressai"
+    root, layout, folders = _resolve_folder(data)
+    if layout == "compressai":
+        train_files, test_files = _load_folder(folders["train"]), _load_folder(folders["test"])
     else:
-        files = _load_folder(root)
-        if len(files) < 2:
-            raise DataError(
-                f"{root}: only {len(files)} readable image; a flat folder needs at least 2 "
-                f"(every {FLAT_TEST_EVERY}th, starting with the first, goes to test)"
-            )
-        test_files = files[::FLAT_TEST_EVERY]
-        train_files = [f for i, f in enumerate(files) if i % FLAT_TEST_EVERY]
-        layout = "flat"
+        train_files, test_files = _split_flat(root, _load_folder(root))
     _check_patch([(str(p), x) for p, x in train_files], patch_size)
     return Dataset(
-        [(p.name, x) for p, x in train_files], [(p.name, x) for p, x in test_files], source, layout
+        [(p.name, x) for p, x in train_files],
+        [(p.name, x) for p, x in test_files],
+        str(root.resolve()),
+        layout,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Indexed folders (streaming)
+
+INDEX_VERSION = 1
+"""Version of the JSON data index written by :func:`index_folder`; another version is rebuilt."""
+
+SMALL_IMAGES = ("skip", "error")
+"""Policies for indexed training images smaller than the patch (see :class:`TrainStream`)."""
+
+
+@dataclass(frozen=True)
+class IndexedImage:
+    """One image of a :class:`DataIndex`: file name, absolute path, and size after EXIF orientation."""
+
+    name: str
+    path: str
+    height: int
+    width: int
+
+
+@dataclass
+class DataIndex:
+    """A data folder's image files and sizes, read from headers: nothing is decoded.
+
+    ``source`` is the folder's absolute path, ``layout`` ``"compressai"`` or ``"flat"``; ``train``
+    and ``test`` follow the rules of :func:`load_dataset`, except that "readable" means "Pillow
+    identifies it from its header": a file whose header reads but whose pixels do not is listed,
+    and fails (naming it) when it is decoded.
+    """
+
+    train: list[IndexedImage]
+    test: list[IndexedImage]
+    source: str
+    layout: str
+
+    def load_test(self) -> list[tuple[str, Tensor]]:
+        """Decode the test images into memory: ``(name, (3, H, W) float32)`` pairs, in order.
+
+        Raises:
+            DataError: a test image cannot be decoded (naming it).
+        """
+        return [(im.name, load_image(im.path)) for im in self.test]
+
+
+def _fingerprint(files: list[Path]) -> list[list[str | int]]:
+    out: list[list[str | int]] = []
+    for f in files:
+        st = f.stat()
+        out.append([f.name, st.st_size, st.st_mtime_ns])
+    return out
+
+
+def _read_index(
+    path: Path, source: str, layout: str, files: dict[str, list[list[str | int]]]
+) -> dict | None:
+    """The stored index at ``path`` if it describes exactly these files, else ``None``."""
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(stored, dict) or (
+        stored.get("version"), stored.get("source"), stored.get("layout"), stored.get("files")
+    ) != (INDEX_VERSION, source, layout, files):
+        return None
+    return stored
+
+
+def _write_index(path: Path, content: dict) -> None:
+    """Write ``content`` as JSON, atomically (a reader sees the old file or the whole new one)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(content, separators=(",", ":")))
+    os.replace(tmp, path)
+
+
+def index_folder(
+    data: str | os.PathLike[str], index_path: str | os.PathLike[str] | None = None
+) -> DataIndex:
+    """Index a data folder of any size: file list and image sizes from the files' headers.
+
+    The layout rules are :func:`load_dataset`'s (CompressAI ``train/`` + ``test/``, or a flat
+    folder split every :data:`FLAT_TEST_EVERY`-th readable image). With ``index_path``, the index
+    is stored there as JSON and reused as long as the folder's image files are unchanged (same
+    names, byte sizes and modification times, checked with one ``stat`` per file); otherwise it
+    is rebuilt and overwritten. Without it, nothing is written.
+
+    Args:
+        data: the folder (not ``"builtin"``: the built-in set comes from :func:`load_dataset`).
+        index_path: where to keep the JSON index (the caller owns the file name), or ``None``.
+
+    Returns:
+        A :class:`DataIndex`; image files Pillow cannot identify are skipped with a
+        :class:`DataWarning` each (again when a stored index is reused).
+
+    Raises:
+        DataError: as :func:`load_dataset` for the folder itself (missing, no image files, none
+            readable, a flat folder with fewer than two readable images, half a CompressAI layout).
+    """
+    root, layout, folders = _resolve_folder(str(data))
+    source = str(root.resolve())
+    files = {split: _image_files(folder) for split, folder in folders.items()}
+    for split, found in files.items():
+        if not found:
+            raise DataError(
+                f"{folders[split]}: no image files (looked for .png, .jpg, ... by extension)"
+            )
+    prints = {split: _fingerprint(found) for split, found in files.items()}
+    stored = None if index_path is None else _read_index(Path(index_path), source, layout, prints)
+    if stored is None:
+        stored = {"version": INDEX_VERSION, "source": source, "layout": layout, "files": prints,
+                  "images": {}, "skipped": []}
+        for split, found in files.items():
+            sizes, bad = [], []
+            for f in found:
+                try:
+                    sizes.append([f.name, *_read_size(f)])
+                except DataError as err:
+                    bad.append(str(err))
+            if not sizes:
+                raise DataError(
+                    f"{folders[split]}: none of its {len(found)} image files could be read; "
+                    f"first: {bad[0]}"
+                )
+            stored["images"][split] = sizes
+            stored["skipped"] += bad
+        if index_path is not None:
+            _write_index(Path(index_path), stored)
+    for message in stored["skipped"]:
+        warnings.warn(f"skipping {message}", DataWarning, stacklevel=2)
+    split_images = {
+        split: [IndexedImage(name, str(folders[split] / name), h, w) for name, h, w in sizes]
+        for split, sizes in stored["images"].items()
+    }
+    if layout == "flat":
+        train, test = _split_flat(root, split_images[""])
+    else:
+        train, test = split_images["train"], split_images["test"]
+    return DataIndex(train, test, source, layout)
+
+
+def _usable(index: DataIndex, patch_size: int, small_images: str) -> list[IndexedImage]:
+    """The training images at least ``patch_size`` on both sides, by the small-image policy."""
+    small = [im for im in index.train if im.height < patch_size or im.width < patch_size]
+    if not small:
+        return index.train
+    first = ", ".join(f"{im.name} ({im.height}x{im.width})" for im in small[:5])
+    more = ", ..." if len(small) > 5 else ""
+    what = (
+        f"{len(small)} of {len(index.train)} training images in {index.source} are smaller than "
+        f"the {patch_size}x{patch_size} training patch: {first}{more}"
+    )
+    if small_images == "error" or len(small) == len(index.train):
+        raise DataError(what)
+    warnings.warn(f"{what}; skipping them", DataWarning, stacklevel=3)
+    return [im for im in index.train if im.height >= patch_size and im.width >= patch_size]
+
+
+def _check_indexed(image: IndexedImage, decoded: _I) -> _I:
+    """``decoded`` (a PIL image or a ``(3, H, W)`` tensor) if its size is the indexed one.
+
+    Raises:
+        DataError: it is not (the file changed after indexing, or a PNG's late EXIF rotated it).
+    """
+    h, w = (decoded.height, decoded.width) if isinstance(decoded, Image.Image) else decoded.shape[-2:]
+    if (h, w) != (image.height, image.width):
+        raise DataError(
+            f"{image.path}: image is {h}x{w} (HxW) but was indexed as {image.height}x{image.width}; "
+            "the file changed after indexing (index again)"
+        )
+    return decoded
+
+
+def _decode_crop(image: IndexedImage, top: int, left: int, size: int) -> Tensor:
+    """The ``size`` square at ``(top, left)`` of ``load_image(image.path)``, decoding only once.
+
+    Every conversion of :func:`load_image` acts pixel by pixel, so cropping before converting
+    gives the same values; 32-bit modes convert first, to keep their whole-image range check.
+
+    Raises:
+        DataError: the file cannot be decoded, or its size is not the indexed one.
+    """
+    where = image.path
+    with _reading(where), Image.open(where) as im:
+        im.load()
+        im = ImageOps.exif_transpose(im)
+        _check_indexed(image, im)
+        box = (left, top, left + size, top + size)
+        if im.mode in ("I", "F"):
+            a = _to_array(im, where)[top : top + size, left : left + size]
+        else:
+            a = _to_array(im.crop(box), where)
+    return _array_to_rgb(a)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -401,22 +662,182 @@ class TrainSampler:
         Raises:
             ValueError: negative ``step`` or ``rank`` not in ``[0, world_size)``.
         """
-        if step < 0:
-            raise ValueError(f"step must be non-negative, got {step}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
-        g = _generator(self.seed, step, rank)
-        p, n = self.patch_size, self.batch_size
-        which = torch.randint(len(self.images), (n,), generator=g).tolist()
-        u = torch.rand(n, 3, generator=g, dtype=torch.float64).tolist()
+        _check_step(step, rank, world_size)
+        p = self.patch_size
+        sizes = [(img.shape[-2], img.shape[-1]) for img in self.images]
         crops = []
-        for idx, (ut, ul, uf) in zip(which, u, strict=True):
-            img = self.images[idx]
-            top = int(ut * (img.shape[-2] - p + 1))
-            left = int(ul * (img.shape[-1] - p + 1))
-            crop = img[:, top : top + p, left : left + p]
-            crops.append(crop.flip(-1) if uf < 0.5 else crop)
+        for idx, top, left, flip in _crop_plan(sizes, p, self.batch_size, self.seed, step, rank):
+            crop = self.images[idx][:, top : top + p, left : left + p]
+            crops.append(crop.flip(-1) if flip else crop)
         return torch.stack(crops).to(torch.float32)
+
+
+def _check_step(step: int, rank: int, world_size: int) -> None:
+    if step < 0:
+        raise ValueError(f"step must be non-negative, got {step}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+
+
+def _crop_plan(
+    sizes: Sequence[tuple[int, int]], patch_size: int, batch_size: int, seed: int, step: int, rank: int
+) -> list[tuple[int, int, int, bool]]:
+    """``(image index, top, left, flip)`` of each crop of a batch: the one rule of both samplers."""
+    g = _generator(seed, step, rank)
+    which = torch.randint(len(sizes), (batch_size,), generator=g).tolist()
+    u = torch.rand(batch_size, 3, generator=g, dtype=torch.float64).tolist()
+    plan = []
+    for idx, (ut, ul, uf) in zip(which, u, strict=True):
+        h, w = sizes[idx]
+        plan.append((idx, int(ut * (h - patch_size + 1)), int(ul * (w - patch_size + 1)), uf < 0.5))
+    return plan
+
+
+def default_workers() -> int:
+    """Loader worker processes by default: ``min(4, usable CPUs - 1)``, at least 0."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(0, min(4, (cpus or 1) - 1))
+
+
+class TrainStream:
+    """Training batches of :class:`TrainSampler`'s crops, from memory or decoded on the fly.
+
+    Batch ``step`` is ``TrainSampler(train images, patch_size, batch_size, seed).batch(step,
+    rank, world_size)``, bit for bit, whatever ``workers`` and ``cache``: the crop positions
+    come from ``(seed, step, rank)`` and the image sizes alone, and a crop decoded from its file
+    equals the crop of the decoded image. So a stream started at step ``k`` continues an
+    interrupted one exactly, and every variant trained with one seed sees the same data.
+
+    Sources:
+
+    * a :class:`Dataset` (:func:`load_dataset`, e.g. the built-in set): crops from memory.
+    * a :class:`DataIndex` (:func:`index_folder`): each crop decodes its file in a
+      ``DataLoader`` worker (memory independent of the folder's size); with ``cache=True`` the
+      usable training images are decoded into memory once instead (small folders only: about
+      ``12 * H * W`` bytes each).
+
+    Training images of an index smaller than the patch (``small_images``): ``"skip"`` (default)
+    leaves them out with one :class:`DataWarning` giving their count and the first five names;
+    ``"error"`` raises a :class:`DataError` here, before any training. Either way, if no image
+    is large enough, :class:`DataError`. (A :class:`Dataset` never holds such images:
+    :func:`load_dataset` refuses them.)
+
+    Args:
+        data: the training images' source.
+        patch_size, batch_size, seed: as :class:`TrainSampler` (``batch_size`` per rank).
+        rank, world_size: this process's rank among ``world_size`` data-parallel processes.
+        workers: loader processes for :meth:`batches`; ``0`` decodes in this process;
+            ``None``: :func:`default_workers`.
+        cache: with a :class:`DataIndex`, decode its training images into memory once.
+        small_images: ``"skip"`` or ``"error"``, see above.
+        prefetch: batches each worker prepares ahead.
+
+    Raises:
+        ValueError: non-positive sizes or ``prefetch``, negative ``seed`` or ``workers``, a
+            ``rank`` outside ``[0, world_size)``, an unknown ``small_images``.
+        DataError: small images under ``small_images="error"`` or none large enough; with
+            ``cache=True``, a training image that cannot be decoded.
+    """
+
+    def __init__(
+        self,
+        data: Dataset | DataIndex,
+        patch_size: int,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        workers: int | None = None,
+        cache: bool = False,
+        small_images: str = "skip",
+        prefetch: int = 2,
+    ) -> None:
+        _check_step(0, rank, world_size)
+        if small_images not in SMALL_IMAGES:
+            raise ValueError(f"small_images must be one of {SMALL_IMAGES}, got {small_images!r}")
+        workers = default_workers() if workers is None else workers
+        if workers < 0 or prefetch < 1:
+            raise ValueError(f"workers must be >= 0 and prefetch >= 1, got {workers}, {prefetch}")
+        if patch_size < 1 or batch_size < 1:
+            raise ValueError(
+                f"patch_size and batch_size must be >= 1, got {patch_size}, {batch_size}"
+            )
+        if seed < 0:
+            raise ValueError(f"seed must be non-negative, got {seed}")
+        self.patch_size, self.batch_size, self.seed = patch_size, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.workers, self.prefetch = workers, prefetch
+        self._files: list[IndexedImage] = []
+        self._sizes: list[tuple[int, int]] = []
+        self._memory: TrainSampler | None = None
+        if isinstance(data, Dataset):
+            self.names = [name for name, _ in data.train]
+            images = [img for _, img in data.train]
+        else:
+            self._files = _usable(data, patch_size, small_images)
+            self.names = [im.name for im in self._files]
+            self._sizes = [(im.height, im.width) for im in self._files]
+            images = [_check_indexed(im, load_image(im.path)) for im in self._files] if cache else []
+        if images:
+            self._memory = TrainSampler(images, patch_size, batch_size, seed)
+
+    def batch(self, step: int) -> Tensor:
+        """Batch ``step`` of this rank, computed in this process: ``(batch_size, 3, P, P)`` float32.
+
+        Raises:
+            ValueError: negative ``step``.
+            DataError: a file that cannot be decoded or changed size since it was indexed.
+        """
+        if self._memory is not None:
+            return self._memory.batch(step, self.rank, self.world_size)
+        _check_step(step, self.rank, self.world_size)
+        p = self.patch_size
+        crops = []
+        plan = _crop_plan(self._sizes, p, self.batch_size, self.seed, step, self.rank)
+        for idx, top, left, flip in plan:
+            crop = _decode_crop(self._files[idx], top, left, p)
+            crops.append(crop.flip(-1) if flip else crop)
+        return torch.stack(crops)
+
+    def batches(self, start_step: int = 0, stop_step: int | None = None) -> Iterator[tuple[int, Tensor]]:
+        """``(step, batch(step))`` for ``step = start_step, start_step + 1, ...`` up to ``stop_step``
+        (excluded; ``None``: without end), prepared ahead by ``workers`` loader processes.
+
+        Raises:
+            ValueError: negative ``start_step``.
+            DataError: as :meth:`batch`, when the batch is reached (one line, from the worker).
+        """
+        _check_step(start_step, self.rank, self.world_size)
+        steps = itertools.count(start_step) if stop_step is None else range(start_step, stop_step)
+        if self.workers == 0:
+            for step in steps:
+                yield step, self.batch(step)
+            return
+        loader = torch.utils.data.DataLoader(
+            _StepBatches(self), batch_size=None, sampler=steps, num_workers=self.workers,
+            prefetch_factor=self.prefetch,
+        )
+        for step, out in loader:
+            if isinstance(out, DataError):
+                raise out
+            yield step, out
+
+
+class _StepBatches(torch.utils.data.Dataset):
+    """Map-style view ``step -> (step, batch or the DataError it raised)`` for DataLoader workers.
+
+    The error travels as a value so that it arrives as the same one-line :class:`DataError`
+    rather than wrapped in the worker's traceback.
+    """
+
+    def __init__(self, stream: TrainStream) -> None:
+        self.stream = stream
+
+    def __getitem__(self, step: int) -> tuple[int, Tensor | DataError]:
+        try:
+            return step, self.stream.batch(step)
+        except DataError as err:
+            return step, err
 
 
 # ---------------------------------------------------------------------------------------------

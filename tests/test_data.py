@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import io
+import itertools
+import json
+import os
 import socket
 import struct
 import zlib
@@ -519,3 +522,190 @@ def test_test_batches_whole_and_centre() -> None:
     with pytest.raises(D.DataError) as err:
         list(D.test_batches([("x", x)], 80))
     _assert_one_line(err, "x", "100x70", "80x80")
+
+
+# ---------------------------------------------------------------------------------------------
+# indexed folders and the training stream
+
+
+def _mixed_folder(root: Path) -> Path:
+    """A CompressAI-layout folder whose training images cover the modes load_image converts."""
+    (root / "train").mkdir(parents=True)
+    _save(root / "train" / "a.png", _rgb(90, 70, seed=1))
+    _save(root / "train" / "b.jpg", _rgb(64, 100, seed=2), quality=90)
+    _save(root / "train" / "c.png", np.dstack([_rgb(80, 80, seed=3), _rgb(80, 80, seed=4)[..., :1]]))
+    _save(root / "train" / "d.png", _rgb(72, 66, seed=5)[..., 0])  # grayscale
+    im = Image.fromarray(_rgb(70, 96, seed=6)).quantize(16)
+    im.info["transparency"] = 3
+    im.save(root / "train" / "e.png", transparency=3)  # palette with a transparent index
+    (root / "train" / "f.png").write_bytes(_png16(np.random.default_rng(7).integers(
+        0, 65536, (66, 75), dtype=np.uint16)[..., None], color_type=0))  # 16-bit grayscale
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 64x110, displayed 110x64
+    Image.fromarray(_rgb(64, 110, seed=8)).save(root / "train" / "g.jpg", exif=exif.tobytes())
+    _folder(root / "test", 2, size=70, start=20)
+    return root
+
+
+def _stream_batches(stream: D.TrainStream, start: int, stop: int) -> list[torch.Tensor]:
+    steps, batches = zip(*stream.batches(start, stop), strict=True)
+    assert list(steps) == list(range(start, stop))
+    return list(batches)
+
+
+def test_index_reads_sizes_from_headers(tmp_path: Path) -> None:
+    root = _mixed_folder(tmp_path / "data")
+    ds = D.load_dataset(str(root), patch_size=48)
+    index = D.index_folder(root)
+    assert index.layout == ds.layout == "compressai" and index.source == ds.source
+    assert [im.name for im in index.train] == [n for n, _ in ds.train]
+    assert [(im.height, im.width) for im in index.train] == [tuple(x.shape[-2:]) for _, x in ds.train]
+    assert ("g.jpg", 110, 64) in [(im.name, im.height, im.width) for im in index.train]
+    assert all(Path(im.path).parent == root / "train" for im in index.train)
+    test = index.load_test()
+    assert [n for n, _ in test] == [n for n, _ in ds.test]
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(test, ds.test, strict=True))
+
+
+def test_flat_index_splits_as_load_dataset(tmp_path: Path) -> None:
+    _folder(tmp_path, 7)
+    ds, index = D.load_dataset(str(tmp_path)), D.index_folder(tmp_path)
+    assert index.layout == "flat"
+    assert [im.name for im in index.train] == [n for n, _ in ds.train]
+    assert [im.name for im in index.test] == [n for n, _ in ds.test]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_stream_equals_in_memory_sampler_on_a_folder(tmp_path: Path, workers: int) -> None:
+    root = _mixed_folder(tmp_path / "data")
+    images = [x for _, x in D.load_dataset(str(root), patch_size=48).train]
+    index = D.index_folder(root)
+    for rank in (0, 1):
+        ref = D.TrainSampler(images, 48, 6, seed=5)
+        stream = D.TrainStream(index, 48, 6, seed=5, rank=rank, world_size=2, workers=workers)
+        cached = D.TrainStream(index, 48, 6, seed=5, rank=rank, world_size=2, workers=workers,
+                               cache=True)
+        got, got_cached = _stream_batches(stream, 0, 5), _stream_batches(cached, 0, 5)
+        for step in range(5):
+            expected = ref.batch(step, rank, 2)
+            assert torch.equal(got[step], expected) and torch.equal(got_cached[step], expected)
+    sizes = [(im.height, im.width) for im in index.train]
+    used = {i for step in range(5) for i, *_ in D._crop_plan(sizes, 48, 6, 5, step, 1)}
+    assert used == set(range(len(index.train)))  # every mode above was streamed at least once
+
+
+def test_stream_equals_sampler_on_builtin_set(builtin: D.Dataset) -> None:
+    ref = D.TrainSampler([x for _, x in builtin.train], 64, 4, seed=2)
+    for workers in (0, 2):
+        stream = D.TrainStream(builtin, 64, 4, seed=2, workers=workers)
+        assert stream.names == list(D.BUILTIN_TRAIN)
+        for step, b in enumerate(_stream_batches(stream, 0, 3)):
+            assert torch.equal(b, ref.batch(step))
+
+
+def test_stream_resumes_exactly(tmp_path: Path) -> None:
+    index = D.index_folder(_mixed_folder(tmp_path / "data"))
+    whole = _stream_batches(D.TrainStream(index, 32, 4, seed=1, workers=2), 0, 7)
+    resumed = _stream_batches(D.TrainStream(index, 32, 4, seed=1, workers=2), 4, 7)
+    assert all(torch.equal(a, b) for a, b in zip(whole[4:], resumed, strict=True))
+    endless = D.TrainStream(index, 32, 4, seed=1, workers=0).batches(5)
+    assert [s for s, _ in itertools.islice(endless, 3)] == [5, 6, 7]
+    assert not torch.equal(whole[0], whole[1])
+
+
+def test_index_is_cached_and_rebuilt_when_files_change(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "data"
+    _folder(root, 6)
+    path = tmp_path / "run" / "index.json"
+    first = D.index_folder(root, path)
+    assert json.loads(path.read_text())["version"] == D.INDEX_VERSION
+    real = D._read_size
+    calls: list[str] = []
+
+    def counting(p: Path) -> tuple[int, int]:
+        calls.append(p.name)
+        return real(p)
+
+    monkeypatch.setattr(D, "_read_size", counting)
+    assert D.index_folder(root, path) == first and calls == []  # reused: no header read
+    _save(root / "img00.png", _rgb(90, 95))  # same name, new content
+    os.utime(root / "img00.png", ns=(1, 1))
+    rebuilt = D.index_folder(root, path)
+    assert len(calls) == 6 and (rebuilt.test[0].height, rebuilt.test[0].width) == (90, 95)
+    _save(root / "new.png", _rgb(80, 80))
+    assert "new.png" in [im.name for im in D.index_folder(root, path).train]
+    path.write_text("{not json")
+    calls.clear()
+    assert "new.png" in [im.name for im in D.index_folder(root, path).train] and len(calls) == 7
+
+
+def test_index_skips_unidentifiable_files_with_a_warning(tmp_path: Path) -> None:
+    _folder(tmp_path / "data", 4)
+    (tmp_path / "data" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    for _ in range(2):  # built, then reused: the same single warning
+        with pytest.warns(D.DataWarning, match="broken.jpg") as record:
+            index = D.index_folder(tmp_path / "data", tmp_path / "index.json")
+        assert len(record) == 1
+        assert "broken.jpg" not in [im.name for im in index.train + index.test]
+
+
+def test_index_bad_folders(tmp_path: Path) -> None:
+    for case in ("missing", "empty", "all_bad", "one_image", "no_test"):
+        root, needles = _bad_folder(tmp_path, case)
+        with pytest.raises(D.DataError) as err:
+            D.index_folder(root)
+        _assert_one_line(err, *needles)
+
+
+def test_small_images_skip_or_error(tmp_path: Path) -> None:
+    _folder(tmp_path, 3, size=80)
+    for i in range(7):
+        _save(tmp_path / f"small{i}.png", _rgb(40, 100))
+    index = D.index_folder(tmp_path)  # test: img00, small2; train: 2 large + 6 small
+    with pytest.warns(D.DataWarning) as record:
+        stream = D.TrainStream(index, 64, 2, seed=0, workers=0)
+    assert len(record) == 1
+    msg = str(record[0].message)
+    assert "6 of 8" in msg and "small0.png (40x100)" in msg
+    assert "small5.png (40x100), ..." in msg and "small6" not in msg
+    assert stream.names == ["img01.png", "img02.png"] and stream.batch(0).shape == (2, 3, 64, 64)
+    with pytest.raises(D.DataError) as err:
+        D.TrainStream(index, 64, 2, seed=0, small_images="error")
+    _assert_one_line(err, "6 of 8", "small0.png (40x100)", "64x64")
+    with pytest.raises(D.DataError) as err:
+        D.TrainStream(index, 81, 2, seed=0)
+    _assert_one_line(err, "8 of 8", "81x81")
+
+
+def test_stream_bad_file_stops_with_one_line(tmp_path: Path) -> None:
+    _folder(tmp_path / "train", 2)
+    _folder(tmp_path / "test", 1)
+    jpg = io.BytesIO()
+    Image.fromarray(_rgb(80, 80)).save(jpg, format="JPEG")
+    (tmp_path / "train" / "t.jpg").write_bytes(jpg.getvalue()[: len(jpg.getvalue()) // 2])
+    index = D.index_folder(tmp_path)
+    assert "t.jpg" in [im.name for im in index.train]  # the header reads
+    for workers in (0, 2):
+        with pytest.raises(D.DataError) as err:
+            list(D.TrainStream(index, 32, 8, seed=0, workers=workers).batches(0, 4))
+        _assert_one_line(err, "t.jpg", "truncated")
+    (tmp_path / "train" / "t.jpg").unlink()
+    index = D.index_folder(tmp_path)
+    _save(tmp_path / "train" / "img00.png", _rgb(70, 90))  # changed after indexing
+    with pytest.raises(D.DataError) as err:
+        list(D.TrainStream(index, 32, 8, seed=0, workers=0).batches(0, 4))
+    _assert_one_line(err, "img00.png", "70x90", "80x80", "index again")
+
+
+def test_stream_bad_arguments(builtin: D.Dataset) -> None:
+    with pytest.raises(ValueError, match="small_images"):
+        D.TrainStream(builtin, 64, 2, 0, small_images="pad")
+    with pytest.raises(ValueError, match="workers"):
+        D.TrainStream(builtin, 64, 2, 0, workers=-1)
+    with pytest.raises(ValueError, match="rank"):
+        D.TrainStream(builtin, 64, 2, 0, rank=2, world_size=2)
+    with pytest.raises(ValueError, match="step"):
+        next(D.TrainStream(builtin, 64, 2, 0, workers=0).batches(-1))
+    assert 0 <= D.default_workers() <= 4
