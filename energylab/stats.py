@@ -19,18 +19,30 @@ covariance whose eigenvalues all lie above the floor gives exactly the unfloored
 covariance (no energy at all) is treated as white: every eigenvalue and variance is set to 1 (all
 metrics are scale-free), giving gains 1, total correlation 0 and effective rank C.
 
-Streaming: :class:`ChannelStats`, :class:`SubbandEnergy` and :class:`SpatialCorrelation` are
-``torchmetrics.Metric`` s whose states are float64 sums reduced with ``dist_reduce_fx="sum"``, so
-``update`` / ``compute`` / ``reset`` / ``merge`` and the all-reduce across ``torch.distributed``
-processes are exact sums. Their ``update`` never synchronises with the host (no ``.item()``, no
-branch on tensor values), so it can run in forward hooks during GPU training; call ``update``, not
-the module's ``forward`` (which computes a per-batch value).
+Streaming: :class:`ChannelStats`, :class:`SubbandEnergy`, :class:`SpatialCorrelation` and
+:class:`AuxEnergyShare` are ``torchmetrics.Metric`` s in the torchmetrics shape: a functional layer
+of torch functions (``_<name>_update`` returns the float64 sums of one batch, ``_<name>_compute``
+turns sums into values) and thin classes over it whose states are those sums, reduced with
+``dist_reduce_fx="sum"``, so ``update`` / ``compute`` / ``reset`` / ``merge`` and the all-reduce
+across ``torch.distributed`` processes are exact sums. ``compute()`` returns a dict of float64
+tensors. ``update`` never synchronises with the host (no ``.item()``, no branch on tensor values),
+so it can run in forward hooks during GPU training; call ``update``, not the module's ``forward``
+(which computes a per-batch value). States stay float64 on the data's device whatever a parent
+module's casts (``.to(torch.float32)``, ``.half()``, ``set_dtype``): only devices are applied to them.
+
+**Non-finite input and no data (one rule for every metric).** A *sample* is what a metric reads as
+one unit: a position's C-vector for :class:`ChannelStats`, :class:`SpatialCorrelation` (and every
+lag pair with such an end) and :class:`AuxEnergyShare` (either tensor), a whole image for
+:class:`SubbandEnergy` (a DWT mixes positions). A sample holding any NaN or inf is skipped and
+counted in the state ``nonfinite``; ``count`` counts the samples used. ``compute()`` returns both
+counts beside its values and raises a one-line ``ValueError`` naming the metric when there is no
+sample to compute on: no update at all, or every sample non-finite.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -42,10 +54,13 @@ from energylab.wavelets import dwt2
 
 __all__ = [
     "EIGENVALUE_FLOOR",
+    "AuxEnergyShare",
     "ChannelStats",
     "SpatialCorrelation",
     "Spectrum",
     "SubbandEnergy",
+    "aux_energy_share",
+    "channel_stats",
     "coding_gain",
     "correlation_matrix",
     "decorrelation_gain",
@@ -103,6 +118,9 @@ def spectrum(cov: CovLike | Spectrum) -> Spectrum:
 
     Raises:
         ValueError: ``cov`` is not a non-empty square matrix or holds NaN or inf.
+
+    >>> spectrum(np.array([[4.0, 2.0], [2.0, 9.0]])).eigenvalues.round(4).tolist()
+    [9.7016, 3.2984]
     """
     if isinstance(cov, Spectrum):
         return cov
@@ -124,7 +142,11 @@ def spectrum(cov: CovLike | Spectrum) -> Spectrum:
 
 
 def floored_eigenvalues(cov: CovLike | Spectrum) -> int:
-    """Number of eigenvalues of ``cov`` raised to the floor (``< 1e-12 * l_max``; all, if zero)."""
+    """Number of eigenvalues of ``cov`` raised to the floor (``< 1e-12 * l_max``; all, if zero).
+
+    >>> floored_eigenvalues(np.diag([1.0, 0.0]))
+    1
+    """
     return spectrum(cov).floored
 
 
@@ -133,6 +155,9 @@ def offdiag_energy_ratio(cov: CovLike | Spectrum) -> float:
 
     ``sum_{i != j} S_ij^2 / sum_{i,j} S_ij^2``: 0 when the channels are uncorrelated; 0 for a zero
     covariance. Unfloored (no eigenvalues involved).
+
+    >>> round(offdiag_energy_ratio(np.array([[4.0, 2.0], [2.0, 9.0]])), 4)  # 8 / (16 + 81 + 8)
+    0.0762
     """
     s = spectrum(cov).covariance
     total = float(np.square(s).sum())
@@ -145,6 +170,9 @@ def coding_gain(cov: CovLike | Spectrum) -> float:
     ``mean_c(s_c^2) / (prod_c s_c^2)^(1/C)`` (arithmetic over geometric mean of the floored channel
     variances) ``>= 1``: it grows as energy is spread unevenly across channels (energy modulation);
     1 for equal variances.
+
+    >>> round(coding_gain(np.array([[4.0, 2.0], [2.0, 9.0]])), 4)  # AM 6.5 / GM 6
+    1.0833
     """
     v = spectrum(cov).variances
     return float(v.mean() / np.exp(np.log(v).mean()))
@@ -155,6 +183,9 @@ def klt_coding_gain(cov: CovLike | Spectrum) -> float:
 
     ``mean_i(l_i) / (prod_i l_i)^(1/C)`` over the floored eigenvalues ``>= 1``; invariant under
     any orthogonal rotation of the channels.
+
+    >>> round(klt_coding_gain(np.array([[4.0, 2.0], [2.0, 9.0]])), 4)  # AM 6.5 / det^(1/2) = 32^(1/2)
+    1.149
     """
     lam = spectrum(cov).eigenvalues
     return float(lam.mean() / np.exp(np.log(lam).mean()))
@@ -166,6 +197,9 @@ def decorrelation_gain(cov: CovLike | Spectrum) -> float:
     ``(prod_c s_c^2 / det S)^(1/C) = klt_coding_gain / coding_gain`` (Hadamard's inequality gives
     ``>= 1``; the two sides agree because ``sum_c s_c^2 = trace S = sum_i l_i``), over the floored
     variances and eigenvalues; 1 for uncorrelated channels.
+
+    >>> round(decorrelation_gain(np.array([[4.0, 2.0], [2.0, 9.0]])), 4)  # (4 * 9 / 32)^(1/2)
+    1.0607
     """
     sp = spectrum(cov)
     return float(np.exp(np.log(sp.variances).mean() - np.log(sp.eigenvalues).mean()))
@@ -177,6 +211,9 @@ def total_correlation(cov: CovLike | Spectrum) -> float:
     ``1/2 (sum_c log s_c^2 - log det S)`` = ``sum_c h(y_c) - h(y)`` for a Gaussian (Cover & Thomas,
     *Elements of Information Theory*, 2nd ed., eq. 8.64 for ``h``), over the floored variances and
     eigenvalues; 0 for uncorrelated channels.
+
+    >>> round(total_correlation(np.array([[4.0, 2.0], [2.0, 9.0]])), 4)  # 1/2 log(4 * 9 / 32)
+    0.0589
     """
     sp = spectrum(cov)
     return float(0.5 * (np.log(sp.variances).sum() - np.log(sp.eigenvalues).sum()))
@@ -187,6 +224,9 @@ def effective_rank(cov: CovLike | Spectrum) -> float:
 
     ``exp(-sum_i p_i log p_i)`` with ``p_i = l_i / sum_j l_j`` over the floored eigenvalues: the
     exponential of the entropy of the normalised spectrum.
+
+    >>> round(effective_rank(np.eye(3)), 4), round(effective_rank(np.diag([1.0, 0.0, 0.0])), 4)
+    (3.0, 1.0)
     """
     lam = spectrum(cov).eigenvalues
     p = lam / lam.sum()
@@ -224,7 +264,11 @@ def psnr(mse: float, peak: float = 1.0) -> float:
 
 
 def to_db(ratio: float) -> float:
-    """``10 log10(ratio)``, a gain ratio in decibels. Raises ValueError for ``ratio <= 0``."""
+    """``10 log10(ratio)``, a gain ratio in decibels. Raises ValueError for ``ratio <= 0``.
+
+    >>> to_db(100.0)
+    20.0
+    """
     if ratio <= 0:
         raise ValueError(f"a ratio in dB must be positive, got {ratio}")
     return 10.0 * math.log10(ratio)
@@ -239,6 +283,9 @@ def energy_compaction_curve(energies: CovLike | Sequence[float]) -> np.ndarray:
 
     Raises:
         ValueError: ``energies`` is not a non-empty 1-D array of finite non-negative numbers.
+
+    >>> energy_compaction_curve([1.0, 3.0]).tolist()
+    [0.75, 1.0]
     """
     if isinstance(energies, Tensor):
         energies = energies.detach().to("cpu", torch.float64).numpy()
@@ -256,6 +303,9 @@ def topk_energy_share(energies: CovLike | Sequence[float], k: int) -> float:
 
     Raises:
         ValueError: ``k`` outside ``1..C`` (and as :func:`energy_compaction_curve`).
+
+    >>> topk_energy_share([1.0, 3.0, 0.0, 4.0], 2)  # (4 + 3) / 8
+    0.875
     """
     curve = energy_compaction_curve(energies)
     if not 1 <= k <= len(curve):
@@ -281,6 +331,10 @@ def energy_statistics(
 
     Raises:
         ValueError: as the individual functions.
+
+    >>> out = energy_statistics(np.array([[4.0, 2.0], [2.0, 9.0]]), [4.0, 9.0])
+    >>> out["topk_k"], round(out["topk_energy_share"], 4), out["floored_eigenvalues"]  # 9 / 13
+    (1, 0.6923, 0)
     """
     sp = spectrum(cov)
     k = max(1, round(len(sp.eigenvalues) / 8)) if k is None else k
@@ -301,22 +355,283 @@ def _f64_zeros(*shape: int) -> Tensor:
     return torch.zeros(shape, dtype=torch.float64)
 
 
+def _check_float(y: Tensor, name: str) -> None:
+    if not y.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor, got {y.dtype}")
+
+
+def _check_data(name: str, count: Tensor, nonfinite: Tensor, needed: int = 1) -> None:
+    """The no-data rule of the module docstring (this is where ``compute`` waits for the host)."""
+    n, skipped = int(count), int(nonfinite)
+    if n >= needed:
+        return
+    if skipped:
+        raise ValueError(f"{name}: every sample was non-finite ({skipped} skipped), no data to compute on")
+    if n == 0:
+        raise ValueError(f"{name}: no data (compute() before any update)")
+    raise ValueError(f"{name}: needs at least {needed} samples, got {n}")
+
+
+# ---------------------------------------------------------------- functional layer: ChannelStats
+
+
+def _check_channel_input(y: Tensor, channels: int) -> None:
+    if y.dim() not in (2, 4) or y.shape[1] != channels:
+        raise ValueError(
+            f"ChannelStats: expected (B, {channels}, H, W) or (N, {channels}), got {tuple(y.shape)}"
+        )
+    _check_float(y, "ChannelStats")
+
+
+def _channel_stats_update(y: Tensor, channels: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Float64 sums of the samples of ``y`` ``(B, C, H, W)`` or ``(N, C)``: ``(count, sum, outer,
+    nonfinite)``, with ``outer`` the chunk-centred sum of :class:`ChannelStats`. Samples holding a
+    non-finite value are left out and counted in ``nonfinite``. No host synchronisation."""
+    _check_channel_input(y, channels)
+    y = y.detach()
+    c, device = channels, y.device
+    chunk = _CHUNK_ELEMENTS.get(device.type, _DEFAULT_CHUNK_ELEMENTS)
+    step = max(1, chunk // c)  # samples per float64 chunk
+    if y.dim() == 2:
+        parts = [x.T for x in y.split(step)]  # (C, m) views
+    else:  # groups of images as (C, g, H*W) views
+        b, _, h, w = y.shape
+        parts = y.reshape(b, c, h * w).split(max(1, step // (h * w)))
+        parts = [p.transpose(0, 1) for p in parts]
+    count, total = _f64_zeros().to(device), _f64_zeros(c).to(device)
+    outer = _f64_zeros(c, c).to(device)
+    for part in parts:  # cast and transpose in one copy into a fresh (C, m) float64 buffer
+        x = torch.empty(part.shape, dtype=torch.float64, device=device).copy_(part)
+        x = x.view(c, -1)  # columns are samples
+        finite = torch.isfinite(x).all(0)
+        x.masked_fill_(~finite, 0.0)
+        m = finite.sum()
+        s = x.sum(1)
+        mu = s / m.clamp(min=1)
+        outer.addmm_(x.sub_(mu[:, None]).mul_(finite), x.T).addr_(s, mu)
+        total += s
+        count += m
+    return count, total, outer, y.numel() // c - count
+
+
+def _channel_stats_compute(
+    count: Tensor, total: Tensor, outer: Tensor, nonfinite: Tensor
+) -> dict[str, Tensor]:
+    """Mean, unbiased covariance and energies from the sums of :func:`_channel_stats_update`.
+
+    Raises:
+        ValueError: fewer than 2 finite samples.
+    """
+    _check_data("ChannelStats", count, nonfinite, needed=2)
+    mean = total / count
+    cov = (outer - count * torch.outer(mean, mean)) / (count - 1)
+    return {
+        "mean": mean,
+        "covariance": 0.5 * (cov + cov.T),
+        "energies": torch.diagonal(outer) / count,
+        "count": count.clone(),
+        "nonfinite": nonfinite.clone(),
+    }
+
+
+# ---------------------------------------------------------------- functional layer: SubbandEnergy
+
+
+def _subband_names(levels: int) -> list[str]:
+    """``LL{L}``, then ``LH{l}, HL{l}, HH{l}`` for ``l = L..1``."""
+    return [f"LL{levels}"] + [f"{b}{lv}" for lv in range(levels, 0, -1) for b in ("LH", "HL", "HH")]
+
+
+def _subband_energy_update(y: Tensor, levels: int, wavelet: str) -> tuple[Tensor, Tensor, Tensor]:
+    """``(energy, count, nonfinite)``: float64 band energies ``(3L+1,)`` of the images of ``y``
+    ``(B, C, H, W)``, images holding a non-finite value left out; counts in images."""
+    m = 2**levels
+    if y.dim() != 4 or y.shape[-2] % m or y.shape[-1] % m:
+        raise ValueError(
+            f"SubbandEnergy: expected (B, C, H, W) with H, W divisible by {m}, got {tuple(y.shape)}"
+        )
+    _check_float(y, "SubbandEnergy")
+    finite = torch.isfinite(y.detach()).flatten(1).all(1)
+    x = y.detach().to(torch.float64).masked_fill(~finite[:, None, None, None], 0.0)
+    details = []
+    for _ in range(levels):
+        x, *bands = dwt2(x, wavelet).chunk(4, 1)
+        details.append(torch.stack([b.square().sum() for b in bands]))
+    energy = torch.cat([x.square().sum().reshape(1), *details[::-1]])
+    count = finite.sum().to(torch.float64)
+    return energy, count, len(finite) - count
+
+
+def _subband_energy_compute(
+    energy: Tensor, count: Tensor, nonfinite: Tensor, levels: int
+) -> dict[str, Tensor]:
+    """Band shares (and ``count``, ``nonfinite`` images) from :func:`_subband_energy_update`'s sums.
+
+    Raises:
+        ValueError: no finite image.
+    """
+    _check_data("SubbandEnergy", count, nonfinite)
+    if not energy.any():  # zero energy: white, each band's fraction of the coefficients
+        energy = torch.tensor(
+            [1.0] + [4.0**lv for lv in range(levels) for _ in range(3)],
+            dtype=torch.float64, device=energy.device,
+        )
+    shares = energy / energy.sum()
+    out = dict(zip(_subband_names(levels), shares.unbind(), strict=True))
+    return out | {"count": count.clone(), "nonfinite": nonfinite.clone()}
+
+
+# ---------------------------------------------------------------- functional layer: SpatialCorrelation
+
+
+def _lag_slices(lag: tuple[int, int], h: int, w: int) -> tuple[tuple[slice, slice], ...]:
+    """Slices of the first and second element of every pair ``(p, p + lag)`` inside ``h x w``."""
+
+    def one(d: int, n: int) -> tuple[slice, slice]:
+        return (slice(0, n - d), slice(d, n)) if d >= 0 else (slice(-d, n), slice(0, n + d))
+
+    (a_h, b_h), (a_w, b_w) = one(lag[0], h), one(lag[1], w)
+    return (a_h, a_w), (b_h, b_w)
+
+
+def _lag_name(lag: tuple[int, int]) -> str:
+    return f"{lag[0]},{lag[1]}"
+
+
+def _spatial_correlation_update(
+    y: Tensor, channels: int, lags: Sequence[tuple[int, int]]
+) -> dict[str, Tensor]:
+    """Float64 sums of :class:`SpatialCorrelation` for ``y`` ``(B, C, H, W)``, positions holding a
+    non-finite value left out (and every pair with such an end); keys are the state names."""
+    if y.dim() != 4 or y.shape[1] != channels:
+        raise ValueError(f"SpatialCorrelation: expected (B, {channels}, H, W), got {tuple(y.shape)}")
+    _check_float(y, "SpatialCorrelation")
+    b, c, h, w = y.shape
+    if any(abs(dh) >= h or abs(dw) >= w for dh, dw in lags):
+        raise ValueError(f"SpatialCorrelation: lags {tuple(lags)} do not fit a {h}x{w} map")
+    finite = torch.isfinite(y.detach()).all(1, keepdim=True)  # (B, 1, H, W)
+    x = y.detach().to(torch.float64).masked_fill(~finite, 0.0)
+    dims = (0, 2, 3)
+    count = finite.sum().to(torch.float64)
+    pairs, cross, head, tail = [], [], [], []
+    for lag in lags:
+        (ah, aw), (bh, bw) = _lag_slices(lag, h, w)
+        first, second = x[:, :, ah, aw], x[:, :, bh, bw]
+        both = finite[:, :, ah, aw] & finite[:, :, bh, bw]
+        pairs.append(both.sum())
+        cross.append((first * second).sum(dims))  # a skipped end is 0: the product is 0
+        head.append((first * both).sum(dims))
+        tail.append((second * both).sum(dims))
+    return {
+        "count": count,
+        "sum": x.sum(dims),
+        "sum_sq": x.square().sum(dims),
+        "pairs": torch.stack(pairs).to(torch.float64),
+        "cross": torch.stack(cross),
+        "head": torch.stack(head),
+        "tail": torch.stack(tail),
+        "nonfinite": b * h * w - count,
+    }
+
+
+def _spatial_correlation_compute(
+    lags: Sequence[tuple[int, int]], count: Tensor, total: Tensor, sum_sq: Tensor, pairs: Tensor,
+    cross: Tensor, head: Tensor, tail: Tensor, nonfinite: Tensor,
+) -> dict[str, Tensor]:
+    """``mean_c rho_c(d)`` per lag (and ``count``, ``nonfinite`` positions) from the sums.
+
+    Raises:
+        ValueError: no finite position.
+    """
+    _check_data("SpatialCorrelation", count, nonfinite)
+    mu = total / count
+    var = sum_sq / count - mu.square()
+    live = var > EIGENVALUE_FLOOR * var.max()
+    lagged = (cross - mu * (head + tail)) / pairs[:, None] + mu.square()
+    if live.any():
+        rho = (lagged[:, live] / var[live]).mean(1)
+    else:  # no variance anywhere: white
+        rho = torch.zeros(len(lags), dtype=torch.float64, device=total.device)
+    out = {_lag_name(lag): r for lag, r in zip(lags, rho.unbind(), strict=True)}
+    return out | {"count": count.clone(), "nonfinite": nonfinite.clone()}
+
+
+# ---------------------------------------------------------------- functional layer: AuxEnergyShare
+
+
+def _aux_energy_share_update(aux: Tensor, merged: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(aux, merged, count, nonfinite)``: float64 energies of the two ``(B, C, H, W)`` tensors over
+    the positions where both are finite, and the position counts."""
+    if aux.shape != merged.shape or aux.dim() != 4:
+        raise ValueError(
+            f"AuxEnergyShare: expected two (B, C, H, W) tensors of one shape, got "
+            f"{tuple(aux.shape)} and {tuple(merged.shape)}"
+        )
+    _check_float(aux, "AuxEnergyShare")
+    _check_float(merged, "AuxEnergyShare")
+    aux, merged = aux.detach(), merged.detach()
+    finite = torch.isfinite(aux).all(1, keepdim=True) & torch.isfinite(merged).all(1, keepdim=True)
+    a = aux.to(torch.float64).masked_fill(~finite, 0.0).square().sum()
+    m = merged.to(torch.float64).masked_fill(~finite, 0.0).square().sum()
+    count = finite.sum().to(torch.float64)
+    return a, m, count, finite.numel() - count
+
+
+def _aux_energy_share_compute(
+    aux: Tensor, merged: Tensor, count: Tensor, nonfinite: Tensor
+) -> dict[str, Tensor]:
+    """``aux_energy_share = aux / merged`` (and ``count``, ``nonfinite`` positions).
+
+    Raises:
+        ValueError: no finite position.
+    """
+    _check_data("AuxEnergyShare", count, nonfinite)
+    return {"aux_energy_share": aux / merged, "count": count.clone(), "nonfinite": nonfinite.clone()}
+
+
+# ---------------------------------------------------------------- Metric classes
+
+
 class _StreamingMetric(Metric):
-    """Sum-reduced float64 states that follow the device of the data and merge exactly."""
+    """Sum-reduced float64 states that follow the device of the data and merge exactly.
+
+    ``count`` and ``nonfinite`` are states of every metric (see the module docstring). States stay
+    float64 whatever the casts of a parent module (``.to(dtype)``, ``.half()``, ``set_dtype``):
+    :meth:`_apply` moves them between devices only. ``compute_with_cache`` defaults to False, so a
+    :meth:`merge` is seen by the next ``compute``.
+    """
 
     full_state_update = False
     is_differentiable = False
     higher_is_better = None
 
+    def __init__(self, **kwargs) -> None:
+        kwargs.setdefault("compute_with_cache", False)
+        super().__init__(**kwargs)
+        self.add_state("count", _f64_zeros(), dist_reduce_fx="sum")
+        self.add_state("nonfinite", _f64_zeros(), dist_reduce_fx="sum")
+
+    def _apply(self, fn: Callable, exclude_state: Sequence[str] = ()) -> torch.nn.Module:
+        """``nn.Module._apply`` with the states excluded, then moved to the new device only."""
+        names = tuple(self.metric_state)
+        this = super()._apply(fn, exclude_state=(*exclude_state, *names))
+        for name in names:
+            if name not in exclude_state:
+                setattr(this, name, getattr(this, name).to(this.device))
+        return this
+
     def _follow(self, y: Tensor) -> None:
-        """Move the states to ``y``'s device (cheap: they are small); raise on non-float ``y``."""
-        if not y.is_floating_point():
-            raise TypeError(f"expected a floating-point tensor, got {y.dtype}")
+        """Move the states to ``y``'s device (cheap: they are small)."""
         if self.device != y.device:
             self.to(y.device)
 
+    def _add(self, increments: dict[str, Tensor]) -> None:
+        for name, value in increments.items():
+            getattr(self, name).add_(value)
+
     def merge(self, other: _StreamingMetric) -> _StreamingMetric:
-        """Add ``other``'s state to this one (exact: states are sums); returns ``self``.
+        """Add ``other``'s state to this one through ``Metric.merge_state`` (exact: states are
+        sums); returns ``self``.
 
         Raises:
             ValueError: ``other`` is of another class or configuration.
@@ -324,8 +639,6 @@ class _StreamingMetric(Metric):
         if type(other) is not type(self) or other._config() != self._config():
             raise ValueError(f"cannot merge {other!r} into {self!r}")
         self.merge_state({k: v.to(self.device) for k, v in other.metric_state.items()})
-        self._update_count += other._update_count
-        self._computed = None
         return self
 
     def _config(self) -> tuple:
@@ -335,8 +648,9 @@ class _StreamingMetric(Metric):
 class ChannelStats(_StreamingMetric):
     """Streaming mean, covariance and energies of the channels of latents.
 
-    States (float64, ``dist_reduce_fx="sum"``): ``count`` (samples), ``sum`` ``(C,)`` and ``outer``
-    ``(C, C)`` = ``sum_n y_n y_n^T``. The covariance is ``(outer - count mu mu^T) / (count - 1)``.
+    States (float64, ``dist_reduce_fx="sum"``): ``count`` (finite samples), ``nonfinite``
+    (samples of the input holding NaN or inf, skipped), ``sum`` ``(C,)`` and ``outer`` ``(C, C)`` =
+    ``sum_n y_n y_n^T``. The covariance is ``(outer - count mu mu^T) / (count - 1)``.
 
     Accumulation is one float64 GEMM per chunk of ``m`` samples ``X`` (whole images, or ``2^20 / C``
     samples on the CPU, ``2^25 / C`` elsewhere), on the chunk centred at its own mean ``mu_X``:
@@ -350,11 +664,18 @@ class ChannelStats(_StreamingMetric):
     Args:
         channels: C.
         max_positions: if set, each ``update`` keeps at most this many samples (positions), drawn
-            without replacement by a ``torch.Generator`` on the data's device seeded with ``seed``.
+            without replacement by a ``torch.Generator`` on the data's device seeded with ``seed``;
+            ``nonfinite`` still counts over every position of the input.
         seed: seed of that generator.
 
     Raises:
         ValueError: ``channels < 1`` or ``max_positions < 1``.
+
+    >>> m = ChannelStats(2)
+    >>> m.update(torch.tensor([[1.0, 2.0], [3.0, 2.0], [float("nan"), 0.0], [2.0, 5.0]]))
+    >>> out = m.compute()
+    >>> out["mean"].tolist(), out["covariance"].tolist(), int(out["count"]), int(out["nonfinite"])
+    ([2.0, 3.0], [[1.0, 0.0], [0.0, 3.0]], 3, 1)
     """
 
     def __init__(
@@ -367,7 +688,6 @@ class ChannelStats(_StreamingMetric):
             raise ValueError(f"max_positions must be >= 1, got {max_positions}")
         self.channels, self.max_positions, self.seed = channels, max_positions, seed
         self._generators: dict[torch.device, torch.Generator] = {}
-        self.add_state("count", _f64_zeros(), dist_reduce_fx="sum")
         self.add_state("sum", _f64_zeros(channels), dist_reduce_fx="sum")
         self.add_state("outer", _f64_zeros(channels, channels), dist_reduce_fx="sum")
 
@@ -390,68 +710,45 @@ class ChannelStats(_StreamingMetric):
         """Accumulate the samples of ``y``: ``(B, C, H, W)`` (B*H*W samples) or ``(N, C)``.
 
         Any float dtype and device; the sums are float64 on ``y``'s device (the states move
-        there). No host synchronisation.
+        there). Samples holding NaN or inf are skipped and counted. No host synchronisation.
 
         Raises:
             ValueError: wrong rank or channel count. TypeError: non-float ``y``.
         """
-        if y.dim() not in (2, 4) or y.shape[1] != self.channels:
-            raise ValueError(
-                f"expected (B, {self.channels}, H, W) or (N, {self.channels}), got {tuple(y.shape)}"
-            )
+        _check_channel_input(y, self.channels)
         self._follow(y)
         y = y.detach()
-        c = self.channels
-        if self.max_positions is not None and y.numel() // c > self.max_positions:
-            y = self._subsample(y)
-        chunk = _CHUNK_ELEMENTS.get(y.device.type, _DEFAULT_CHUNK_ELEMENTS)
-        step = max(1, chunk // c)  # samples per float64 chunk
-        if y.dim() == 2:
-            parts = [x.T for x in y.split(step)]  # (C, m) views
-        else:  # groups of images as (C, g, H*W) views
-            b, _, h, w = y.shape
-            parts = y.reshape(b, c, h * w).split(max(1, step // (h * w)))
-            parts = [p.transpose(0, 1) for p in parts]
-        for part in parts:  # cast and transpose in one copy into a fresh (C, m) float64 buffer
-            x = torch.empty(part.shape, dtype=torch.float64, device=y.device).copy_(part)
-            x = x.view(c, -1)  # columns are samples
-            s = x.sum(1)
-            mu = s / x.shape[1]
-            self.outer.addmm_(x.sub_(mu[:, None]), x.T).addr_(s, mu)
-            self.sum += s
-        self.count += y.numel() // c
+        n = y.numel() // self.channels
+        if self.max_positions is not None and n > self.max_positions:
+            skipped = n - torch.isfinite(y).all(1).sum()
+            count, total, outer, _ = _channel_stats_update(self._subsample(y), self.channels)
+        else:
+            count, total, outer, skipped = _channel_stats_update(y, self.channels)
+        self._add({"count": count, "sum": total, "outer": outer, "nonfinite": skipped})
 
     def compute(self) -> dict[str, Tensor]:
         """Statistics of everything accumulated (across processes, when distributed).
 
         Returns:
             ``mean`` ``(C,)``, ``covariance`` ``(C, C)`` unbiased (divides by ``count - 1``),
-            ``energies`` ``(C,)`` = ``E[y_c^2]``, ``count`` (scalar); float64 on the states' device.
+            ``energies`` ``(C,)`` = ``E[y_c^2]``, ``count`` and ``nonfinite`` (scalars); float64 on
+            the states' device.
 
         Raises:
-            ValueError: fewer than 2 samples.
+            ValueError: fewer than 2 finite samples (no update, or all non-finite).
         """
-        n = self.count
-        if n < 2:
-            raise ValueError(f"a covariance needs at least 2 samples, got {int(n)}")
-        mean = self.sum / n
-        cov = (self.outer - n * torch.outer(mean, mean)) / (n - 1)
-        return {
-            "mean": mean,
-            "covariance": 0.5 * (cov + cov.T),
-            "energies": torch.diagonal(self.outer) / n,
-            "count": n.clone(),
-        }
+        return _channel_stats_compute(self.count, self.sum, self.outer, self.nonfinite)
 
     def statistics(self, k: int | None = None) -> dict[str, float]:
-        """:func:`energy_statistics` of :meth:`compute`'s covariance and energies."""
+        """:func:`energy_statistics` of :meth:`compute`'s covariance and energies.
+
+        >>> m = ChannelStats(2)
+        >>> m.update(torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 2.0], [0.0, -2.0]]))
+        >>> round(m.statistics()["coding_gain"], 4)  # variances 2/3 and 8/3: AM 5/3, GM 4/3
+        1.25
+        """
         out = self.compute()
         return energy_statistics(out["covariance"], out["energies"], k)
-
-
-def _subband_names(levels: int) -> list[str]:
-    """``LL{L}``, then ``LH{l}, HL{l}, HH{l}`` for ``l = L..1``."""
-    return [f"LL{levels}"] + [f"{b}{lv}" for lv in range(levels, 0, -1) for b in ("LH", "HL", "HH")]
 
 
 class SubbandEnergy(_StreamingMetric):
@@ -462,7 +759,9 @@ class SubbandEnergy(_StreamingMetric):
     LH is high-pass along H), ``share_b = sum d_b^2 / sum_b' sum d_b'^2``. For an orthonormal
     wavelet the denominator is ``sum y^2`` (Parseval; S. Mallat, *A Wavelet Tour of Signal
     Processing*, 3rd ed., 2009, sec. 7.7). Zero total energy is treated as white: each band's share
-    is its fraction of the coefficients. State: ``energy`` ``(3L+1,)`` float64 sums.
+    is its fraction of the coefficients. States: ``energy`` ``(3L+1,)`` float64 sums; ``count`` and
+    ``nonfinite`` count **images** (a DWT mixes positions, so an image holding NaN or inf is
+    skipped whole).
 
     Args:
         levels: decomposition levels L >= 1.
@@ -470,6 +769,11 @@ class SubbandEnergy(_StreamingMetric):
 
     Raises:
         ValueError: ``levels < 1``.
+
+    >>> m = SubbandEnergy(levels=1)
+    >>> m.update(torch.ones(2, 3, 4, 4))  # constant: all energy in LL
+    >>> {k: round(float(v), 4) for k, v in m.compute().items()}
+    {'LL1': 1.0, 'LH1': 0.0, 'HL1': 0.0, 'HH1': 0.0, 'count': 2.0, 'nonfinite': 0.0}
     """
 
     def __init__(self, levels: int = 2, wavelet: str = "haar", **kwargs) -> None:
@@ -477,6 +781,7 @@ class SubbandEnergy(_StreamingMetric):
         if levels < 1:
             raise ValueError(f"levels must be >= 1, got {levels}")
         self.levels, self.wavelet = levels, wavelet
+        self.bands = _subband_names(levels)
         self.add_state("energy", _f64_zeros(3 * levels + 1), dist_reduce_fx="sum")
 
     def _config(self) -> tuple:
@@ -488,33 +793,18 @@ class SubbandEnergy(_StreamingMetric):
         Raises:
             ValueError: wrong rank or sizes. TypeError: non-float ``y``.
         """
-        m = 2**self.levels
-        if y.dim() != 4 or y.shape[-2] % m or y.shape[-1] % m:
-            raise ValueError(f"expected (B, C, H, W) with H, W divisible by {m}, got {y.shape}")
+        energy, count, skipped = _subband_energy_update(y, self.levels, self.wavelet)
         self._follow(y)
-        x = y.detach().to(torch.float64)
-        details = []
-        for _ in range(self.levels):
-            x, *bands = dwt2(x, self.wavelet).chunk(4, 1)
-            details.append(torch.stack([b.square().sum() for b in bands]))
-        self.energy += torch.cat([x.square().sum().reshape(1), *details[::-1]])
+        self._add({"energy": energy, "count": count, "nonfinite": skipped})
 
-    def compute(self) -> dict[str, float]:
-        """Shares ``{LL{L}, LH{L}, HL{L}, HH{L}, ..., LH1, HL1, HH1}`` summing to 1."""
-        e = self.energy.cpu().numpy()
-        if e.sum() == 0:
-            e = np.array([1.0] + [4.0**lv for lv in range(self.levels) for _ in range(3)])
-        return dict(zip(_subband_names(self.levels), (e / e.sum()).tolist(), strict=True))
+    def compute(self) -> dict[str, Tensor]:
+        """Shares ``{LL{L}, LH{L}, HL{L}, HH{L}, ..., LH1, HL1, HH1}`` (0-d float64 tensors
+        summing to 1, names in :attr:`bands`), then ``count`` and ``nonfinite`` images.
 
-
-def _lag_slices(lag: tuple[int, int], h: int, w: int) -> tuple[tuple[slice, slice], ...]:
-    """Slices of the first and second element of every pair ``(p, p + lag)`` inside ``h x w``."""
-
-    def one(d: int, n: int) -> tuple[slice, slice]:
-        return (slice(0, n - d), slice(d, n)) if d >= 0 else (slice(-d, n), slice(0, n + d))
-
-    (a_h, b_h), (a_w, b_w) = one(lag[0], h), one(lag[1], w)
-    return (a_h, a_w), (b_h, b_w)
+        Raises:
+            ValueError: no finite image (no update, or all non-finite).
+        """
+        return _subband_energy_compute(self.energy, self.count, self.nonfinite, self.levels)
 
 
 class SpatialCorrelation(_StreamingMetric):
@@ -529,101 +819,127 @@ class SpatialCorrelation(_StreamingMetric):
     (the sample autocorrelation of G. Box and G. Jenkins, *Time Series Analysis*, sec. 2.1.5, with
     the lag term averaged over its valid pairs). The result is ``mean_c rho_c(d)`` over the channels
     with ``v_c > 1e-12 * max_c v_c``; 0 when there are none (no variance: treated as white).
-    States (float64 sums): N, per channel ``sum y``, ``sum y^2``, and per lag ``M_d``,
-    ``sum y(p) y(p+d)``, ``sum y(p)``, ``sum y(p+d)``, so merging and syncing are exact.
+    States (float64 sums): N (``count``), per channel ``sum y``, ``sum y^2``, and per lag ``M_d``,
+    ``sum y(p) y(p+d)``, ``sum y(p)``, ``sum y(p+d)``, so merging and syncing are exact. A position
+    holding NaN or inf in any channel is skipped (with every pair it ends) and counted in
+    ``nonfinite``.
 
     Args:
+        channels: C.
         lags: ``(dh, dw)`` integer pairs, any sign.
 
     Raises:
-        ValueError: no lags, or a lag that is not a pair of integers.
+        ValueError: ``channels < 1``, no lags, or a lag that is not a pair of integers.
+
+    >>> m = SpatialCorrelation(1, lags=[(0, 1)])
+    >>> m.update(torch.tensor([[[[1.0, 1.0, -1.0, -1.0]]]]))  # pairs (1,1), (1,-1), (-1,-1)
+    >>> {k: round(float(v), 4) for k, v in m.compute().items()}
+    {'0,1': 0.3333, 'count': 4.0, 'nonfinite': 0.0}
     """
 
     def __init__(
-        self, lags: Sequence[tuple[int, int]] = ((0, 1), (1, 0), (1, 1)), **kwargs
+        self, channels: int, lags: Sequence[tuple[int, int]] = ((0, 1), (1, 0), (1, 1)), **kwargs
     ) -> None:
         super().__init__(**kwargs)
+        if channels < 1:
+            raise ValueError(f"channels must be >= 1, got {channels}")
         lags = tuple(tuple(lag) for lag in lags)
         if not lags or any(len(g) != 2 or not all(isinstance(d, int) for d in g) for g in lags):
             raise ValueError(f"lags must be a non-empty sequence of (dh, dw) integers, got {lags}")
-        self.lags = lags
-        self.add_state("count", _f64_zeros(), dist_reduce_fx="sum")
+        self.channels, self.lags = channels, lags
+        self.lag_names = [_lag_name(lag) for lag in lags]
         self.add_state("pairs", _f64_zeros(len(lags)), dist_reduce_fx="sum")
         for name in ("sum", "sum_sq"):
-            self.add_state(name, _f64_zeros(0), dist_reduce_fx="sum")
+            self.add_state(name, _f64_zeros(channels), dist_reduce_fx="sum")
         for name in ("cross", "head", "tail"):
-            self.add_state(name, _f64_zeros(len(lags), 0), dist_reduce_fx="sum")
+            self.add_state(name, _f64_zeros(len(lags), channels), dist_reduce_fx="sum")
 
     def _config(self) -> tuple:
-        return self.lags
-
-    def _allocate(self, channels: int, device: torch.device) -> None:
-        """Size the per-channel states (empty until the first update fixes C)."""
-        self.sum, self.sum_sq = (_f64_zeros(channels).to(device) for _ in range(2))
-        self.cross, self.head, self.tail = (
-            _f64_zeros(len(self.lags), channels).to(device) for _ in range(3)
-        )
-
-    def merge(self, other: SpatialCorrelation) -> SpatialCorrelation:
-        """As :meth:`_StreamingMetric.merge`; either side may not have been updated yet."""
-        if self.sum.numel() == 0 and isinstance(other, SpatialCorrelation):
-            self._allocate(other.sum.numel(), self.device)
-        elif other.sum.numel() == 0:
-            other._allocate(self.sum.numel(), other.device)
-        return super().merge(other)
+        return (self.channels, self.lags)
 
     def update(self, y: Tensor) -> None:
         """Accumulate ``y`` ``(B, C, H, W)``; every lag must fit: ``|dh| < H``, ``|dw| < W``.
 
-        The channel count is fixed by the first update; with ``torch.distributed`` every process
-        must have updated before ``compute`` syncs.
-
         Raises:
-            ValueError: wrong rank, a lag that does not fit, or a changed channel count.
-            TypeError: non-float ``y``.
+            ValueError: wrong shape or a lag that does not fit. TypeError: non-float ``y``.
         """
-        if y.dim() != 4:
-            raise ValueError(f"expected (B, C, H, W), got {tuple(y.shape)}")
-        b, c, h, w = y.shape
-        if any(abs(dh) >= h or abs(dw) >= w for dh, dw in self.lags):
-            raise ValueError(f"lags {self.lags} do not fit a {h}x{w} map")
+        increments = _spatial_correlation_update(y, self.channels, self.lags)
         self._follow(y)
-        if self.sum.numel() == 0:  # first update fixes C (shape only, no sync)
-            self._allocate(c, y.device)
-        elif self.sum.numel() != c:
-            raise ValueError(f"expected {self.sum.numel()} channels, got {c}")
-        x = y.detach().to(torch.float64)
-        dims = (0, 2, 3)
-        self.count += b * h * w
-        self.sum += x.sum(dims)
-        self.sum_sq += x.square().sum(dims)
-        for i, lag in enumerate(self.lags):
-            (ah, aw), (bh, bw) = _lag_slices(lag, h, w)
-            first, second = x[:, :, ah, aw], x[:, :, bh, bw]
-            self.pairs[i] += b * first.shape[2] * first.shape[3]
-            self.cross[i] += (first * second).sum(dims)
-            self.head[i] += first.sum(dims)
-            self.tail[i] += second.sum(dims)
+        self._add(increments)
 
-    def compute(self) -> dict[str, float]:
-        """``{"dh,dw": mean_c rho_c(d)}`` for each lag, e.g. ``{"0,1": 0.93, ...}``.
+    def compute(self) -> dict[str, Tensor]:
+        """``{"dh,dw": mean_c rho_c(d)}`` for each lag (names in :attr:`lag_names`), then ``count``
+        and ``nonfinite`` positions; 0-d float64 tensors.
 
         Raises:
-            ValueError: nothing accumulated.
+            ValueError: no finite position (no update, or all non-finite).
         """
-        if self.sum.numel() == 0 or self.count == 0:
-            raise ValueError("SpatialCorrelation.compute() before any update")
-        mu = self.sum / self.count
-        var = self.sum_sq / self.count - mu.square()
-        live = var > EIGENVALUE_FLOOR * var.max()
-        m = self.pairs[:, None]
-        lagged = (self.cross - mu * (self.head + self.tail)) / m + mu.square()
-        rho = (lagged[:, live] / var[live]).mean(1) if live.any() else torch.zeros(len(self.lags))
-        return {f"{dh},{dw}": float(r) for (dh, dw), r in zip(self.lags, rho, strict=True)}
+        return _spatial_correlation_compute(
+            self.lags, self.count, self.sum, self.sum_sq, self.pairs, self.cross, self.head,
+            self.tail, self.nonfinite,
+        )
 
 
-def subband_energy(y: Tensor, levels: int = 2, wavelet: str = "haar") -> dict[str, float]:
-    """Subband energy shares of ``y`` ``(B, C, H, W)``: one-shot :class:`SubbandEnergy`."""
+class AuxEnergyShare(_StreamingMetric):
+    """Share of the merged energy carried by the auxiliary branch at one merge point.
+
+    ``aux_energy_share = ‖aux‖² / ‖main + aux‖²`` summed over every element of every update
+    (float64 sums, ``dist_reduce_fx="sum"``): 0 when the linear path carries nothing; it can
+    exceed 1 when the branches cancel. A position holding NaN or inf in either tensor is skipped
+    and counted in ``nonfinite``.
+
+    >>> m = AuxEnergyShare()
+    >>> m.update(torch.ones(1, 2, 2, 2), torch.full((1, 2, 2, 2), 2.0))
+    >>> {k: float(v) for k, v in m.compute().items()}
+    {'aux_energy_share': 0.25, 'count': 4.0, 'nonfinite': 0.0}
+    """
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.add_state("aux", _f64_zeros(), dist_reduce_fx="sum")
+        self.add_state("merged", _f64_zeros(), dist_reduce_fx="sum")
+
+    def _config(self) -> tuple:
+        return ()
+
+    def update(self, aux: Tensor, merged: Tensor) -> None:
+        """Accumulate the energies of ``aux`` (the auxiliary branch) and ``merged`` (main + aux),
+        both ``(B, C, H, W)`` of one shape.
+
+        Raises:
+            ValueError: shapes differ or are not 4-D. TypeError: non-float input.
+        """
+        a, m, count, skipped = _aux_energy_share_update(aux, merged)
+        self._follow(aux)
+        self._add({"aux": a, "merged": m, "count": count, "nonfinite": skipped})
+
+    def compute(self) -> dict[str, Tensor]:
+        """``aux_energy_share``, ``count`` and ``nonfinite`` positions, 0-d float64 tensors.
+
+        Raises:
+            ValueError: no finite position (no update, or all non-finite).
+        """
+        return _aux_energy_share_compute(self.aux, self.merged, self.count, self.nonfinite)
+
+
+def channel_stats(y: Tensor) -> dict[str, Tensor]:
+    """Mean, covariance, energies, counts of ``y`` ``(B, C, H, W)`` or ``(N, C)``: one-shot
+    :class:`ChannelStats`.
+
+    >>> channel_stats(torch.tensor([[0.0, 1.0], [2.0, 1.0]]))["covariance"].tolist()
+    [[2.0, 0.0], [0.0, 0.0]]
+    """
+    metric = ChannelStats(y.shape[1])
+    metric.update(y)
+    return metric.compute()
+
+
+def subband_energy(y: Tensor, levels: int = 2, wavelet: str = "haar") -> dict[str, Tensor]:
+    """Subband energy shares of ``y`` ``(B, C, H, W)``: one-shot :class:`SubbandEnergy`.
+
+    >>> round(float(subband_energy(torch.ones(1, 1, 4, 4), levels=1)["LL1"]), 4)
+    1.0
+    """
     metric = SubbandEnergy(levels, wavelet)
     metric.update(y)
     return metric.compute()
@@ -631,8 +947,24 @@ def subband_energy(y: Tensor, levels: int = 2, wavelet: str = "haar") -> dict[st
 
 def spatial_correlation(
     y: Tensor, lags: Sequence[tuple[int, int]] = ((0, 1), (1, 0), (1, 1))
-) -> dict[str, float]:
-    """Spatial autocorrelation of ``y`` ``(B, C, H, W)``: one-shot :class:`SpatialCorrelation`."""
-    metric = SpatialCorrelation(lags)
+) -> dict[str, Tensor]:
+    """Spatial autocorrelation of ``y`` ``(B, C, H, W)``: one-shot :class:`SpatialCorrelation`.
+
+    >>> out = spatial_correlation(torch.tensor([[[[1.0, -1.0, 1.0, -1.0]]]]), lags=[(0, 1)])
+    >>> round(float(out["0,1"]), 4)
+    -1.0
+    """
+    metric = SpatialCorrelation(y.shape[1], lags)
     metric.update(y)
     return metric.compute()
+
+
+def aux_energy_share(aux: Tensor, merged: Tensor) -> Tensor:
+    """``‖aux‖² / ‖merged‖²`` of two ``(B, C, H, W)`` tensors: one-shot :class:`AuxEnergyShare`.
+
+    >>> float(aux_energy_share(torch.ones(1, 1, 2, 2), torch.full((1, 1, 2, 2), 2.0)))
+    0.25
+    """
+    metric = AuxEnergyShare()
+    metric.update(aux, merged)
+    return metric.compute()["aux_energy_share"]
