@@ -19,9 +19,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from energylab.stats import (
+    AuxEnergyShare,
     ChannelStats,
     SpatialCorrelation,
     SubbandEnergy,
+    aux_energy_share,
     coding_gain,
     decorrelation_gain,
     effective_rank,
@@ -67,6 +69,11 @@ def latent(
 def samples(y: np.ndarray) -> np.ndarray:
     """``(B, C, H, W)`` -> ``(N, C)``."""
     return y.transpose(0, 2, 3, 1).reshape(-1, y.shape[1])
+
+
+def as_floats(out: dict[str, torch.Tensor], keys=None) -> dict[str, float]:
+    """A metric's dict of 0-d tensors as floats (only ``keys``, if given)."""
+    return {k: float(out[k]) for k in (out if keys is None else keys)}
 
 
 def stats_of(y: torch.Tensor, **kwargs) -> dict[str, torch.Tensor]:
@@ -198,7 +205,7 @@ def test_channel_stats_errors():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_update_does_not_sync_on_cuda():
     y = torch.randn(4, 16, 8, 8, device="cuda")
-    metrics = (ChannelStats(16, max_positions=100), SubbandEnergy(), SpatialCorrelation())
+    metrics = (ChannelStats(16, max_positions=100), SubbandEnergy(), SpatialCorrelation(16))
     for m in metrics:
         m.update(y)  # first call moves the states: not part of the hook's steady state
     torch.cuda.synchronize()
@@ -397,11 +404,13 @@ def pywt_shares(y: np.ndarray, levels: int, wavelet: str) -> dict[str, float]:
 )
 def test_subband_energy_matches_pywt(levels, wavelet, seed, b, c):
     y = np.random.default_rng(seed).standard_normal((b, c, 16, 8)).cumsum(-1)  # low-pass heavy
-    shares = subband_energy(torch.from_numpy(y), levels, wavelet)
+    out = subband_energy(torch.from_numpy(y), levels, wavelet)
     ref = pywt_shares(y, levels, wavelet)
-    assert list(shares) == [f"LL{levels}"] + [
-        f"{band}{lv}" for lv in range(levels, 0, -1) for band in ("LH", "HL", "HH")
-    ]
+    names = [f"LL{levels}"] + [f"{band}{lv}" for lv in range(levels, 0, -1) for band in ("LH", "HL", "HH")]
+    assert list(out) == [*names, "count", "nonfinite"]
+    assert all(v.dtype == torch.float64 and v.dim() == 0 for v in out.values())
+    assert (out["count"].item(), out["nonfinite"].item()) == (b, 0)
+    shares = as_floats(out, names)
     assert sum(shares.values()) == pytest.approx(1.0, abs=1e-12)
     for k in ref:
         assert shares[k] == pytest.approx(ref[k], rel=1e-9, abs=1e-12)
@@ -413,32 +422,36 @@ def test_subband_energy_streams_and_conserves_energy():
     for part in y.split(1):
         m.update(part.float())
     assert m.energy.sum().item() == pytest.approx((y.double() ** 2).sum().item(), rel=1e-6)
-    once = subband_energy(y)
-    for k, v in m.compute().items():
+    once = as_floats(subband_energy(y))
+    for k, v in as_floats(m.compute()).items():
         assert v == pytest.approx(once[k], rel=1e-6)
     assert once["LL2"] > 0.5  # the mean lives in LL
-    white = subband_energy(torch.zeros(1, 2, 8, 8))
+    white = as_floats(subband_energy(torch.zeros(1, 2, 8, 8)))
     assert white["LL2"] == pytest.approx(1 / 16) and white["HH1"] == pytest.approx(1 / 4)
     with pytest.raises(ValueError):
         subband_energy(torch.zeros(1, 1, 6, 8), levels=2)
 
 
-def reference_correlation(y: np.ndarray, lag: tuple[int, int]) -> float:
-    """Independent per-channel loop: two-pass centred products over the valid pairs."""
+def reference_correlation(y: np.ndarray, lag: tuple[int, int], valid: np.ndarray | None = None) -> float:
+    """Independent per-channel loop: two-pass centred products over the valid pairs; ``valid``
+    ``(B, H, W)`` marks the positions that count (default: all)."""
     dh, dw = lag
     b, c, h, w = y.shape
+    valid = np.ones((b, h, w), bool) if valid is None else valid
     rhos = []
     for ch in range(c):
-        z = y[:, ch] - y[:, ch].mean()
-        if z.var() <= 1e-12:
+        v = y[:, ch][valid]
+        if v.var() <= 1e-12:
             continue
+        z = y[:, ch] - v.mean()
         prods = [
-            z[:, i, j] * z[:, i + dh, j + dw]
+            z[k, i, j] * z[k, i + dh, j + dw]
+            for k in range(b)
             for i in range(h)
             for j in range(w)
-            if 0 <= i + dh < h and 0 <= j + dw < w
+            if 0 <= i + dh < h and 0 <= j + dw < w and valid[k, i, j] and valid[k, i + dh, j + dw]
         ]
-        rhos.append(np.mean(prods) / z.var())
+        rhos.append(np.mean(prods) / v.var())
     return float(np.mean(rhos)) if rhos else 0.0
 
 
@@ -448,33 +461,174 @@ def test_spatial_correlation_matches_reference(seed, b, c, h):
     rng = np.random.default_rng(seed)
     y = rng.standard_normal((b, c, h, h + 1)).cumsum(-1) + rng.normal(0, 3, (1, c, 1, 1))
     lags = ((0, 1), (1, 0), (1, 1), (1, -2), (-2, 0))
-    out = spatial_correlation(torch.from_numpy(y), lags)
-    assert list(out) == ["0,1", "1,0", "1,1", "1,-2", "-2,0"]
+    out = as_floats(spatial_correlation(torch.from_numpy(y), lags))
+    assert list(out) == ["0,1", "1,0", "1,1", "1,-2", "-2,0", "count", "nonfinite"]
+    assert (out["count"], out["nonfinite"]) == (b * h * (h + 1), 0)
     for lag in lags:
         assert out[f"{lag[0]},{lag[1]}"] == pytest.approx(
             reference_correlation(y, lag), rel=1e-8, abs=1e-10
         )
 
 
+@pytest.mark.filterwarnings("ignore:The ``compute`` method")  # merged into a fresh metric
 def test_spatial_correlation_known_field_dead_channel_and_streaming():
     rng = np.random.default_rng(5)
     x = rng.standard_normal((8, 2, 33, 33))
     y = x[:, :, :32, :32] + x[:, :, :32, 1:]  # MA(1) along W: rho(0,1) = 1/2, rho(1,0) = 0
-    out = spatial_correlation(torch.from_numpy(y))
+    out = as_floats(spatial_correlation(torch.from_numpy(y)), ["0,1", "1,0", "1,1"])
     assert out["0,1"] == pytest.approx(0.5, abs=0.03)
     assert out["1,0"] == pytest.approx(0.0, abs=0.03)
     with_dead = np.concatenate([y, np.full((8, 1, 32, 32), 4.0)], 1)
-    dead_out = spatial_correlation(torch.from_numpy(with_dead))
+    dead_out = as_floats(spatial_correlation(torch.from_numpy(with_dead)), out)
     assert dead_out == pytest.approx(out, rel=1e-9)
-    assert spatial_correlation(torch.zeros(1, 2, 4, 4)) == {"0,1": 0.0, "1,0": 0.0, "1,1": 0.0}
-    left, right = SpatialCorrelation(), SpatialCorrelation()
+    assert as_floats(spatial_correlation(torch.zeros(1, 2, 4, 4)), out) == {
+        "0,1": 0.0, "1,0": 0.0, "1,1": 0.0
+    }
+    left, right = SpatialCorrelation(2), SpatialCorrelation(2)
     left.update(torch.from_numpy(y[:3]))
     right.update(torch.from_numpy(y[3:]).float())
-    assert SpatialCorrelation().merge(left).merge(right).compute() == pytest.approx(out, rel=1e-6)
+    merged = SpatialCorrelation(2).merge(left).merge(right).compute()
+    assert as_floats(merged, out) == pytest.approx(out, rel=1e-6)
     with pytest.raises(ValueError):
         spatial_correlation(torch.zeros(1, 1, 2, 8), lags=((2, 0),))
     with pytest.raises(ValueError):
         left.update(torch.zeros(1, 3, 8, 8))
+
+
+# ---------------------------------------------------------------- non-finite input, no data, casts
+
+METRIC_CLASSES = (ChannelStats, SubbandEnergy, SpatialCorrelation, AuxEnergyShare)
+
+
+def make_metric(cls: type, c: int):
+    return cls() if cls in (SubbandEnergy, AuxEnergyShare) else cls(c)
+
+
+def feed(metric, y: torch.Tensor) -> None:
+    if isinstance(metric, AuxEnergyShare):
+        metric.update(y, 2.0 * y)
+    else:
+        metric.update(y)
+
+
+@FAST
+@given(seed=SEEDS, bad=st.lists(st.tuples(st.integers(0, 2), st.integers(0, 3), st.integers(0, 7),
+                                          st.integers(0, 7)), min_size=1, max_size=6),
+       value=st.sampled_from([math.nan, math.inf, -math.inf]))
+def test_nonfinite_samples_are_skipped_and_counted(seed, bad, value):
+    rng = np.random.default_rng(seed)
+    y = latent(rng, 3, 4, 8, 8, mean=1.0)
+    dirty = y.copy()
+    for b, c, h, w in bad:
+        dirty[b, c, h, w] = value
+    valid = np.isfinite(dirty).all(1)  # (B, H, W): the positions left
+    x = samples(y)[valid.reshape(-1)]
+    t = torch.from_numpy(dirty)
+    # ChannelStats: the covariance of the finite samples only
+    out = stats_of(t)
+    assert (out["count"].item(), out["nonfinite"].item()) == (len(x), (~valid).sum())
+    if len(x) >= 2:
+        np.testing.assert_allclose(out["covariance"].numpy(), np.cov(x.T), rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(out["energies"].numpy(), (x**2).mean(0), rtol=1e-12)
+    # SpatialCorrelation: positions (and the pairs they end) skipped
+    corr = spatial_correlation(t)
+    assert (corr["count"].item(), corr["nonfinite"].item()) == (valid.sum(), (~valid).sum())
+    for lag in ((0, 1), (1, 0), (1, 1)):
+        ref = reference_correlation(y, lag, valid)
+        assert float(corr[f"{lag[0]},{lag[1]}"]) == pytest.approx(ref, rel=1e-8, abs=1e-10)
+    # SubbandEnergy: whole images skipped
+    images = np.isfinite(dirty).reshape(3, -1).all(1)
+    if images.any():
+        bands = subband_energy(t)
+        assert (bands["count"].item(), bands["nonfinite"].item()) == (images.sum(), (~images).sum())
+        clean = subband_energy(torch.from_numpy(y[images]))
+        assert as_floats(bands, SubbandEnergy().bands) == pytest.approx(
+            as_floats(clean, SubbandEnergy().bands), rel=1e-12
+        )
+    # AuxEnergyShare: positions of either tensor skipped
+    share = AuxEnergyShare()
+    share.update(t, torch.from_numpy(y + 1.0))
+    mask = valid[:, None]
+    expected = (np.where(mask, y, 0) ** 2).sum() / (np.where(mask, y + 1.0, 0) ** 2).sum()
+    assert float(share.compute()["aux_energy_share"]) == pytest.approx(expected, rel=1e-12)
+
+
+def test_one_nan_no_longer_zeroes_or_poisons():
+    """The two failures of issue 9: one NaN made every lag 0.0 and the subband shares NaN."""
+    y = torch.from_numpy(np.random.default_rng(6).standard_normal((4, 3, 8, 8)).cumsum(-1))
+    before = (spatial_correlation(y), subband_energy(y[1:]))
+    y[0, 1, 2, 3] = math.nan
+    corr, bands = spatial_correlation(y), subband_energy(y)
+    assert float(corr["0,1"]) > 0.5 and float(corr["0,1"]) == pytest.approx(float(before[0]["0,1"]), abs=0.05)
+    assert all(math.isfinite(float(v)) for v in bands.values())
+    assert as_floats(bands) == pytest.approx(as_floats(before[1]) | {"count": 3.0, "nonfinite": 1.0})
+
+
+@pytest.mark.filterwarnings("ignore:The ``compute`` method")  # torchmetrics' own warning, too
+@pytest.mark.parametrize("cls", METRIC_CLASSES, ids=lambda c: c.__name__)
+def test_no_data_is_a_one_line_error_naming_the_metric(cls):
+    with pytest.raises(ValueError, match=f"^{cls.__name__}: no data"):
+        make_metric(cls, 2).compute()
+    metric = make_metric(cls, 2)
+    feed(metric, torch.full((2, 2, 4, 4), math.nan))
+    with pytest.raises(ValueError, match=f"^{cls.__name__}: every sample was non-finite") as err:
+        metric.compute()
+    assert "\n" not in str(err.value)
+    feed(metric, torch.ones(2, 2, 4, 4))  # data after all: fine
+    assert int(metric.compute()["nonfinite"]) > 0
+
+
+@pytest.mark.parametrize("cast", ["to_float32", "float", "half", "double", "bfloat16", "set_dtype"])
+@pytest.mark.parametrize("cls", METRIC_CLASSES, ids=lambda c: c.__name__)
+def test_states_stay_float64_under_parent_casts(cls, cast):
+    parent = torch.nn.Module()
+    parent.metric = make_metric(cls, 3)
+    parent.layer = torch.nn.Linear(2, 2)
+    if cast == "to_float32":
+        parent.to(torch.float32)
+    elif cast == "set_dtype":
+        parent.metric.set_dtype(torch.float16)
+    else:
+        getattr(parent, cast)()
+    y = torch.from_numpy(latent(np.random.default_rng(7), 2, 3, 4, 4))  # float64 batch
+    feed(parent.metric, y)
+    feed(parent.metric, y.float())
+    assert all(v.dtype == torch.float64 for v in parent.metric.metric_state.values())
+    fresh = make_metric(cls, 3)
+    feed(fresh, y)
+    feed(fresh, y.float())
+    for key, value in fresh.compute().items():
+        torch.testing.assert_close(parent.metric.compute()[key], value, rtol=0, atol=0)
+    parent.metric.reset()
+    assert all(v.dtype == torch.float64 for v in parent.metric.metric_state.values())
+
+
+def test_metric_collection_merges_through_public_api():
+    from torchmetrics import MetricCollection
+
+    y = torch.from_numpy(latent(np.random.default_rng(8), 4, 3, 8, 8))
+
+    def collection() -> MetricCollection:
+        return MetricCollection({"channel": ChannelStats(3), "spatial": SpatialCorrelation(3)},
+                                compute_groups=False)
+
+    whole, left, right = collection(), collection(), collection()
+    whole.update(y)
+    left.update(y[:1])
+    right.update(y[1:])
+    left.compute()  # a value computed before the merge is not served stale afterwards
+    for name in ("channel", "spatial"):
+        left[name].merge(right[name])
+        for key, value in whole[name].compute().items():
+            torch.testing.assert_close(left[name].compute()[key], value, rtol=1e-12, atol=1e-12)
+
+
+def test_functional_one_shots_and_class_metadata():
+    y = torch.ones(1, 2, 4, 4)
+    assert float(aux_energy_share(y, 2 * y)) == 0.25
+    for cls in METRIC_CLASSES:
+        assert cls.is_differentiable is False and cls.full_state_update is False
+        assert cls.higher_is_better is None
 
 
 # ---------------------------------------------------------------- two gloo processes
@@ -486,7 +640,7 @@ def _ddp_data() -> torch.Tensor:
 
 
 def _make_metrics() -> tuple[ChannelStats, SubbandEnergy, SpatialCorrelation]:
-    return ChannelStats(5), SubbandEnergy(levels=2), SpatialCorrelation()
+    return ChannelStats(5), SubbandEnergy(levels=2), SpatialCorrelation(5)
 
 
 def _ddp_worker(rank: int, world: int, init_file: str, out: str) -> None:
@@ -512,7 +666,7 @@ def test_two_gloo_processes_equal_one_process(tmp_path: Path):
     expected = [m.compute() for m in single]
     for rank in range(2):
         stats, shares, corr = torch.load(tmp_path / f"rank{rank}.pt")
-        for key in ("mean", "covariance", "energies", "count"):
+        for key in ("mean", "covariance", "energies", "count", "nonfinite"):
             torch.testing.assert_close(stats[key], expected[0][key], rtol=1e-12, atol=1e-12)
-        assert shares == pytest.approx(expected[1], rel=1e-12)
-        assert corr == pytest.approx(expected[2], rel=1e-10)
+        assert as_floats(shares) == pytest.approx(as_floats(expected[1]), rel=1e-12)
+        assert as_floats(corr) == pytest.approx(as_floats(expected[2]), rel=1e-10)
