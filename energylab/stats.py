@@ -360,6 +360,13 @@ def _check_float(y: Tensor, name: str) -> None:
         raise TypeError(f"{name}: expected a floating-point tensor, got {y.dtype}")
 
 
+def _finite(x: Tensor, dim: int, keepdim: bool = False) -> Tensor:
+    """Which samples along ``dim`` hold only finite values: a float64 sum over ``dim`` is finite
+    (one pass; ``isfinite(x).all(dim)`` reduces slowly across a strided dimension). Finite values
+    whose float64 sum overflows (above ~1e308) also count as non-finite."""
+    return torch.isfinite(x.sum(dim, keepdim=keepdim, dtype=torch.float64))
+
+
 def _check_data(name: str, count: Tensor, nonfinite: Tensor, needed: int = 1) -> None:
     """The no-data rule of the module docstring (this is where ``compute`` waits for the host)."""
     n, skipped = int(count), int(nonfinite)
@@ -403,12 +410,12 @@ def _channel_stats_update(y: Tensor, channels: int) -> tuple[Tensor, Tensor, Ten
     for part in parts:  # cast and transpose in one copy into a fresh (C, m) float64 buffer
         x = torch.empty(part.shape, dtype=torch.float64, device=device).copy_(part)
         x = x.view(c, -1)  # columns are samples
-        finite = torch.isfinite(x).all(0)
-        x.masked_fill_(~finite, 0.0)
-        m = finite.sum()
-        s = x.sum(1)
+        f = _finite(x, 0).to(torch.float64)  # 1 for the samples kept
+        x.nan_to_num_(0.0, 0.0, 0.0)  # finite garbage stays in skipped columns: weighted by f
+        m = f.sum()
+        s = x @ f
         mu = s / m.clamp(min=1)
-        outer.addmm_(x.sub_(mu[:, None]).mul_(finite), x.T).addr_(s, mu)
+        outer.addmm_(x.sub_(mu[:, None]).mul_(f), x.T).addr_(s, mu)
         total += s
         count += m
     return count, total, outer, y.numel() // c - count
@@ -451,15 +458,20 @@ def _subband_energy_update(y: Tensor, levels: int, wavelet: str) -> tuple[Tensor
             f"SubbandEnergy: expected (B, C, H, W) with H, W divisible by {m}, got {tuple(y.shape)}"
         )
     _check_float(y, "SubbandEnergy")
-    finite = torch.isfinite(y.detach()).flatten(1).all(1)
-    x = y.detach().to(torch.float64).masked_fill(~finite[:, None, None, None], 0.0)
+    x = y.detach().to(torch.float64, copy=True)
+    kept = _finite(x.flatten(1), 1).to(torch.float64)  # (B,): 1 for the images kept
+    x.nan_to_num_(0.0, 0.0, 0.0)  # a skipped image keeps finite garbage: weighted 0 below
+
+    def energy(band: Tensor) -> Tensor:
+        return band.square().sum((1, 2, 3)) @ kept
+
     details = []
     for _ in range(levels):
         x, *bands = dwt2(x, wavelet).chunk(4, 1)
-        details.append(torch.stack([b.square().sum() for b in bands]))
-    energy = torch.cat([x.square().sum().reshape(1), *details[::-1]])
-    count = finite.sum().to(torch.float64)
-    return energy, count, len(finite) - count
+        details.append(torch.stack([energy(band) for band in bands]))
+    energies = torch.cat([energy(x).reshape(1), *details[::-1]])
+    count = kept.sum()
+    return energies, count, len(kept) - count
 
 
 def _subband_energy_compute(
@@ -509,27 +521,32 @@ def _spatial_correlation_update(
     b, c, h, w = y.shape
     if any(abs(dh) >= h or abs(dw) >= w for dh, dw in lags):
         raise ValueError(f"SpatialCorrelation: lags {tuple(lags)} do not fit a {h}x{w} map")
-    finite = torch.isfinite(y.detach()).all(1, keepdim=True)  # (B, 1, H, W)
-    x = y.detach().to(torch.float64).masked_fill(~finite, 0.0)
+    x = y.detach().to(torch.float64)
+    kept = _finite(x, 1, keepdim=True)  # (B, 1, H, W)
+    x = torch.where(kept, x, 0.0)  # a skipped position reads 0: products with it vanish
+    f = kept.view(b, h, w).to(torch.float64)
     dims = (0, 2, 3)
-    count = finite.sum().to(torch.float64)
-    pairs, cross, head, tail = [], [], [], []
+    cross, pairs, lagged = [], [], []
     for lag in lags:
         (ah, aw), (bh, bw) = _lag_slices(lag, h, w)
-        first, second = x[:, :, ah, aw], x[:, :, bh, bw]
-        both = finite[:, :, ah, aw] & finite[:, :, bh, bw]
+        both = f[:, ah, aw] * f[:, bh, bw]  # the pairs with both ends kept
         pairs.append(both.sum())
-        cross.append((first * second).sum(dims))  # a skipped end is 0: the product is 0
-        head.append((first * both).sum(dims))
-        tail.append((second * both).sum(dims))
+        cross.append((x[:, :, ah, aw] * x[:, :, bh, bw]).sum(dims))
+        head_w, tail_w = torch.zeros_like(f), torch.zeros_like(f)
+        head_w[:, ah, aw], tail_w[:, bh, bw] = both, both
+        lagged += [head_w, tail_w]
+    # sum y(p) and sum y(p+d) over the kept pairs of every lag: one batched GEMM over positions
+    weights = torch.stack(lagged, -1).view(b, h * w, 2 * len(lags))
+    head_tail = torch.bmm(x.view(b, c, h * w), weights).sum(0).T  # (2 * lags, C)
+    count = f.sum()
     return {
         "count": count,
         "sum": x.sum(dims),
         "sum_sq": x.square().sum(dims),
-        "pairs": torch.stack(pairs).to(torch.float64),
+        "pairs": torch.stack(pairs),
         "cross": torch.stack(cross),
-        "head": torch.stack(head),
-        "tail": torch.stack(tail),
+        "head": head_tail[0::2],
+        "tail": head_tail[1::2],
         "nonfinite": b * h * w - count,
     }
 
@@ -569,10 +586,10 @@ def _aux_energy_share_update(aux: Tensor, merged: Tensor) -> tuple[Tensor, Tenso
         )
     _check_float(aux, "AuxEnergyShare")
     _check_float(merged, "AuxEnergyShare")
-    aux, merged = aux.detach(), merged.detach()
-    finite = torch.isfinite(aux).all(1, keepdim=True) & torch.isfinite(merged).all(1, keepdim=True)
-    a = aux.to(torch.float64).masked_fill(~finite, 0.0).square().sum()
-    m = merged.to(torch.float64).masked_fill(~finite, 0.0).square().sum()
+    aux, merged = aux.detach().to(torch.float64), merged.detach().to(torch.float64)
+    finite = _finite(aux, 1, keepdim=True) & _finite(merged, 1, keepdim=True)
+    a = torch.where(finite, aux, 0.0).square().sum()
+    m = torch.where(finite, merged, 0.0).square().sum()
     count = finite.sum().to(torch.float64)
     return a, m, count, finite.numel() - count
 
@@ -720,7 +737,7 @@ class ChannelStats(_StreamingMetric):
         y = y.detach()
         n = y.numel() // self.channels
         if self.max_positions is not None and n > self.max_positions:
-            skipped = n - torch.isfinite(y).all(1).sum()
+            skipped = n - _finite(y, 1).sum()
             count, total, outer, _ = _channel_stats_update(self._subsample(y), self.channels)
         else:
             count, total, outer, skipped = _channel_stats_update(y, self.channels)
