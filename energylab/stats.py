@@ -11,13 +11,17 @@ P. Noll, *Digital Coding of Waveforms*, Prentice-Hall 1984, ch. 12)::
     log klt_coding_gain = log coding_gain + log decorrelation_gain
                           (total)            (energy modulation)  (decorrelation)
 
-**Eigenvalue floor.** Dead channels and rank-deficient covariances have zero eigenvalues, which make
-the geometric means and ``log det S`` degenerate. Every eigenvalue and every channel variance below
-``EIGENVALUE_FLOOR * l_max`` (``1e-12`` of the largest eigenvalue) is raised to that floor, so the
-metrics stay finite; :func:`floored_eigenvalues` reports how many eigenvalues were raised. A
-covariance whose eigenvalues all lie above the floor gives exactly the unfloored values. A zero
-covariance (no energy at all) is treated as white: every eigenvalue and variance is set to 1 (all
-metrics are scale-free), giving gains 1, total correlation 0 and effective rank C.
+**Singular covariances.** Eigenvalues and channel variances at or below ``RANK_RTOL * max``
+(``1e-10``) count as zero; :func:`numerical_rank` counts the others. A statistic that is infinite
+for a singular Gaussian is ``None`` (JSON ``null``), never a value made by a floor: the KLT gain,
+decorrelation gain and total correlation when the rank is below C, the coding gain when a channel
+has no variance. The others are finite and exact on the non-degenerate subspace: effective rank
+over the non-zero eigenvalues, the off-diagonal ratio over the channels with variance. A zero
+covariance gives ``None`` for all of them. (:func:`spectrum` keeps a floor for log-scale plots.)
+
+**Sample size.** With the sample count ``n`` the log-determinant statistics carry the Gaussian
+finite-sample bias correction of :func:`total_correlation` (i.i.d. assumption; a floor on the bias
+of correlated latent positions); without, they are plug-in values.
 
 Streaming: :class:`ChannelStats`, :class:`SubbandEnergy`, :class:`SpatialCorrelation` and
 :class:`AuxEnergyShare` are ``torchmetrics.Metric`` s in the torchmetrics shape: a functional layer
@@ -47,6 +51,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+from scipy.special import digamma
 from torch import Tensor
 from torchmetrics import Metric
 
@@ -54,8 +59,10 @@ from energylab.wavelets import dwt2
 
 __all__ = [
     "EIGENVALUE_FLOOR",
+    "RANK_RTOL",
     "AuxEnergyShare",
     "ChannelStats",
+    "NeighbourhoodTotalCorrelation",
     "SpatialCorrelation",
     "Spectrum",
     "SubbandEnergy",
@@ -69,8 +76,12 @@ __all__ = [
     "energy_statistics",
     "floored_eigenvalues",
     "klt_coding_gain",
+    "neighbourhood_total_correlation",
+    "numerical_rank",
     "offdiag_energy_ratio",
+    "offdiag_energy_ratio_cov",
     "psnr",
+    "rate_shares",
     "spatial_correlation",
     "spectrum",
     "subband_energy",
@@ -80,7 +91,11 @@ __all__ = [
 ]
 
 EIGENVALUE_FLOOR = 1e-12
-"""Eigenvalues and variances below this fraction of the largest eigenvalue are raised to it."""
+"""For plots (:func:`spectrum`) only: eigenvalues and variances below this fraction of the largest
+eigenvalue are raised to it."""
+
+RANK_RTOL = 1e-10
+"""Eigenvalues (and channel variances) at or below this fraction of the largest count as zero."""
 
 _CHUNK_ELEMENTS = {"cpu": 2**20}
 """float64 elements cast per accumulation step, by device type: 8 MiB on the CPU, where the cast
@@ -150,86 +165,197 @@ def floored_eigenvalues(cov: CovLike | Spectrum) -> int:
     return spectrum(cov).floored
 
 
-def offdiag_energy_ratio(cov: CovLike | Spectrum) -> float:
-    """Share of the covariance's squared entries off the diagonal, in ``[0, 1]``.
+def _covariance(cov: CovLike | Spectrum) -> np.ndarray:
+    """``cov`` as a symmetrised float64 numpy ``(C, C)`` matrix (validated as :func:`spectrum`)."""
+    if isinstance(cov, Spectrum):
+        return cov.covariance
+    if isinstance(cov, Tensor):
+        cov = cov.detach().to("cpu", torch.float64).numpy()
+    s = np.asarray(cov, dtype=np.float64)
+    if s.ndim != 2 or s.shape[0] != s.shape[1] or s.shape[0] == 0:
+        raise ValueError(f"expected a non-empty square (C, C) covariance, got shape {s.shape}")
+    if not np.isfinite(s).all():
+        raise ValueError("covariance holds NaN or inf")
+    return 0.5 * (s + s.T)
+
+
+def _eigenvalues(s: np.ndarray) -> np.ndarray:
+    """Eigenvalues of a symmetric matrix, descending, unfloored."""
+    return np.linalg.eigvalsh(s)[::-1]
+
+
+def numerical_rank(cov: CovLike | Spectrum, rtol: float = RANK_RTOL) -> int:
+    """Number of eigenvalues of ``cov`` above ``rtol * l_max`` (0 for a zero covariance).
+
+    The default ``rtol = 1e-10`` lies four orders above the rounding level of covariances of
+    float32 latents (``(2^-23)^2 ~ 1e-14`` of ``l_max``) and far below any real spread of energy.
+
+    >>> numerical_rank(np.array([[1.0, 1.0], [1.0, 1.0]])), numerical_rank(np.eye(3))
+    (1, 3)
+    """
+    lam = _eigenvalues(_covariance(cov))
+    return int((lam > rtol * lam[0]).sum()) if lam[0] > 0 else 0
+
+
+def _log_det_bias(dim: int, n: int) -> float:
+    """``E[sum_c log s_hat_c^2 - log det S_hat] - (sum_c log s_c^2 - log det S)`` for the unbiased
+    sample covariance of ``n`` i.i.d. Gaussian samples of dimension ``dim`` (statistics-notes.md):
+    ``dim * psi((n-1)/2) - sum_{i=1..dim} psi((n-i)/2)``, twice the bias of the total correlation."""
+    if n <= dim:
+        raise ValueError(f"the bias correction needs more samples than dimensions, got n={n}, C={dim}")
+    return float(dim * digamma((n - 1) / 2) - digamma((n - np.arange(1, dim + 1)) / 2).sum())
+
+
+def _variances_bias(n: int) -> float:
+    """``E[log s_hat^2] - log s^2 = psi((n-1)/2) + log(2/(n-1))`` (statistics-notes.md)."""
+    return float(digamma((n - 1) / 2) + math.log(2 / (n - 1)))
+
+
+def offdiag_energy_ratio(cov: CovLike | Spectrum, rtol: float = RANK_RTOL) -> float | None:
+    """Share of the correlation matrix's squared entries off the diagonal, in ``[0, 1)``.
+
+    ``sum_{i != j} R_ij^2 / sum_{i,j} R_ij^2`` with ``R = D^-1/2 S D^-1/2`` over the *live*
+    channels (variance above ``rtol`` times the largest): scale-free (rescaling channels leaves it
+    unchanged); 0 when the channels are uncorrelated. ``None`` when no channel has variance (zero
+    covariance). :func:`offdiag_energy_ratio_cov` is the same ratio on ``S`` itself.
+
+    >>> round(offdiag_energy_ratio(np.array([[4.0, 2.0], [2.0, 9.0]])), 4)  # R_01 = 1/3: (2/9) / (2 + 2/9)
+    0.1
+    """
+    s = _covariance(cov)
+    var = np.diag(s)
+    live = var > rtol * var.max() if var.max() > 0 else np.zeros(len(var), bool)
+    if not live.any():
+        return None
+    d = 1 / np.sqrt(var[live])
+    r = s[np.ix_(live, live)] * np.outer(d, d)
+    off = float(np.square(r[~np.eye(len(r), dtype=bool)]).sum())
+    return off / (off + float(np.square(np.diag(r)).sum()))
+
+
+def offdiag_energy_ratio_cov(cov: CovLike | Spectrum) -> float:
+    """Share of the **covariance's** squared entries off the diagonal, in ``[0, 1]``: not scale-free.
 
     ``sum_{i != j} S_ij^2 / sum_{i,j} S_ij^2``: 0 when the channels are uncorrelated; 0 for a zero
-    covariance. Unfloored (no eigenvalues involved).
+    covariance. The scale-free ratio is :func:`offdiag_energy_ratio`.
 
-    >>> round(offdiag_energy_ratio(np.array([[4.0, 2.0], [2.0, 9.0]])), 4)  # 8 / (16 + 81 + 8)
+    >>> round(offdiag_energy_ratio_cov(np.array([[4.0, 2.0], [2.0, 9.0]])), 4)  # 8 / (16 + 81 + 8)
     0.0762
     """
-    s = spectrum(cov).covariance
+    s = _covariance(cov)
     total = float(np.square(s).sum())
     return 0.0 if total == 0.0 else float(np.square(s - np.diag(np.diag(s))).sum() / total)
 
 
-def coding_gain(cov: CovLike | Spectrum) -> float:
+def coding_gain(
+    cov: CovLike | Spectrum, n: int | None = None, rtol: float = RANK_RTOL
+) -> float | None:
     """Transform coding gain of the channels as they are (Jayant & Noll 1984, ch. 12), a ratio.
 
-    ``mean_c(s_c^2) / (prod_c s_c^2)^(1/C)`` (arithmetic over geometric mean of the floored channel
+    ``mean_c(s_c^2) / (prod_c s_c^2)^(1/C)`` (arithmetic over geometric mean of the channel
     variances) ``>= 1``: it grows as energy is spread unevenly across channels (energy modulation);
-    1 for equal variances.
+    1 for equal variances. With the sample count ``n``, ``log`` of the geometric mean is corrected
+    by its Gaussian finite-sample bias ``psi((n-1)/2) + log(2/(n-1))`` (as for
+    :func:`total_correlation`), so that ``log klt_coding_gain = log coding_gain +
+    log decorrelation_gain`` holds for the corrected values too. ``None`` (infinite) when a channel
+    has no variance (below ``rtol`` times the largest).
 
     >>> round(coding_gain(np.array([[4.0, 2.0], [2.0, 9.0]])), 4)  # AM 6.5 / GM 6
     1.0833
     """
-    v = spectrum(cov).variances
-    return float(v.mean() / np.exp(np.log(v).mean()))
+    var = np.diag(_covariance(cov))
+    if var.max() <= 0 or (var <= rtol * var.max()).any():
+        return None
+    log_gm = np.log(var).mean() - (0.0 if n is None else _variances_bias(n))
+    return float(var.mean() / np.exp(log_gm))
 
 
-def klt_coding_gain(cov: CovLike | Spectrum) -> float:
+def klt_coding_gain(
+    cov: CovLike | Spectrum, n: int | None = None, rtol: float = RANK_RTOL
+) -> float | None:
     """Coding gain an ideal decorrelating rotation (KLT) would reach (Jayant & Noll 1984, ch. 12).
 
-    ``mean_i(l_i) / (prod_i l_i)^(1/C)`` over the floored eigenvalues ``>= 1``; invariant under
-    any orthogonal rotation of the channels.
+    ``mean_i(l_i) / (prod_i l_i)^(1/C) = mean_i(l_i) / det(S)^(1/C)`` ``>= 1``; invariant under any
+    orthogonal rotation of the channels. With the sample count ``n``, ``log det S`` is corrected by
+    its Gaussian finite-sample bias (Goodman 1963; Cai, Liang & Zhou 2015):
+    ``E[log det S_hat] = log det S + sum_{i=1..C} psi((n-i)/2) + C log(2/(n-1))``. ``None``
+    (infinite) when ``numerical_rank(cov, rtol) < C``.
 
     >>> round(klt_coding_gain(np.array([[4.0, 2.0], [2.0, 9.0]])), 4)  # AM 6.5 / det^(1/2) = 32^(1/2)
     1.149
     """
-    lam = spectrum(cov).eigenvalues
-    return float(lam.mean() / np.exp(np.log(lam).mean()))
+    s = _covariance(cov)
+    c = len(s)
+    if numerical_rank(s, rtol) < c:
+        return None
+    log_det = np.linalg.slogdet(s)[1]
+    if n is not None:
+        log_det -= c * _variances_bias(n) - _log_det_bias(c, n)  # E[log det S_hat] - log det S
+    return float(np.trace(s) / c / np.exp(log_det / c))
 
 
-def decorrelation_gain(cov: CovLike | Spectrum) -> float:
-    """Coding gain still available from decorrelation, a ratio ``>= 1``.
+def total_correlation(
+    cov: CovLike | Spectrum, n: int | None = None, rtol: float = RANK_RTOL
+) -> float | None:
+    """Total correlation of a Gaussian with covariance ``S``, in nats (Watanabe 1960).
 
-    ``(prod_c s_c^2 / det S)^(1/C) = klt_coding_gain / coding_gain`` (Hadamard's inequality gives
-    ``>= 1``; the two sides agree because ``sum_c s_c^2 = trace S = sum_i l_i``), over the floored
-    variances and eigenvalues; 1 for uncorrelated channels.
+    ``1/2 (sum_c log s_c^2 - log det S) = -1/2 log det R`` = ``sum_c h(y_c) - h(y)`` for a Gaussian
+    (Cover & Thomas, *Elements of Information Theory*, 2nd ed., eq. 8.64 for ``h``); 0 for
+    uncorrelated channels; scale-free. Without ``n``: the plug-in value of ``S`` as given. With the
+    count ``n`` of i.i.d. samples behind an unbiased sample covariance: minus its Gaussian
+    finite-sample bias ``1/2 [C psi((n-1)/2) - sum_{i=1..C} psi((n-i)/2)]`` (``~ C(C+1) / 4n``),
+    from ``E[log det S_hat]`` and ``E[log s_hat_c^2]`` (N. R. Goodman, *Ann. Math. Stat.* 34, 1963;
+    T. T. Cai, T. Liang and H. H. Zhou, *J. Multivariate Anal.* 137, 2015). Latent positions are
+    not independent, so the correction is a floor on the bias, not all of it. ``None`` (infinite)
+    when ``numerical_rank(cov, rtol) < C`` (a singular Gaussian); never a floor-made value.
+
+    Raises:
+        ValueError: ``n <= C`` (and as :func:`spectrum` for a bad ``cov``).
+
+    >>> round(total_correlation(np.array([[4.0, 2.0], [2.0, 9.0]])), 4)  # 1/2 log(4 * 9 / 32)
+    0.0589
+    >>> round(total_correlation(np.eye(2), n=101), 4)  # an identity read as a sample: below 0
+    -0.0051
+    """
+    s = _covariance(cov)
+    c = len(s)
+    if numerical_rank(s, rtol) < c:
+        return None
+    tc = 0.5 * (np.log(np.diag(s)).sum() - np.linalg.slogdet(s)[1])
+    return float(tc if n is None else tc - 0.5 * _log_det_bias(c, n))
+
+
+def decorrelation_gain(
+    cov: CovLike | Spectrum, n: int | None = None, rtol: float = RANK_RTOL
+) -> float | None:
+    """Coding gain still available from decorrelation, a ratio: ``exp(2 TC / C)``.
+
+    ``(prod_c s_c^2 / det S)^(1/C) = det(R)^(-1/C) = klt_coding_gain / coding_gain`` ``>= 1``
+    (Hadamard's inequality), the exponential form of :func:`total_correlation` (one number, not a
+    second piece of evidence); ``n`` and ``None`` as there. 1 for uncorrelated channels.
 
     >>> round(decorrelation_gain(np.array([[4.0, 2.0], [2.0, 9.0]])), 4)  # (4 * 9 / 32)^(1/2)
     1.0607
     """
-    sp = spectrum(cov)
-    return float(np.exp(np.log(sp.variances).mean() - np.log(sp.eigenvalues).mean()))
+    tc = total_correlation(cov, n, rtol)
+    return None if tc is None else float(math.exp(2 * tc / len(_covariance(cov))))
 
 
-def total_correlation(cov: CovLike | Spectrum) -> float:
-    """Total correlation of a Gaussian with covariance ``S``, in nats (Watanabe 1960).
-
-    ``1/2 (sum_c log s_c^2 - log det S)`` = ``sum_c h(y_c) - h(y)`` for a Gaussian (Cover & Thomas,
-    *Elements of Information Theory*, 2nd ed., eq. 8.64 for ``h``), over the floored variances and
-    eigenvalues; 0 for uncorrelated channels.
-
-    >>> round(total_correlation(np.array([[4.0, 2.0], [2.0, 9.0]])), 4)  # 1/2 log(4 * 9 / 32)
-    0.0589
-    """
-    sp = spectrum(cov)
-    return float(0.5 * (np.log(sp.variances).sum() - np.log(sp.eigenvalues).sum()))
-
-
-def effective_rank(cov: CovLike | Spectrum) -> float:
+def effective_rank(cov: CovLike | Spectrum) -> float | None:
     """Effective rank (Roy & Vetterli, EUSIPCO 2007), in ``[1, C]``.
 
-    ``exp(-sum_i p_i log p_i)`` with ``p_i = l_i / sum_j l_j`` over the floored eigenvalues: the
-    exponential of the entropy of the normalised spectrum.
+    ``exp(-sum_i p_i log p_i)`` with ``p_i = l_i / sum_j l_j`` (``0 log 0 = 0``): the exponential of
+    the entropy of the normalised spectrum, exact for singular covariances (zero eigenvalues add
+    nothing: it is the effective rank on the non-degenerate subspace). ``None`` for a zero
+    covariance.
 
     >>> round(effective_rank(np.eye(3)), 4), round(effective_rank(np.diag([1.0, 0.0, 0.0])), 4)
     (3.0, 1.0)
     """
-    lam = spectrum(cov).eigenvalues
-    p = lam / lam.sum()
+    lam = np.clip(_eigenvalues(_covariance(cov)), 0.0, None)
+    if lam[0] <= 0:
+        return None
+    p = lam[lam > 0] / lam.sum()
     return float(np.exp(-(p * np.log(p)).sum()))
 
 
@@ -314,40 +440,49 @@ def topk_energy_share(energies: CovLike | Sequence[float], k: int) -> float:
 
 
 def energy_statistics(
-    cov: CovLike | Spectrum, energies: CovLike | Sequence[float], k: int | None = None
-) -> dict[str, float]:
+    cov: CovLike | Spectrum,
+    energies: CovLike | Sequence[float],
+    k: int | None = None,
+    n: int | None = None,
+) -> dict[str, float | int | None]:
     """All covariance metrics of this module as a flat dict of numbers, ready for a JSON line.
 
     Args:
         cov: ``(C, C)`` covariance (or its :class:`Spectrum`).
         energies: ``(C,)`` channel energies ``E[y_c^2]``.
         k: channels for ``topk_energy_share``; default ``max(1, round(C / 8))``.
+        n: sample count behind ``cov``: the gains and ``total_correlation`` are bias-corrected
+            with it (see :func:`total_correlation`); None: plug-in values.
 
     Returns:
-        Keys equal to the function names: ``offdiag_energy_ratio``, ``coding_gain``,
-        ``klt_coding_gain``, ``decorrelation_gain`` (ratios, not dB), ``total_correlation`` (nats),
-        ``effective_rank``, ``topk_energy_share``, ``topk_k`` (int) and ``floored_eigenvalues``
-        (int).
+        Keys equal to the function names: ``offdiag_energy_ratio`` (on the correlation matrix),
+        ``coding_gain``, ``klt_coding_gain``, ``decorrelation_gain`` (ratios, not dB),
+        ``total_correlation`` (nats), ``total_correlation_plugin`` (nats, uncorrected),
+        ``effective_rank``, ``topk_energy_share``, ``topk_k`` (int) and ``numerical_rank`` (int).
+        A statistic that is infinite or undefined for ``cov`` (see the module docstring) is None.
 
     Raises:
         ValueError: as the individual functions.
 
     >>> out = energy_statistics(np.array([[4.0, 2.0], [2.0, 9.0]]), [4.0, 9.0])
-    >>> out["topk_k"], round(out["topk_energy_share"], 4), out["floored_eigenvalues"]  # 9 / 13
-    (1, 0.6923, 0)
+    >>> out["topk_k"], round(out["topk_energy_share"], 4), out["numerical_rank"]  # 9 / 13
+    (1, 0.6923, 2)
+    >>> energy_statistics(np.ones((2, 2)), [1.0, 1.0])["total_correlation"] is None  # rank 1
+    True
     """
-    sp = spectrum(cov)
-    k = max(1, round(len(sp.eigenvalues) / 8)) if k is None else k
+    s = _covariance(cov)
+    k = max(1, round(len(s) / 8)) if k is None else k
     return {
-        "offdiag_energy_ratio": offdiag_energy_ratio(sp),
-        "coding_gain": coding_gain(sp),
-        "klt_coding_gain": klt_coding_gain(sp),
-        "decorrelation_gain": decorrelation_gain(sp),
-        "total_correlation": total_correlation(sp),
-        "effective_rank": effective_rank(sp),
+        "offdiag_energy_ratio": offdiag_energy_ratio(s),
+        "coding_gain": coding_gain(s, n),
+        "klt_coding_gain": klt_coding_gain(s, n),
+        "decorrelation_gain": decorrelation_gain(s, n),
+        "total_correlation": total_correlation(s, n),
+        "total_correlation_plugin": total_correlation(s),
+        "effective_rank": effective_rank(s),
         "topk_energy_share": topk_energy_share(energies, k),
         "topk_k": k,
-        "floored_eigenvalues": sp.floored,
+        "numerical_rank": numerical_rank(s),
     }
 
 
@@ -756,16 +891,19 @@ class ChannelStats(_StreamingMetric):
         """
         return _channel_stats_compute(self.count, self.sum, self.outer, self.nonfinite)
 
-    def statistics(self, k: int | None = None) -> dict[str, float]:
-        """:func:`energy_statistics` of :meth:`compute`'s covariance and energies.
+    def statistics(self, k: int | None = None) -> dict[str, float | int | None]:
+        """:func:`energy_statistics` of :meth:`compute`'s covariance and energies, bias-corrected
+        with ``n = count`` where ``count > C`` (plug-in values otherwise).
 
         >>> m = ChannelStats(2)
         >>> m.update(torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 2.0], [0.0, -2.0]]))
-        >>> round(m.statistics()["coding_gain"], 4)  # variances 2/3 and 8/3: AM 5/3, GM 4/3
-        1.25
+        >>> out = m.statistics()  # uncorrelated channels: no total correlation before correction
+        >>> out["numerical_rank"], round(out["total_correlation_plugin"], 4)
+        (2, 0.0)
         """
         out = self.compute()
-        return energy_statistics(out["covariance"], out["energies"], k)
+        n = int(out["count"])
+        return energy_statistics(out["covariance"], out["energies"], k, n if n > self.channels else None)
 
 
 class SubbandEnergy(_StreamingMetric):
@@ -985,3 +1123,128 @@ def aux_energy_share(aux: Tensor, merged: Tensor) -> Tensor:
     metric = AuxEnergyShare()
     metric.update(aux, merged)
     return metric.compute()["aux_energy_share"]
+
+
+def rate_shares(likelihoods: Tensor) -> Tensor:
+    """Share of the bits carried by each channel: ``(C,)`` float64, summing to 1.
+
+    ``share_c = sum_{b,h,w} -log2 p(y_hat_{b,c,h,w}) / sum_{b,c,h,w} -log2 p(...)`` for the
+    likelihoods ``p`` of a CompressAI entropy model (``out["likelihoods"]["y"]``). Modulation
+    relative to the quantiser (step 1): few channels carrying the rate is strong modulation.
+
+    Args:
+        likelihoods: ``(B, C, H, W)`` probabilities in ``(0, 1]``.
+
+    Raises:
+        ValueError: not 4-D, values outside ``(0, 1]`` or non-finite, or no bits at all.
+
+    >>> rate_shares(torch.tensor([[[[0.5]], [[0.25]], [[1.0]]]])).tolist()  # 1, 2 and 0 bits
+    [0.3333333333333333, 0.6666666666666666, 0.0]
+    """
+    if likelihoods.dim() != 4:
+        raise ValueError(f"rate_shares: expected (B, C, H, W) likelihoods, got {tuple(likelihoods.shape)}")
+    p = likelihoods.detach().to(torch.float64)
+    if not bool(((p > 0) & (p <= 1)).all()):
+        raise ValueError("rate_shares: likelihoods must lie in (0, 1] (NaN, 0 or > 1 found)")
+    bits = 0.0 - torch.log2(p).sum((0, 2, 3))  # 0.0 - : no -0.0 for a channel without bits
+    total = bits.sum()
+    if total <= 0:
+        raise ValueError("rate_shares: the likelihoods carry no bits (all 1)")
+    return bits / total
+
+
+def _blocks(y: Tensor, k: int) -> Tensor:
+    """The non-overlapping ``k x k`` neighbourhoods of ``y`` ``(B, C, H, W)`` as ``(N, k*k*C)``
+    rows (H, W cropped to multiples of k); column ``p*C + c`` is channel c at block position p."""
+    b, c, h, w = y.shape
+    x = y[:, :, : h - h % k, : w - w % k]
+    x = x.reshape(b, c, h // k, k, w // k, k).permute(0, 2, 4, 3, 5, 1)  # (B, H/k, W/k, k, k, C)
+    return x.reshape(-1, k * k * c)
+
+
+def _neighbourhood_total_correlation(
+    cov: Tensor | np.ndarray, k: int, n: int | None
+) -> dict[str, float | None]:
+    """The split of :func:`neighbourhood_total_correlation` from the ``(k*k*C, k*k*C)`` covariance."""
+    s = _covariance(cov)
+    c = len(s) // (k * k)
+    joint = total_correlation(s, n)
+    parts = [total_correlation(s[p * c : (p + 1) * c, p * c : (p + 1) * c], n) for p in range(k * k)]
+    channels = None if any(t is None for t in parts) else float(sum(parts))
+    positions = None if joint is None or channels is None else joint - channels
+    return {"joint": joint, "across_channels": channels, "across_positions": positions}
+
+
+class NeighbourhoodTotalCorrelation(ChannelStats):
+    """Streaming total correlation of ``k x k`` neighbourhoods, split into channels and positions.
+
+    Each non-overlapping ``k x k`` block of ``y`` ``(B, C, H, W)`` (H, W cropped to multiples of
+    ``k``) is one sample of ``k^2 C`` variables; the states are those of a :class:`ChannelStats` of
+    ``k^2 C`` channels (non-finite rule included). :meth:`split` gives, in nats, with the
+    bias correction of :func:`total_correlation` at ``n`` = blocks::
+
+        joint            = TC of the k^2 C variables
+        across_channels  = sum over the k^2 block positions p of TC(channels at p)  (~ k^2 x channel TC)
+        across_positions = joint - across_channels = multi-information between the k^2 position
+                           vectors (>= 0 before the correction)
+
+    (chain rule of total correlation, Watanabe 1960). A Haar DWT is a 2 x 2 spatial transform: its
+    decorrelation shows up in ``across_positions``. Singular covariances give ``None`` as there.
+
+    >>> m = NeighbourhoodTotalCorrelation(channels=1, k=2)
+    >>> m.update(torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(0)))
+    >>> out = m.split()
+    >>> abs(out["joint"]) < 0.05, out["across_channels"]  # white noise; one channel: nothing to share
+    (True, 0.0)
+    """
+
+    def __init__(self, channels: int, k: int = 2, **kwargs) -> None:
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        super().__init__(k * k * channels, **kwargs)
+        self.k, self.latent_channels = k, channels
+
+    def _config(self) -> tuple:
+        return (self.latent_channels, self.k)
+
+    def update(self, y: Tensor) -> None:
+        """Accumulate the ``k x k`` blocks of ``y`` ``(B, C, H, W)``.
+
+        Raises:
+            ValueError: wrong shape, or H or W below k. TypeError: non-float ``y``.
+        """
+        if y.dim() != 4 or y.shape[1] != self.latent_channels or min(y.shape[2:]) < self.k:
+            raise ValueError(
+                f"NeighbourhoodTotalCorrelation: expected (B, {self.latent_channels}, H, W) with H, W "
+                f">= {self.k}, got {tuple(y.shape)}"
+            )
+        super().update(_blocks(y, self.k))
+
+    def split(self) -> dict[str, float | None]:
+        """``joint``, ``across_channels``, ``across_positions`` (nats, bias-corrected at ``n`` =
+        blocks where ``n > k^2 C``, plug-in otherwise) and ``count`` (blocks).
+
+        Raises:
+            ValueError: fewer than 2 finite blocks.
+        """
+        out = self.compute()
+        n = int(out["count"])
+        split = _neighbourhood_total_correlation(out["covariance"], self.k, n if n > self.channels else None)
+        return split | {"count": n}
+
+
+def neighbourhood_total_correlation(y: Tensor, k: int = 2) -> dict[str, float | None]:
+    """Total correlation of the ``k x k`` neighbourhoods of ``y`` ``(B, C, H, W)``, split into its
+    across-channel and across-position parts: one-shot :class:`NeighbourhoodTotalCorrelation`.
+
+    Returns:
+        ``joint``, ``across_channels``, ``across_positions`` (nats) and ``count`` (blocks).
+
+    >>> y = torch.randn(256, 1, 2, 2, generator=torch.Generator().manual_seed(1))
+    >>> y[:, :, 1] = y[:, :, 0]  # each row copies the one above: rank 2 of 4
+    >>> neighbourhood_total_correlation(y)["joint"] is None
+    True
+    """
+    metric = NeighbourhoodTotalCorrelation(y.shape[1], k)
+    metric.update(y)
+    return metric.split()

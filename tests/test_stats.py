@@ -31,7 +31,9 @@ from energylab.stats import (
     energy_statistics,
     floored_eigenvalues,
     klt_coding_gain,
+    numerical_rank,
     offdiag_energy_ratio,
+    offdiag_energy_ratio_cov,
     spatial_correlation,
     subband_energy,
     to_db,
@@ -241,20 +243,22 @@ def test_metrics_match_scipy(c, seed):
     assert total_correlation(cov) == pytest.approx(h_marginals - h_joint, rel=1e-8, abs=1e-10)
     assert effective_rank(cov) == pytest.approx(math.exp(scipy.stats.entropy(lam)), rel=1e-10)
     off = cov - np.diag(var)
-    assert offdiag_energy_ratio(cov) == pytest.approx((off**2).sum() / (cov**2).sum(), abs=1e-14)
+    assert offdiag_energy_ratio_cov(cov) == pytest.approx((off**2).sum() / (cov**2).sum(), abs=1e-14)
+    corr = cov / np.sqrt(np.outer(var, var))
+    assert offdiag_energy_ratio(cov) == pytest.approx(((corr - np.eye(c)) ** 2).sum() / (corr**2).sum(),
+                                                      abs=1e-14)
     for f in METRICS:  # torch input, any dtype: same values
         assert f(torch.from_numpy(cov)) == f(cov)
 
 
 @FAST
-@given(c=st.integers(1, 10), seed=SEEDS, dead=st.integers(0, 3))
-def test_log_identity_holds(c, seed, dead):
-    rng = np.random.default_rng(seed)
-    cov = random_cov(rng, c)
-    cov[:, :dead] = cov[:dead, :] = 0.0  # dead channels included
-    lhs = math.log(klt_coding_gain(cov))
-    rhs = math.log(coding_gain(cov)) + math.log(decorrelation_gain(cov))
+@given(c=st.integers(1, 10), seed=SEEDS, n=st.sampled_from([None, 20, 1000]))
+def test_log_identity_holds(c, seed, n):
+    cov = random_cov(np.random.default_rng(seed), c)
+    lhs = math.log(klt_coding_gain(cov, n))
+    rhs = math.log(coding_gain(cov, n)) + math.log(decorrelation_gain(cov, n))
     assert lhs == pytest.approx(rhs, rel=1e-9, abs=1e-9)
+    assert math.log(decorrelation_gain(cov, n)) == pytest.approx(2 * total_correlation(cov, n) / c, rel=1e-12)
 
 
 @FAST
@@ -281,42 +285,62 @@ def test_invariances(c, seed):
     assert klt_coding_gain(diag) == pytest.approx(coding_gain(diag), rel=1e-12)
 
 
-def test_degenerate_covariances_are_finite():
+def test_singular_covariances_give_rank_and_none_never_floor_made_values():
     rng = np.random.default_rng(3)
     cov = random_cov(rng, 5)
     dead = cov.copy()
     dead[:, 1] = dead[1, :] = 0.0
     twin = np.pad(cov, ((0, 1), (0, 1)))
     twin[5, :5] = twin[:5, 5] = cov[0]
-    twin[5, 5] = cov[0, 0]  # channel 5 copies channel 0: rank deficient
-    cases = {"dead": (dead, 1), "twin": (twin, 1), "zero": (np.zeros((4, 4)), 4)}
-    cases |= {"one": (np.array([[2.5]]), 0), "one_dead": (np.zeros((1, 1)), 1)}
-    for name, (c, floored) in cases.items():
-        stats = energy_statistics(c, np.diag(c))
-        assert all(math.isfinite(v) for v in stats.values()), name
-        assert stats["floored_eigenvalues"] == floored, name
-    # a dead channel adds no gain: its floored variance and eigenvalue cancel
-    assert decorrelation_gain(dead) == pytest.approx(
-        decorrelation_gain(np.delete(np.delete(dead, 1, 0), 1, 1)) ** (4 / 5), rel=1e-9
-    )
-    # a copied channel is perfectly correlated: large but finite, bounded by the floor
-    assert total_correlation(twin) == pytest.approx(0.5 * math.log(1e12), rel=0.2)
+    twin[5, 5] = cov[0, 0]  # channel 5 copies channel 0: rank deficient, every variance > 0
+    infinite = ("klt_coding_gain", "decorrelation_gain", "total_correlation", "total_correlation_plugin")
+    for name, c, rank in (("dead", dead, 4), ("twin", twin, 5)):
+        stats = energy_statistics(c, np.diag(c) + 1.0, n=1000)
+        assert stats["numerical_rank"] == rank, name
+        assert all(stats[key] is None for key in infinite), name
+        assert json.loads(json.dumps(stats)) == stats  # None is JSON null
+    # finite ones on the non-degenerate subspace: exactly the values without the dead channel
+    alive = np.delete(np.delete(dead, 1, 0), 1, 1)
+    assert energy_statistics(dead, np.ones(5))["coding_gain"] is None  # a zero variance
+    assert offdiag_energy_ratio(dead) == pytest.approx(offdiag_energy_ratio(alive), rel=1e-12)
+    assert effective_rank(dead) == pytest.approx(effective_rank(alive), rel=1e-12)
+    assert coding_gain(twin) == pytest.approx(coding_gain(np.diag(np.diag(twin))), rel=1e-12)
+    zero = energy_statistics(np.zeros((4, 4)), np.zeros(4))
+    assert zero["numerical_rank"] == 0
+    undefined = (*infinite, "coding_gain", "effective_rank", "offdiag_energy_ratio")
+    assert all(zero[key] is None for key in undefined)
     single = {f.__name__: f(np.array([[2.5]])) for f in METRICS}
     assert single == pytest.approx(
         {k: 0.0 if k in ("offdiag_energy_ratio", "total_correlation") else 1.0 for k in single},
         abs=1e-12,
     )
-    assert effective_rank(np.zeros((4, 4))) == pytest.approx(4.0)
 
 
-def test_channel_stats_with_dead_channel_give_finite_statistics():
+def test_rank_r_covariance_reports_rank_r():
+    rng = np.random.default_rng(9)
+    for r in (1, 3, 7):
+        a = rng.standard_normal((8, r))
+        cov = a @ a.T
+        assert numerical_rank(cov) == r
+        assert total_correlation(cov) is None and decorrelation_gain(cov, n=500) is None
+        assert klt_coding_gain(cov) is None
+        assert effective_rank(cov) <= r + 1e-9
+    # from data: 12 channels driven by 5 sources, through ChannelStats in float32
+    y = torch.from_numpy(rng.standard_normal((4000, 5)) @ rng.standard_normal((5, 12))).float()
+    m = ChannelStats(12)
+    m.update(y)
+    stats = m.statistics()
+    assert stats["numerical_rank"] == 5 and stats["total_correlation"] is None
+
+
+def test_channel_stats_with_dead_channel():
     y = torch.randn(2, 4, 8, 8)
     y[:, 2] = 5.0  # constant channel: zero variance, non-zero energy
     stats = ChannelStats(4)
     stats.update(y)
     out = stats.statistics(k=1)
-    assert all(math.isfinite(v) for v in out.values())
-    assert out["floored_eigenvalues"] == 1
+    assert out["numerical_rank"] == 3 and out["coding_gain"] is None and out["total_correlation"] is None
+    assert math.isfinite(out["effective_rank"]) and math.isfinite(out["offdiag_energy_ratio"])
     assert out["topk_energy_share"] > 0.5  # the constant channel holds most energy
 
 
@@ -353,10 +377,11 @@ def test_energy_statistics_dict():
         "klt_coding_gain",
         "decorrelation_gain",
         "total_correlation",
+        "total_correlation_plugin",
         "effective_rank",
         "topk_energy_share",
         "topk_k",
-        "floored_eigenvalues",
+        "numerical_rank",
     ]
     assert stats["topk_k"] == 2  # round(20 / 8)
     assert stats["topk_energy_share"] == topk_energy_share(energies, 2)
