@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from energylab.stats import (
     AuxEnergyShare,
     ChannelStats,
+    NeighbourhoodTotalCorrelation,
     SpatialCorrelation,
     SubbandEnergy,
     aux_energy_share,
@@ -31,9 +32,11 @@ from energylab.stats import (
     energy_statistics,
     floored_eigenvalues,
     klt_coding_gain,
+    neighbourhood_total_correlation,
     numerical_rank,
     offdiag_energy_ratio,
     offdiag_energy_ratio_cov,
+    rate_shares,
     spatial_correlation,
     subband_energy,
     to_db,
@@ -695,3 +698,119 @@ def test_two_gloo_processes_equal_one_process(tmp_path: Path):
             torch.testing.assert_close(stats[key], expected[0][key], rtol=1e-12, atol=1e-12)
         assert as_floats(shares) == pytest.approx(as_floats(expected[1]), rel=1e-12)
         assert as_floats(corr) == pytest.approx(as_floats(expected[2]), rel=1e-10)
+
+
+# ---------------------------------------------------------------- issue 10: estimators that carry a verdict
+
+
+def sample_cov(x: np.ndarray) -> np.ndarray:
+    return np.cov(x.T)  # unbiased, n - 1 degrees of freedom
+
+
+def test_white_gaussian_total_correlation_is_corrected_to_zero():
+    rng = np.random.default_rng(10)
+    c = 48
+    for n, tol in ((8192, 0.1), (512, 0.1)):
+        plugin, corrected = [], []
+        for _ in range(50):
+            cov = sample_cov(rng.standard_normal((n, c)))
+            plugin.append(total_correlation(cov))
+            corrected.append(total_correlation(cov, n=n))
+        assert abs(np.mean(corrected)) < tol, (n, np.mean(corrected))
+        # the plug-in value sits at the bias of statistics-notes.md: C(C+1)/(4n) to first order
+        assert np.mean(plugin) == pytest.approx(c * (c + 1) / (4 * n), rel=0.15)
+    assert np.mean(plugin) > 1.0  # at n = 512 the uncorrected value is far from 0: the test can fail
+
+
+def test_ar1_across_channels_matches_closed_form():
+    rng = np.random.default_rng(11)
+    c, rho, n = 48, 0.8, 8192
+    true = rho ** np.abs(np.subtract.outer(np.arange(c), np.arange(c)))
+    x = rng.multivariate_normal(np.zeros(c), true, size=n)
+    closed = -0.5 * (c - 1) * math.log(1 - rho**2)  # log det of an AR(1) correlation: (C-1) log(1-rho^2)
+    assert total_correlation(true) == pytest.approx(closed, rel=1e-10)
+    assert total_correlation(sample_cov(x), n=n) == pytest.approx(closed, rel=0.02)
+    assert decorrelation_gain(sample_cov(x), n=n) == pytest.approx(math.exp(2 * closed / c), rel=0.02)
+
+
+@FAST
+@given(c=st.integers(2, 10), seed=SEEDS)
+def test_rescaling_channels_changes_only_scale_dependent_statistics(c, seed):
+    rng = np.random.default_rng(seed)
+    cov = random_cov(rng, c)
+    d = np.diag(rng.uniform(0.1, 10.0, c))
+    scaled = d @ cov @ d
+    for f in (offdiag_energy_ratio, total_correlation, decorrelation_gain):
+        assert f(scaled) == pytest.approx(f(cov), rel=1e-9, abs=1e-12)
+    corrected = total_correlation(cov, n=100)
+    assert total_correlation(scaled, n=100) == pytest.approx(corrected, rel=1e-9, abs=1e-12)
+    assert numerical_rank(scaled) == numerical_rank(cov) == c
+
+
+def test_covariance_offdiag_ratio_is_not_scale_free():
+    cov = np.array([[1.0, 0.6], [0.6, 1.0]])
+    d = np.diag([1.0, 3.0])
+    assert offdiag_energy_ratio_cov(d @ cov @ d) != pytest.approx(offdiag_energy_ratio_cov(cov), rel=0.05)
+    assert offdiag_energy_ratio(d @ cov @ d) == pytest.approx(offdiag_energy_ratio(cov), rel=1e-12)
+
+
+def ar_field(
+    rng: np.random.Generator, b: int, c: int, h: int, w: int, rho_c: float, rho_s: float
+) -> np.ndarray:
+    """Separable Gaussian field with unit variances: AR(1) along C, H and W."""
+    x = rng.standard_normal((b, c, h, w))
+    for axis, rho in ((1, rho_c), (2, rho_s), (3, rho_s)):
+        x = np.moveaxis(x, axis, 0)
+        for i in range(1, len(x)):
+            x[i] = rho * x[i - 1] + math.sqrt(1 - rho**2) * x[i]
+        x = np.moveaxis(x, 0, axis)
+    return x
+
+
+def test_separable_ar_field_neighbourhood_total_correlation_matches_closed_form():
+    rng = np.random.default_rng(12)
+    c, k, rho_c, rho_s = 6, 2, 0.5, 0.7
+    y = ar_field(rng, 64, c, 32, 32, rho_c, rho_s)  # 64 * 16 * 16 = 16384 blocks of 24 variables
+    # joint = -1/2 (C log det R_space + k^2 log det R_channel); the 2x2 block R_space = R_2 (x) R_2
+    log_det_space = 4 * math.log(1 - rho_s**2)
+    log_det_channel = (c - 1) * math.log(1 - rho_c**2)
+    joint = -0.5 * (c * log_det_space + k * k * log_det_channel)
+    across_channels = -0.5 * k * k * log_det_channel
+    out = neighbourhood_total_correlation(torch.from_numpy(y), k)
+    assert out["count"] == 64 * 16 * 16
+    assert out["joint"] == pytest.approx(joint, rel=0.02)
+    assert out["across_channels"] == pytest.approx(across_channels, rel=0.02)
+    assert out["across_positions"] == pytest.approx(joint - across_channels, rel=0.02)
+    # streaming in pieces (and in float32) gives the same split
+    m = NeighbourhoodTotalCorrelation(c, k)
+    for part in torch.from_numpy(y).float().split(16):
+        m.update(part)
+    assert {key: m.split()[key] for key in out} == pytest.approx(out, rel=1e-5)
+
+
+def test_neighbourhood_of_white_noise_and_odd_sizes():
+    y = torch.randn(32, 3, 9, 7, generator=torch.Generator().manual_seed(13))  # cropped to 8 x 6
+    out = neighbourhood_total_correlation(y)
+    assert out["count"] == 32 * 4 * 3
+    assert abs(out["joint"]) < 0.3 and abs(out["across_positions"]) < 0.3
+    with pytest.raises(ValueError):
+        neighbourhood_total_correlation(torch.zeros(1, 3, 1, 8))
+
+
+def test_rate_shares_of_a_model_sum_to_one_and_match_bits_per_channel():
+    from energylab.models import build_model
+
+    model = build_model("bmshj2018-factorized", N=8, M=12).eval()
+    with torch.no_grad():
+        likelihoods = model(torch.rand(2, 3, 64, 64))["likelihoods"]["y"]
+    shares = rate_shares(likelihoods)
+    assert shares.shape == (12,) and shares.dtype == torch.float64
+    assert float(shares.sum()) == pytest.approx(1.0, abs=1e-12)
+    p = likelihoods.double().numpy()
+    bits = np.array([-np.log2(p[:, ch]).sum() for ch in range(p.shape[1])])
+    np.testing.assert_allclose(shares.numpy(), bits / bits.sum(), rtol=1e-10)
+    zero, above_one, flat, no_bits = (torch.zeros(1, 2, 2, 2), torch.full((1, 2, 2, 2), 1.5),
+                                      torch.ones(2, 2), torch.ones(1, 2, 2, 2))
+    for bad in (zero, above_one, flat, no_bits, torch.full((1, 2, 2, 2), math.nan)):
+        with pytest.raises(ValueError):
+            rate_shares(bad)
