@@ -72,6 +72,12 @@ class HookPoint:
     role: str | None = None
     merge: int | None = None
 
+    def __post_init__(self) -> None:
+        if self.role is not None and self.role not in ROLES:
+            raise ValueError(f"HookPoint {self.module!r}: role {self.role!r} is not one of {ROLES} or None")
+        if (self.merge is not None) != (self.role in ("main", "aux")):
+            raise ValueError(f"HookPoint {self.module!r}: a merge index goes with roles main/aux only")
+
 
 def default_layers(model: nn.Module, trace_size: int = 64) -> dict[str, HookPoint]:
     """The default hook points of ``model`` (see the module docstring), found by tracing ``g_a``.

@@ -21,7 +21,10 @@ covariance gives ``None`` for all of them. (:func:`spectrum` keeps a floor for l
 
 **Sample size.** With the sample count ``n`` the log-determinant statistics carry the Gaussian
 finite-sample bias correction of :func:`total_correlation` (i.i.d. assumption; a floor on the bias
-of correlated latent positions); without, they are plug-in values.
+of correlated latent positions); without, they are plug-in values. :func:`neighbourhood_total_correlation`
+(and the streaming :class:`NeighbourhoodTotalCorrelation`) splits the total correlation of ``k x k``
+neighbourhoods into its across-channel and across-position parts; :func:`rate_shares` gives each
+channel's share of the bits from an entropy model's likelihoods (modulation against the quantiser).
 
 Streaming: :class:`ChannelStats`, :class:`SubbandEnergy`, :class:`SpatialCorrelation` and
 :class:`AuxEnergyShare` are ``torchmetrics.Metric`` s in the torchmetrics shape: a functional layer

@@ -111,6 +111,9 @@ def test_custom_hook_points_and_unknown_names():
     (record,) = probe.records(0)
     got = (record["layer"], record["role"], record["merge"], record["channels"])
     assert got == ("first_conv", None, None, 8)
+    for bad in ({"role": "stem"}, {"role": "aux"}, {"role": "y", "merge": 1}):
+        with pytest.raises(ValueError, match="HookPoint"):
+            HookPoint("g_a.0", **bad)
     with pytest.raises(ValueError, match="no module"):
         with LatentProbe(model, layers={"x": HookPoint("g_a.99")}):
             pass
