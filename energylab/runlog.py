@@ -166,7 +166,7 @@ class RunLog:
         os.replace(tmp, path)
         for record in records:
             for key in MIRRORED:
-                if key in record:
+                if record.get(key) is not None:  # None: infinite for a singular covariance
                     self.writer.add_scalar(f"energy/{record['layer']}/{key}", record[key], step)
         if "cov/y" in arrays:
             self.writer.add_image("y/channel_correlation", correlation_image(arrays["cov/y"]), step)
