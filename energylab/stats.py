@@ -172,6 +172,8 @@ def _covariance(cov: CovLike | Spectrum) -> np.ndarray:
     """``cov`` as a symmetrised float64 numpy ``(C, C)`` matrix (validated as :func:`spectrum`)."""
     if isinstance(cov, Spectrum):
         return cov.covariance
+    if isinstance(cov, _Cov):
+        return cov.s
     if isinstance(cov, Tensor):
         cov = cov.detach().to("cpu", torch.float64).numpy()
     s = np.asarray(cov, dtype=np.float64)
@@ -182,9 +184,22 @@ def _covariance(cov: CovLike | Spectrum) -> np.ndarray:
     return 0.5 * (s + s.T)
 
 
-def _eigenvalues(s: np.ndarray) -> np.ndarray:
-    """Eigenvalues of a symmetric matrix, descending, unfloored."""
-    return np.linalg.eigvalsh(s)[::-1]
+class _Cov(NamedTuple):
+    """A validated covariance and its unfloored eigenvalues (descending), computed once."""
+
+    s: np.ndarray
+    lam: np.ndarray
+
+
+def _cov(cov: CovLike | Spectrum | _Cov) -> _Cov:
+    if isinstance(cov, _Cov):
+        return cov
+    s = _covariance(cov)
+    return _Cov(s, np.linalg.eigvalsh(s)[::-1])
+
+
+def _rank(c: _Cov, rtol: float) -> int:
+    return int((c.lam > rtol * c.lam[0]).sum()) if c.lam[0] > 0 else 0
 
 
 def numerical_rank(cov: CovLike | Spectrum, rtol: float = RANK_RTOL) -> int:
@@ -196,8 +211,7 @@ def numerical_rank(cov: CovLike | Spectrum, rtol: float = RANK_RTOL) -> int:
     >>> numerical_rank(np.array([[1.0, 1.0], [1.0, 1.0]])), numerical_rank(np.eye(3))
     (1, 3)
     """
-    lam = _eigenvalues(_covariance(cov))
-    return int((lam > rtol * lam[0]).sum()) if lam[0] > 0 else 0
+    return _rank(_cov(cov), rtol)
 
 
 def _log_det_bias(dim: int, n: int) -> float:
@@ -287,14 +301,14 @@ def klt_coding_gain(
     >>> round(klt_coding_gain(np.array([[4.0, 2.0], [2.0, 9.0]])), 4)  # AM 6.5 / det^(1/2) = 32^(1/2)
     1.149
     """
-    s = _covariance(cov)
-    c = len(s)
-    if numerical_rank(s, rtol) < c:
+    cv = _cov(cov)
+    c = len(cv.s)
+    if _rank(cv, rtol) < c:
         return None
-    log_det = np.linalg.slogdet(s)[1]
+    log_det = np.log(cv.lam).sum()
     if n is not None:
         log_det -= c * _variances_bias(n) - _log_det_bias(c, n)  # E[log det S_hat] - log det S
-    return float(np.trace(s) / c / np.exp(log_det / c))
+    return float(np.trace(cv.s) / c / np.exp(log_det / c))
 
 
 def total_correlation(
@@ -320,11 +334,11 @@ def total_correlation(
     >>> round(total_correlation(np.eye(2), n=101), 4)  # an identity read as a sample: below 0
     -0.0051
     """
-    s = _covariance(cov)
-    c = len(s)
-    if numerical_rank(s, rtol) < c:
+    cv = _cov(cov)
+    c = len(cv.s)
+    if _rank(cv, rtol) < c:
         return None
-    tc = 0.5 * (np.log(np.diag(s)).sum() - np.linalg.slogdet(s)[1])
+    tc = 0.5 * (np.log(np.diag(cv.s)).sum() - np.log(cv.lam).sum())
     return float(tc if n is None else tc - 0.5 * _log_det_bias(c, n))
 
 
@@ -340,8 +354,9 @@ def decorrelation_gain(
     >>> round(decorrelation_gain(np.array([[4.0, 2.0], [2.0, 9.0]])), 4)  # (4 * 9 / 32)^(1/2)
     1.0607
     """
-    tc = total_correlation(cov, n, rtol)
-    return None if tc is None else float(math.exp(2 * tc / len(_covariance(cov))))
+    cv = _cov(cov)
+    tc = total_correlation(cv, n, rtol)
+    return None if tc is None else float(math.exp(2 * tc / len(cv.s)))
 
 
 def effective_rank(cov: CovLike | Spectrum) -> float | None:
@@ -355,7 +370,7 @@ def effective_rank(cov: CovLike | Spectrum) -> float | None:
     >>> round(effective_rank(np.eye(3)), 4), round(effective_rank(np.diag([1.0, 0.0, 0.0])), 4)
     (3.0, 1.0)
     """
-    lam = np.clip(_eigenvalues(_covariance(cov)), 0.0, None)
+    lam = np.clip(_cov(cov).lam, 0.0, None)
     if lam[0] <= 0:
         return None
     p = lam[lam > 0] / lam.sum()
@@ -473,8 +488,8 @@ def energy_statistics(
     >>> energy_statistics(np.ones((2, 2)), [1.0, 1.0])["total_correlation"] is None  # rank 1
     True
     """
-    s = _covariance(cov)
-    k = max(1, round(len(s) / 8)) if k is None else k
+    s = _cov(cov)
+    k = max(1, round(len(s.s) / 8)) if k is None else k
     return {
         "offdiag_energy_ratio": offdiag_energy_ratio(s),
         "coding_gain": coding_gain(s, n),
