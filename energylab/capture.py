@@ -2,19 +2,24 @@
 
 :class:`LatentProbe` hooks named points of a CompressAI model (with or without AuxT) and feeds every
 tensor that passes them into float64 streaming metrics from :mod:`energylab.stats` on the tensor's
-own device. Hooks read tensors and never modify them; they never call ``.item()`` or otherwise wait
-for the device, so a capture costs only its arithmetic. Use it as a context manager around the
-forward passes of one capture (the training loop runs it on a fixed probe set in eval mode under
-``torch.no_grad()``), then :meth:`LatentProbe.records` reads the results (that is where the host
-waits, once per capture).
+own device: one ``torchmetrics.MetricCollection`` per layer (``channel``: :class:`ChannelStats`,
+``subband``: :class:`SubbandEnergy`, ``spatial``: :class:`SpatialCorrelation`), plus an
+:class:`AuxEnergyShare` per auxiliary branch. Hooks read tensors and never modify them; they never
+call ``.item()`` or otherwise wait for the device, so a capture costs only its arithmetic. Use it as
+a context manager around the forward passes of one capture (the training loop runs it on a fixed
+probe set in eval mode under ``torch.no_grad()``), then :meth:`LatentProbe.records` reads the
+results (that is where the host waits, once per capture).
 
-Default layers (names used in ``energy.jsonl``):
+Default layers (names used in ``energy.jsonl``) and their roles:
 
-* ``g_a.stage1`` .. ``g_a.stage3``: the output of each of the first three resolution stages of
-  ``g_a`` (after the AuxT merge where AuxT is on); the fourth stage's output is ``y``;
-* ``y``: the output of ``g_a``; ``y_hat``: the input of ``g_s`` in ``forward`` (the quantised latent);
-* with AuxT, ``g_a.main<k>`` and ``g_a.aux<k>`` (k = 1..4): the two branches entering merge ``k``;
-  the ``g_a.aux<k>`` record carries ``aux_energy_share``.
+* ``g_a.stage1`` .. ``g_a.stage3`` (role ``"stage"``): the output of each of the first three
+  resolution stages of ``g_a`` (after the AuxT merge where AuxT is on); the fourth stage's output is
+  ``y``;
+* ``y`` (role ``"y"``): the output of ``g_a``; ``y_hat`` (role ``"y_hat"``): the input of ``g_s`` in
+  ``forward`` (the quantised latent);
+* with AuxT, ``g_a.main<k>`` and ``g_a.aux<k>`` (roles ``"main"``, ``"aux"``, ``merge = k``,
+  k = 1..4): the two branches entering merge ``k``; the ``"aux"`` record carries
+  ``aux_energy_share``.
 """
 
 from __future__ import annotations
@@ -23,14 +28,17 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from torch import Tensor, nn
-from torchmetrics import Metric
+from torchmetrics import MetricCollection
 
-from energylab.models import AuxTransform, trace_stages
-from energylab.stats import ChannelStats, SpatialCorrelation, SubbandEnergy
+from energylab.models import AuxTransform, trace_stages, unwrap_model
+from energylab.stats import AuxEnergyShare, ChannelStats, SpatialCorrelation, SubbandEnergy
 
-__all__ = ["AuxEnergyShare", "LatentProbe", "default_layers"]
+__all__ = ["ROLES", "HookPoint", "LatentProbe", "default_layers"]
+
+ROLES = ("stage", "y", "y_hat", "main", "aux")
+"""What a hook point reads: a stage output of ``g_a``, ``y``, ``y_hat``, or the main / auxiliary
+branch entering an AuxT merge."""
 
 Extract = Callable[[tuple, Tensor], Tensor]
 """Picks the tensor to reduce from a hook's ``(inputs, output)``."""
@@ -50,44 +58,37 @@ def _second_input(inputs: tuple, output: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class HookPoint:
-    """Where a layer is read: a module path in the model, and which tensor of its call."""
+    """Where a layer is read and what it is.
+
+    Attributes:
+        module: module path in the (unwrapped) model.
+        extract: picks the tensor from the hook's ``(inputs, output)``.
+        role: one of :data:`ROLES`, or None for a user-defined point.
+        merge: the AuxT merge point k = 1..4 for roles ``"main"`` and ``"aux"``, else None.
+    """
 
     module: str
     extract: Extract = _output
+    role: str | None = None
+    merge: int | None = None
 
-
-class AuxEnergyShare(Metric):
-    """Share of the merged energy carried by the auxiliary branch at one merge point.
-
-    ``aux_energy_share = ‖aux‖² / ‖main + aux‖²`` summed over every element of every update
-    (float64 sums, ``dist_reduce_fx="sum"``). 0 when the linear path carries nothing; it can
-    exceed 1 when the branches cancel.
-    """
-
-    full_state_update = False
-
-    def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.add_state("aux", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("merged", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
-
-    def update(self, aux: Tensor, merged: Tensor) -> None:
-        if self.device != aux.device:
-            self.to(aux.device)
-        self.aux += aux.detach().double().square().sum()
-        self.merged += merged.detach().double().square().sum()
-
-    def compute(self) -> Tensor:
-        return self.aux / self.merged
+    def __post_init__(self) -> None:
+        if self.role is not None and self.role not in ROLES:
+            raise ValueError(f"HookPoint {self.module!r}: role {self.role!r} is not one of {ROLES} or None")
+        if (self.merge is not None) != (self.role in ("main", "aux")):
+            raise ValueError(f"HookPoint {self.module!r}: a merge index goes with roles main/aux only")
 
 
 def default_layers(model: nn.Module, trace_size: int = 64) -> dict[str, HookPoint]:
     """The default hook points of ``model`` (see the module docstring), found by tracing ``g_a``.
 
+    ``model`` may be wrapped in ``nn.DataParallel`` / DDP; module paths are those of the model inside.
+    Roles and merge indices come from ``AuxTransform.merge_positions``, not from names.
+
     Raises:
         ValueError: ``model.g_a`` is not a four-stage ``nn.Sequential`` (plain or AuxT-wrapped).
     """
-    g_a = model.g_a
+    g_a = unwrap_model(model).g_a
     auxt = isinstance(g_a, AuxTransform)
     seq = g_a.transform if auxt else g_a
     prefix = "g_a.transform" if auxt else "g_a"
@@ -95,40 +96,37 @@ def default_layers(model: nn.Module, trace_size: int = 64) -> dict[str, HookPoin
     layers: dict[str, HookPoint] = {}
     for k, last in enumerate(stages.last[:-1], start=1):
         if auxt and last in g_a.merge_positions:
-            layers[f"g_a.stage{k}"] = HookPoint(f"g_a.merges.{g_a.merge_positions.index(last)}")
+            module = f"g_a.merges.{g_a.merge_positions.index(last)}"
         else:
-            layers[f"g_a.stage{k}"] = HookPoint(f"{prefix}.{last}")
-    layers["y"] = HookPoint("g_a")
-    layers["y_hat"] = HookPoint("g_s", _first_input)
+            module = f"{prefix}.{last}"
+        layers[f"g_a.stage{k}"] = HookPoint(module, role="stage")
+    layers["y"] = HookPoint("g_a", role="y")
+    layers["y_hat"] = HookPoint("g_s", _first_input, role="y_hat")
     if auxt:
-        for k in range(len(g_a.merge_positions)):
-            layers[f"g_a.main{k + 1}"] = HookPoint(f"g_a.merges.{k}", _first_input)
-            layers[f"g_a.aux{k + 1}"] = HookPoint(f"g_a.merges.{k}", _second_input)
+        for k in range(1, len(g_a.merge_positions) + 1):
+            layers[f"g_a.main{k}"] = HookPoint(f"g_a.merges.{k - 1}", _first_input, "main", k)
+            layers[f"g_a.aux{k}"] = HookPoint(f"g_a.merges.{k - 1}", _second_input, "aux", k)
     return layers
 
 
-class _LayerMetrics(nn.Module):
-    def __init__(self, channels: int, levels: int, max_positions: int | None) -> None:
-        super().__init__()
-        self.channel = ChannelStats(channels, max_positions=max_positions)
-        self.subband = SubbandEnergy(levels=levels)
-        self.spatial = SpatialCorrelation()
-
-    def update(self, y: Tensor) -> None:
-        self.channel.update(y)
-        self.subband.update(y)
-        self.spatial.update(y)
-
-    def reset(self) -> None:
-        for metric in (self.channel, self.subband, self.spatial):
-            metric.reset()
+def _layer_metrics(channels: int, levels: int = 2, max_positions: int | None = None) -> MetricCollection:
+    """The metrics of one captured layer: ``channel``, ``subband`` and ``spatial``."""
+    return MetricCollection(
+        {
+            "channel": ChannelStats(channels, max_positions=max_positions),
+            "subband": SubbandEnergy(levels=levels),
+            "spatial": SpatialCorrelation(channels),
+        },
+        compute_groups=False,
+    )
 
 
 class LatentProbe:
     """Forward hooks that stream named latents into :mod:`energylab.stats` metrics.
 
     Args:
-        model: a CompressAI model, with or without AuxT (``model.g_a``/``model.g_s``).
+        model: a CompressAI model, with or without AuxT (``model.g_a``/``model.g_s``), possibly
+            wrapped in ``nn.DataParallel`` / DDP (the hooks go on the model inside).
         layers: names to capture (a subset of :func:`default_layers`), or a dict name ->
             :class:`HookPoint` for other modules; default: every default layer.
         subband_levels: DWT levels of ``subband_energy`` (each captured map's H and W must be
@@ -142,6 +140,9 @@ class LatentProbe:
             model(probe_batch)
         records = probe.records(step)   # list of flat dicts, one per layer
 
+    A probe is entered once at a time: entering it again while active raises RuntimeError (it
+    would count every latent twice). After exit it may be entered again to accumulate more.
+
     Raises:
         ValueError: unknown layer name.
     """
@@ -153,8 +154,8 @@ class LatentProbe:
         subband_levels: int = 2,
         max_positions: int | None = None,
     ) -> None:
-        self.model = model
-        defaults = default_layers(model)
+        self.model = unwrap_model(model)
+        defaults = default_layers(self.model)
         if layers is None:
             points = defaults
         elif isinstance(layers, dict):
@@ -166,7 +167,7 @@ class LatentProbe:
             points = {name: defaults[name] for name in layers}
         self.points = points
         self.subband_levels, self.max_positions = subband_levels, max_positions
-        self.metrics: dict[str, _LayerMetrics] = {}
+        self.metrics: dict[str, MetricCollection] = {}
         self.shares: dict[str, AuxEnergyShare] = {}
         self.first: dict[str, Tensor] = {}
         self._handles: list = []
@@ -175,13 +176,15 @@ class LatentProbe:
     def _observe(self, name: str, y: Tensor) -> None:
         metrics = self.metrics.get(name)
         if metrics is None:
-            metrics = self.metrics[name] = _LayerMetrics(
+            metrics = self.metrics[name] = _layer_metrics(
                 y.shape[1], self.subband_levels, self.max_positions
             ).to(y.device)
             self.first[name] = y[0].detach().clone()
         metrics.update(y)
 
     def __enter__(self) -> LatentProbe:
+        if self._handles:
+            raise RuntimeError("LatentProbe is already active: nested `with` would count every latent twice")
         modules = dict(self.model.named_modules())
         by_module: dict[str, list[tuple[str, HookPoint]]] = {}
         for name, point in self.points.items():
@@ -195,12 +198,13 @@ class LatentProbe:
     def _hook(self, entries: list[tuple[str, HookPoint]]):
         def hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
             for name, point in entries:
-                self._observe(name, point.extract(inputs, output))
-                if name.startswith("g_a.aux"):
+                y = point.extract(inputs, output)
+                self._observe(name, y)
+                if point.role == "aux":
                     share = self.shares.get(name)
                     if share is None:
                         share = self.shares[name] = AuxEnergyShare().to(output.device)
-                    share.update(inputs[1], output)
+                    share.update(y, output)
 
         return hook
 
@@ -211,24 +215,38 @@ class LatentProbe:
 
     # -- results -------------------------------------------------------------------------------
     def records(self, step: int) -> list[dict]:
-        """One flat dict per captured layer: ``step``, ``layer``, ``channels``, ``count`` and every
-        statistic (see ``data/README.md``). Synchronises across processes when distributed."""
+        """One flat dict of Python numbers per captured layer, ready for a JSON line.
+
+        Keys: ``step``, ``layer``, ``role`` and ``merge`` (of its :class:`HookPoint`),
+        ``channels``, ``count`` (positions used), ``nonfinite`` (positions skipped for NaN/inf),
+        every :func:`energylab.stats.energy_statistics` key, ``subband_energy.<band>``,
+        ``spatial_correlation.<dh,dw>`` and, for role ``"aux"``, ``aux_energy_share`` (see
+        ``data/README.md``). Synchronises across processes when distributed.
+
+        Raises:
+            ValueError: a layer saw no finite data (from :mod:`energylab.stats`).
+        """
         out = []
         for name, metrics in self.metrics.items():
-            moments = metrics.channel.compute()
+            channel, subband, spatial = metrics["channel"], metrics["subband"], metrics["spatial"]
+            moments = channel.compute()
+            point = self.points[name]
             record = {
                 "step": step,
                 "layer": name,
-                "channels": metrics.channel.channels,
+                "role": point.role,
+                "merge": point.merge,
+                "channels": channel.channels,
                 "count": int(moments["count"]),
+                "nonfinite": int(moments["nonfinite"]),
             }
-            record.update(metrics.channel.statistics())
-            record.update({f"subband_energy.{k}": v for k, v in metrics.subband.compute().items()})
-            record.update(
-                {f"spatial_correlation.{k}": v for k, v in metrics.spatial.compute().items()}
-            )
+            record.update(channel.statistics())
+            bands = subband.compute()
+            record.update({f"subband_energy.{k}": float(bands[k]) for k in subband.bands})
+            lags = spatial.compute()
+            record.update({f"spatial_correlation.{k}": float(lags[k]) for k in spatial.lag_names})
             if name in self.shares:
-                record["aux_energy_share"] = float(self.shares[name].compute())
+                record["aux_energy_share"] = float(self.shares[name].compute()["aux_energy_share"])
             out.append(record)
         return out
 
@@ -237,7 +255,7 @@ class LatentProbe:
         image's ``y`` ``(C, h, w)`` — the contents of a ``captures/step_XXXXXXX.npz``."""
         arrays = {}
         for name, metrics in self.metrics.items():
-            moments = metrics.channel.compute()
+            moments = metrics["channel"].compute()
             arrays[f"cov/{name}"] = moments["covariance"].float().cpu().numpy()
             arrays[f"energies/{name}"] = moments["energies"].float().cpu().numpy()
         if "y" in self.first:

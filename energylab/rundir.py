@@ -385,7 +385,7 @@ class RunDir:
         os.replace(tmp, captures / f"step_{step:07d}.npz")
         for record in records:
             for key in MIRRORED:
-                if key in record:
+                if record.get(key) is not None:  # None: infinite for a singular covariance
                     self.writer.add_scalar(f"energy/{record['layer']}/{key}", record[key], step)
         if "cov/y" in arrays:
             self.writer.add_image("y/channel_correlation", _correlation_image(arrays["cov/y"]), step)

@@ -11,30 +11,50 @@ P. Noll, *Digital Coding of Waveforms*, Prentice-Hall 1984, ch. 12)::
     log klt_coding_gain = log coding_gain + log decorrelation_gain
                           (total)            (energy modulation)  (decorrelation)
 
-**Eigenvalue floor.** Dead channels and rank-deficient covariances have zero eigenvalues, which make
-the geometric means and ``log det S`` degenerate. Every eigenvalue and every channel variance below
-``EIGENVALUE_FLOOR * l_max`` (``1e-12`` of the largest eigenvalue) is raised to that floor, so the
-metrics stay finite; :func:`floored_eigenvalues` reports how many eigenvalues were raised. A
-covariance whose eigenvalues all lie above the floor gives exactly the unfloored values. A zero
-covariance (no energy at all) is treated as white: every eigenvalue and variance is set to 1 (all
-metrics are scale-free), giving gains 1, total correlation 0 and effective rank C.
+**Singular covariances.** Eigenvalues and channel variances at or below ``RANK_RTOL * max``
+(``1e-10``) count as zero; :func:`numerical_rank` counts the others. A statistic that is infinite
+for a singular Gaussian is ``None`` (JSON ``null``), never a value made by a floor: the KLT gain,
+decorrelation gain and total correlation when the rank is below C, the coding gain when a channel
+has no variance. The others are finite and exact on the non-degenerate subspace: effective rank
+over the non-zero eigenvalues, the off-diagonal ratio over the channels with variance. A zero
+covariance gives ``None`` for all of them. (:func:`spectrum` keeps a floor for log-scale plots.)
 
-Streaming: :class:`ChannelStats`, :class:`SubbandEnergy` and :class:`SpatialCorrelation` are
-``torchmetrics.Metric`` s whose states are float64 sums reduced with ``dist_reduce_fx="sum"``, so
-``update`` / ``compute`` / ``reset`` / ``merge`` and the all-reduce across ``torch.distributed``
-processes are exact sums. Their ``update`` never synchronises with the host (no ``.item()``, no
-branch on tensor values), so it can run in forward hooks during GPU training; call ``update``, not
-the module's ``forward`` (which computes a per-batch value).
+**Sample size.** With the sample count ``n`` the log-determinant statistics carry the Gaussian
+finite-sample bias correction of :func:`total_correlation` (i.i.d. assumption; a floor on the bias
+of correlated latent positions); without, they are plug-in values. :func:`neighbourhood_total_correlation`
+(and the streaming :class:`NeighbourhoodTotalCorrelation`) splits the total correlation of ``k x k``
+neighbourhoods into its across-channel and across-position parts; :func:`rate_shares` gives each
+channel's share of the bits from an entropy model's likelihoods (modulation against the quantiser).
+
+Streaming: :class:`ChannelStats`, :class:`SubbandEnergy`, :class:`SpatialCorrelation` and
+:class:`AuxEnergyShare` are ``torchmetrics.Metric`` s in the torchmetrics shape: a functional layer
+of torch functions (``_<name>_update`` returns the float64 sums of one batch, ``_<name>_compute``
+turns sums into values) and thin classes over it whose states are those sums, reduced with
+``dist_reduce_fx="sum"``, so ``update`` / ``compute`` / ``reset`` / ``merge`` and the all-reduce
+across ``torch.distributed`` processes are exact sums. ``compute()`` returns a dict of float64
+tensors. ``update`` never synchronises with the host (no ``.item()``, no branch on tensor values),
+so it can run in forward hooks during GPU training; call ``update``, not the module's ``forward``
+(which computes a per-batch value). States stay float64 on the data's device whatever a parent
+module's casts (``.to(torch.float32)``, ``.half()``, ``set_dtype``): only devices are applied to them.
+
+**Non-finite input and no data (one rule for every metric).** A *sample* is what a metric reads as
+one unit: a position's C-vector for :class:`ChannelStats`, :class:`SpatialCorrelation` (and every
+lag pair with such an end) and :class:`AuxEnergyShare` (either tensor), a whole image for
+:class:`SubbandEnergy` (a DWT mixes positions). A sample holding any NaN or inf is skipped and
+counted in the state ``nonfinite``; ``count`` counts the samples used. ``compute()`` returns both
+counts beside its values and raises a one-line ``ValueError`` naming the metric when there is no
+sample to compute on: no update at all, or every sample non-finite.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import numpy as np
 import torch
+from scipy.special import digamma
 from torch import Tensor
 from torchmetrics import Metric
 
@@ -42,10 +62,15 @@ from energylab.wavelets import dwt2
 
 __all__ = [
     "EIGENVALUE_FLOOR",
+    "RANK_RTOL",
+    "AuxEnergyShare",
     "ChannelStats",
+    "NeighbourhoodTotalCorrelation",
     "SpatialCorrelation",
     "Spectrum",
     "SubbandEnergy",
+    "aux_energy_share",
+    "channel_stats",
     "coding_gain",
     "correlation_matrix",
     "decorrelation_gain",
@@ -54,8 +79,12 @@ __all__ = [
     "energy_statistics",
     "floored_eigenvalues",
     "klt_coding_gain",
+    "neighbourhood_total_correlation",
+    "numerical_rank",
     "offdiag_energy_ratio",
+    "offdiag_energy_ratio_cov",
     "psnr",
+    "rate_shares",
     "spatial_correlation",
     "spectrum",
     "subband_energy",
@@ -65,7 +94,11 @@ __all__ = [
 ]
 
 EIGENVALUE_FLOOR = 1e-12
-"""Eigenvalues and variances below this fraction of the largest eigenvalue are raised to it."""
+"""For plots (:func:`spectrum`) only: eigenvalues and variances below this fraction of the largest
+eigenvalue are raised to it."""
+
+RANK_RTOL = 1e-10
+"""Eigenvalues (and channel variances) at or below this fraction of the largest count as zero."""
 
 _CHUNK_ELEMENTS = {"cpu": 2**20}
 """float64 elements cast per accumulation step, by device type: 8 MiB on the CPU, where the cast
@@ -103,6 +136,9 @@ def spectrum(cov: CovLike | Spectrum) -> Spectrum:
 
     Raises:
         ValueError: ``cov`` is not a non-empty square matrix or holds NaN or inf.
+
+    >>> spectrum(np.array([[4.0, 2.0], [2.0, 9.0]])).eigenvalues.round(4).tolist()
+    [9.7016, 3.2984]
     """
     if isinstance(cov, Spectrum):
         return cov
@@ -124,72 +160,220 @@ def spectrum(cov: CovLike | Spectrum) -> Spectrum:
 
 
 def floored_eigenvalues(cov: CovLike | Spectrum) -> int:
-    """Number of eigenvalues of ``cov`` raised to the floor (``< 1e-12 * l_max``; all, if zero)."""
+    """Number of eigenvalues of ``cov`` raised to the floor (``< 1e-12 * l_max``; all, if zero).
+
+    >>> floored_eigenvalues(np.diag([1.0, 0.0]))
+    1
+    """
     return spectrum(cov).floored
 
 
-def offdiag_energy_ratio(cov: CovLike | Spectrum) -> float:
-    """Share of the covariance's squared entries off the diagonal, in ``[0, 1]``.
+def _covariance(cov: CovLike | Spectrum) -> np.ndarray:
+    """``cov`` as a symmetrised float64 numpy ``(C, C)`` matrix (validated as :func:`spectrum`)."""
+    if isinstance(cov, Spectrum):
+        return cov.covariance
+    if isinstance(cov, _Cov):
+        return cov.s
+    if isinstance(cov, Tensor):
+        cov = cov.detach().to("cpu", torch.float64).numpy()
+    s = np.asarray(cov, dtype=np.float64)
+    if s.ndim != 2 or s.shape[0] != s.shape[1] or s.shape[0] == 0:
+        raise ValueError(f"expected a non-empty square (C, C) covariance, got shape {s.shape}")
+    if not np.isfinite(s).all():
+        raise ValueError("covariance holds NaN or inf")
+    return 0.5 * (s + s.T)
+
+
+class _Cov(NamedTuple):
+    """A validated covariance and its unfloored eigenvalues (descending), computed once."""
+
+    s: np.ndarray
+    lam: np.ndarray
+
+
+def _cov(cov: CovLike | Spectrum | _Cov) -> _Cov:
+    if isinstance(cov, _Cov):
+        return cov
+    s = _covariance(cov)
+    return _Cov(s, np.linalg.eigvalsh(s)[::-1])
+
+
+def _rank(c: _Cov, rtol: float) -> int:
+    return int((c.lam > rtol * c.lam[0]).sum()) if c.lam[0] > 0 else 0
+
+
+def numerical_rank(cov: CovLike | Spectrum, rtol: float = RANK_RTOL) -> int:
+    """Number of eigenvalues of ``cov`` above ``rtol * l_max`` (0 for a zero covariance).
+
+    The default ``rtol = 1e-10`` lies four orders above the rounding level of covariances of
+    float32 latents (``(2^-23)^2 ~ 1e-14`` of ``l_max``) and far below any real spread of energy.
+
+    >>> numerical_rank(np.array([[1.0, 1.0], [1.0, 1.0]])), numerical_rank(np.eye(3))
+    (1, 3)
+    """
+    return _rank(_cov(cov), rtol)
+
+
+def _log_det_bias(dim: int, n: int) -> float:
+    """``E[sum_c log s_hat_c^2 - log det S_hat] - (sum_c log s_c^2 - log det S)`` for the unbiased
+    sample covariance of ``n`` i.i.d. Gaussian samples of dimension ``dim`` (statistics-notes.md):
+    ``dim * psi((n-1)/2) - sum_{i=1..dim} psi((n-i)/2)``, twice the bias of the total correlation."""
+    if n <= dim:
+        raise ValueError(f"the bias correction needs more samples than dimensions, got n={n}, C={dim}")
+    return float(dim * digamma((n - 1) / 2) - digamma((n - np.arange(1, dim + 1)) / 2).sum())
+
+
+def _variances_bias(n: int) -> float:
+    """``E[log s_hat^2] - log s^2 = psi((n-1)/2) + log(2/(n-1))`` (statistics-notes.md)."""
+    return float(digamma((n - 1) / 2) + math.log(2 / (n - 1)))
+
+
+def offdiag_energy_ratio(cov: CovLike | Spectrum, rtol: float = RANK_RTOL) -> float | None:
+    """Share of the correlation matrix's squared entries off the diagonal, in ``[0, 1)``.
+
+    ``sum_{i != j} R_ij^2 / sum_{i,j} R_ij^2`` with ``R = D^-1/2 S D^-1/2`` over the *live*
+    channels (variance above ``rtol`` times the largest): scale-free (rescaling channels leaves it
+    unchanged); 0 when the channels are uncorrelated. ``None`` when no channel has variance (zero
+    covariance). :func:`offdiag_energy_ratio_cov` is the same ratio on ``S`` itself.
+
+    >>> round(offdiag_energy_ratio(np.array([[4.0, 2.0], [2.0, 9.0]])), 4)  # R_01 = 1/3: (2/9) / (2 + 2/9)
+    0.1
+    """
+    s = _covariance(cov)
+    var = np.diag(s)
+    live = var > rtol * var.max() if var.max() > 0 else np.zeros(len(var), bool)
+    if not live.any():
+        return None
+    d = 1 / np.sqrt(var[live])
+    r = s[np.ix_(live, live)] * np.outer(d, d)
+    off = float(np.square(r[~np.eye(len(r), dtype=bool)]).sum())
+    return off / (off + float(np.square(np.diag(r)).sum()))
+
+
+def offdiag_energy_ratio_cov(cov: CovLike | Spectrum) -> float:
+    """Share of the **covariance's** squared entries off the diagonal, in ``[0, 1]``: not scale-free.
 
     ``sum_{i != j} S_ij^2 / sum_{i,j} S_ij^2``: 0 when the channels are uncorrelated; 0 for a zero
-    covariance. Unfloored (no eigenvalues involved).
+    covariance. The scale-free ratio is :func:`offdiag_energy_ratio`.
+
+    >>> round(offdiag_energy_ratio_cov(np.array([[4.0, 2.0], [2.0, 9.0]])), 4)  # 8 / (16 + 81 + 8)
+    0.0762
     """
-    s = spectrum(cov).covariance
+    s = _covariance(cov)
     total = float(np.square(s).sum())
     return 0.0 if total == 0.0 else float(np.square(s - np.diag(np.diag(s))).sum() / total)
 
 
-def coding_gain(cov: CovLike | Spectrum) -> float:
+def coding_gain(
+    cov: CovLike | Spectrum, n: int | None = None, rtol: float = RANK_RTOL
+) -> float | None:
     """Transform coding gain of the channels as they are (Jayant & Noll 1984, ch. 12), a ratio.
 
-    ``mean_c(s_c^2) / (prod_c s_c^2)^(1/C)`` (arithmetic over geometric mean of the floored channel
+    ``mean_c(s_c^2) / (prod_c s_c^2)^(1/C)`` (arithmetic over geometric mean of the channel
     variances) ``>= 1``: it grows as energy is spread unevenly across channels (energy modulation);
-    1 for equal variances.
+    1 for equal variances. With the sample count ``n``, ``log`` of the geometric mean is corrected
+    by its Gaussian finite-sample bias ``psi((n-1)/2) + log(2/(n-1))`` (as for
+    :func:`total_correlation`), so that ``log klt_coding_gain = log coding_gain +
+    log decorrelation_gain`` holds for the corrected values too. ``None`` (infinite) when a channel
+    has no variance (below ``rtol`` times the largest).
+
+    >>> round(coding_gain(np.array([[4.0, 2.0], [2.0, 9.0]])), 4)  # AM 6.5 / GM 6
+    1.0833
     """
-    v = spectrum(cov).variances
-    return float(v.mean() / np.exp(np.log(v).mean()))
+    var = np.diag(_covariance(cov))
+    if var.max() <= 0 or (var <= rtol * var.max()).any():
+        return None
+    log_gm = np.log(var).mean() - (0.0 if n is None else _variances_bias(n))
+    return float(var.mean() / np.exp(log_gm))
 
 
-def klt_coding_gain(cov: CovLike | Spectrum) -> float:
+def klt_coding_gain(
+    cov: CovLike | Spectrum, n: int | None = None, rtol: float = RANK_RTOL
+) -> float | None:
     """Coding gain an ideal decorrelating rotation (KLT) would reach (Jayant & Noll 1984, ch. 12).
 
-    ``mean_i(l_i) / (prod_i l_i)^(1/C)`` over the floored eigenvalues ``>= 1``; invariant under
-    any orthogonal rotation of the channels.
+    ``mean_i(l_i) / (prod_i l_i)^(1/C) = mean_i(l_i) / det(S)^(1/C)`` ``>= 1``; invariant under any
+    orthogonal rotation of the channels. With the sample count ``n``, ``log det S`` is corrected by
+    its Gaussian finite-sample bias (Goodman 1963; Cai, Liang & Zhou 2015):
+    ``E[log det S_hat] = log det S + sum_{i=1..C} psi((n-i)/2) + C log(2/(n-1))``. ``None``
+    (infinite) when ``numerical_rank(cov, rtol) < C``.
+
+    >>> round(klt_coding_gain(np.array([[4.0, 2.0], [2.0, 9.0]])), 4)  # AM 6.5 / det^(1/2) = 32^(1/2)
+    1.149
     """
-    lam = spectrum(cov).eigenvalues
-    return float(lam.mean() / np.exp(np.log(lam).mean()))
+    cv = _cov(cov)
+    c = len(cv.s)
+    if _rank(cv, rtol) < c:
+        return None
+    log_det = np.log(cv.lam).sum()
+    if n is not None:
+        log_det -= c * _variances_bias(n) - _log_det_bias(c, n)  # E[log det S_hat] - log det S
+    return float(np.trace(cv.s) / c / np.exp(log_det / c))
 
 
-def decorrelation_gain(cov: CovLike | Spectrum) -> float:
-    """Coding gain still available from decorrelation, a ratio ``>= 1``.
-
-    ``(prod_c s_c^2 / det S)^(1/C) = klt_coding_gain / coding_gain`` (Hadamard's inequality gives
-    ``>= 1``; the two sides agree because ``sum_c s_c^2 = trace S = sum_i l_i``), over the floored
-    variances and eigenvalues; 1 for uncorrelated channels.
-    """
-    sp = spectrum(cov)
-    return float(np.exp(np.log(sp.variances).mean() - np.log(sp.eigenvalues).mean()))
-
-
-def total_correlation(cov: CovLike | Spectrum) -> float:
+def total_correlation(
+    cov: CovLike | Spectrum, n: int | None = None, rtol: float = RANK_RTOL
+) -> float | None:
     """Total correlation of a Gaussian with covariance ``S``, in nats (Watanabe 1960).
 
-    ``1/2 (sum_c log s_c^2 - log det S)`` = ``sum_c h(y_c) - h(y)`` for a Gaussian (Cover & Thomas,
-    *Elements of Information Theory*, 2nd ed., eq. 8.64 for ``h``), over the floored variances and
-    eigenvalues; 0 for uncorrelated channels.
+    ``1/2 (sum_c log s_c^2 - log det S) = -1/2 log det R`` = ``sum_c h(y_c) - h(y)`` for a Gaussian
+    (Cover & Thomas, *Elements of Information Theory*, 2nd ed., eq. 8.64 for ``h``); 0 for
+    uncorrelated channels; scale-free. Without ``n``: the plug-in value of ``S`` as given. With the
+    count ``n`` of i.i.d. samples behind an unbiased sample covariance: minus its Gaussian
+    finite-sample bias ``1/2 [C psi((n-1)/2) - sum_{i=1..C} psi((n-i)/2)]`` (``~ C(C+1) / 4n``),
+    from ``E[log det S_hat]`` and ``E[log s_hat_c^2]`` (N. R. Goodman, *Ann. Math. Stat.* 34, 1963;
+    T. T. Cai, T. Liang and H. H. Zhou, *J. Multivariate Anal.* 137, 2015). Latent positions are
+    not independent, so the correction is a floor on the bias, not all of it. ``None`` (infinite)
+    when ``numerical_rank(cov, rtol) < C`` (a singular Gaussian); never a floor-made value.
+
+    Raises:
+        ValueError: ``n <= C`` (and as :func:`spectrum` for a bad ``cov``).
+
+    >>> round(total_correlation(np.array([[4.0, 2.0], [2.0, 9.0]])), 4)  # 1/2 log(4 * 9 / 32)
+    0.0589
+    >>> round(total_correlation(np.eye(2), n=101), 4)  # an identity read as a sample: below 0
+    -0.0051
     """
-    sp = spectrum(cov)
-    return float(0.5 * (np.log(sp.variances).sum() - np.log(sp.eigenvalues).sum()))
+    cv = _cov(cov)
+    c = len(cv.s)
+    if _rank(cv, rtol) < c:
+        return None
+    tc = 0.5 * (np.log(np.diag(cv.s)).sum() - np.log(cv.lam).sum())
+    return float(tc if n is None else tc - 0.5 * _log_det_bias(c, n))
 
 
-def effective_rank(cov: CovLike | Spectrum) -> float:
+def decorrelation_gain(
+    cov: CovLike | Spectrum, n: int | None = None, rtol: float = RANK_RTOL
+) -> float | None:
+    """Coding gain still available from decorrelation, a ratio: ``exp(2 TC / C)``.
+
+    ``(prod_c s_c^2 / det S)^(1/C) = det(R)^(-1/C) = klt_coding_gain / coding_gain`` ``>= 1``
+    (Hadamard's inequality), the exponential form of :func:`total_correlation` (one number, not a
+    second piece of evidence); ``n`` and ``None`` as there. 1 for uncorrelated channels.
+
+    >>> round(decorrelation_gain(np.array([[4.0, 2.0], [2.0, 9.0]])), 4)  # (4 * 9 / 32)^(1/2)
+    1.0607
+    """
+    cv = _cov(cov)
+    tc = total_correlation(cv, n, rtol)
+    return None if tc is None else float(math.exp(2 * tc / len(cv.s)))
+
+
+def effective_rank(cov: CovLike | Spectrum) -> float | None:
     """Effective rank (Roy & Vetterli, EUSIPCO 2007), in ``[1, C]``.
 
-    ``exp(-sum_i p_i log p_i)`` with ``p_i = l_i / sum_j l_j`` over the floored eigenvalues: the
-    exponential of the entropy of the normalised spectrum.
+    ``exp(-sum_i p_i log p_i)`` with ``p_i = l_i / sum_j l_j`` (``0 log 0 = 0``): the exponential of
+    the entropy of the normalised spectrum, exact for singular covariances (zero eigenvalues add
+    nothing: it is the effective rank on the non-degenerate subspace). ``None`` for a zero
+    covariance.
+
+    >>> round(effective_rank(np.eye(3)), 4), round(effective_rank(np.diag([1.0, 0.0, 0.0])), 4)
+    (3.0, 1.0)
     """
-    lam = spectrum(cov).eigenvalues
-    p = lam / lam.sum()
+    lam = np.clip(_cov(cov).lam, 0.0, None)
+    if lam[0] <= 0:
+        return None
+    p = lam[lam > 0] / lam.sum()
     return float(np.exp(-(p * np.log(p)).sum()))
 
 
@@ -224,7 +408,11 @@ def psnr(mse: float, peak: float = 1.0) -> float:
 
 
 def to_db(ratio: float) -> float:
-    """``10 log10(ratio)``, a gain ratio in decibels. Raises ValueError for ``ratio <= 0``."""
+    """``10 log10(ratio)``, a gain ratio in decibels. Raises ValueError for ``ratio <= 0``.
+
+    >>> to_db(100.0)
+    20.0
+    """
     if ratio <= 0:
         raise ValueError(f"a ratio in dB must be positive, got {ratio}")
     return 10.0 * math.log10(ratio)
@@ -239,6 +427,9 @@ def energy_compaction_curve(energies: CovLike | Sequence[float]) -> np.ndarray:
 
     Raises:
         ValueError: ``energies`` is not a non-empty 1-D array of finite non-negative numbers.
+
+    >>> energy_compaction_curve([1.0, 3.0]).tolist()
+    [0.75, 1.0]
     """
     if isinstance(energies, Tensor):
         energies = energies.detach().to("cpu", torch.float64).numpy()
@@ -256,6 +447,9 @@ def topk_energy_share(energies: CovLike | Sequence[float], k: int) -> float:
 
     Raises:
         ValueError: ``k`` outside ``1..C`` (and as :func:`energy_compaction_curve`).
+
+    >>> topk_energy_share([1.0, 3.0, 0.0, 4.0], 2)  # (4 + 3) / 8
+    0.875
     """
     curve = energy_compaction_curve(energies)
     if not 1 <= k <= len(curve):
@@ -264,36 +458,49 @@ def topk_energy_share(energies: CovLike | Sequence[float], k: int) -> float:
 
 
 def energy_statistics(
-    cov: CovLike | Spectrum, energies: CovLike | Sequence[float], k: int | None = None
-) -> dict[str, float]:
+    cov: CovLike | Spectrum,
+    energies: CovLike | Sequence[float],
+    k: int | None = None,
+    n: int | None = None,
+) -> dict[str, float | int | None]:
     """All covariance metrics of this module as a flat dict of numbers, ready for a JSON line.
 
     Args:
         cov: ``(C, C)`` covariance (or its :class:`Spectrum`).
         energies: ``(C,)`` channel energies ``E[y_c^2]``.
         k: channels for ``topk_energy_share``; default ``max(1, round(C / 8))``.
+        n: sample count behind ``cov``: the gains and ``total_correlation`` are bias-corrected
+            with it (see :func:`total_correlation`); None: plug-in values.
 
     Returns:
-        Keys equal to the function names: ``offdiag_energy_ratio``, ``coding_gain``,
-        ``klt_coding_gain``, ``decorrelation_gain`` (ratios, not dB), ``total_correlation`` (nats),
-        ``effective_rank``, ``topk_energy_share``, ``topk_k`` (int) and ``floored_eigenvalues``
-        (int).
+        Keys equal to the function names: ``offdiag_energy_ratio`` (on the correlation matrix),
+        ``coding_gain``, ``klt_coding_gain``, ``decorrelation_gain`` (ratios, not dB),
+        ``total_correlation`` (nats), ``total_correlation_plugin`` (nats, uncorrected),
+        ``effective_rank``, ``topk_energy_share``, ``topk_k`` (int) and ``numerical_rank`` (int).
+        A statistic that is infinite or undefined for ``cov`` (see the module docstring) is None.
 
     Raises:
         ValueError: as the individual functions.
+
+    >>> out = energy_statistics(np.array([[4.0, 2.0], [2.0, 9.0]]), [4.0, 9.0])
+    >>> out["topk_k"], round(out["topk_energy_share"], 4), out["numerical_rank"]  # 9 / 13
+    (1, 0.6923, 2)
+    >>> energy_statistics(np.ones((2, 2)), [1.0, 1.0])["total_correlation"] is None  # rank 1
+    True
     """
-    sp = spectrum(cov)
-    k = max(1, round(len(sp.eigenvalues) / 8)) if k is None else k
+    s = _cov(cov)
+    k = max(1, round(len(s.s) / 8)) if k is None else k
     return {
-        "offdiag_energy_ratio": offdiag_energy_ratio(sp),
-        "coding_gain": coding_gain(sp),
-        "klt_coding_gain": klt_coding_gain(sp),
-        "decorrelation_gain": decorrelation_gain(sp),
-        "total_correlation": total_correlation(sp),
-        "effective_rank": effective_rank(sp),
+        "offdiag_energy_ratio": offdiag_energy_ratio(s),
+        "coding_gain": coding_gain(s, n),
+        "klt_coding_gain": klt_coding_gain(s, n),
+        "decorrelation_gain": decorrelation_gain(s, n),
+        "total_correlation": total_correlation(s, n),
+        "total_correlation_plugin": total_correlation(s),
+        "effective_rank": effective_rank(s),
         "topk_energy_share": topk_energy_share(energies, k),
         "topk_k": k,
-        "floored_eigenvalues": sp.floored,
+        "numerical_rank": numerical_rank(s),
     }
 
 
@@ -301,22 +508,300 @@ def _f64_zeros(*shape: int) -> Tensor:
     return torch.zeros(shape, dtype=torch.float64)
 
 
+def _check_float(y: Tensor, name: str) -> None:
+    if not y.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor, got {y.dtype}")
+
+
+def _finite(x: Tensor, dim: int, keepdim: bool = False) -> Tensor:
+    """Which samples along ``dim`` hold only finite values: a float64 sum over ``dim`` is finite
+    (one pass; ``isfinite(x).all(dim)`` reduces slowly across a strided dimension). Finite values
+    whose float64 sum overflows (above ~1e308) also count as non-finite."""
+    return torch.isfinite(x.sum(dim, keepdim=keepdim, dtype=torch.float64))
+
+
+def _check_data(name: str, count: Tensor, nonfinite: Tensor, needed: int = 1) -> None:
+    """The no-data rule of the module docstring (this is where ``compute`` waits for the host)."""
+    n, skipped = int(count), int(nonfinite)
+    if n >= needed:
+        return
+    if skipped:
+        raise ValueError(f"{name}: every sample was non-finite ({skipped} skipped), no data to compute on")
+    if n == 0:
+        raise ValueError(f"{name}: no data (compute() before any update)")
+    raise ValueError(f"{name}: needs at least {needed} samples, got {n}")
+
+
+# ---------------------------------------------------------------- functional layer: ChannelStats
+
+
+def _check_channel_input(y: Tensor, channels: int) -> None:
+    if y.dim() not in (2, 4) or y.shape[1] != channels:
+        raise ValueError(
+            f"ChannelStats: expected (B, {channels}, H, W) or (N, {channels}), got {tuple(y.shape)}"
+        )
+    _check_float(y, "ChannelStats")
+
+
+def _channel_stats_update(y: Tensor, channels: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Float64 sums of the samples of ``y`` ``(B, C, H, W)`` or ``(N, C)``: ``(count, sum, outer,
+    nonfinite)``, with ``outer`` the chunk-centred sum of :class:`ChannelStats`. Samples holding a
+    non-finite value are left out and counted in ``nonfinite``. No host synchronisation."""
+    _check_channel_input(y, channels)
+    y = y.detach()
+    c, device = channels, y.device
+    chunk = _CHUNK_ELEMENTS.get(device.type, _DEFAULT_CHUNK_ELEMENTS)
+    step = max(1, chunk // c)  # samples per float64 chunk
+    if y.dim() == 2:
+        parts = [x.T for x in y.split(step)]  # (C, m) views
+    else:  # groups of images as (C, g, H*W) views
+        b, _, h, w = y.shape
+        parts = y.reshape(b, c, h * w).split(max(1, step // (h * w)))
+        parts = [p.transpose(0, 1) for p in parts]
+    count, total = _f64_zeros().to(device), _f64_zeros(c).to(device)
+    outer = _f64_zeros(c, c).to(device)
+    for part in parts:  # cast and transpose in one copy into a fresh (C, m) float64 buffer
+        x = torch.empty(part.shape, dtype=torch.float64, device=device).copy_(part)
+        x = x.view(c, -1)  # columns are samples
+        f = _finite(x, 0).to(torch.float64)  # 1 for the samples kept
+        x.nan_to_num_(0.0, 0.0, 0.0)  # finite garbage stays in skipped columns: weighted by f
+        m = f.sum()
+        s = x @ f
+        mu = s / m.clamp(min=1)
+        outer.addmm_(x.sub_(mu[:, None]).mul_(f), x.T).addr_(s, mu)
+        total += s
+        count += m
+    return count, total, outer, y.numel() // c - count
+
+
+def _channel_stats_compute(
+    count: Tensor, total: Tensor, outer: Tensor, nonfinite: Tensor
+) -> dict[str, Tensor]:
+    """Mean, unbiased covariance and energies from the sums of :func:`_channel_stats_update`.
+
+    Raises:
+        ValueError: fewer than 2 finite samples.
+    """
+    _check_data("ChannelStats", count, nonfinite, needed=2)
+    mean = total / count
+    cov = (outer - count * torch.outer(mean, mean)) / (count - 1)
+    return {
+        "mean": mean,
+        "covariance": 0.5 * (cov + cov.T),
+        "energies": torch.diagonal(outer) / count,
+        "count": count.clone(),
+        "nonfinite": nonfinite.clone(),
+    }
+
+
+# ---------------------------------------------------------------- functional layer: SubbandEnergy
+
+
+def _subband_names(levels: int) -> list[str]:
+    """``LL{L}``, then ``LH{l}, HL{l}, HH{l}`` for ``l = L..1``."""
+    return [f"LL{levels}"] + [f"{b}{lv}" for lv in range(levels, 0, -1) for b in ("LH", "HL", "HH")]
+
+
+def _subband_energy_update(y: Tensor, levels: int, wavelet: str) -> tuple[Tensor, Tensor, Tensor]:
+    """``(energy, count, nonfinite)``: float64 band energies ``(3L+1,)`` of the images of ``y``
+    ``(B, C, H, W)``, images holding a non-finite value left out; counts in images."""
+    m = 2**levels
+    if y.dim() != 4 or y.shape[-2] % m or y.shape[-1] % m:
+        raise ValueError(
+            f"SubbandEnergy: expected (B, C, H, W) with H, W divisible by {m}, got {tuple(y.shape)}"
+        )
+    _check_float(y, "SubbandEnergy")
+    x = y.detach().to(torch.float64, copy=True)
+    kept = _finite(x.flatten(1), 1).to(torch.float64)  # (B,): 1 for the images kept
+    x.nan_to_num_(0.0, 0.0, 0.0)  # a skipped image keeps finite garbage: weighted 0 below
+
+    def energy(band: Tensor) -> Tensor:
+        return band.square().sum((1, 2, 3)) @ kept
+
+    details = []
+    for _ in range(levels):
+        x, *bands = dwt2(x, wavelet).chunk(4, 1)
+        details.append(torch.stack([energy(band) for band in bands]))
+    energies = torch.cat([energy(x).reshape(1), *details[::-1]])
+    count = kept.sum()
+    return energies, count, len(kept) - count
+
+
+def _subband_energy_compute(
+    energy: Tensor, count: Tensor, nonfinite: Tensor, levels: int
+) -> dict[str, Tensor]:
+    """Band shares (and ``count``, ``nonfinite`` images) from :func:`_subband_energy_update`'s sums.
+
+    Raises:
+        ValueError: no finite image.
+    """
+    _check_data("SubbandEnergy", count, nonfinite)
+    if not energy.any():  # zero energy: white, each band's fraction of the coefficients
+        energy = torch.tensor(
+            [1.0] + [4.0**lv for lv in range(levels) for _ in range(3)],
+            dtype=torch.float64, device=energy.device,
+        )
+    shares = energy / energy.sum()
+    out = dict(zip(_subband_names(levels), shares.unbind(), strict=True))
+    return out | {"count": count.clone(), "nonfinite": nonfinite.clone()}
+
+
+# ---------------------------------------------------------------- functional layer: SpatialCorrelation
+
+
+def _lag_slices(lag: tuple[int, int], h: int, w: int) -> tuple[tuple[slice, slice], ...]:
+    """Slices of the first and second element of every pair ``(p, p + lag)`` inside ``h x w``."""
+
+    def one(d: int, n: int) -> tuple[slice, slice]:
+        return (slice(0, n - d), slice(d, n)) if d >= 0 else (slice(-d, n), slice(0, n + d))
+
+    (a_h, b_h), (a_w, b_w) = one(lag[0], h), one(lag[1], w)
+    return (a_h, a_w), (b_h, b_w)
+
+
+def _lag_name(lag: tuple[int, int]) -> str:
+    return f"{lag[0]},{lag[1]}"
+
+
+def _spatial_correlation_update(
+    y: Tensor, channels: int, lags: Sequence[tuple[int, int]]
+) -> dict[str, Tensor]:
+    """Float64 sums of :class:`SpatialCorrelation` for ``y`` ``(B, C, H, W)``, positions holding a
+    non-finite value left out (and every pair with such an end); keys are the state names."""
+    if y.dim() != 4 or y.shape[1] != channels:
+        raise ValueError(f"SpatialCorrelation: expected (B, {channels}, H, W), got {tuple(y.shape)}")
+    _check_float(y, "SpatialCorrelation")
+    b, c, h, w = y.shape
+    if any(abs(dh) >= h or abs(dw) >= w for dh, dw in lags):
+        raise ValueError(f"SpatialCorrelation: lags {tuple(lags)} do not fit a {h}x{w} map")
+    x = y.detach().to(torch.float64)
+    kept = _finite(x, 1, keepdim=True)  # (B, 1, H, W)
+    x = torch.where(kept, x, 0.0)  # a skipped position reads 0: products with it vanish
+    f = kept.view(b, h, w).to(torch.float64)
+    dims = (0, 2, 3)
+    cross, pairs, lagged = [], [], []
+    for lag in lags:
+        (ah, aw), (bh, bw) = _lag_slices(lag, h, w)
+        both = f[:, ah, aw] * f[:, bh, bw]  # the pairs with both ends kept
+        pairs.append(both.sum())
+        cross.append((x[:, :, ah, aw] * x[:, :, bh, bw]).sum(dims))
+        head_w, tail_w = torch.zeros_like(f), torch.zeros_like(f)
+        head_w[:, ah, aw], tail_w[:, bh, bw] = both, both
+        lagged += [head_w, tail_w]
+    # sum y(p) and sum y(p+d) over the kept pairs of every lag: one batched GEMM over positions
+    weights = torch.stack(lagged, -1).view(b, h * w, 2 * len(lags))
+    head_tail = torch.bmm(x.view(b, c, h * w), weights).sum(0).T  # (2 * lags, C)
+    count = f.sum()
+    return {
+        "count": count,
+        "sum": x.sum(dims),
+        "sum_sq": x.square().sum(dims),
+        "pairs": torch.stack(pairs),
+        "cross": torch.stack(cross),
+        "head": head_tail[0::2],
+        "tail": head_tail[1::2],
+        "nonfinite": b * h * w - count,
+    }
+
+
+def _spatial_correlation_compute(
+    lags: Sequence[tuple[int, int]], count: Tensor, total: Tensor, sum_sq: Tensor, pairs: Tensor,
+    cross: Tensor, head: Tensor, tail: Tensor, nonfinite: Tensor,
+) -> dict[str, Tensor]:
+    """``mean_c rho_c(d)`` per lag (and ``count``, ``nonfinite`` positions) from the sums.
+
+    Raises:
+        ValueError: no finite position.
+    """
+    _check_data("SpatialCorrelation", count, nonfinite)
+    mu = total / count
+    var = sum_sq / count - mu.square()
+    live = var > EIGENVALUE_FLOOR * var.max()
+    lagged = (cross - mu * (head + tail)) / pairs[:, None] + mu.square()
+    if live.any():
+        rho = (lagged[:, live] / var[live]).mean(1)
+    else:  # no variance anywhere: white
+        rho = torch.zeros(len(lags), dtype=torch.float64, device=total.device)
+    out = {_lag_name(lag): r for lag, r in zip(lags, rho.unbind(), strict=True)}
+    return out | {"count": count.clone(), "nonfinite": nonfinite.clone()}
+
+
+# ---------------------------------------------------------------- functional layer: AuxEnergyShare
+
+
+def _aux_energy_share_update(aux: Tensor, merged: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(aux, merged, count, nonfinite)``: float64 energies of the two ``(B, C, H, W)`` tensors over
+    the positions where both are finite, and the position counts."""
+    if aux.shape != merged.shape or aux.dim() != 4:
+        raise ValueError(
+            f"AuxEnergyShare: expected two (B, C, H, W) tensors of one shape, got "
+            f"{tuple(aux.shape)} and {tuple(merged.shape)}"
+        )
+    _check_float(aux, "AuxEnergyShare")
+    _check_float(merged, "AuxEnergyShare")
+    aux, merged = aux.detach().to(torch.float64), merged.detach().to(torch.float64)
+    finite = _finite(aux, 1, keepdim=True) & _finite(merged, 1, keepdim=True)
+    a = torch.where(finite, aux, 0.0).square().sum()
+    m = torch.where(finite, merged, 0.0).square().sum()
+    count = finite.sum().to(torch.float64)
+    return a, m, count, finite.numel() - count
+
+
+def _aux_energy_share_compute(
+    aux: Tensor, merged: Tensor, count: Tensor, nonfinite: Tensor
+) -> dict[str, Tensor]:
+    """``aux_energy_share = aux / merged`` (and ``count``, ``nonfinite`` positions).
+
+    Raises:
+        ValueError: no finite position.
+    """
+    _check_data("AuxEnergyShare", count, nonfinite)
+    return {"aux_energy_share": aux / merged, "count": count.clone(), "nonfinite": nonfinite.clone()}
+
+
+# ---------------------------------------------------------------- Metric classes
+
+
 class _StreamingMetric(Metric):
-    """Sum-reduced float64 states that follow the device of the data and merge exactly."""
+    """Sum-reduced float64 states that follow the device of the data and merge exactly.
+
+    ``count`` and ``nonfinite`` are states of every metric (see the module docstring). States stay
+    float64 whatever the casts of a parent module (``.to(dtype)``, ``.half()``, ``set_dtype``):
+    :meth:`_apply` moves them between devices only. ``compute_with_cache`` defaults to False, so a
+    :meth:`merge` is seen by the next ``compute``.
+    """
 
     full_state_update = False
     is_differentiable = False
     higher_is_better = None
 
+    def __init__(self, **kwargs) -> None:
+        kwargs.setdefault("compute_with_cache", False)
+        super().__init__(**kwargs)
+        self.add_state("count", _f64_zeros(), dist_reduce_fx="sum")
+        self.add_state("nonfinite", _f64_zeros(), dist_reduce_fx="sum")
+
+    def _apply(self, fn: Callable, exclude_state: Sequence[str] = ()) -> torch.nn.Module:
+        """``nn.Module._apply`` with the states excluded, then moved to the new device only."""
+        names = tuple(self.metric_state)
+        this = super()._apply(fn, exclude_state=(*exclude_state, *names))
+        for name in names:
+            if name not in exclude_state:
+                setattr(this, name, getattr(this, name).to(this.device))
+        return this
+
     def _follow(self, y: Tensor) -> None:
-        """Move the states to ``y``'s device (cheap: they are small); raise on non-float ``y``."""
-        if not y.is_floating_point():
-            raise TypeError(f"expected a floating-point tensor, got {y.dtype}")
+        """Move the states to ``y``'s device (cheap: they are small)."""
         if self.device != y.device:
             self.to(y.device)
 
+    def _add(self, increments: dict[str, Tensor]) -> None:
+        for name, value in increments.items():
+            getattr(self, name).add_(value)
+
     def merge(self, other: _StreamingMetric) -> _StreamingMetric:
-        """Add ``other``'s state to this one (exact: states are sums); returns ``self``.
+        """Add ``other``'s state to this one through ``Metric.merge_state`` (exact: states are
+        sums); returns ``self``.
 
         Raises:
             ValueError: ``other`` is of another class or configuration.
@@ -324,8 +809,6 @@ class _StreamingMetric(Metric):
         if type(other) is not type(self) or other._config() != self._config():
             raise ValueError(f"cannot merge {other!r} into {self!r}")
         self.merge_state({k: v.to(self.device) for k, v in other.metric_state.items()})
-        self._update_count += other._update_count
-        self._computed = None
         return self
 
     def _config(self) -> tuple:
@@ -335,8 +818,9 @@ class _StreamingMetric(Metric):
 class ChannelStats(_StreamingMetric):
     """Streaming mean, covariance and energies of the channels of latents.
 
-    States (float64, ``dist_reduce_fx="sum"``): ``count`` (samples), ``sum`` ``(C,)`` and ``outer``
-    ``(C, C)`` = ``sum_n y_n y_n^T``. The covariance is ``(outer - count mu mu^T) / (count - 1)``.
+    States (float64, ``dist_reduce_fx="sum"``): ``count`` (finite samples), ``nonfinite``
+    (samples of the input holding NaN or inf, skipped), ``sum`` ``(C,)`` and ``outer`` ``(C, C)`` =
+    ``sum_n y_n y_n^T``. The covariance is ``(outer - count mu mu^T) / (count - 1)``.
 
     Accumulation is one float64 GEMM per chunk of ``m`` samples ``X`` (whole images, or ``2^20 / C``
     samples on the CPU, ``2^25 / C`` elsewhere), on the chunk centred at its own mean ``mu_X``:
@@ -350,11 +834,18 @@ class ChannelStats(_StreamingMetric):
     Args:
         channels: C.
         max_positions: if set, each ``update`` keeps at most this many samples (positions), drawn
-            without replacement by a ``torch.Generator`` on the data's device seeded with ``seed``.
+            without replacement by a ``torch.Generator`` on the data's device seeded with ``seed``;
+            ``nonfinite`` still counts over every position of the input.
         seed: seed of that generator.
 
     Raises:
         ValueError: ``channels < 1`` or ``max_positions < 1``.
+
+    >>> m = ChannelStats(2)
+    >>> m.update(torch.tensor([[1.0, 2.0], [3.0, 2.0], [float("nan"), 0.0], [2.0, 5.0]]))
+    >>> out = m.compute()
+    >>> out["mean"].tolist(), out["covariance"].tolist(), int(out["count"]), int(out["nonfinite"])
+    ([2.0, 3.0], [[1.0, 0.0], [0.0, 3.0]], 3, 1)
     """
 
     def __init__(
@@ -367,7 +858,6 @@ class ChannelStats(_StreamingMetric):
             raise ValueError(f"max_positions must be >= 1, got {max_positions}")
         self.channels, self.max_positions, self.seed = channels, max_positions, seed
         self._generators: dict[torch.device, torch.Generator] = {}
-        self.add_state("count", _f64_zeros(), dist_reduce_fx="sum")
         self.add_state("sum", _f64_zeros(channels), dist_reduce_fx="sum")
         self.add_state("outer", _f64_zeros(channels, channels), dist_reduce_fx="sum")
 
@@ -390,68 +880,48 @@ class ChannelStats(_StreamingMetric):
         """Accumulate the samples of ``y``: ``(B, C, H, W)`` (B*H*W samples) or ``(N, C)``.
 
         Any float dtype and device; the sums are float64 on ``y``'s device (the states move
-        there). No host synchronisation.
+        there). Samples holding NaN or inf are skipped and counted. No host synchronisation.
 
         Raises:
             ValueError: wrong rank or channel count. TypeError: non-float ``y``.
         """
-        if y.dim() not in (2, 4) or y.shape[1] != self.channels:
-            raise ValueError(
-                f"expected (B, {self.channels}, H, W) or (N, {self.channels}), got {tuple(y.shape)}"
-            )
+        _check_channel_input(y, self.channels)
         self._follow(y)
         y = y.detach()
-        c = self.channels
-        if self.max_positions is not None and y.numel() // c > self.max_positions:
-            y = self._subsample(y)
-        chunk = _CHUNK_ELEMENTS.get(y.device.type, _DEFAULT_CHUNK_ELEMENTS)
-        step = max(1, chunk // c)  # samples per float64 chunk
-        if y.dim() == 2:
-            parts = [x.T for x in y.split(step)]  # (C, m) views
-        else:  # groups of images as (C, g, H*W) views
-            b, _, h, w = y.shape
-            parts = y.reshape(b, c, h * w).split(max(1, step // (h * w)))
-            parts = [p.transpose(0, 1) for p in parts]
-        for part in parts:  # cast and transpose in one copy into a fresh (C, m) float64 buffer
-            x = torch.empty(part.shape, dtype=torch.float64, device=y.device).copy_(part)
-            x = x.view(c, -1)  # columns are samples
-            s = x.sum(1)
-            mu = s / x.shape[1]
-            self.outer.addmm_(x.sub_(mu[:, None]), x.T).addr_(s, mu)
-            self.sum += s
-        self.count += y.numel() // c
+        n = y.numel() // self.channels
+        if self.max_positions is not None and n > self.max_positions:
+            skipped = n - _finite(y, 1).sum()
+            count, total, outer, _ = _channel_stats_update(self._subsample(y), self.channels)
+        else:
+            count, total, outer, skipped = _channel_stats_update(y, self.channels)
+        self._add({"count": count, "sum": total, "outer": outer, "nonfinite": skipped})
 
     def compute(self) -> dict[str, Tensor]:
         """Statistics of everything accumulated (across processes, when distributed).
 
         Returns:
             ``mean`` ``(C,)``, ``covariance`` ``(C, C)`` unbiased (divides by ``count - 1``),
-            ``energies`` ``(C,)`` = ``E[y_c^2]``, ``count`` (scalar); float64 on the states' device.
+            ``energies`` ``(C,)`` = ``E[y_c^2]``, ``count`` and ``nonfinite`` (scalars); float64 on
+            the states' device.
 
         Raises:
-            ValueError: fewer than 2 samples.
+            ValueError: fewer than 2 finite samples (no update, or all non-finite).
         """
-        n = self.count
-        if n < 2:
-            raise ValueError(f"a covariance needs at least 2 samples, got {int(n)}")
-        mean = self.sum / n
-        cov = (self.outer - n * torch.outer(mean, mean)) / (n - 1)
-        return {
-            "mean": mean,
-            "covariance": 0.5 * (cov + cov.T),
-            "energies": torch.diagonal(self.outer) / n,
-            "count": n.clone(),
-        }
+        return _channel_stats_compute(self.count, self.sum, self.outer, self.nonfinite)
 
-    def statistics(self, k: int | None = None) -> dict[str, float]:
-        """:func:`energy_statistics` of :meth:`compute`'s covariance and energies."""
+    def statistics(self, k: int | None = None) -> dict[str, float | int | None]:
+        """:func:`energy_statistics` of :meth:`compute`'s covariance and energies, bias-corrected
+        with ``n = count`` where ``count > C`` (plug-in values otherwise).
+
+        >>> m = ChannelStats(2)
+        >>> m.update(torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 2.0], [0.0, -2.0]]))
+        >>> out = m.statistics()  # uncorrelated channels: no total correlation before correction
+        >>> out["numerical_rank"], round(out["total_correlation_plugin"], 4)
+        (2, 0.0)
+        """
         out = self.compute()
-        return energy_statistics(out["covariance"], out["energies"], k)
-
-
-def _subband_names(levels: int) -> list[str]:
-    """``LL{L}``, then ``LH{l}, HL{l}, HH{l}`` for ``l = L..1``."""
-    return [f"LL{levels}"] + [f"{b}{lv}" for lv in range(levels, 0, -1) for b in ("LH", "HL", "HH")]
+        n = int(out["count"])
+        return energy_statistics(out["covariance"], out["energies"], k, n if n > self.channels else None)
 
 
 class SubbandEnergy(_StreamingMetric):
@@ -462,7 +932,9 @@ class SubbandEnergy(_StreamingMetric):
     LH is high-pass along H), ``share_b = sum d_b^2 / sum_b' sum d_b'^2``. For an orthonormal
     wavelet the denominator is ``sum y^2`` (Parseval; S. Mallat, *A Wavelet Tour of Signal
     Processing*, 3rd ed., 2009, sec. 7.7). Zero total energy is treated as white: each band's share
-    is its fraction of the coefficients. State: ``energy`` ``(3L+1,)`` float64 sums.
+    is its fraction of the coefficients. States: ``energy`` ``(3L+1,)`` float64 sums; ``count`` and
+    ``nonfinite`` count **images** (a DWT mixes positions, so an image holding NaN or inf is
+    skipped whole).
 
     Args:
         levels: decomposition levels L >= 1.
@@ -470,6 +942,11 @@ class SubbandEnergy(_StreamingMetric):
 
     Raises:
         ValueError: ``levels < 1``.
+
+    >>> m = SubbandEnergy(levels=1)
+    >>> m.update(torch.ones(2, 3, 4, 4))  # constant: all energy in LL
+    >>> {k: round(float(v), 4) for k, v in m.compute().items()}
+    {'LL1': 1.0, 'LH1': 0.0, 'HL1': 0.0, 'HH1': 0.0, 'count': 2.0, 'nonfinite': 0.0}
     """
 
     def __init__(self, levels: int = 2, wavelet: str = "haar", **kwargs) -> None:
@@ -477,6 +954,7 @@ class SubbandEnergy(_StreamingMetric):
         if levels < 1:
             raise ValueError(f"levels must be >= 1, got {levels}")
         self.levels, self.wavelet = levels, wavelet
+        self.bands = _subband_names(levels)
         self.add_state("energy", _f64_zeros(3 * levels + 1), dist_reduce_fx="sum")
 
     def _config(self) -> tuple:
@@ -488,33 +966,18 @@ class SubbandEnergy(_StreamingMetric):
         Raises:
             ValueError: wrong rank or sizes. TypeError: non-float ``y``.
         """
-        m = 2**self.levels
-        if y.dim() != 4 or y.shape[-2] % m or y.shape[-1] % m:
-            raise ValueError(f"expected (B, C, H, W) with H, W divisible by {m}, got {y.shape}")
+        energy, count, skipped = _subband_energy_update(y, self.levels, self.wavelet)
         self._follow(y)
-        x = y.detach().to(torch.float64)
-        details = []
-        for _ in range(self.levels):
-            x, *bands = dwt2(x, self.wavelet).chunk(4, 1)
-            details.append(torch.stack([b.square().sum() for b in bands]))
-        self.energy += torch.cat([x.square().sum().reshape(1), *details[::-1]])
+        self._add({"energy": energy, "count": count, "nonfinite": skipped})
 
-    def compute(self) -> dict[str, float]:
-        """Shares ``{LL{L}, LH{L}, HL{L}, HH{L}, ..., LH1, HL1, HH1}`` summing to 1."""
-        e = self.energy.cpu().numpy()
-        if e.sum() == 0:
-            e = np.array([1.0] + [4.0**lv for lv in range(self.levels) for _ in range(3)])
-        return dict(zip(_subband_names(self.levels), (e / e.sum()).tolist(), strict=True))
+    def compute(self) -> dict[str, Tensor]:
+        """Shares ``{LL{L}, LH{L}, HL{L}, HH{L}, ..., LH1, HL1, HH1}`` (0-d float64 tensors
+        summing to 1, names in :attr:`bands`), then ``count`` and ``nonfinite`` images.
 
-
-def _lag_slices(lag: tuple[int, int], h: int, w: int) -> tuple[tuple[slice, slice], ...]:
-    """Slices of the first and second element of every pair ``(p, p + lag)`` inside ``h x w``."""
-
-    def one(d: int, n: int) -> tuple[slice, slice]:
-        return (slice(0, n - d), slice(d, n)) if d >= 0 else (slice(-d, n), slice(0, n + d))
-
-    (a_h, b_h), (a_w, b_w) = one(lag[0], h), one(lag[1], w)
-    return (a_h, a_w), (b_h, b_w)
+        Raises:
+            ValueError: no finite image (no update, or all non-finite).
+        """
+        return _subband_energy_compute(self.energy, self.count, self.nonfinite, self.levels)
 
 
 class SpatialCorrelation(_StreamingMetric):
@@ -529,101 +992,127 @@ class SpatialCorrelation(_StreamingMetric):
     (the sample autocorrelation of G. Box and G. Jenkins, *Time Series Analysis*, sec. 2.1.5, with
     the lag term averaged over its valid pairs). The result is ``mean_c rho_c(d)`` over the channels
     with ``v_c > 1e-12 * max_c v_c``; 0 when there are none (no variance: treated as white).
-    States (float64 sums): N, per channel ``sum y``, ``sum y^2``, and per lag ``M_d``,
-    ``sum y(p) y(p+d)``, ``sum y(p)``, ``sum y(p+d)``, so merging and syncing are exact.
+    States (float64 sums): N (``count``), per channel ``sum y``, ``sum y^2``, and per lag ``M_d``,
+    ``sum y(p) y(p+d)``, ``sum y(p)``, ``sum y(p+d)``, so merging and syncing are exact. A position
+    holding NaN or inf in any channel is skipped (with every pair it ends) and counted in
+    ``nonfinite``.
 
     Args:
+        channels: C.
         lags: ``(dh, dw)`` integer pairs, any sign.
 
     Raises:
-        ValueError: no lags, or a lag that is not a pair of integers.
+        ValueError: ``channels < 1``, no lags, or a lag that is not a pair of integers.
+
+    >>> m = SpatialCorrelation(1, lags=[(0, 1)])
+    >>> m.update(torch.tensor([[[[1.0, 1.0, -1.0, -1.0]]]]))  # pairs (1,1), (1,-1), (-1,-1)
+    >>> {k: round(float(v), 4) for k, v in m.compute().items()}
+    {'0,1': 0.3333, 'count': 4.0, 'nonfinite': 0.0}
     """
 
     def __init__(
-        self, lags: Sequence[tuple[int, int]] = ((0, 1), (1, 0), (1, 1)), **kwargs
+        self, channels: int, lags: Sequence[tuple[int, int]] = ((0, 1), (1, 0), (1, 1)), **kwargs
     ) -> None:
         super().__init__(**kwargs)
+        if channels < 1:
+            raise ValueError(f"channels must be >= 1, got {channels}")
         lags = tuple(tuple(lag) for lag in lags)
         if not lags or any(len(g) != 2 or not all(isinstance(d, int) for d in g) for g in lags):
             raise ValueError(f"lags must be a non-empty sequence of (dh, dw) integers, got {lags}")
-        self.lags = lags
-        self.add_state("count", _f64_zeros(), dist_reduce_fx="sum")
+        self.channels, self.lags = channels, lags
+        self.lag_names = [_lag_name(lag) for lag in lags]
         self.add_state("pairs", _f64_zeros(len(lags)), dist_reduce_fx="sum")
         for name in ("sum", "sum_sq"):
-            self.add_state(name, _f64_zeros(0), dist_reduce_fx="sum")
+            self.add_state(name, _f64_zeros(channels), dist_reduce_fx="sum")
         for name in ("cross", "head", "tail"):
-            self.add_state(name, _f64_zeros(len(lags), 0), dist_reduce_fx="sum")
+            self.add_state(name, _f64_zeros(len(lags), channels), dist_reduce_fx="sum")
 
     def _config(self) -> tuple:
-        return self.lags
-
-    def _allocate(self, channels: int, device: torch.device) -> None:
-        """Size the per-channel states (empty until the first update fixes C)."""
-        self.sum, self.sum_sq = (_f64_zeros(channels).to(device) for _ in range(2))
-        self.cross, self.head, self.tail = (
-            _f64_zeros(len(self.lags), channels).to(device) for _ in range(3)
-        )
-
-    def merge(self, other: SpatialCorrelation) -> SpatialCorrelation:
-        """As :meth:`_StreamingMetric.merge`; either side may not have been updated yet."""
-        if self.sum.numel() == 0 and isinstance(other, SpatialCorrelation):
-            self._allocate(other.sum.numel(), self.device)
-        elif other.sum.numel() == 0:
-            other._allocate(self.sum.numel(), other.device)
-        return super().merge(other)
+        return (self.channels, self.lags)
 
     def update(self, y: Tensor) -> None:
         """Accumulate ``y`` ``(B, C, H, W)``; every lag must fit: ``|dh| < H``, ``|dw| < W``.
 
-        The channel count is fixed by the first update; with ``torch.distributed`` every process
-        must have updated before ``compute`` syncs.
-
         Raises:
-            ValueError: wrong rank, a lag that does not fit, or a changed channel count.
-            TypeError: non-float ``y``.
+            ValueError: wrong shape or a lag that does not fit. TypeError: non-float ``y``.
         """
-        if y.dim() != 4:
-            raise ValueError(f"expected (B, C, H, W), got {tuple(y.shape)}")
-        b, c, h, w = y.shape
-        if any(abs(dh) >= h or abs(dw) >= w for dh, dw in self.lags):
-            raise ValueError(f"lags {self.lags} do not fit a {h}x{w} map")
+        increments = _spatial_correlation_update(y, self.channels, self.lags)
         self._follow(y)
-        if self.sum.numel() == 0:  # first update fixes C (shape only, no sync)
-            self._allocate(c, y.device)
-        elif self.sum.numel() != c:
-            raise ValueError(f"expected {self.sum.numel()} channels, got {c}")
-        x = y.detach().to(torch.float64)
-        dims = (0, 2, 3)
-        self.count += b * h * w
-        self.sum += x.sum(dims)
-        self.sum_sq += x.square().sum(dims)
-        for i, lag in enumerate(self.lags):
-            (ah, aw), (bh, bw) = _lag_slices(lag, h, w)
-            first, second = x[:, :, ah, aw], x[:, :, bh, bw]
-            self.pairs[i] += b * first.shape[2] * first.shape[3]
-            self.cross[i] += (first * second).sum(dims)
-            self.head[i] += first.sum(dims)
-            self.tail[i] += second.sum(dims)
+        self._add(increments)
 
-    def compute(self) -> dict[str, float]:
-        """``{"dh,dw": mean_c rho_c(d)}`` for each lag, e.g. ``{"0,1": 0.93, ...}``.
+    def compute(self) -> dict[str, Tensor]:
+        """``{"dh,dw": mean_c rho_c(d)}`` for each lag (names in :attr:`lag_names`), then ``count``
+        and ``nonfinite`` positions; 0-d float64 tensors.
 
         Raises:
-            ValueError: nothing accumulated.
+            ValueError: no finite position (no update, or all non-finite).
         """
-        if self.sum.numel() == 0 or self.count == 0:
-            raise ValueError("SpatialCorrelation.compute() before any update")
-        mu = self.sum / self.count
-        var = self.sum_sq / self.count - mu.square()
-        live = var > EIGENVALUE_FLOOR * var.max()
-        m = self.pairs[:, None]
-        lagged = (self.cross - mu * (self.head + self.tail)) / m + mu.square()
-        rho = (lagged[:, live] / var[live]).mean(1) if live.any() else torch.zeros(len(self.lags))
-        return {f"{dh},{dw}": float(r) for (dh, dw), r in zip(self.lags, rho, strict=True)}
+        return _spatial_correlation_compute(
+            self.lags, self.count, self.sum, self.sum_sq, self.pairs, self.cross, self.head,
+            self.tail, self.nonfinite,
+        )
 
 
-def subband_energy(y: Tensor, levels: int = 2, wavelet: str = "haar") -> dict[str, float]:
-    """Subband energy shares of ``y`` ``(B, C, H, W)``: one-shot :class:`SubbandEnergy`."""
+class AuxEnergyShare(_StreamingMetric):
+    """Share of the merged energy carried by the auxiliary branch at one merge point.
+
+    ``aux_energy_share = ‖aux‖² / ‖main + aux‖²`` summed over every element of every update
+    (float64 sums, ``dist_reduce_fx="sum"``): 0 when the linear path carries nothing; it can
+    exceed 1 when the branches cancel. A position holding NaN or inf in either tensor is skipped
+    and counted in ``nonfinite``.
+
+    >>> m = AuxEnergyShare()
+    >>> m.update(torch.ones(1, 2, 2, 2), torch.full((1, 2, 2, 2), 2.0))
+    >>> {k: float(v) for k, v in m.compute().items()}
+    {'aux_energy_share': 0.25, 'count': 4.0, 'nonfinite': 0.0}
+    """
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.add_state("aux", _f64_zeros(), dist_reduce_fx="sum")
+        self.add_state("merged", _f64_zeros(), dist_reduce_fx="sum")
+
+    def _config(self) -> tuple:
+        return ()
+
+    def update(self, aux: Tensor, merged: Tensor) -> None:
+        """Accumulate the energies of ``aux`` (the auxiliary branch) and ``merged`` (main + aux),
+        both ``(B, C, H, W)`` of one shape.
+
+        Raises:
+            ValueError: shapes differ or are not 4-D. TypeError: non-float input.
+        """
+        a, m, count, skipped = _aux_energy_share_update(aux, merged)
+        self._follow(aux)
+        self._add({"aux": a, "merged": m, "count": count, "nonfinite": skipped})
+
+    def compute(self) -> dict[str, Tensor]:
+        """``aux_energy_share``, ``count`` and ``nonfinite`` positions, 0-d float64 tensors.
+
+        Raises:
+            ValueError: no finite position (no update, or all non-finite).
+        """
+        return _aux_energy_share_compute(self.aux, self.merged, self.count, self.nonfinite)
+
+
+def channel_stats(y: Tensor) -> dict[str, Tensor]:
+    """Mean, covariance, energies, counts of ``y`` ``(B, C, H, W)`` or ``(N, C)``: one-shot
+    :class:`ChannelStats`.
+
+    >>> channel_stats(torch.tensor([[0.0, 1.0], [2.0, 1.0]]))["covariance"].tolist()
+    [[2.0, 0.0], [0.0, 0.0]]
+    """
+    metric = ChannelStats(y.shape[1])
+    metric.update(y)
+    return metric.compute()
+
+
+def subband_energy(y: Tensor, levels: int = 2, wavelet: str = "haar") -> dict[str, Tensor]:
+    """Subband energy shares of ``y`` ``(B, C, H, W)``: one-shot :class:`SubbandEnergy`.
+
+    >>> round(float(subband_energy(torch.ones(1, 1, 4, 4), levels=1)["LL1"]), 4)
+    1.0
+    """
     metric = SubbandEnergy(levels, wavelet)
     metric.update(y)
     return metric.compute()
@@ -631,8 +1120,149 @@ def subband_energy(y: Tensor, levels: int = 2, wavelet: str = "haar") -> dict[st
 
 def spatial_correlation(
     y: Tensor, lags: Sequence[tuple[int, int]] = ((0, 1), (1, 0), (1, 1))
-) -> dict[str, float]:
-    """Spatial autocorrelation of ``y`` ``(B, C, H, W)``: one-shot :class:`SpatialCorrelation`."""
-    metric = SpatialCorrelation(lags)
+) -> dict[str, Tensor]:
+    """Spatial autocorrelation of ``y`` ``(B, C, H, W)``: one-shot :class:`SpatialCorrelation`.
+
+    >>> out = spatial_correlation(torch.tensor([[[[1.0, -1.0, 1.0, -1.0]]]]), lags=[(0, 1)])
+    >>> round(float(out["0,1"]), 4)
+    -1.0
+    """
+    metric = SpatialCorrelation(y.shape[1], lags)
     metric.update(y)
     return metric.compute()
+
+
+def aux_energy_share(aux: Tensor, merged: Tensor) -> Tensor:
+    """``‖aux‖² / ‖merged‖²`` of two ``(B, C, H, W)`` tensors: one-shot :class:`AuxEnergyShare`.
+
+    >>> float(aux_energy_share(torch.ones(1, 1, 2, 2), torch.full((1, 1, 2, 2), 2.0)))
+    0.25
+    """
+    metric = AuxEnergyShare()
+    metric.update(aux, merged)
+    return metric.compute()["aux_energy_share"]
+
+
+def rate_shares(likelihoods: Tensor) -> Tensor:
+    """Share of the bits carried by each channel: ``(C,)`` float64, summing to 1.
+
+    ``share_c = sum_{b,h,w} -log2 p(y_hat_{b,c,h,w}) / sum_{b,c,h,w} -log2 p(...)`` for the
+    likelihoods ``p`` of a CompressAI entropy model (``out["likelihoods"]["y"]``). Modulation
+    relative to the quantiser (step 1): few channels carrying the rate is strong modulation.
+
+    Args:
+        likelihoods: ``(B, C, H, W)`` probabilities in ``(0, 1]``.
+
+    Raises:
+        ValueError: not 4-D, values outside ``(0, 1]`` or non-finite, or no bits at all.
+
+    >>> rate_shares(torch.tensor([[[[0.5]], [[0.25]], [[1.0]]]])).tolist()  # 1, 2 and 0 bits
+    [0.3333333333333333, 0.6666666666666666, 0.0]
+    """
+    if likelihoods.dim() != 4:
+        raise ValueError(f"rate_shares: expected (B, C, H, W) likelihoods, got {tuple(likelihoods.shape)}")
+    p = likelihoods.detach().to(torch.float64)
+    if not bool(((p > 0) & (p <= 1)).all()):
+        raise ValueError("rate_shares: likelihoods must lie in (0, 1] (NaN, 0 or > 1 found)")
+    bits = 0.0 - torch.log2(p).sum((0, 2, 3))  # 0.0 - : no -0.0 for a channel without bits
+    total = bits.sum()
+    if total <= 0:
+        raise ValueError("rate_shares: the likelihoods carry no bits (all 1)")
+    return bits / total
+
+
+def _blocks(y: Tensor, k: int) -> Tensor:
+    """The non-overlapping ``k x k`` neighbourhoods of ``y`` ``(B, C, H, W)`` as ``(N, k*k*C)``
+    rows (H, W cropped to multiples of k); column ``p*C + c`` is channel c at block position p."""
+    b, c, h, w = y.shape
+    x = y[:, :, : h - h % k, : w - w % k]
+    x = x.reshape(b, c, h // k, k, w // k, k).permute(0, 2, 4, 3, 5, 1)  # (B, H/k, W/k, k, k, C)
+    return x.reshape(-1, k * k * c)
+
+
+def _neighbourhood_total_correlation(
+    cov: Tensor | np.ndarray, k: int, n: int | None
+) -> dict[str, float | None]:
+    """The split of :func:`neighbourhood_total_correlation` from the ``(k*k*C, k*k*C)`` covariance."""
+    s = _covariance(cov)
+    c = len(s) // (k * k)
+    joint = total_correlation(s, n)
+    parts = [total_correlation(s[p * c : (p + 1) * c, p * c : (p + 1) * c], n) for p in range(k * k)]
+    channels = None if any(t is None for t in parts) else float(sum(parts))
+    positions = None if joint is None or channels is None else joint - channels
+    return {"joint": joint, "across_channels": channels, "across_positions": positions}
+
+
+class NeighbourhoodTotalCorrelation(ChannelStats):
+    """Streaming total correlation of ``k x k`` neighbourhoods, split into channels and positions.
+
+    Each non-overlapping ``k x k`` block of ``y`` ``(B, C, H, W)`` (H, W cropped to multiples of
+    ``k``) is one sample of ``k^2 C`` variables; the states are those of a :class:`ChannelStats` of
+    ``k^2 C`` channels (non-finite rule included). :meth:`split` gives, in nats, with the
+    bias correction of :func:`total_correlation` at ``n`` = blocks::
+
+        joint            = TC of the k^2 C variables
+        across_channels  = sum over the k^2 block positions p of TC(channels at p)  (~ k^2 x channel TC)
+        across_positions = joint - across_channels = multi-information between the k^2 position
+                           vectors (>= 0 before the correction)
+
+    (chain rule of total correlation, Watanabe 1960). A Haar DWT is a 2 x 2 spatial transform: its
+    decorrelation shows up in ``across_positions``. Singular covariances give ``None`` as there.
+
+    >>> m = NeighbourhoodTotalCorrelation(channels=1, k=2)
+    >>> m.update(torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(0)))
+    >>> out = m.split()
+    >>> abs(out["joint"]) < 0.05, out["across_channels"]  # white noise; one channel: nothing to share
+    (True, 0.0)
+    """
+
+    def __init__(self, channels: int, k: int = 2, **kwargs) -> None:
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        super().__init__(k * k * channels, **kwargs)
+        self.k, self.latent_channels = k, channels
+
+    def _config(self) -> tuple:
+        return (self.latent_channels, self.k)
+
+    def update(self, y: Tensor) -> None:
+        """Accumulate the ``k x k`` blocks of ``y`` ``(B, C, H, W)``.
+
+        Raises:
+            ValueError: wrong shape, or H or W below k. TypeError: non-float ``y``.
+        """
+        if y.dim() != 4 or y.shape[1] != self.latent_channels or min(y.shape[2:]) < self.k:
+            raise ValueError(
+                f"NeighbourhoodTotalCorrelation: expected (B, {self.latent_channels}, H, W) with H, W "
+                f">= {self.k}, got {tuple(y.shape)}"
+            )
+        super().update(_blocks(y, self.k))
+
+    def split(self) -> dict[str, float | None]:
+        """``joint``, ``across_channels``, ``across_positions`` (nats, bias-corrected at ``n`` =
+        blocks where ``n > k^2 C``, plug-in otherwise) and ``count`` (blocks).
+
+        Raises:
+            ValueError: fewer than 2 finite blocks.
+        """
+        out = self.compute()
+        n = int(out["count"])
+        split = _neighbourhood_total_correlation(out["covariance"], self.k, n if n > self.channels else None)
+        return split | {"count": n}
+
+
+def neighbourhood_total_correlation(y: Tensor, k: int = 2) -> dict[str, float | None]:
+    """Total correlation of the ``k x k`` neighbourhoods of ``y`` ``(B, C, H, W)``, split into its
+    across-channel and across-position parts: one-shot :class:`NeighbourhoodTotalCorrelation`.
+
+    Returns:
+        ``joint``, ``across_channels``, ``across_positions`` (nats) and ``count`` (blocks).
+
+    >>> y = torch.randn(256, 1, 2, 2, generator=torch.Generator().manual_seed(1))
+    >>> y[:, :, 1] = y[:, :, 0]  # each row copies the one above: rank 2 of 4
+    >>> neighbourhood_total_correlation(y)["joint"] is None
+    True
+    """
+    metric = NeighbourhoodTotalCorrelation(y.shape[1], k)
+    metric.update(y)
+    return metric.split()

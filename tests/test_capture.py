@@ -1,0 +1,119 @@
+"""Direct tests of energylab.capture.LatentProbe on tiny models."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from energylab.capture import ROLES, HookPoint, LatentProbe, default_layers
+from energylab.models import build_model
+
+
+def tiny(auxt: bool) -> nn.Module:
+    return build_model("bmshj2018-factorized", N=8, M=12, auxt=auxt).eval()
+
+
+def run(probe: LatentProbe, model: nn.Module, x: torch.Tensor) -> None:
+    with probe, torch.no_grad():
+        model(x)
+
+
+@pytest.mark.parametrize("auxt", [False, True])
+def test_layers_roles_and_counts(auxt):
+    model = tiny(auxt)
+    points = default_layers(model)
+    expected = {"g_a.stage1": ("stage", None), "g_a.stage2": ("stage", None),
+                "g_a.stage3": ("stage", None), "y": ("y", None), "y_hat": ("y_hat", None)}
+    if auxt:
+        expected |= {f"g_a.{role}{k}": (role, k) for k in range(1, 5) for role in ("main", "aux")}
+        # roles come from the merge positions: main<k> and aux<k> read merge k's two inputs
+        for k in range(1, 5):
+            assert points[f"g_a.main{k}"].module == points[f"g_a.aux{k}"].module == f"g_a.merges.{k - 1}"
+    assert {name: (p.role, p.merge) for name, p in points.items()} == expected
+    assert {p.role for p in points.values()} <= set(ROLES)
+
+    probe = LatentProbe(model)
+    x = torch.rand(2, 3, 64, 64)
+    run(probe, model, x)
+    records = {r["layer"]: r for r in probe.records(step=5)}
+    assert set(records) == set(expected)
+    sizes = {"g_a.stage1": 32, "g_a.stage2": 16, "g_a.stage3": 8, "y": 4, "y_hat": 4}
+    sizes |= {f"g_a.{r}{k}": 64 >> k for k in range(1, 5) for r in ("main", "aux")}
+    for name, record in records.items():
+        assert (record["role"], record["merge"]) == expected[name]
+        assert record["step"] == 5
+        assert record["count"] == 2 * sizes[name] ** 2  # B * H * W of that layer
+        assert record["nonfinite"] == 0
+        assert ("aux_energy_share" in record) == (record["role"] == "aux")
+    if auxt:
+        assert all(0 < records[f"g_a.aux{k}"]["aux_energy_share"] for k in range(1, 5))
+
+
+def test_records_are_json_serialisable_python_numbers():
+    model = tiny(True)
+    probe = LatentProbe(model)
+    run(probe, model, torch.rand(1, 3, 64, 64))
+    for record in probe.records(step=0):
+        assert all(v is None or type(v) in (int, float, str) for v in record.values()), record
+        assert json.loads(json.dumps(record, allow_nan=False)) == record
+
+
+def test_reentry_is_refused_and_hooks_removed_after_exit():
+    model = tiny(True)
+    probe = LatentProbe(model)
+    x = torch.rand(1, 3, 64, 64)
+    with probe:
+        with pytest.raises(RuntimeError, match="already active"), probe:
+            pass
+        with torch.no_grad():
+            model(x)
+    assert {r["layer"]: r["count"] for r in probe.records(0)}["y"] == 16  # counted once, not twice
+    hooked = [name for name, m in model.named_modules() if m._forward_hooks]
+    assert hooked == []
+    run(probe, model, x)  # after exit it may be entered again: it accumulates
+    assert {r["layer"]: r["count"] for r in probe.records(0)}["y"] == 2 * 16
+
+
+def test_data_parallel_model_is_unwrapped():
+    model = tiny(True)
+    wrapped = nn.DataParallel(model)
+    assert default_layers(wrapped) == default_layers(model)
+    probe = LatentProbe(wrapped)
+    x = torch.rand(1, 3, 64, 64)
+    run(probe, wrapped, x)
+    plain = LatentProbe(model)
+    run(plain, model, x)
+    assert probe.records(1) == plain.records(1)
+
+
+def test_nonfinite_latent_is_counted_in_the_record():
+    model = tiny(False)
+    x = torch.rand(2, 3, 64, 64)
+    x[1, :, :16, :16] = math.nan  # spreads through g_a's convolutions into some latent positions
+    probe = LatentProbe(model, layers=["y"])
+    run(probe, model, x)
+    (record,) = probe.records(0)
+    assert 0 < record["nonfinite"] < 2 * 16
+    assert record["count"] + record["nonfinite"] == 2 * 16
+    assert all(math.isfinite(v) for v in record.values() if isinstance(v, float))
+
+
+def test_custom_hook_points_and_unknown_names():
+    model = tiny(False)
+    with pytest.raises(ValueError, match="unknown layer"):
+        LatentProbe(model, layers=["nope"])
+    probe = LatentProbe(model, layers={"first_conv": HookPoint("g_a.0")})
+    run(probe, model, torch.rand(1, 3, 64, 64))
+    (record,) = probe.records(0)
+    got = (record["layer"], record["role"], record["merge"], record["channels"])
+    assert got == ("first_conv", None, None, 8)
+    for bad in ({"role": "stem"}, {"role": "aux"}, {"role": "y", "merge": 1}):
+        with pytest.raises(ValueError, match="HookPoint"):
+            HookPoint("g_a.0", **bad)
+    with pytest.raises(ValueError, match="no module"):
+        with LatentProbe(model, layers={"x": HookPoint("g_a.99")}):
+            pass
