@@ -206,10 +206,12 @@ def _filter_matrices(
     wavelet: str, n: int, dtype: torch.dtype, device: torch.device
 ) -> tuple[Tensor, Tensor]:
     bank = _filter_bank(wavelet)
-    eye = torch.eye(n, dtype=torch.float64)
-    analysis = torch.cat(_analysis(eye, bank, -1), -1)  # row k: [lo | hi] of the unit signal e_k
-    synthesis = _synthesis(eye[:, : n // 2], eye[:, n // 2 :], bank, -1)  # row k: signal of unit coef k
-    return analysis.to(dtype=dtype, device=device), synthesis.to(dtype=dtype, device=device)
+    # Normal tensors even when first asked for under inference_mode: autograd may save them later.
+    with torch.inference_mode(False):
+        eye = torch.eye(n, dtype=torch.float64)
+        analysis = torch.cat(_analysis(eye, bank, -1), -1)  # row k: [lo | hi] of the unit signal e_k
+        synthesis = _synthesis(eye[:, : n // 2], eye[:, n // 2 :], bank, -1)  # row k: signal of coef k
+        return analysis.to(dtype=dtype, device=device), synthesis.to(dtype=dtype, device=device)
 
 
 def periodic_filter_matrices(

@@ -170,3 +170,12 @@ def test_ortho_loss_sums_and_is_zero_without_olp():
     both = torch.nn.ModuleList([a, b])
     torch.testing.assert_close(ortho_loss(both), a.olp.loss() + b.olp.loss())
     assert ortho_loss(torch.nn.Linear(2, 2)).item() == 0
+
+
+def test_filter_matrices_first_built_in_inference_mode_still_train():
+    m = WLS(2, 3, "db2")
+    x = torch.randn(1, 2, 22, 14)  # sizes no other test uses, so the matrices are built here
+    with torch.inference_mode():
+        m(x)
+    m(x).sum().backward()
+    assert m.olp.linear.weight.grad is not None
