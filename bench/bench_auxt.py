@@ -98,10 +98,12 @@ CLEAN = 0.10
 
 @dataclass
 class Timings:
-    """Seconds per call, ``times[name][r]`` in round ``r``; ``shares[r]``: others' CPU share."""
+    """Seconds per call, ``times[name][r]`` in round ``r``; ``cpu[name][r]``: this process's CPU
+    seconds for that call (all its threads); ``shares[r]``: others' CPU share."""
 
     times: dict[str, list[float]]
     shares: list[float | None]
+    cpu: dict[str, list[float]]
 
     def clean(self) -> list[int]:
         return [r for r, s in enumerate(self.shares) if s is not None and s < CLEAN]
@@ -115,6 +117,11 @@ class Timings:
     def min_ms(self, name: str) -> float:
         return 1e3 * min(self.times[name])
 
+    def cpu_median_ms(self, name: str) -> float:
+        """Median CPU time per call: less sensitive than wall time to being descheduled on a shared
+        machine (though not to cache contention), so a second view of the same ratio."""
+        return 1e3 * statistics.median(self.cpu[name])
+
 
 def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int) -> Timings:
     """Time each function ``repeats`` times, one call of each per round (order rotated)."""
@@ -122,15 +129,16 @@ def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int)
     for _ in range(warmup):
         for name in names:
             fns[name]()
-    out = Timings({name: [] for name in names}, [])
+    out = Timings({name: [] for name in names}, [], {name: [] for name in names})
     meter = Contention()
     for r in range(repeats):
         k = r % len(names)
         meter.reset()
         for name in names[k:] + names[:k]:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fns[name]()
             out.times[name].append(time.perf_counter() - t0)
+            out.cpu[name].append(time.process_time() - c0)
         out.shares.append(meter.share())
     return out
 
@@ -139,11 +147,16 @@ def table(t: Timings, base: str) -> None:
     """Median and minimum per variant, and their ratios to ``base``."""
     clean, n = t.clean(), len(t.shares)
     which = f"median of {len(clean)}/{n} clean rounds" if len(clean) >= 5 else f"median of {n}"
-    print(f"  {'':<34s} {which:>28s} {'min':>9s}   ratio of medians (of mins)")
+    print(
+        f"  {'':<34s} {which:>28s} {'min':>9s}   ratio of medians (of mins)   CPU time: median, ratio"
+    )
     for name in t.times:
-        m, lo = t.median_ms(name), t.min_ms(name)
-        r_med, r_min = m / t.median_ms(base), lo / t.min_ms(base)
-        print(f"  {name:<34s} {m:25.2f} ms {lo:9.2f} ms   x{r_med:6.3f} (x{r_min:6.3f})")
+        m, lo, cpu = t.median_ms(name), t.min_ms(name), t.cpu_median_ms(name)
+        r_med, r_min, r_cpu = m / t.median_ms(base), lo / t.min_ms(base), cpu / t.cpu_median_ms(base)
+        print(
+            f"  {name:<34s} {m:25.2f} ms {lo:9.2f} ms   x{r_med:6.3f} (x{r_min:6.3f})"
+            f"   {cpu:11.2f} ms x{r_cpu:6.3f}"
+        )
     shares = [s for s in t.shares if s is not None]
     if shares:
         mean = statistics.fmean(shares)
@@ -378,9 +391,11 @@ def bench_step(
         min_ratio = times.min_ms(k) / times.min_ms("plain")
         goal = GOALS.get(wav, 1.50)
         verdict = "met" if step_ratio <= goal else "MISSED"
+        cpu_ratio = times.cpu_median_ms(k) / times.cpu_median_ms("plain")
         print(
             f"  => {wav:>8s}: AuxT/plain step-time ratio {step_ratio:.3f} of medians, {min_ratio:.3f} "
-            f"of minima (goal <= {goal:.2f}: {verdict}); FLOP ratio {flops[k] / flops['plain']:.3f}"
+            f"of minima (goal <= {goal:.2f}: {verdict}); CPU-time ratio {cpu_ratio:.3f}; "
+            f"FLOP ratio {flops[k] / flops['plain']:.3f}"
         )
         if unfused:
             un, fu = times.median_ms(f"AuxT {wav} (reference path)"), times.median_ms(k)
