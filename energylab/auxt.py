@@ -29,9 +29,10 @@ that formula, forward and gradients), with the scaling folded into the projectio
   filter bank, so pywt's alignment is inherited), then one 1x1 convolution whose weights are
   permuted to the products' ``(channel, H-band, W-band)`` order; the iWLS mirrors it. Folding the
   filters into the projection instead (one ``L x L`` stride-2 convolution, ``L`` the filter length)
-  costs ``L^2 / 4`` times the projection's arithmetic (16x for db4) and measured about 5x slower
-  per WLS chain on a CPU; a dense product costs ``n`` multiply-adds per sample and axis, small at
-  the resolutions of training crops.
+  would cost ``L^2 / 4`` times the projection's arithmetic (16x for db4). A dense product costs
+  ``n`` multiply-adds per sample and axis (``n`` the size along that axis): small beside the
+  projection at training-crop sizes, growing on large images. ``bench/bench_auxt.py`` times every
+  wavelet's AuxT step against the plain one.
 """
 
 from __future__ import annotations
