@@ -18,11 +18,21 @@ Each of the three components can be removed on its own (``remove=...``), nothing
 * ``orthogonal``: the projection stays, its orthogonality penalty is not counted by :func:`ortho_loss`;
 * ``scaling``: no scaling factors at all.
 
-Speed: for Haar and space-to-depth the whole chain is linear over each 2x2 block, so the forward
-folds ``W * exp(s)`` and the 2x2 basis into one 1x1 convolution after ``pixel_unshuffle`` (before
-``pixel_shuffle`` for the iWLS). This is the same function as the three steps applied in turn
-(tested against that formula), computed as one GEMM instead of a butterfly, a scaling pass and a
-projection.
+Speed: every path computes the same function as the three steps applied in turn (tested against
+that formula, forward and gradients), with the scaling folded into the projection's weights.
+
+* Haar and space-to-depth: the chain is linear over each 2x2 block, so the 2x2 basis folds into
+  the projection too: one 2x2 stride-2 convolution (WLS), one 1x1 convolution before
+  ``pixel_shuffle`` (iWLS).
+* Other wavelets (``db4``, ``bior2.2``, ...): the periodic DWT is two dense matrix products, along
+  ``W`` then ``H``, with :func:`energylab.wavelets.periodic_filter_matrices` (read off the tested
+  filter bank, so pywt's alignment is inherited), then one 1x1 convolution whose weights are
+  permuted to the products' ``(channel, H-band, W-band)`` order; the iWLS mirrors it. Folding the
+  filters into the projection instead (one ``L x L`` stride-2 convolution, ``L`` the filter length)
+  would cost ``L^2 / 4`` times the projection's arithmetic (16x for db4). A dense product costs
+  ``n`` multiply-adds per sample and axis (``n`` the size along that axis): small beside the
+  projection at training-crop sizes, growing on large images. ``bench/bench_auxt.py`` times every
+  wavelet's AuxT step against the plain one.
 """
 
 from __future__ import annotations
@@ -33,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from energylab.wavelets import dwt2, haar_kernels, idwt2
+from energylab.wavelets import dwt2, haar_kernels, periodic_filter_matrices
 
 __all__ = ["COMPONENTS", "OLP", "WLS", "iWLS", "check_components", "ortho_loss", "variant_name"]
 
@@ -182,13 +192,20 @@ class WLS(_Shortcut):
         gain = self._gain()
         if gain is not None:
             weight = weight * gain
+        if x.dim() != 4 or x.shape[-2] % 2 or x.shape[-1] % 2:
+            raise ValueError(f"WLS needs a (B, C, H, W) input with even H and W, got shape {tuple(x.shape)}")
+        c_out = self.out_channels
         if self.basis is None:
-            return F.conv2d(dwt2(x, self.wavelet), weight[:, :, None, None], self.olp.linear.bias)
-        if x.shape[-2] % 2 or x.shape[-1] % 2:
-            raise ValueError(f"WLS needs even H and W, got shape {tuple(x.shape)}")
+            # Periodic DWT as a_H.T @ x @ a_W: blocks (B, C, [lo|hi] along H, [lo|hi] along W); the
+            # projection reads channels (c, band_H, band_W) where dwt2's subband b is band_H + 2 band_W.
+            b, c, h, w = x.shape
+            a_h, _ = periodic_filter_matrices(self.wavelet, h, x.dtype, x.device)
+            a_w, _ = periodic_filter_matrices(self.wavelet, w, x.dtype, x.device)
+            z = (a_h.T @ (x @ a_w)).view(b, c, 2, h // 2, 2, w // 2).transpose(3, 4)
+            kernel = weight.view(c_out, 2, 2, c).permute(0, 3, 2, 1).reshape(c_out, 4 * c, 1, 1)
+            return F.conv2d(z.reshape(b, 4 * c, h // 2, w // 2), kernel, self.olp.linear.bias)
         # Fold the 2x2 basis into the projection: kernel[o, c, i, j] = sum_b W[o, b, c] basis[b, (i, j)],
         # one 2x2 stride-2 convolution.
-        c_out = self.out_channels
         kernel = weight.view(c_out, 4, -1).transpose(1, 2).reshape(-1, 4) @ self.basis
         return F.conv2d(x, kernel.view(c_out, -1, 2, 2), self.olp.linear.bias, stride=2)
 
@@ -210,11 +227,20 @@ class iWLS(_Shortcut):  # noqa: N801 - the paper's name
         gain = self._gain()
         if gain is not None:
             weight, bias = weight / gain[:, None], bias / gain
+        c_out = self.out_channels
         if self.basis is None:
-            return idwt2(F.conv2d(x, weight[:, :, None, None], bias), self.wavelet)
+            # Projection to channels (o, band_H, band_W) (dwt2's subband b = band_H + 2 band_W), then
+            # the periodic inverse DWT as s_H.T @ z @ s_W on the (B, C_out, [lo|hi] H, [lo|hi] W) blocks.
+            weight = weight.view(2, 2, c_out, -1).permute(2, 1, 0, 3).reshape(4 * c_out, -1, 1, 1)
+            bias = bias.view(2, 2, c_out).permute(2, 1, 0).reshape(-1)
+            z = F.conv2d(x, weight, bias)
+            b, _, h, w = z.shape
+            z = z.view(b, c_out, 2, 2, h, w).transpose(3, 4).reshape(b, c_out, 2 * h, 2 * w)
+            _, s_h = periodic_filter_matrices(self.wavelet, 2 * h, z.dtype, z.device)
+            _, s_w = periodic_filter_matrices(self.wavelet, 2 * w, z.dtype, z.device)
+            return s_h.T @ z @ s_w
         # Synthesis out[o, 2h+i, 2w+j] = sum_b z[b, o] basis[b, (i, j)], folded into the projection:
         # a 1x1 convolution to pixel_shuffle's (o, i, j) channel order, bias included.
-        c_out = self.out_channels
         kernel = (weight.view(4, -1).T @ self.basis).view(c_out, -1, 4).transpose(1, 2)
         bias = (bias.view(4, c_out).T @ self.basis).reshape(-1)
         return F.pixel_shuffle(F.conv2d(x, kernel.reshape(4 * c_out, -1, 1, 1), bias), 2)

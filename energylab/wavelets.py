@@ -11,6 +11,10 @@ input channel ``(cA, (cH, cV, cD))`` is exactly ``pywt.dwt2(x_c, wavelet, mode="
   orthogonal ones (``db2``, ``db4``, ``sym4``, ...) are orthonormal (energy-preserving, the inverse
   is the adjoint); biorthogonal ones (``bior2.2``, ...) use their own analysis and synthesis filters
   and reconstruct perfectly, but are **not** energy-preserving.
+* :func:`periodic_filter_matrices` gives the same 1-D filter bank as two dense ``(n, n)`` matrices,
+  read off the filter bank by applying it to the identity (so pywt's alignment is inherited, not
+  re-derived). Applied along ``W`` then ``H`` they compute :func:`dwt2` / :func:`idwt2` as two
+  matrix products; this is the fast path of AuxT's WLS/iWLS for wavelets other than Haar.
 
 Filters and their alignment come from PyWavelets (``pywt.Wavelet``), which is the reference the
 tests compare against.
@@ -19,14 +23,14 @@ tests compare against.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, lru_cache
 
 import numpy as np
 import pywt
 import torch
 from torch import Tensor, nn
 
-__all__ = ["DWT2", "IDWT2", "SUBBANDS", "dwt2", "idwt2", "haar_kernels"]
+__all__ = ["DWT2", "IDWT2", "SUBBANDS", "dwt2", "idwt2", "haar_kernels", "periodic_filter_matrices"]
 
 SUBBANDS = ("LL", "LH", "HL", "HH")
 """Names of the four subband blocks, in channel order (pywt's cA, cH, cV, cD)."""
@@ -195,6 +199,43 @@ def _synthesis(lo: Tensor, hi: Tensor, bank: _FilterBank, dim: int) -> Tensor:
     w_hi = torch.as_tensor(mask * bank.s_hi, dtype=lo.dtype, device=lo.device)
     x = (lo[..., idx] * w_lo + hi[..., idx] * w_hi).sum(-1)
     return x.movedim(-1, dim)
+
+
+@lru_cache(maxsize=256)
+def _filter_matrices(
+    wavelet: str, n: int, dtype: torch.dtype, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    bank = _filter_bank(wavelet)
+    # Normal tensors even when first asked for under inference_mode: autograd may save them later.
+    with torch.inference_mode(False):
+        eye = torch.eye(n, dtype=torch.float64)
+        analysis = torch.cat(_analysis(eye, bank, -1), -1)  # row k: [lo | hi] of the unit signal e_k
+        synthesis = _synthesis(eye[:, : n // 2], eye[:, n // 2 :], bank, -1)  # row k: signal of coef k
+        return analysis.to(dtype=dtype, device=device), synthesis.to(dtype=dtype, device=device)
+
+
+def periodic_filter_matrices(
+    wavelet: str, n: int, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
+) -> tuple[Tensor, Tensor]:
+    """The periodic 1-D filter bank of ``wavelet`` on length-``n`` signals as two ``(n, n)`` matrices.
+
+    ``analysis``: for a signal ``x`` of shape ``(..., n)``, ``x @ analysis`` is ``[lo | hi]`` (each
+    ``n/2``), equal to ``pywt.dwt(x, wavelet, mode="periodization")``. ``synthesis``: ``[lo | hi] @
+    synthesis`` inverts it (``pywt.idwt``); it is ``analysis.T`` for orthogonal wavelets. Both are
+    read off the filter bank that :func:`dwt2` / :func:`idwt2` apply (the filter bank applied to the
+    identity), so ``dwt2(x)`` is ``analysis_H.T @ x @ analysis_W`` with its blocks stacked
+    subband-major. Cached per ``(wavelet, n, dtype, device)``: repeated calls cost no host-device copy.
+
+    Args:
+        wavelet: a discrete PyWavelets name.
+        n: the signal length, even and positive.
+
+    Raises:
+        ValueError: an odd or non-positive ``n``, or an unknown wavelet.
+    """
+    if n <= 0 or n % 2:
+        raise ValueError(f"periodic_filter_matrices needs an even positive length, got n={n}")
+    return _filter_matrices(wavelet, n, dtype, torch.device(device or "cpu"))
 
 
 def dwt2(x: Tensor, wavelet: str = "haar") -> Tensor:

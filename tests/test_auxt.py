@@ -1,4 +1,6 @@
+import numpy as np
 import pytest
+import pywt
 import torch
 
 from energylab.auxt import COMPONENTS, OLP, WLS, iWLS, ortho_loss, variant_name
@@ -18,9 +20,9 @@ def depth_to_space(z):
     return out
 
 
-def reference_wls(m: WLS, x):
+def reference_wls(m: WLS, x, dwt=dwt2):
     """The paper's formula applied step by step: DWT -> * exp(s) -> Linear at every position."""
-    z = space_to_depth(x) if m.wavelet is None else dwt2(x, m.wavelet)
+    z = space_to_depth(x) if m.wavelet is None else dwt(x, m.wavelet)
     z = z.permute(0, 2, 3, 1)
     if m.scaling_factors is not None:
         z = z * m.scaling_factors.exp()
@@ -45,19 +47,46 @@ def randomise_scaling(m):
 REMOVALS = [(), ("wavelet",), ("orthogonal",), ("scaling",), ("wavelet", "scaling")]
 
 
-@pytest.mark.parametrize("wavelet", ["haar", "db2", "bior2.2"])
+WAVELETS = ["haar", "db2", "db4", "sym4", "bior2.2"]
+
+
+def pywt_wls(m: WLS, x):
+    """The WLS formula on pywt's own periodized DWT (per channel, subband-major), in float64."""
+    bands = [[], [], [], []]
+    for c in range(x.shape[1]):
+        ca, (ch, cv, cd) = pywt.dwt2(x[:, c].numpy(), m.wavelet, mode="periodization", axes=(-2, -1))
+        for band, coef in zip(bands, (ca, ch, cv, cd), strict=True):
+            band.append(coef)
+    z = torch.from_numpy(np.concatenate([np.stack(b, 1) for b in bands], 1))
+    return reference_wls(m, x, dwt=lambda t, wavelet: z)
+
+
+@pytest.mark.parametrize("wavelet", WAVELETS)
 @pytest.mark.parametrize("remove", REMOVALS)
-def test_wls_and_iwls_match_reference_formula(wavelet, remove):
+# (8, 6): H and W unequal; (2, 4): shorter than db4's and sym4's 8 taps, the filters wrap around
+@pytest.mark.parametrize("size", [(8, 6), (2, 4)])
+def test_wls_and_iwls_match_reference_formula(wavelet, remove, size):
+    h, w = size
     m = randomise_scaling(WLS(3, 8, wavelet, remove).double())
-    x = torch.randn(2, 3, 8, 6, dtype=torch.float64)
+    x = torch.randn(2, 3, h, w, dtype=torch.float64)
     out = m(x)
-    assert out.shape == (2, 8, 4, 3)
+    assert out.shape == (2, 8, h // 2, w // 2)
     torch.testing.assert_close(out, reference_wls(m, x))
+    if m.wavelet is not None:
+        torch.testing.assert_close(out, pywt_wls(m, x))
     mi = randomise_scaling(iWLS(8, 3, wavelet, remove).double())
-    y = torch.randn(2, 8, 4, 3, dtype=torch.float64)
+    y = torch.randn(2, 8, h // 2, w // 2, dtype=torch.float64)
     out = mi(y)
-    assert out.shape == (2, 3, 8, 6)
+    assert out.shape == (2, 3, h, w)
     torch.testing.assert_close(out, reference_iwls(mi, y))
+
+
+@pytest.mark.parametrize("wavelet", ["db4", "bior2.2"])
+def test_float32_fast_path_matches_float64_reference(wavelet):
+    m = randomise_scaling(WLS(4, 6, wavelet))
+    x = torch.randn(2, 4, 16, 16)
+    expected = reference_wls(m.double(), x.double()).float()
+    torch.testing.assert_close(m.float()(x), expected, atol=1e-4, rtol=1e-4)
 
 
 def test_gradients_flow_to_every_parameter():
@@ -69,13 +98,32 @@ def test_gradients_flow_to_every_parameter():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in mi.parameters())
 
 
-def test_gradcheck_fused_haar():
-    m = randomise_scaling(WLS(2, 3).double())
-    x = torch.randn(1, 2, 4, 4, dtype=torch.float64, requires_grad=True)
+def _gradients(module, inputs, reference):
+    """Gradients of a fixed random projection of the output w.r.t. the input and every parameter."""
+    params = [p for p in module.parameters()]
+    out = reference(module, inputs) if reference else module(inputs)
+    g = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(0))
+    return torch.autograd.grad((out * g).sum(), [inputs, *params])
+
+
+@pytest.mark.parametrize("wavelet", WAVELETS)
+@pytest.mark.parametrize("remove", REMOVALS)
+def test_gradients_match_reference_and_gradcheck(wavelet, remove):
+    m = randomise_scaling(WLS(2, 3, wavelet, remove).double())
+    x = torch.randn(1, 2, 4, 6, dtype=torch.float64, requires_grad=True)
+    for fast, ref in zip(_gradients(m, x, None), _gradients(m, x, reference_wls), strict=True):
+        torch.testing.assert_close(fast, ref)
     assert torch.autograd.gradcheck(m, (x,))
-    mi = randomise_scaling(iWLS(3, 2).double())
-    y = torch.randn(1, 3, 2, 2, dtype=torch.float64, requires_grad=True)
+    mi = randomise_scaling(iWLS(3, 2, wavelet, remove).double())
+    y = torch.randn(1, 3, 2, 3, dtype=torch.float64, requires_grad=True)
+    for fast, ref in zip(_gradients(mi, y, None), _gradients(mi, y, reference_iwls), strict=True):
+        torch.testing.assert_close(fast, ref)
     assert torch.autograd.gradcheck(mi, (y,))
+
+
+def test_odd_input_size_is_rejected_with_its_shape():
+    with pytest.raises(ValueError, match=r"even H and W.*\(1, 3, 5, 4\)"):
+        WLS(3, 8, "db4")(torch.zeros(1, 3, 5, 4))
 
 
 def test_scaling_initialisation_and_names():
@@ -148,3 +196,13 @@ def test_variant_name(auxt, remove, wavelet, name):
 def test_variant_name_rejects(auxt, remove, message):
     with pytest.raises(ValueError, match=message):
         variant_name(auxt, remove)
+
+
+def test_filter_matrices_first_built_in_inference_mode_still_train():
+    m = WLS(2, 3, "db2")
+    x = torch.randn(1, 2, 22, 14)  # sizes no other test uses, so the matrices are built here
+    with torch.inference_mode():
+        m(x)
+    x.requires_grad_(True)  # the products then save the matrices for the input's gradient
+    m(x).sum().backward()
+    assert x.grad is not None and m.olp.linear.weight.grad is not None

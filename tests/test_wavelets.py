@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from energylab.wavelets import DWT2, IDWT2, dwt2, haar_kernels, idwt2
+from energylab.wavelets import DWT2, IDWT2, dwt2, haar_kernels, idwt2, periodic_filter_matrices
 
 WAVELETS = ["haar", "db2", "db4", "sym4", "bior2.2"]
 
@@ -97,3 +97,41 @@ def test_modules_wrap_functions():
     x = torch.randn(1, 2, 8, 8)
     torch.testing.assert_close(IDWT2("db2")(DWT2("db2")(x)), x, atol=1e-5, rtol=0)
     assert "db2" in repr(DWT2("db2"))
+
+
+@pytest.mark.parametrize("wavelet", WAVELETS)
+@pytest.mark.parametrize("n", [2, 6, 16])
+def test_periodic_filter_matrices_equal_pywt_1d(wavelet, n):
+    analysis, synthesis = periodic_filter_matrices(wavelet, n, torch.float64)
+    x = np.random.default_rng(n).standard_normal((3, n))
+    lo, hi = pywt.dwt(x, wavelet, mode="periodization")
+    np.testing.assert_allclose(x @ analysis.numpy(), np.concatenate((lo, hi), -1), atol=1e-12)
+    np.testing.assert_allclose(
+        np.concatenate((lo, hi), -1) @ synthesis.numpy(),
+        pywt.idwt(lo, hi, wavelet, mode="periodization"),
+        atol=1e-12,
+    )
+
+
+@pytest.mark.parametrize("wavelet", ["db4", "bior2.2"])
+def test_periodic_filter_matrices_compose_to_dwt2(wavelet):
+    x = torch.randn(2, 3, 8, 12, dtype=torch.float64)
+    a_h, s_h = periodic_filter_matrices(wavelet, 8, torch.float64)
+    a_w, s_w = periodic_filter_matrices(wavelet, 12, torch.float64)
+    blocks = (a_h.T @ x @ a_w).view(2, 3, 2, 4, 2, 6)  # (.., band along H, h, band along W, w)
+    subbands = [blocks[:, :, i, :, j] for i, j in ((0, 0), (1, 0), (0, 1), (1, 1))]  # LL LH HL HH
+    torch.testing.assert_close(torch.cat(subbands, 1), dwt2(x, wavelet))
+    torch.testing.assert_close(s_h.T @ (a_h.T @ x @ a_w) @ s_w, x)
+
+
+def test_orthogonal_synthesis_is_the_transpose():
+    analysis, synthesis = periodic_filter_matrices("db4", 10, torch.float64)
+    torch.testing.assert_close(synthesis, analysis.T)
+    analysis, synthesis = periodic_filter_matrices("bior2.2", 10, torch.float64)
+    assert not torch.allclose(synthesis, analysis.T)
+
+
+def test_periodic_filter_matrices_cached_and_checked():
+    assert periodic_filter_matrices("db2", 8)[0] is periodic_filter_matrices("db2", 8, device="cpu")[0]
+    with pytest.raises(ValueError, match="even positive length, got n=7"):
+        periodic_filter_matrices("db2", 7)
