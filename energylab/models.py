@@ -277,7 +277,8 @@ def build_model(
 
     ``N``/``M`` default to the widths of CompressAI's highest-quality configuration (192/320).
     No weights are downloaded. ``model.g_a`` gets an :class:`InputSizeCheck` pre-hook: an input
-    whose height or width is not a multiple of the model's ``downsampling_factor`` is refused
+    whose height or width is not a multiple of the model's ``input_multiple`` (default: its
+    ``downsampling_factor``) is refused
     with one line naming the rule and the size (``forward`` and ``compress`` alike).
 
     Raises:
@@ -295,6 +296,7 @@ def build_model(
     model = MODELS[name](N=N, M=M)
     if auxt:
         attach_auxt(model, remove, wavelet, g_a_placement, g_s_placement)
-    multiple = int(getattr(model, "downsampling_factor", 2**STAGES))
+    # a model may take smaller multiples in forward than in compress (TCM: input_multiple 16)
+    multiple = int(getattr(model, "input_multiple", getattr(model, "downsampling_factor", 2**STAGES)))
     model.g_a.register_forward_pre_hook(InputSizeCheck(multiple, name))
     return model

@@ -358,6 +358,9 @@ class TCM(CompressionModel):
         self.entropy_bottleneck = EntropyBottleneck(hyper_channels)
         self.gaussian_conditional = GaussianConditional(None)
 
+    input_multiple = 16
+    """``forward`` takes H and W multiples of 16 (the hyperprior's output is cropped to ``y``)."""
+
     @property
     def downsampling_factor(self) -> int:
         """64: ``compress`` / ``decompress`` need H and W multiples of this (``y`` is 1/16, ``z`` 1/64)."""
