@@ -195,16 +195,16 @@ def run(args: argparse.Namespace) -> dict:
         if args.seed is None:
             raise AblationError("--only needs --seed S")
         cells = [c for c in cells if c.variant == args.only and c.seed == args.seed]
-    from energylab.data import load_dataset
+    from energylab.train import open_data
 
-    dataset = load_dataset(base.data, base.patch_size)  # bad data fails before anything is written
+    _, test, _ = open_data(replace(base, workers=0))  # bad data fails before anything is written
     _check_out(args, base, names)
     for i, cell in enumerate(cells, 1):
         if cell.done:
             continue
         print(f"[{i}/{len(cells)}] {cell.variant} seed {cell.seed}"
               + (f" λ {cell.lmbda:g}" if cell.lmbda else ""), file=sys.stderr, flush=True)
-        run_cell(cell_config(base, cell, names[cell.variant]), cell, dataset.test)
+        run_cell(cell_config(base, cell, names[cell.variant]), cell, test)
     if args.only is not None:
         return {}
     return collect(args.out)
