@@ -49,7 +49,8 @@ An **ablation directory** (:class:`AblationDir`; written by ``energylab.ablate``
 ``ablation.json`` (the command's settings and ``"variants"``: name -> ``{"auxt", "remove",
 "wavelet"}``), one run directory per cell at ``<variant>/seed<S>/`` (``<variant>/lmbda<λ>/seed<S>/``
 in an R-D sweep), ``summary.json``, ``summary.md``, ``summary.csv`` (one row per variant and λ)
-and the figures.
+and the figures; with ``--launcher local`` or ``slurm``, ``launch/`` holds submitit's job files
+(``<job id>_0_log.out`` / ``.err``, the job scripts and pickles) of every cell.
 """
 
 from __future__ import annotations
@@ -432,12 +433,18 @@ class AblationDir:
     SUMMARY_JSON = "summary.json"
     SUMMARY_MD = "summary.md"
     SUMMARY_CSV = "summary.csv"
+    LAUNCH = "launch"
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
 
     def __repr__(self) -> str:
         return f"AblationDir({str(self.path)!r})"
+
+    @property
+    def launch_dir(self) -> Path:
+        """submitit's folder for the cells' jobs (logs, job scripts)."""
+        return self.path / self.LAUNCH
 
     def is_ablation(self) -> bool:
         """Whether the directory has an ``ablation.json``."""
