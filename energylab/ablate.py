@@ -29,7 +29,6 @@ baseline) is computed by :mod:`energylab.summary`, whose docstring defines every
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -37,13 +36,14 @@ from pathlib import Path
 from energylab import cli
 from energylab.auxt import COMPONENTS, check_components, variant_name
 from energylab.config import ConfigError, TrainConfig
+from energylab.launch import LAUNCHERS, LaunchOptions, launch_cells
 from energylab.rundir import AblationDir, RunDirError
 from energylab.summary import CellLogs, format_csv, format_json, format_markdown, format_table, summarize
 from energylab.wavelets import DWT2
 
 __all__ = ["AblationError", "Cell", "collect", "main", "plan_cells", "variants"]
 
-CELL_FIELDS = ("out", "seed", "auxt", "remove", "wavelet", "device")
+CELL_FIELDS = ("out", "seed", "auxt", "remove", "wavelet", "device", "workers", "cache")
 """Training settings each cell sets itself (or that may differ between sessions): not recorded as
 the ablation's settings."""
 
@@ -122,6 +122,19 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_training_arguments(p, exclude=("seed",))
     cli.add_data_arguments(p)
     cli.add_device_arguments(p)
+    g = p.add_argument_group("launcher (energylab.launch)")
+    g.add_argument("--launcher", choices=LAUNCHERS, default="inline",
+                   help="inline: cells one after another here; local: --jobs cells at once as "
+                        "processes; slurm: one Slurm job per cell")
+    g.add_argument("--jobs", type=int, default=1, help="local: cells at once (threads = cores // jobs)")
+    g.add_argument("--slurm-partition", help="slurm: partition")
+    g.add_argument("--gpus-per-cell", type=int, default=0,
+                   help="slurm: GPUs of one cell (one DDP process each)")
+    g.add_argument("--cpus-per-cell", type=int, help="slurm: CPUs per process (its torch threads)")
+    g.add_argument("--timeout-min", type=int, default=24 * 60,
+                   help="time limit of a cell's job in minutes (slurm requeues it from its checkpoint)")
+    g.add_argument("--slurm-args", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help="slurm: further #SBATCH options, e.g. account=lab qos=high")
     # ablation defaults, tuned to finish within 15 minutes on a 2-core CPU (see README)
     p.set_defaults(steps=1500, eval_every=100, capture_every=250, N=32, M=48, test_size=256)
     return p
@@ -182,6 +195,29 @@ def _check_out(args: argparse.Namespace, base: TrainConfig, names: dict) -> None
     ablation.write_meta({**record, "variants": names})
 
 
+def _label(cell: Cell) -> str:
+    return f"{cell.variant} seed {cell.seed}" + (f" λ {cell.lmbda:g}" if cell.lmbda else "")
+
+
+def launch_options(args: argparse.Namespace) -> LaunchOptions:
+    """The launcher settings of the command line.
+
+    Raises:
+        AblationError: a ``--slurm-args`` item without ``=``, or an invalid number.
+    """
+    extra = {}
+    for item in args.slurm_args:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise AblationError(f"--slurm-args takes KEY=VALUE items, got {item!r}")
+        extra[key.removeprefix("--")] = value
+    try:
+        return LaunchOptions(args.launcher, args.jobs, args.slurm_partition, args.gpus_per_cell,
+                             args.cpus_per_cell, args.timeout_min, extra)
+    except ValueError as err:
+        raise AblationError(str(err).replace("_", "-")) from None
+
+
 def run(args: argparse.Namespace) -> dict:
     names = variants(args.remove, args.combined, args.wavelets)
     if args.collect is not None:
@@ -195,16 +231,14 @@ def run(args: argparse.Namespace) -> dict:
         if args.seed is None:
             raise AblationError("--only needs --seed S")
         cells = [c for c in cells if c.variant == args.only and c.seed == args.seed]
-    from energylab.data import load_dataset
+    from energylab.train import open_data
 
-    dataset = load_dataset(base.data, base.patch_size)  # bad data fails before anything is written
+    _, test, _ = open_data(replace(base, workers=0))  # bad data fails before anything is written
+    launch = launch_options(args)
     _check_out(args, base, names)
-    for i, cell in enumerate(cells, 1):
-        if cell.done:
-            continue
-        print(f"[{i}/{len(cells)}] {cell.variant} seed {cell.seed}"
-              + (f" λ {cell.lmbda:g}" if cell.lmbda else ""), file=sys.stderr, flush=True)
-        run_cell(cell_config(base, cell, names[cell.variant]), cell, dataset.test)
+    todo = [(c, cell_config(base, c, names[c.variant])) for c in cells if not c.done]
+    launch_cells(todo, launch, AblationDir(args.out).launch_dir,
+                 run_inline=lambda cell, config: run_cell(config, cell, test), label=_label)
     if args.only is not None:
         return {}
     return collect(args.out)

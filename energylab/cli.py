@@ -20,7 +20,8 @@ from dataclasses import fields
 from pathlib import Path
 
 from energylab.auxt import COMPONENTS
-from energylab.config import DEVICES, ConfigError, TrainConfig
+from energylab.config import DEVICES, LR_SCHEDULES, PRECISIONS, ConfigError, TrainConfig
+from energylab.data import SMALL_IMAGES
 from energylab.models import MODELS, PLACEMENTS
 
 __all__ = ["add_auxt_arguments", "add_data_arguments", "add_device_arguments",
@@ -81,15 +82,30 @@ def add_training_arguments(p: argparse.ArgumentParser, exclude: Collection[str] 
     _add(g, "probe_count", True, exclude, type=int)
     _add(g, "probe_size", True, exclude, type=int, help="a multiple of 64")
     _add(g, "seed", True, exclude, type=int)
+    _add(g, "lr_schedule", True, exclude, choices=LR_SCHEDULES,
+         help="main optimizer's rate: constant, multistep (--lr-milestones) or plateau (test loss)")
+    _add(g, "lr_milestones", True, exclude, type=int, nargs="+", default=[], metavar="STEP",
+         help="multistep: the steps after each run at --lr-gamma times the rate")
+    _add(g, "lr_gamma", True, exclude, type=float, help="rate factor at a milestone or a plateau")
+    _add(g, "lr_patience", True, exclude, type=int,
+         help="plateau: evaluations without improvement before the rate drops")
+    _add(g, "precision", True, exclude, choices=PRECISIONS,
+         help="autocast of the transforms in training (entropy models stay float32)")
 
 
 def add_data_arguments(p: argparse.ArgumentParser, exclude: Collection[str] = ()) -> None:
-    """``--data``, ``--patch-size``, ``--test-size``."""
+    """``--data``, ``--patch-size``, ``--test-size``, ``--workers``, ``--cache``, ``--small-images``."""
     g = p.add_argument_group("data")
     _add(g, "data", True, exclude, help="'builtin' or an image folder")
     _add(g, "patch_size", True, exclude, type=int, help="a multiple of 64")
     _add(g, "test_size", True, exclude, type=int,
          help="centre-crop test images to this size (default: whole)")
+    _add(g, "workers", True, exclude, type=int,
+         help="loader processes streaming a folder's crops (default: from the CPU count)")
+    _add(g, "cache", True, exclude, action="store_true",
+         help="decode a (small) folder's training images into memory once")
+    _add(g, "small_images", True, exclude, choices=SMALL_IMAGES,
+         help="training images smaller than the patch: skip them (one warning) or stop")
 
 
 def add_device_arguments(p: argparse.ArgumentParser, default: str = "auto",

@@ -18,12 +18,17 @@ from typing import Any
 from energylab.auxt import COMPONENTS
 from energylab.models import MODELS, PLACEMENTS
 
-__all__ = ["DEVICES", "PATCH_MULTIPLE", "RESUMABLE_CHANGES", "ConfigError", "TrainConfig"]
+__all__ = ["DEVICES", "LR_SCHEDULES", "PATCH_MULTIPLE", "PRECISIONS", "RESUMABLE_CHANGES", "ConfigError",
+           "TrainConfig"]
 
 PATCH_MULTIPLE = 64
 """Training patches and probe crops are multiples of this (the hyperprior models downsample by 64)."""
 DEVICES = ("auto", "cpu", "cuda")
-RESUMABLE_CHANGES = frozenset({"out", "steps", "device", "log_every"})
+LR_SCHEDULES = ("constant", "multistep", "plateau")
+"""Learning-rate schedules of the main optimizer (see :class:`TrainConfig`)."""
+PRECISIONS = ("fp32", "bf16", "fp16")
+"""Arithmetic of the transforms in training (see :class:`TrainConfig`)."""
+RESUMABLE_CHANGES = frozenset({"out", "steps", "device", "log_every", "workers", "cache"})
 """Fields a resumed run may change; every other one must equal the run's saved config."""
 
 _FIELD_REF = re.compile(r"\{(\w+)\}")
@@ -58,7 +63,19 @@ class TrainConfig:
       ``test_size`` (centre crop of the test images; None: whole images);
     * schedule (in steps): ``eval_every``, ``capture_every`` (0: no captures), ``log_every``; the
       probe set: ``probe_count`` crops of ``probe_size`` pixels (a multiple of 64);
-    * ``device`` (``auto``, ``cpu``, ``cuda``) and ``out``, the run directory.
+    * ``device`` (``auto``, ``cpu``, ``cuda``) and ``out``, the run directory;
+    * streaming a folder (:class:`energylab.data.TrainStream`): ``workers`` (loader processes; None:
+      :func:`energylab.data.default_workers`), ``cache`` (decode the training images into memory
+      once; small folders), ``small_images`` (``"skip"`` or ``"error"`` for training images smaller
+      than the patch); none of them changes a batch;
+    * learning-rate schedule of the main optimizer (the quantiles' optimizer keeps its own rate):
+      ``lr_schedule`` ``"constant"``; ``"multistep"`` (``torch.optim.lr_scheduler.MultiStepLR``:
+      the steps after each of ``lr_milestones`` (training steps, increasing) run at ``lr_gamma``
+      times the rate before); ``"plateau"`` (``ReduceLROnPlateau`` on the test loss at each
+      evaluation: rate × ``lr_gamma`` after more than ``lr_patience`` evaluations without
+      improvement); as CompressAI's example training uses them;
+    * ``precision``: ``"fp32"``, or ``"bf16"`` / ``"fp16"`` autocast of the transforms in training
+      steps (:mod:`energylab.precision`; fp16 with a gradient scaler).
 
     Raises:
         ConfigError: on construction, the first invalid field, e.g. ``patch_size must be a
@@ -89,6 +106,14 @@ class TrainConfig:
     probe_size: int = 128
     seed: int = 0
     device: str = "auto"
+    workers: int | None = None
+    cache: bool = False
+    small_images: str = "skip"
+    lr_schedule: str = "constant"
+    lr_milestones: tuple[int, ...] = ()
+    lr_gamma: float = 0.1
+    lr_patience: int = 10
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out", Path(self.out))
@@ -127,6 +152,35 @@ class TrainConfig:
         if not isinstance(self.data, str) or not self.data:
             raise ConfigError("data", f"must be 'builtin' or a folder, got {self.data!r}")
         self._check_wavelet()
+        self._check_scale()
+
+    def _check_scale(self) -> None:
+        from energylab.data import SMALL_IMAGES
+
+        if self.workers is not None:
+            _check_int("workers", self.workers, 0)
+        if not isinstance(self.cache, bool):
+            raise ConfigError("cache", f"must be true or false, got {self.cache!r}")
+        for name, choices in (("small_images", SMALL_IMAGES), ("lr_schedule", LR_SCHEDULES),
+                              ("precision", PRECISIONS)):
+            if getattr(self, name) not in choices:
+                raise ConfigError(name, f"must be one of {', '.join(choices)}, got "
+                                        f"{getattr(self, name)!r}")
+        if isinstance(self.lr_milestones, str):
+            raise ConfigError("lr_milestones", f"must be training steps, got {self.lr_milestones!r}")
+        object.__setattr__(self, "lr_milestones", tuple(self.lr_milestones))
+        for m in self.lr_milestones:
+            _check_int("lr_milestones", m, 1)
+        if list(self.lr_milestones) != sorted(set(self.lr_milestones)):
+            raise ConfigError("lr_milestones", f"must be increasing, got {list(self.lr_milestones)}")
+        if (self.lr_schedule == "multistep") != bool(self.lr_milestones):
+            raise ConfigError("lr_milestones", "must be given with {lr_schedule} multistep, and only "
+                                               f"then (got {list(self.lr_milestones)} with "
+                                               f"{self.lr_schedule})")
+        gamma = self.lr_gamma
+        if isinstance(gamma, bool) or not isinstance(gamma, int | float) or not 0 < gamma < 1:
+            raise ConfigError("lr_gamma", f"must be a number in (0, 1), got {gamma!r}")
+        _check_int("lr_patience", self.lr_patience, 0)
 
     def _check_wavelet(self) -> None:
         from energylab.wavelets import DWT2
@@ -141,6 +195,7 @@ class TrainConfig:
         out = asdict(self)
         out["out"] = str(self.out)
         out["remove"] = list(self.remove)
+        out["lr_milestones"] = list(self.lr_milestones)
         return out
 
     @classmethod

@@ -816,6 +816,9 @@ class TrainStream:
         loader = torch.utils.data.DataLoader(
             _StepBatches(self), batch_size=None, sampler=steps, num_workers=self.workers,
             prefetch_factor=self.prefetch,
+            # its own generator: the loader draws its workers' base seed from it, not from the
+            # global RNG that training's noise draws from (workers or not, the same numbers)
+            generator=torch.Generator(),
         )
         for step, out in loader:
             if isinstance(out, DataError):

@@ -9,7 +9,10 @@ A **run directory** (:class:`RunDir`; written by ``energylab.train``) holds:
   ``wavelet``, ``g_a_placement``, ``g_s_placement``, ``lmbda``, ``ortho_weight``, ``steps``,
   ``batch_size``, ``lr``, ``data``, ``patch_size``, ``test_size``, ``eval_every``,
   ``capture_every``, ``log_every``, ``probe_count``, ``probe_size``, ``seed``, ``device``,
-  ``out``).
+  ``out``, ``workers``, ``cache``, ``small_images``, ``lr_schedule``, ``lr_milestones`` (list),
+  ``lr_gamma``, ``lr_patience``, ``precision``).
+* ``data_index.json``: the index of a data folder (file list and image sizes;
+  :func:`energylab.data.index_folder` owns its content), reused while the folder is unchanged.
 * ``metrics.jsonl``: one line per logged training step: ``step``, ``loss``, ``mse``, ``bpp``,
   ``psnr``, ``ortho_loss``, ``aux_loss``, ``lr``, ``wall_time`` (seconds since the run started,
   excluding evaluation and capture).
@@ -29,8 +32,9 @@ A **run directory** (:class:`RunDir`; written by ``energylab.train``) holds:
 * ``captures/step_XXXXXXX.npz`` (seven-digit step): ``cov/<layer>`` (C×C float32 channel
   covariance), ``energies/<layer>`` (C float32, E[y_c²]), ``probe_y`` (C×h×w float32, the latent
   ``y`` of the first probe image).
-* ``checkpoint.pt``: ``{"model", "optimizer", "aux_optimizer", "step", "rng", "config",
-  "wall_time"}``, written atomically (temporary file, fsync, rename) after every evaluation.
+* ``checkpoint.pt``: ``{"model", "optimizer", "aux_optimizer", "scheduler" (the learning-rate
+  scheduler's state, or None), "scaler" (fp16's gradient scaler state, or None), "step", "rng",
+  "config", "wall_time"}``, written atomically (temporary file, fsync, rename) after every evaluation.
 * ``final.pt``: ``{"model": state_dict, "step", "config"}``, written atomically.
 * ``bitstream.json``: ``{"results": {key: value}, "per_image": [...]}``, the real-bitstream
   results of the final model (``energylab.evaluate``'s keys), written by the ablation.
@@ -45,7 +49,8 @@ An **ablation directory** (:class:`AblationDir`; written by ``energylab.ablate``
 ``ablation.json`` (the command's settings and ``"variants"``: name -> ``{"auxt", "remove",
 "wavelet"}``), one run directory per cell at ``<variant>/seed<S>/`` (``<variant>/lmbda<λ>/seed<S>/``
 in an R-D sweep), ``summary.json``, ``summary.md``, ``summary.csv`` (one row per variant and λ)
-and the figures.
+and the figures; with ``--launcher local`` or ``slurm``, ``launch/`` holds submitit's job files
+(``<job id>_0_log.out`` / ``.err``, the job scripts and pickles) of every cell.
 """
 
 from __future__ import annotations
@@ -172,6 +177,7 @@ class RunDir:
     CAPTURES = "captures"
     BITSTREAM = "bitstream.json"
     TENSORBOARD = "tensorboard"
+    DATA_INDEX = "data_index.json"
 
     def __init__(self, path: Path | str, *, write: bool = True) -> None:
         self.path = Path(path)
@@ -198,6 +204,10 @@ class RunDir:
     @property
     def tensorboard_dir(self) -> Path:
         return self.path / self.TENSORBOARD
+
+    @property
+    def data_index_path(self) -> Path:
+        return self.path / self.DATA_INDEX
 
     def is_run(self) -> bool:
         """Whether the directory has a ``config.json`` (a run was started in it)."""
@@ -423,12 +433,18 @@ class AblationDir:
     SUMMARY_JSON = "summary.json"
     SUMMARY_MD = "summary.md"
     SUMMARY_CSV = "summary.csv"
+    LAUNCH = "launch"
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
 
     def __repr__(self) -> str:
         return f"AblationDir({str(self.path)!r})"
+
+    @property
+    def launch_dir(self) -> Path:
+        """submitit's folder for the cells' jobs (logs, job scripts)."""
+        return self.path / self.LAUNCH
 
     def is_ablation(self) -> bool:
         """Whether the directory has an ``ablation.json``."""

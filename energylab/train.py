@@ -39,12 +39,22 @@ from energylab import cli
 from energylab.auxt import ortho_loss
 from energylab.capture import LatentProbe
 from energylab.config import ConfigError, TrainConfig
-from energylab.data import Dataset, TrainSampler, crop_to, load_dataset, probe_set, test_batches
+from energylab.data import (
+    BUILTIN_TEST,
+    TrainStream,
+    builtin_images,
+    crop_to,
+    index_folder,
+    load_dataset,
+    probe_set,
+    test_batches,
+)
 from energylab.models import build_model, unwrap_model
+from energylab.precision import MixedPrecision
 from energylab.rundir import RunDir
 from energylab.stats import psnr
 
-__all__ = ["TrainingError", "build_parser", "main", "train"]
+__all__ = ["TrainingError", "build_parser", "main", "open_data", "test_images", "train"]
 
 AUX_LR = 1e-3
 CLIP_MAX_NORM = 1.0
@@ -156,16 +166,18 @@ class Session:
     run: RunDir
     device: torch.device
     d: Dist
-    dataset: Dataset
+    test: list[tuple[str, Tensor]]
     model: nn.Module
     net: nn.Module
     main_params: list[nn.Parameter]
     optimizer: torch.optim.Optimizer
     aux_optimizer: torch.optim.Optimizer
     criterion: RateDistortionLoss
-    sampler: TrainSampler
+    stream: TrainStream
     probe: Tensor
     meta: dict
+    scheduler: torch.optim.lr_scheduler.LRScheduler | torch.optim.lr_scheduler.ReduceLROnPlateau | None
+    precision: MixedPrecision
     start: int = 0
     wall_offset: float = 0.0
 
@@ -200,8 +212,9 @@ def train(config: TrainConfig, *, resume: bool = False) -> RunDir:
     progress = s.run.progress(s.start, config.steps)
     wall_start = time.perf_counter() - s.wall_offset
     paused = 0.0
-    for step in range(s.start + 1, config.steps + 1):
-        record = train_step(s, step)
+    for index, x in s.stream.batches(s.start, config.steps):
+        step = index + 1
+        record = train_step(s, step, x)
         wall = time.perf_counter() - wall_start - paused
         if record is not None:
             record["wall_time"] = wall
@@ -218,22 +231,71 @@ def train(config: TrainConfig, *, resume: bool = False) -> RunDir:
     return s.run
 
 
+def test_images(config: TrainConfig) -> list[tuple[str, Tensor]]:
+    """The test images of ``config.data``, decoded into memory (only they: a folder is indexed,
+    not loaded): ``(name, (3, H, W) float32)`` pairs.
+
+    Raises:
+        DataError: a bad data source (:mod:`energylab.data`).
+    """
+    if config.data == "builtin":
+        return builtin_images(BUILTIN_TEST)
+    return index_folder(config.data).load_test()
+
+
+def open_data(config: TrainConfig, index_path: Path | None = None, rank: int = 0,
+              world_size: int = 1) -> tuple[TrainStream, list[tuple[str, Tensor]], str]:
+    """The training stream of this rank, the test images and the data's source.
+
+    The built-in set is held in memory (:func:`energylab.data.load_dataset`); a folder is indexed
+    (kept at ``index_path`` when given) and its crops decoded by ``config.workers`` loader
+    processes (or, with ``config.cache``, from memory in this process). Either way batch ``k`` is
+    ``TrainSampler(train images, patch_size, batch_size, seed).batch(k, rank, world_size)``.
+
+    Raises:
+        DataError: a bad data source; training images smaller than the patch under
+            ``small_images="error"`` (:class:`energylab.data.TrainStream`).
+    """
+    sizes = (config.patch_size, config.batch_size, config.seed, rank, world_size)
+    if config.data == "builtin":
+        dataset = load_dataset(config.data, config.patch_size)
+        return TrainStream(dataset, *sizes, workers=0), dataset.test, dataset.source
+    index = index_folder(config.data, index_path)
+    stream = TrainStream(index, *sizes, workers=0 if config.cache else config.workers,
+                         cache=config.cache, small_images=config.small_images)
+    return stream, index.load_test(), index.source
+
+
+def _scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer):
+    """The main optimizer's learning-rate scheduler (None for a constant rate)."""
+    if config.lr_schedule == "multistep":
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, list(config.lr_milestones),
+                                                    gamma=config.lr_gamma)
+    if config.lr_schedule == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, "min", factor=config.lr_gamma,
+                                                          patience=config.lr_patience)
+    return None
+
+
 def setup(config: TrainConfig) -> Session:
     """Device and process group, data, the model (built right after ``torch.manual_seed(seed)``,
-    so one seed gives one main-transform initialisation), optimizers, sampler and probe set."""
+    so one seed gives one main-transform initialisation), optimizers, scheduler, precision,
+    training stream and probe set."""
     device, d = _setup_device(config.device)
-    dataset = load_dataset(config.data, config.patch_size)
+    run = RunDir(config.out, write=d.main)
+    index_path = run.data_index_path if d.main and config.data != "builtin" else None
+    stream, test, source = open_data(config, index_path, d.rank, d.world_size)
+    precision = MixedPrecision(config.precision, device)
     torch.manual_seed(config.seed)
     net = build_model(
         config.model, N=config.N, M=config.M, auxt=config.auxt, remove=config.remove,
         wavelet=config.wavelet, g_a_placement=config.g_a_placement,
         g_s_placement=config.g_s_placement,
     ).to(device)
+    precision.attach(net)
     main_params, quantiles = _split_parameters(net)
-    sampler = TrainSampler([img for _, img in dataset.train], config.patch_size, config.batch_size,
-                           config.seed)
-    list(test_batches(dataset.test, config.test_size))  # a too-small test image fails now, not later
-    probe = probe_set(dataset.test, config.probe_count, config.probe_size).to(device)
+    list(test_batches(test, config.test_size))  # a too-small test image fails now, not later
+    probe = probe_set(test, config.probe_count, config.probe_size).to(device)
     samples = len(probe) * (config.probe_size // 16) ** 2
     if d.main and samples < 2 * config.M:
         warnings.warn(f"the probe set gives {samples} samples of y for {config.M} channels: its "
@@ -248,15 +310,15 @@ def setup(config: TrainConfig) -> Session:
         "world_size": d.world_size,
         "git_revision": _git_revision(),
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "data": {"source": dataset.source, "train": [n for n, _ in dataset.train],
-                 "test": [n for n, _ in dataset.test]},
+        "data": {"source": source, "train": stream.names, "test": [n for n, _ in test]},
     }
+    optimizer = torch.optim.Adam(main_params, lr=config.lr)
     return Session(
-        config=config, run=RunDir(config.out, write=d.main), device=device, d=d, dataset=dataset,
-        model=net, net=net, main_params=main_params,
-        optimizer=torch.optim.Adam(main_params, lr=config.lr),
+        config=config, run=run, device=device, d=d, test=test,
+        model=net, net=net, main_params=main_params, optimizer=optimizer,
         aux_optimizer=torch.optim.Adam(quantiles, lr=AUX_LR),
-        criterion=RateDistortionLoss(lmbda=config.lmbda), sampler=sampler, probe=probe, meta=meta,
+        criterion=RateDistortionLoss(lmbda=config.lmbda), stream=stream, probe=probe, meta=meta,
+        scheduler=_scheduler(config, optimizer), precision=precision,
     )
 
 
@@ -280,28 +342,37 @@ def resume_run(s: Session) -> None:
     s.net.load_state_dict(ckpt["model"])
     s.optimizer.load_state_dict(ckpt["optimizer"])
     s.aux_optimizer.load_state_dict(ckpt["aux_optimizer"])
+    if s.scheduler is not None:
+        s.scheduler.load_state_dict(ckpt["scheduler"])
+    s.precision.load_state_dict(ckpt.get("scaler"))
     _set_rng_state(ckpt["rng"])
     s.start, s.wall_offset = ckpt["step"], ckpt.get("wall_time", 0.0)
     s.run.resume(s.start)
 
 
-def train_step(s: Session, step: int) -> dict | None:
-    """One optimisation step (``step`` counts from 1): R-D loss + ``ortho_weight`` x AuxT's
-    orthogonality penalty with gradient clipping, then the quantiles' ``aux_loss``. Returns the
-    metrics record (without ``wall_time``) on logging steps, else None.
+def train_step(s: Session, step: int, x: Tensor) -> dict | None:
+    """One optimisation step (``step`` counts from 1) on the batch ``x``: R-D loss +
+    ``ortho_weight`` x AuxT's orthogonality penalty with gradient clipping (the transforms under
+    autocast with ``precision`` bf16/fp16, fp16's loss scaled), a multistep schedule's step, then
+    the quantiles' ``aux_loss``. Returns the metrics record (without ``wall_time``; ``lr`` the rate
+    this step used) on logging steps, else None.
 
     Raises:
         TrainingError: a non-finite loss (checked every step on the CPU, on logging steps on a GPU,
             where the check is a host sync).
     """
     config = s.config
-    x = s.sampler.batch(step - 1, s.d.rank, s.d.world_size).to(s.device, non_blocking=True)
-    losses = s.criterion(s.model(x), x)
+    x = x.to(s.device, non_blocking=True)
+    with s.precision.active():
+        out = s.model(x)
+    losses = s.criterion(out, x)
     ortho = ortho_loss(s.net)
     loss = losses["loss"] + config.ortho_weight * ortho
     s.optimizer.zero_grad(set_to_none=True)
     s.aux_optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    scaler = s.precision.scaler
+    scaler.scale(loss).backward()
+    scaler.unscale_(s.optimizer)
     nn.utils.clip_grad_norm_(s.main_params, CLIP_MAX_NORM)
     logging_step = step % config.log_every == 0 or step == config.steps
     if (s.device.type == "cpu" or logging_step) and not torch.isfinite(loss):
@@ -309,7 +380,11 @@ def train_step(s: Session, step: int) -> dict | None:
             f"loss is {float(loss.detach())} at step {step}; stopped, the last good checkpoint "
             f"({s.run.checkpoint_path}) is kept — lower the learning rate or λ, or check the data"
         )
-    s.optimizer.step()
+    lr = s.optimizer.param_groups[0]["lr"]
+    scaler.step(s.optimizer)
+    scaler.update()
+    if isinstance(s.scheduler, torch.optim.lr_scheduler.MultiStepLR):
+        s.scheduler.step()
     aux_loss = s.net.aux_loss()
     aux_loss.backward()
     s.aux_optimizer.step()
@@ -319,21 +394,26 @@ def train_step(s: Session, step: int) -> dict | None:
     return {"step": step, "loss": float(loss.detach()), "mse": mse,
             "bpp": float(losses["bpp_loss"].detach()), "psnr": psnr(mse),
             "ortho_loss": float(ortho.detach()), "aux_loss": float(aux_loss.detach()),
-            "lr": s.optimizer.param_groups[0]["lr"]}
+            "lr": lr}
 
 
 def after_step(s: Session, step: int, wall: float) -> None:
-    """At ``step`` completed steps, as the schedule says: capture, then evaluate and checkpoint."""
+    """At ``step`` completed steps, as the schedule says: capture, then evaluate (a plateau
+    schedule sees the test loss) and checkpoint."""
     last = step == s.config.steps
     if s.config.capture_every > 0 and (step % s.config.capture_every == 0 or last):
         lp = capture(s.net, s.probe, s.d)
         s.run.log_capture(step, lp.records(step), lp.arrays())
     if step % s.config.eval_every == 0 or last:
-        s.run.log_eval({"step": step, **evaluate(s.net, s.dataset.test, s.config, s.device),
-                        "wall_time": wall})
+        result = evaluate(s.net, s.test, s.config, s.device)
+        s.run.log_eval({"step": step, **result, "wall_time": wall})
+        if isinstance(s.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau) and step > 0:
+            s.scheduler.step(result["loss"])
         s.run.save_checkpoint({
             "model": s.net.state_dict(), "optimizer": s.optimizer.state_dict(),
-            "aux_optimizer": s.aux_optimizer.state_dict(), "step": step, "rng": _rng_state(),
+            "aux_optimizer": s.aux_optimizer.state_dict(),
+            "scheduler": None if s.scheduler is None else s.scheduler.state_dict(),
+            "scaler": s.precision.state_dict(), "step": step, "rng": _rng_state(),
             "config": _saved(s), "wall_time": wall,
         })
 

@@ -62,7 +62,7 @@ def test_changed_from_ignores_resumable_fields():
     saved = TrainConfig(out=Path("a"))
     assert TrainConfig(out=Path("b"), steps=5, device="cpu", log_every=3).changed_from(saved) == []
     assert TrainConfig(out=Path("a"), lmbda=0.5, seed=1).changed_from(saved) == ["lmbda", "seed"]
-    assert RESUMABLE_CHANGES == {"out", "steps", "device", "log_every"}
+    assert RESUMABLE_CHANGES == {"out", "steps", "device", "log_every", "workers", "cache"}
 
 
 def test_cli_defaults_are_the_config_defaults(tmp_path):

@@ -8,6 +8,7 @@ import torch
 from energylab import train as train_mod
 from energylab.capture import LatentProbe
 from energylab.config import TrainConfig
+from energylab.data import TrainSampler
 from energylab.models import build_model
 from energylab.rundir import RunDir
 
@@ -99,19 +100,19 @@ def test_same_seed_same_captures(auxt_run, tmp_path):
 
 def test_resume_equals_uninterrupted(auxt_run, tmp_path, monkeypatch):
     out = tmp_path / "killed"
-    real_batch = train_mod.TrainSampler.batch
+    real_batch = TrainSampler.batch
 
     def dying_batch(self, step, *args, **kwargs):
         if step == 6:  # killed during step 7, after the checkpoint at step 4
             raise KeyboardInterrupt
         return real_batch(self, step, *args, **kwargs)
 
-    monkeypatch.setattr(train_mod.TrainSampler, "batch", dying_batch)
+    monkeypatch.setattr(TrainSampler, "batch", dying_batch)
     with pytest.raises(KeyboardInterrupt):
         run(out, "--auxt")
     assert RunDir(out).load_checkpoint()["step"] == 4
     assert max(r["step"] for r in RunDir(out).metrics()) == 6
-    monkeypatch.setattr(train_mod.TrainSampler, "batch", real_batch)
+    monkeypatch.setattr(TrainSampler, "batch", real_batch)
     assert run(out, "--auxt", "--resume") == 0
     logs_a, caps_a = load_run(auxt_run)
     logs_b, caps_b = load_run(out)
