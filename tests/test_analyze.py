@@ -19,6 +19,7 @@ def _cells(root):
     return [root / "baseline" / "seed0", root / "auxt" / "seed0"]
 
 
+@pytest.mark.slow
 def test_two_runs_of_the_tiny_ablation(tiny_ablation, tmp_path, capsys):
     out = tmp_path / "analysis"
     argv = [*map(str, _cells(tiny_ablation)), "--data", "builtin", "--out", str(out), "--bitstream"]
