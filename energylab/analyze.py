@@ -311,7 +311,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
 
     def body() -> None:
-        device = torch.device(args.device)
+        try:
+            device = torch.device(args.device)
+        except RuntimeError as exc:
+            raise ValueError(f"--device {args.device}: not a torch device ({exc})") from None
         out = analyze(args.models, args.data, args.out, arch=arch_from_args(args),
                       bitstream=args.bitstream, device=device, limit=args.limit,
                       figures=not args.no_figures)

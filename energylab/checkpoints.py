@@ -35,7 +35,9 @@ AuxT checkpoints of other code bases are converted to energylab's names first (:
   filter buffers ``g_a.auxiliary_layers.<k>.dwt.transform.{h0_col, h1_col}`` ``(1, 1, 2, 1)`` and
   ``{h0_row, h1_row}`` ``(1, 1, 1, 2)`` (reversed analysis filters) and
   ``g_s.auxiliary_layers.<k>.idwt.inverse.{g0_col, g1_col, g0_row, g1_row}`` (synthesis filters).
-  Only the AuxT keys are converted: the fork's own TCM keeps its entropy model under
+  Its ``DWT2D`` / ``IDWT2D`` (``pytorch_wavelets``, Haar, ``mode="zero"``) equal energylab's
+  ``dwt2`` / ``idwt2`` in the same subband order (checked once against pytorch_wavelets 1.3.0, to
+  float32 precision). Only the AuxT keys are converted: the fork's own TCM keeps its entropy model under
   ``latent_codec.*``, which is not energylab's TCM layout.
 
 Filter buffers are checked against the Haar filters (another wavelet is refused, naming the key) and

@@ -47,7 +47,7 @@ from matplotlib.figure import Figure
 
 from energylab import cli, stats
 from energylab.auxt import variant_name
-from energylab.rundir import AblationDir, RunDir, RunDirError
+from energylab.rundir import AblationDir, AnalysisDir, RunDir, RunDirError
 from energylab.summary import table_rows, with_roles
 
 __all__ = [
@@ -1010,7 +1010,7 @@ def plot_analysis_compaction(analysis: dict, arrays: Sequence[dict[str, np.ndarr
     return fig
 
 
-def analysis_figures(directory) -> list[Path]:
+def analysis_figures(directory: AnalysisDir) -> list[Path]:
     """Draw the figures of an analysis directory (:class:`energylab.rundir.AnalysisDir`) next to its
     ``analysis.json``: ``energy_split`` (per layer), ``correlation_y``, ``compaction_y``. A figure
     whose inputs are missing is skipped with one line on stderr. Returns the files written."""

@@ -7,7 +7,6 @@ import pytest
 import torch
 from PIL import Image
 
-from energylab import analyze as analyze_module
 from energylab.analyze import analysis_images, main, statistics_of
 from energylab.capture import LatentProbe
 from energylab.checkpoints import from_energylab
@@ -108,4 +107,3 @@ def test_records_are_consumed_generically():
                 "interval": (np.float64(1.0), float("nan")), "role": "y"}]
     assert statistics_of(records) == {"y": {"channels": 3, "new_statistic": 2.5, "interval": [1.0, None],
                                             "role": "y"}}
-    assert analyze_module.CROP_MULTIPLE == 64
