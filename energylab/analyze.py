@@ -318,6 +318,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = analyze(args.models, args.data, args.out, arch=arch_from_args(args),
                       bitstream=args.bitstream, device=device, limit=args.limit,
                       figures=not args.no_figures)
+        for model in out.analysis()["models"]:
+            checkpoint = model["architecture"]["checkpoint"]
+            print(f"{model['name']}: {model['label']}, {checkpoint['format']} layout read from "
+                  f"{checkpoint['file']}")
         print(f"wrote {out.path / AnalysisDir.ANALYSIS}")
 
     return cli.run_command(body)

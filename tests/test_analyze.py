@@ -58,7 +58,7 @@ def test_two_runs_of_the_tiny_ablation(tiny_ablation, tmp_path, capsys):
     json.loads((out / AnalysisDir.ANALYSIS).read_text())  # strict JSON
 
 
-def test_a_foreign_checkpoint_with_arch_flags(tmp_path):
+def test_a_foreign_checkpoint_with_arch_flags(tmp_path, capsys):
     torch.manual_seed(0)
     model = build_model("mbt2018-mean", N=8, M=12, auxt=True)
     path = tmp_path / "release.pth.tar"
@@ -73,6 +73,7 @@ def test_a_foreign_checkpoint_with_arch_flags(tmp_path):
         code = main([str(path), "--model", "mbt2018-mean", "--N", "8", "--M", "12", "--auxt",
                      "--data", str(images), "--out", str(out), "--no-figures"])
     assert code == 0
+    assert f"release: mbt2018-mean+auxt, auxt-release layout read from {path}" in capsys.readouterr().out
     (entry,) = AnalysisDir(out).analysis()["models"]
     assert entry["architecture"]["checkpoint"]["format"] == "auxt-release"
     assert entry["name"] == "release" and entry["step"] is None
