@@ -16,6 +16,33 @@ do, so that every layout CompressAI accepts loads here too:
 * the entropy coder's size-dependent buffers (:data:`DYNAMIC_BUFFERS`) may have any shape: CompressAI
   resizes them on load and ``update(force=True)`` rewrites them.
 
+AuxT checkpoints of other code bases are converted to energylab's names first (:func:`to_energylab`;
+:func:`from_energylab` writes them back; Haar AuxT only). :data:`FORMATS`:
+
+* ``"energylab"``: AuxT under ``g_a.transform.<i>`` (main layers), ``g_a.auxiliary_layers.<k>.olp.linear.
+  {weight,bias}`` and ``g_a.auxiliary_layers.<k>.scaling_factors`` (``g_s`` alike); no filter buffers;
+* ``"compressai"``: no AuxT keys (CompressAI's plain layout; energylab's too without AuxT);
+* ``"auxt-release"``: the official AuxT release (Li et al., ICLR 2025; ``qingshi9974/AuxT``,
+  ``models/tcm_AuxT.py``, saved by its ``train.py`` under ``state_dict``): the main transforms at
+  ``g_a.<i>`` / ``g_s.<i>`` (no wrapper), the branches at the model's root as ``AuxT_enc.<k>`` (WLS) and
+  ``AuxT_dec.<k>`` (iWLS) with the projection named ``OLP`` (``AuxT_enc.<k>.OLP.linear.weight``
+  ``(C_out, 4 C_in)``, ``AuxT_enc.<k>.scaling_factors`` ``(1, 1, 4 C_in)``) and persistent Haar filter
+  buffers: ``AuxT_enc.<k>.dwt.w_ll`` / ``w_lh`` / ``w_hl`` / ``w_hh`` ``(1, 1, 2, 2)`` (outer products
+  of the reversed ``pywt`` analysis filters) and ``AuxT_dec.<k>.idwt.filters`` ``(4, 1, 2, 2)``
+  (outer products of the synthesis filters);
+* ``"compressai-temp"``: the ``compressai-temp`` fork's AuxT helpers (1.2.9.dev0,
+  ``compressai/models/_helpers/auxt.py``): energylab's names plus ``pytorch_wavelets``' persistent
+  filter buffers ``g_a.auxiliary_layers.<k>.dwt.transform.{h0_col, h1_col}`` ``(1, 1, 2, 1)`` and
+  ``{h0_row, h1_row}`` ``(1, 1, 1, 2)`` (reversed analysis filters) and
+  ``g_s.auxiliary_layers.<k>.idwt.inverse.{g0_col, g1_col, g0_row, g1_row}`` (synthesis filters).
+  Its ``DWT2D`` / ``IDWT2D`` (``pytorch_wavelets``, Haar, ``mode="zero"``) equal energylab's
+  ``dwt2`` / ``idwt2`` in the same subband order (checked once against pytorch_wavelets 1.3.0, to
+  float32 precision). Only the AuxT keys are converted: the fork's own TCM keeps its entropy model under
+  ``latent_codec.*``, which is not energylab's TCM layout.
+
+Filter buffers are checked against the Haar filters (another wavelet is refused, naming the key) and
+dropped; writing a foreign layout regenerates them exactly as those code bases build them.
+
 Which of these applied is reported as a :class:`CheckpointLayout`.
 """
 
@@ -33,7 +60,7 @@ from compressai.models.utils import remap_old_keys
 from compressai.zoo.pretrained import rename_key
 from torch import Tensor, nn
 
-from energylab.models import unwrap_model
+from energylab.models import has_auxt, unwrap_model
 
 __all__ = [
     "CHECKPOINT_NUMPY_GLOBALS",
@@ -42,10 +69,14 @@ __all__ = [
     "STATE_DICT_KEYS",
     "CheckpointError",
     "CheckpointLayout",
+    "FORMATS",
     "check_fits",
+    "detect_format",
     "extract_state_dict",
+    "from_energylab",
     "load_weights",
     "remap_state_dict",
+    "to_energylab",
     "torch_load",
 ]
 
@@ -91,18 +122,20 @@ class CheckpointLayout:
         container: the top-level key the state dict was nested under (one of
             :data:`STATE_DICT_KEYS`), or ``None`` for a state dict at the top level.
         renames: short names (keys of :data:`RENAMES`) of the key remappings applied, in order.
+        format: the key layout recognised, one of :data:`FORMATS`.
     """
 
     container: str | None
     renames: tuple[str, ...] = ()
+    format: str = "compressai"
 
     def as_dict(self) -> dict[str, Any]:
-        """JSON-ready ``{"container", "renames"}``."""
-        return {"container": self.container, "renames": list(self.renames)}
+        """JSON-ready ``{"format", "container", "renames"}``."""
+        return {"format": self.format, "container": self.container, "renames": list(self.renames)}
 
     def __str__(self) -> str:
         where = "top-level state dict" if self.container is None else f"state dict under {self.container!r}"
-        return where + "".join(f"; {RENAMES[r]}" for r in self.renames)
+        return f"{self.format} layout, {where}" + "".join(f"; {RENAMES[r]}" for r in self.renames)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -200,6 +233,176 @@ def remap_state_dict(
     return sd, tuple(renames)
 
 
+# ---------------------------------------------------------------------------------------------
+# AuxT layouts of other code bases
+
+FORMATS = ("energylab", "compressai", "auxt-release", "compressai-temp")
+"""Key layouts :func:`to_energylab` recognises (see the module docstring)."""
+
+_RELEASE_PREFIXES = {"AuxT_enc.": "g_a.auxiliary_layers.", "AuxT_dec.": "g_s.auxiliary_layers."}
+_RELEASE_DWT = ("w_ll", "w_lh", "w_hl", "w_hh")
+_TEMP_DWT = ("h0_col", "h1_col", "h0_row", "h1_row")
+_TEMP_IDWT = ("g0_col", "g1_col", "g0_row", "g1_row")
+
+
+def _haar_filters() -> tuple[list[float], list[float], list[float], list[float]]:
+    """``pywt``'s Haar ``dec_lo``, ``dec_hi``, ``rec_lo``, ``rec_hi`` (Python floats)."""
+    import pywt
+
+    w = pywt.Wavelet("haar")
+    return w.dec_lo, w.dec_hi, w.rec_lo, w.rec_hi
+
+
+def _release_buffers(prefix: str, analysis: bool) -> dict[str, Tensor]:
+    """The filter buffers of the release's ``DWT_2D('haar')`` / ``IDWT_2D('haar')`` at ``prefix``
+    (``models/pywave.py``: ``a.unsqueeze(0) * b.unsqueeze(1)`` outer products, float32)."""
+    dec_lo, dec_hi, rec_lo, rec_hi = _haar_filters()
+    if analysis:
+        lo, hi = torch.Tensor(dec_lo[::-1]), torch.Tensor(dec_hi[::-1])
+        pairs = ((lo, lo), (lo, hi), (hi, lo), (hi, hi))
+        return {f"{prefix}dwt.{name}": (a.unsqueeze(0) * b.unsqueeze(1))[None, None]
+                for name, (a, b) in zip(_RELEASE_DWT, pairs, strict=True)}
+    lo, hi = torch.Tensor(rec_lo), torch.Tensor(rec_hi)
+    pairs = ((lo, lo), (lo, hi), (hi, lo), (hi, hi))
+    filters = torch.cat([(a.unsqueeze(0) * b.unsqueeze(1))[None, None] for a, b in pairs])
+    return {f"{prefix}idwt.filters": filters}
+
+
+def _temp_buffers(prefix: str, analysis: bool) -> dict[str, Tensor]:
+    """The filter buffers of ``pytorch_wavelets``' ``DWTForward(J=1, wave='haar')`` /
+    ``DWTInverse(wave='haar')`` at ``prefix`` (``prep_filt_afb2d`` reverses the analysis filters,
+    ``prep_filt_sfb2d`` does not; columns ``(1, 1, L, 1)``, rows ``(1, 1, 1, L)``)."""
+    dec_lo, dec_hi, rec_lo, rec_hi = _haar_filters()
+    dtype = torch.get_default_dtype()
+    if analysis:
+        lo, hi, names, where = dec_lo[::-1], dec_hi[::-1], _TEMP_DWT, "dwt.transform"
+    else:
+        lo, hi, names, where = rec_lo, rec_hi, _TEMP_IDWT, "idwt.inverse"
+    lo_t = torch.tensor(np.array(lo).ravel(), dtype=dtype)
+    hi_t = torch.tensor(np.array(hi).ravel(), dtype=dtype)
+    shapes = ((1, 1, -1, 1), (1, 1, -1, 1), (1, 1, 1, -1), (1, 1, 1, -1))
+    return {f"{prefix}{where}.{name}": t.reshape(shape)
+            for name, t, shape in zip(names, (lo_t, hi_t, lo_t, hi_t), shapes, strict=True)}
+
+
+def _branch(key: str) -> tuple[str, bool] | None:
+    """``("g_a.auxiliary_layers.<k>.", analysis)`` for an energylab AuxT key, else None."""
+    for side, analysis in (("g_a", True), ("g_s", False)):
+        head = f"{side}.auxiliary_layers."
+        if key.startswith(head):
+            index = key[len(head):].split(".", 1)[0]
+            return f"{head}{index}.", analysis
+    return None
+
+
+def detect_format(state_dict: Mapping[str, Tensor]) -> str:
+    """The key layout of ``state_dict`` (one of :data:`FORMATS`; ``module.`` prefixes ignored):
+    ``auxt-release`` if a key starts with ``AuxT_enc.`` / ``AuxT_dec.``, ``compressai-temp`` if an
+    AuxT branch holds ``pytorch_wavelets`` buffers, ``energylab`` for other ``auxiliary_layers`` keys,
+    else ``compressai``."""
+    keys = [k.removeprefix("module.") for k in state_dict]
+    if any(k.startswith(tuple(_RELEASE_PREFIXES)) for k in keys):
+        return "auxt-release"
+    aux = [k for k in keys if _branch(k) is not None]
+    if any(".dwt.transform." in k or ".idwt.inverse." in k for k in aux):
+        return "compressai-temp"
+    return "energylab" if aux else "compressai"
+
+
+def _check_filter(key: str, value: Tensor, expected: Tensor, where: str | Path) -> None:
+    if value.shape != expected.shape or not torch.allclose(value.double(), expected.double(), atol=1e-6):
+        raise CheckpointError(
+            f"{where}: filter buffer {key!r} is not Haar's filter bank (energylab converts Haar AuxT "
+            f"only); got {value.flatten().tolist()[:8]}"
+        )
+
+
+def to_energylab(
+    state_dict: Mapping[str, Tensor], where: str | Path = "state dict"
+) -> tuple[dict[str, Tensor], str]:
+    """Convert a state dict of any of :data:`FORMATS` to energylab's key layout.
+
+    Filter buffers are checked to be Haar and dropped; the release's ``AuxT_enc`` / ``AuxT_dec``
+    branches move under ``g_a`` / ``g_s`` ``.auxiliary_layers`` (``OLP`` -> ``olp``) and its main
+    layers under ``.transform``. Tensors are shared, not copied; other keys are kept in order.
+
+    Returns:
+        ``(converted, format)``.
+
+    Raises:
+        CheckpointError: a filter buffer that is not Haar (naming the key and ``where``).
+    """
+    fmt = detect_format(state_dict)
+    if fmt in ("energylab", "compressai"):
+        return dict(state_dict), fmt
+    out: dict[str, Tensor] = {}
+    for raw, value in state_dict.items():
+        key = raw.removeprefix("module.")
+        if fmt == "auxt-release":
+            for old, new in _RELEASE_PREFIXES.items():
+                if key.startswith(old):
+                    index, rest = key[len(old):].split(".", 1)
+                    prefix = f"{old}{index}."
+                    buffers = _release_buffers(prefix, old == "AuxT_enc.")
+                    if key in buffers:
+                        _check_filter(raw, value, buffers[key], where)
+                        key = None
+                    else:
+                        key = f"{new}{index}." + (f"olp.{rest[4:]}" if rest.startswith("OLP.") else rest)
+                    break
+            else:
+                if key.startswith(("g_a.", "g_s.")):
+                    key = f"{key[:3]}.transform.{key[4:]}"
+        else:
+            branch = _branch(key)
+            if branch is not None:
+                buffers = _temp_buffers(*branch)
+                if key in buffers:
+                    _check_filter(raw, value, buffers[key], where)
+                    key = None
+        if key is not None:
+            out[key] = value
+    return out, fmt
+
+
+def from_energylab(state_dict: Mapping[str, Tensor], fmt: str) -> dict[str, Tensor]:
+    """Write an energylab state dict (with Haar AuxT) in the key layout ``fmt`` of :data:`FORMATS`;
+    the inverse of :func:`to_energylab` (``to_energylab(from_energylab(sd, fmt))`` equals ``sd``
+    key for key and bit for bit). Filter buffers are regenerated as the foreign code builds them.
+
+    Raises:
+        ValueError: an unknown ``fmt``.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown checkpoint layout {fmt!r}; valid layouts are: {', '.join(FORMATS)}")
+    if fmt in ("energylab", "compressai"):
+        return dict(state_dict)
+    out: dict[str, Tensor] = {}
+    done: set[str] = set()
+    for key, value in state_dict.items():
+        branch = _branch(key)
+        if branch is None:
+            if fmt == "auxt-release" and key.startswith(("g_a.transform.", "g_s.transform.")):
+                key = key[:4] + key[len("g_a.transform."):]
+            out[key] = value
+            continue
+        prefix, analysis = branch
+        if fmt == "compressai-temp":
+            if prefix not in done:
+                out.update(_temp_buffers(prefix, analysis))
+            out[key] = value
+        else:
+            old = "AuxT_enc." if analysis else "AuxT_dec."
+            index = prefix.split(".")[2]
+            rest = key[len(prefix):]
+            rest = f"OLP.{rest[4:]}" if rest.startswith("olp.") else rest
+            if prefix not in done:
+                out.update(_release_buffers(f"{old}{index}.", analysis))
+            out[f"{old}{index}.{rest}"] = value
+        done.add(prefix)
+    return out
+
+
 def _shape(t: Tensor) -> str:
     return f"({', '.join(map(str, t.shape))})"
 
@@ -237,20 +440,28 @@ def load_weights(model: nn.Module, checkpoint: Any, where: str | Path, label: st
         label: the model's description, for messages.
 
     Returns:
-        The :class:`CheckpointLayout` recognised.
+        The :class:`CheckpointLayout` recognised (any of :data:`FORMATS`, converted by
+        :func:`to_energylab` after CompressAI's renames).
 
     Raises:
-        CheckpointError: no state dict (listing the top-level keys), weights that do not fit
+        CheckpointError: no state dict (listing the top-level keys), a non-Haar filter buffer, AuxT
+            in the checkpoint but not in the model or the other way round, weights that do not fit
             (:func:`check_fits`), or a load that fails anyway (e.g. entropy-coder tables of a
             different size in a model already ``update()``-d: CompressAI resizes only empty ones).
     """
     model = unwrap_model(model)
     raw, container = extract_state_dict(checkpoint, where)
     sd, renames = remap_state_dict(model, raw)
+    sd, fmt = to_energylab(sd, where)
     label = label or type(model).__name__
+    carries = fmt != "compressai"
+    if carries != has_auxt(model):
+        has = "carries AuxT" if carries else "carries no AuxT"
+        raise CheckpointError(f"{where}: checkpoint ({fmt} layout) {has} but model {label} "
+                              f"{'has none' if carries else 'has AuxT'}")
     check_fits(model, sd, where, label)
     try:
         model.load_state_dict(sd)
     except (RuntimeError, KeyError, ValueError) as exc:  # e.g. coder tables of an update()-d model
         raise CheckpointError(f"{where}: does not load into model {label} ({_first_line(exc)})") from None
-    return CheckpointLayout(container, renames)
+    return CheckpointLayout(container, renames, fmt)

@@ -106,6 +106,7 @@ __all__ = [
     "PADDINGS",
     "RESULT_KEYS",
     "EvaluationError",
+    "arch_from_args",
     "architecture_label",
     "aux_loss_per_quantile",
     "check_image",
@@ -211,7 +212,7 @@ def load_model(
     Returns:
         ``(model, architecture)``; the model is not yet ``update()``-d
         (:func:`evaluate_model` does that). ``architecture["checkpoint"]`` records the weights
-        file and the layout recognised: ``{"file", "container", "renames"}``
+        file and the layout recognised: ``{"file", "format", "container", "renames"}``
         (:class:`energylab.checkpoints.CheckpointLayout`).
 
     Raises:
@@ -824,7 +825,13 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _arch_from_args(args: argparse.Namespace) -> dict[str, Any] | None:
+def arch_from_args(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The ``arch`` of :func:`load_model` from ``--model`` and the architecture flags (None without
+    ``--model``).
+
+    Raises:
+        EvaluationError: architecture flags without ``--model``.
+    """
     flags = {k: getattr(args, k) for k in ARCH_KEYS}
     given = {k: v for k, v in flags.items() if v is not None and v is not False}
     if args.model is None:
@@ -850,7 +857,7 @@ def _fmt(value: float | None) -> str:
 
 
 def _run(args: argparse.Namespace) -> dict[str, Any]:
-    arch = _arch_from_args(args)
+    arch = arch_from_args(args)
     device = _device(args.device)
     images = load_images(args.data)
     conversions = image_conversions(args.data)

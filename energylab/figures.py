@@ -47,7 +47,7 @@ from matplotlib.figure import Figure
 
 from energylab import cli, stats
 from energylab.auxt import variant_name
-from energylab.rundir import AblationDir, RunDir, RunDirError
+from energylab.rundir import AblationDir, AnalysisDir, RunDir, RunDirError
 from energylab.summary import table_rows, with_roles
 
 __all__ = [
@@ -58,6 +58,7 @@ __all__ = [
     "Study",
     "ablation_figures",
     "all_figures",
+    "analysis_figures",
     "available",
     "load",
     "load_ablation",
@@ -66,6 +67,9 @@ __all__ = [
     "layers_of",
     "main",
     "plot_ablation_summary",
+    "plot_analysis_compaction",
+    "plot_analysis_correlations",
+    "plot_analysis_energy_split",
     "plot_aux_energy_share",
     "plot_bd_rate_table",
     "plot_capture_matrices",
@@ -919,3 +923,113 @@ def _draw(args: argparse.Namespace) -> None:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+# ---------------------------------------------------------------------------------------------
+# Analyses of trained models (energylab.analyze)
+
+ANALYSIS_STATISTICS = (("coding_gain", "coding gain (dB)", "energy modulation", True),
+                       ("decorrelation_gain", "decorrelation gain (dB)", "decorrelation", True),
+                       ("total_correlation", "total correlation (nats)", "decorrelation (Gaussian)", False))
+"""The per-layer energy split of :func:`plot_analysis_energy_split`: (statistic, axis label, title,
+shown in dB)."""
+
+
+def _analysis_colors(analysis: dict) -> dict[str, tuple[float, float, float]]:
+    return variant_colors([m["name"] for m in analysis["models"]])
+
+
+def plot_analysis_energy_split(analysis: dict) -> Figure:
+    """Per captured layer (``g_a.stage1`` ... ``y``, ``y_hat``): coding gain, decorrelation gain and
+    total correlation, the models side by side as grouped bars. ``analysis``: an
+    :class:`energylab.rundir.AnalysisDir`'s ``analysis.json`` dict."""
+    rows = []
+    for model in analysis["models"]:
+        for layer, values in model["layers"].items():
+            if layer.startswith(("g_a.main", "g_a.aux")):
+                continue  # the AuxT branches: plot_analysis_layers' business
+            for stat, _, _, db in ANALYSIS_STATISTICS:
+                value = values.get(stat)
+                if value is not None and (not db or value > 0):
+                    rows.append({"model": model["name"], "layer": layer, "stat": stat,
+                                 "value": stats.to_db(value) if db else value})
+    if not rows:
+        raise MissingInput("the analysis holds no energy statistics")
+    frame = pd.DataFrame(rows)
+    colors = _analysis_colors(analysis)
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), layout="constrained")
+    for ax, (stat, label, title, _) in zip(axes, ANALYSIS_STATISTICS, strict=True):
+        sns.barplot(frame[frame["stat"] == stat], x="layer", y="value", hue="model", palette=colors,
+                    ax=ax, legend=ax is axes[0])
+        ax.set(xlabel="", ylabel=label, title=title)
+        ax.tick_params(axis="x", labelrotation=30)
+    _title(fig, "Energy compaction per layer, models side by side",
+           f"{len(analysis['data']['images'])} images of {Path(analysis['data']['source']).name}")
+    return fig
+
+
+def plot_analysis_correlations(analysis: dict, arrays: Sequence[dict[str, np.ndarray]],
+                               layer: str = "y") -> Figure:
+    """Channel correlation matrix of ``layer`` per model (channels ordered by energy), side by side.
+    ``arrays[i]``: model ``i``'s arrays (:meth:`energylab.rundir.AnalysisDir.arrays`)."""
+    models = [(m["name"], a) for m, a in zip(analysis["models"], arrays, strict=True) if f"cov/{layer}" in a]
+    if not models:
+        raise MissingInput(f"no model has a covariance of {layer!r}")
+    fig, axes = plt.subplots(1, len(models), figsize=(3.2 * len(models) + 1.0, 3.6), layout="constrained",
+                             squeeze=False)
+    image = None
+    for ax, (name, a) in zip(axes[0], models, strict=True):
+        image = _matrix(ax, a[f"cov/{layer}"], a[f"energies/{layer}"], "correlation")
+        ax.set_title(name, fontsize="small")
+        ax.set_xlabel("channels by energy →", fontsize="small")
+    fig.colorbar(image, ax=axes, shrink=0.85, label="correlation coefficient")
+    _title(fig, f"Channel correlation of {layer}", "channels ordered by energy, descending")
+    return fig
+
+
+def plot_analysis_compaction(analysis: dict, arrays: Sequence[dict[str, np.ndarray]],
+                             layer: str = "y") -> Figure:
+    """Energy compaction curve of ``layer`` (cumulative energy share of the k most energetic
+    channels), one line per model."""
+    colors = _analysis_colors(analysis)
+    fig, ax = plt.subplots(figsize=(5, 3.6), layout="constrained")
+    channels = 0
+    for model, a in zip(analysis["models"], arrays, strict=True):
+        if f"energies/{layer}" not in a:
+            continue
+        curve = stats.energy_compaction_curve(a[f"energies/{layer}"])
+        channels = max(channels, len(curve))
+        ax.plot(np.arange(1, len(curve) + 1), curve, color=colors[model["name"]], label=model["name"])
+    if not channels:
+        raise MissingInput(f"no model has the energies of {layer!r}")
+    ax.plot([0, channels], [0, 1], color="0.6", ls=":", lw=1, label="equal energies")
+    ax.set(xlabel="k most energetic channels", ylabel="cumulative energy share", xlim=(0, channels),
+           ylim=(0, 1.02))
+    ax.legend(fontsize="small")
+    _title(fig, f"Energy compaction curve of {layer}", "")
+    return fig
+
+
+def analysis_figures(directory: AnalysisDir) -> list[Path]:
+    """Draw the figures of an analysis directory (:class:`energylab.rundir.AnalysisDir`) next to its
+    ``analysis.json``: ``energy_split`` (per layer), ``correlation_y``, ``compaction_y``. A figure
+    whose inputs are missing is skipped with one line on stderr. Returns the files written."""
+    analysis = directory.analysis()
+    arrays = [directory.arrays(i) for i in range(len(analysis["models"]))]
+    drawers = {"energy_split": lambda: plot_analysis_energy_split(analysis),
+               "correlation_y": lambda: plot_analysis_correlations(analysis, arrays),
+               "compaction_y": lambda: plot_analysis_compaction(analysis, arrays)}
+    written = []
+    with plt.rc_context():
+        set_style()
+        for name, draw in drawers.items():
+            try:
+                fig = draw()
+            except MissingInput as err:
+                print(f"skipping figure {name}: {err}", file=sys.stderr)
+                continue
+            path = directory.figure_path(name)
+            fig.savefig(path, dpi=DPI)
+            plt.close(fig)
+            written.append(path)
+    return written

@@ -51,6 +51,15 @@ An **ablation directory** (:class:`AblationDir`; written by ``energylab.ablate``
 in an R-D sweep), ``summary.json``, ``summary.md``, ``summary.csv`` (one row per variant and λ)
 and the figures; with ``--launcher local`` or ``slurm``, ``launch/`` holds submitit's job files
 (``<job id>_0_log.out`` / ``.err``, the job scripts and pickles) of every cell.
+
+An **analysis directory** (:class:`AnalysisDir`; written by ``energylab.analyze``) holds
+``analysis.json``: ``{"data": {"source", "images": [names], "crop"}, "versions": {...}, "models":
+[{"name", "path", "architecture" (with ``checkpoint``: the weights file and the layout recognised),
+"step" (or null), "layers": {layer: {statistic: value}}, "bitstream" (``energylab.evaluate``'s
+averages, or null)}]}`` -- every numeric field of every :meth:`energylab.capture.LatentProbe.records`
+record, keyed by layer; ``arrays/<i>.npz`` (``i`` = the model's index in ``models``; the arrays of
+:meth:`energylab.capture.LatentProbe.arrays`: ``cov/<layer>``, ``energies/<layer>``, ``probe_y``);
+and the figures as ``<name>.png``.
 """
 
 from __future__ import annotations
@@ -68,7 +77,7 @@ import torch
 
 from energylab.config import TrainConfig
 
-__all__ = ["AblationDir", "RunDir", "RunDirError", "atomic_save", "read_jsonl"]
+__all__ = ["AblationDir", "AnalysisDir", "RunDir", "RunDirError", "atomic_save", "read_jsonl"]
 
 MIRRORED = ("coding_gain", "decorrelation_gain", "klt_coding_gain", "total_correlation",
             "offdiag_energy_ratio", "topk_energy_share", "effective_rank", "aux_energy_share")
@@ -483,3 +492,54 @@ class AblationDir:
         for name, text in ((self.SUMMARY_JSON, json_text), (self.SUMMARY_MD, markdown),
                            (self.SUMMARY_CSV, csv_text)):
             _atomic_text(self.path / name, text)
+
+
+class AnalysisDir:
+    """An analysis's directory (layout: the module docstring)."""
+
+    ANALYSIS = "analysis.json"
+    ARRAYS = "arrays"
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"AnalysisDir({str(self.path)!r})"
+
+    def is_analysis(self) -> bool:
+        """Whether the directory has an ``analysis.json``."""
+        return (self.path / self.ANALYSIS).is_file()
+
+    def analysis(self) -> dict:
+        """The ``analysis.json`` dict.
+
+        Raises:
+            RunDirError: no or unreadable ``analysis.json``.
+        """
+        path = self.path / self.ANALYSIS
+        if not path.is_file():
+            raise RunDirError(f"{self.path} holds no analysis (no {self.ANALYSIS})")
+        return _read_json(path)
+
+    def arrays_path(self, index: int) -> Path:
+        """The arrays archive of model ``index``."""
+        return self.path / self.ARRAYS / f"{index}.npz"
+
+    def arrays(self, index: int) -> dict[str, np.ndarray]:
+        """Model ``index``'s ``{"cov/<layer>", "energies/<layer>", "probe_y"}`` arrays."""
+        with np.load(self.arrays_path(index)) as z:
+            return {k: z[k] for k in z.files}
+
+    def figure_path(self, name: str) -> Path:
+        """Where figure ``name`` is written (PNG)."""
+        return self.path / f"{name}.png"
+
+    def write(self, analysis: dict, arrays: list[dict[str, np.ndarray]]) -> None:
+        """Write ``analysis.json`` (strict JSON: no NaN) and one arrays archive per model, atomically
+        each, creating the directory."""
+        (self.path / self.ARRAYS).mkdir(parents=True, exist_ok=True)
+        for index, named in enumerate(arrays):
+            tmp = self.path / self.ARRAYS / f".{index}.tmp.npz"
+            np.savez_compressed(tmp, **named)
+            os.replace(tmp, self.arrays_path(index))
+        _atomic_text(self.path / self.ANALYSIS, json.dumps(analysis, indent=1, allow_nan=False) + "\n")

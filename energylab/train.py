@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from energylab import cli
 from energylab.auxt import ortho_loss
 from energylab.capture import LatentProbe
+from energylab.checkpoints import load_weights
 from energylab.config import ConfigError, TrainConfig
 from energylab.data import (
     BUILTIN_TEST,
@@ -339,7 +340,7 @@ def resume_run(s: Session) -> None:
                              "choose another run directory")
     s.meta = {k: v for k, v in ckpt["config"].items() if k != "args"}
     s.run.write_config(s.config, s.meta)
-    s.net.load_state_dict(ckpt["model"])
+    load_weights(s.net, ckpt, s.run.checkpoint_path)  # any layout energylab.checkpoints reads
     s.optimizer.load_state_dict(ckpt["optimizer"])
     s.aux_optimizer.load_state_dict(ckpt["aux_optimizer"])
     if s.scheduler is not None:

@@ -18,8 +18,9 @@ from nbclient import NotebookClient
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
-NAMES = ["01_latent_covariance_over_epochs", "02_ablation", "03_paper_figures"]
-FIGURES = {"01_latent_covariance_over_epochs": 3, "02_ablation": 4, "03_paper_figures": 8}
+NAMES = ["01_latent_covariance_over_epochs", "02_ablation", "03_paper_figures", "04_analyze_checkpoints"]
+FIGURES = {"01_latent_covariance_over_epochs": 3, "02_ablation": 4, "03_paper_figures": 8,
+           "04_analyze_checkpoints": 3}
 """Figures each notebook shows for an ablation that is not an R-D sweep."""
 
 
@@ -46,7 +47,8 @@ def test_notebook_is_stored_clean_with_a_parameters_cell(name: str) -> None:
     params = [c for c in code if "parameters" in c.metadata.get("tags", [])]
     assert len(params) == 1
     assert "reference_dir()" in params[0].source and "../" not in params[0].source
-    variable = "ENERGYLAB_RUN_DIR" if name.startswith("01") else "ENERGYLAB_ABLATION_DIR"
+    variables = {"01": "ENERGYLAB_RUN_DIR", "04": "ENERGYLAB_ANALYSIS_DIR"}
+    variable = variables.get(name[:2], "ENERGYLAB_ABLATION_DIR")
     assert f'os.environ.get("{variable}")' in params[0].source
 
 
@@ -68,6 +70,8 @@ def test_reference_dir_is_found_from_the_package(tmp_path: Path, monkeypatch) ->
 @pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_notebook_runs_headless(name: str, tiny_ablation: Path, monkeypatch) -> None:
+    # notebook 04 reads its default input, the committed reference analysis
+    monkeypatch.delenv("ENERGYLAB_ANALYSIS_DIR", raising=False)
     monkeypatch.setenv("ENERGYLAB_RUN_DIR", str(tiny_ablation / "auxt" / "seed0"))
     monkeypatch.setenv("ENERGYLAB_ABLATION_DIR", str(tiny_ablation))
     monkeypatch.delenv("MPLBACKEND", raising=False)  # the kernel's inline backend
