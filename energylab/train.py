@@ -14,6 +14,11 @@ Order of a run, with ``t`` the number of completed training steps: at ``t = 0`` 
 written atomically after every evaluation. ``resume`` restarts from the run's checkpoint and drops
 anything the run directory holds beyond it, so on the CPU a resumed run writes the same numbers as an
 uninterrupted one.
+
+Paired noise: CompressAI draws the training quantisation noise (``uniform_(-0.5, 0.5)`` in the
+entropy models' ``forward``) from the global RNG. Each training forward runs in a forked RNG seeded
+with :func:`noise_seed` ``(seed, step, rank)``, so every variant of a seed sees the same noise at the
+same step whatever its model's construction drew, and the RNG outside the forward is untouched.
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ from energylab.models import build_model, unwrap_model
 from energylab.rundir import RunDir
 from energylab.stats import psnr
 
-__all__ = ["TrainingError", "build_parser", "main", "train"]
+__all__ = ["TrainingError", "build_parser", "main", "noise_seed", "train"]
 
 AUX_LR = 1e-3
 CLIP_MAX_NORM = 1.0
@@ -127,6 +132,12 @@ def _split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Par
     for name, param in model.named_parameters():
         (quantiles if name.endswith(".quantiles") else main).append(param)
     return main, quantiles
+
+
+def noise_seed(seed: int, step: int, rank: int) -> int:
+    """The seed of the quantisation noise of training step ``step`` (from 1) on process ``rank``
+    of a run seeded ``seed``: a 63-bit integer from ``numpy.random.SeedSequence``."""
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1, np.uint64)[0]) >> 1
 
 
 def _rng_state() -> dict:
@@ -286,7 +297,8 @@ def resume_run(s: Session) -> None:
 
 
 def train_step(s: Session, step: int) -> dict | None:
-    """One optimisation step (``step`` counts from 1): R-D loss + ``ortho_weight`` x AuxT's
+    """One optimisation step (``step`` counts from 1; the forward's noise paired by
+    :func:`noise_seed`): R-D loss + ``ortho_weight`` x AuxT's
     orthogonality penalty with gradient clipping, then the quantiles' ``aux_loss``. Returns the
     metrics record (without ``wall_time``) on logging steps, else None.
 
@@ -296,7 +308,10 @@ def train_step(s: Session, step: int) -> dict | None:
     """
     config = s.config
     x = s.sampler.batch(step - 1, s.d.rank, s.d.world_size).to(s.device, non_blocking=True)
-    losses = s.criterion(s.model(x), x)
+    with torch.random.fork_rng(devices=[s.device] if s.device.type == "cuda" else []):
+        torch.manual_seed(noise_seed(config.seed, step, s.d.rank))
+        out = s.model(x)
+    losses = s.criterion(out, x)
     ortho = ortho_loss(s.net)
     loss = losses["loss"] + config.ortho_weight * ortho
     s.optimizer.zero_grad(set_to_none=True)
