@@ -53,6 +53,8 @@ __all__ = ["TrainingError", "build_parser", "main", "noise_seed", "train"]
 
 AUX_LR = 1e-3
 CLIP_MAX_NORM = 1.0
+KLT_BATCHES = 16
+"""Training batches the KLT projection (``projection_init="klt"``) is computed on, before training."""
 
 
 class TrainingError(RuntimeError):
@@ -127,9 +129,12 @@ def _git_revision() -> str | None:
 
 
 def _split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """Model parameters and the entropy bottleneck's quantiles (CompressAI's convention)."""
+    """Trainable model parameters and the entropy bottleneck's quantiles (CompressAI's convention);
+    frozen parameters (``requires_grad`` off) in neither."""
     main, quantiles = [], []
     for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
         (quantiles if name.endswith(".quantiles") else main).append(param)
     return main, quantiles
 
@@ -234,15 +239,19 @@ def setup(config: TrainConfig) -> Session:
     so one seed gives one main-transform initialisation), optimizers, sampler and probe set."""
     device, d = _setup_device(config.device)
     dataset = load_dataset(config.data, config.patch_size)
+    sampler = TrainSampler([img for _, img in dataset.train], config.patch_size, config.batch_size,
+                           config.seed)
+    klt_data = None
+    if config.projection_init == "klt":  # the first KLT_BATCHES batches of the data order, rank 0's
+        klt_data = torch.cat([sampler.batch(i) for i in range(KLT_BATCHES)]).to(device)
     torch.manual_seed(config.seed)
     net = build_model(
         config.model, N=config.N, M=config.M, auxt=config.auxt, remove=config.remove,
         wavelet=config.wavelet, g_a_placement=config.g_a_placement,
-        g_s_placement=config.g_s_placement,
+        g_s_placement=config.g_s_placement, freeze=config.freeze, scaling_init=config.scaling_init,
+        projection_init=config.projection_init, klt_data=klt_data,
     ).to(device)
     main_params, quantiles = _split_parameters(net)
-    sampler = TrainSampler([img for _, img in dataset.train], config.patch_size, config.batch_size,
-                           config.seed)
     list(test_batches(dataset.test, config.test_size))  # a too-small test image fails now, not later
     probe = probe_set(dataset.test, config.probe_count, config.probe_size).to(device)
     samples = len(probe) * (config.probe_size // 16) ** 2
