@@ -127,8 +127,8 @@ def variant_name(auxt: bool, remove: Iterable[str] = (), wavelet: str = "haar", 
     removed, frozen, projection_init = check_options(remove, freeze, scaling_init, projection_init)
     if not auxt:
         if removed or frozen or scaling_init != "release" or projection_init != "default":
-            raise ValueError("AuxT components can only be removed, frozen or re-initialised in an "
-                             "AuxT variant")
+            raise ValueError("AuxT components can only be removed from an AuxT variant (or frozen or "
+                             "re-initialised)")
         return "baseline"
     name = "auxt" if wavelet == "haar" else f"auxt-{wavelet}"
     ordered = [c for c in COMPONENTS if c in removed]

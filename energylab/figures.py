@@ -78,6 +78,7 @@ __all__ = [
     "plot_matrix",
     "plot_probe_channels",
     "plot_rd_curves",
+    "plot_step_equivalence",
     "plot_subband_energy",
     "reference_dir",
     "set_style",
@@ -429,6 +430,29 @@ def plot_loss_curves(study: Study, lmbda: float | None = None) -> Figure:
     _loss_scale(axes[0], evals["loss"])
     _figure_legend(fig, axes)
     _title(fig, "Rate-distortion on the test images over training", _context(study, lmbda))
+    return fig
+
+
+def plot_step_equivalence(study: Study, lmbda: float | None = None) -> Figure:
+    """The step-equivalence speed-up ``t / t'`` over the baseline's step ``t`` (the summary's
+    ``step_equivalence``: ``t'`` is the first step at which the variant's smoothed test loss reaches
+    the baseline's at ``t``), per variant, mean over seeds with a ± 1 s.d. band; 1 = no speed-up."""
+    _require(study, "summary")
+    lmbda = study.default_lmbda if lmbda is None else lmbda
+    rows = [{"variant": c["variant"], "seed": c["seed"], "step": t, "speedup": v}
+            for c in study.summary.get("step_equivalence", [])
+            if c["variant"] != "baseline" and (c["lmbda"] or study.default_lmbda) == lmbda
+            for t, v in zip(c["t"], c["speedup"], strict=True) if v is not None]
+    if not rows:
+        raise MissingInput("no step-equivalence curve in the summary (re-summarise with --collect)")
+    frame = pd.DataFrame(rows)
+    fig, ax = plt.subplots(figsize=(6, 3.8), layout="constrained")
+    _lines(ax, study, frame, "step", "speedup")
+    ax.axhline(1.0, color="0.5", lw=0.8, ls="--")
+    ax.set(xlabel="baseline's training step t", ylabel="speed-up t / t′")
+    _figure_legend(fig, [ax])
+    _title(fig, "Step equivalence: the variant at t′ matches the baseline at t",
+           _context(study, lmbda))
     return fig
 
 
@@ -827,11 +851,13 @@ FIGURES = (
                ("aux",), plot_aux_energy_share),
     FigureSpec("ablation_summary", "summary numbers as bars with seed spread", ("summary",),
                plot_ablation_summary),
+    FigureSpec("step_equivalence", "step-equivalence speed-up t/t′ vs the baseline's step",
+               ("summary",), plot_step_equivalence),
     FigureSpec("rd_curves", "real-bitstream R-D curves (PSNR vs bpp)", ("sweep",), plot_rd_curves),
     FigureSpec("bd_rate", "BD-rate table against the baseline", ("bd_rate",), plot_bd_rate_table),
 )
 """Every figure :func:`all_figures` draws, in order."""
-ABLATION_FIGURES = ("loss_curves", "energy_split", "correlation_heatmaps")
+ABLATION_FIGURES = ("loss_curves", "energy_split", "correlation_heatmaps", "step_equivalence")
 """The figures the ablation command writes next to its summary (:func:`ablation_figures`)."""
 
 
@@ -880,7 +906,8 @@ def all_figures(directory: Path | str, out: Path | str | None = None) -> list[Pa
 
 def ablation_figures(root: Path, out: Path | None = None) -> list[Path]:
     """Write the ablation command's figures (:data:`ABLATION_FIGURES`: test loss with seed bands,
-    the coding-gain / decorrelation-gain split, correlation heatmaps) next to its summary.
+    the coding-gain / decorrelation-gain split, correlation heatmaps, the step-equivalence
+    speed-up) next to its summary.
 
     Raises:
         FigureError: ``root`` is not an ablation directory.

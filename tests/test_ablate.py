@@ -102,7 +102,7 @@ def test_variants():
     assert list(names) == ["baseline", "auxt", "auxt-no-wavelet", "auxt-no-scaling",
                            "auxt-no-wavelet+scaling", "auxt-db4"]
     assert names["auxt-no-wavelet+scaling"]["remove"] == ["wavelet", "scaling"]
-    assert names["auxt-db4"] == {"auxt": True, "remove": [], "wavelet": "db4"}
+    assert names["auxt-db4"] == {**ablate.OPTION_DEFAULTS, "wavelet": "db4"}
 
 
 def test_defaults_and_cell_configs(tmp_path):

@@ -93,7 +93,7 @@ def test_variant_names():
         variant_name(True, ["scaling"], freeze=["scaling"])
     with pytest.raises(ValueError, match="freezable components are"):
         variant_name(True, freeze=["wavelet"])
-    with pytest.raises(ValueError, match="only be removed, frozen or re-initialised"):
+    with pytest.raises(ValueError, match="only be removed from an AuxT variant"):
         variant_name(False, freeze=["scaling"])
 
 
