@@ -114,3 +114,41 @@ def test_defaults_and_cell_configs(tmp_path):
     config = ablate.cell_config(base, cell, {"auxt": True, "remove": ["scaling"], "wavelet": "haar"})
     assert config == TrainConfig(**{**base.__dict__, "out": cell.dir, "seed": 2, "auxt": True,
                                            "remove": ("scaling",), "lmbda": 0.0067})
+
+
+def test_freeze_scaling_init_and_causal_variants(tmp_path):
+    args = ablate.build_parser().parse_args(["--freeze", "scaling", "--freeze", "orthogonal",
+                                             "--scaling-init", "zero", "--out", str(tmp_path)])
+    names = ablate.variants(args.remove, freeze=args.freezes, scaling_init=args.scaling_inits)
+    assert list(names) == ["baseline", "auxt", "auxt-frozen-orthogonal", "auxt-frozen-scaling",
+                           "auxt-scaling-init-zero"]
+    base = ablate.base_config(args)
+    cell = ablate.plan_cells(tmp_path, ["auxt-frozen-scaling"], [0], None)[0]
+    config = ablate.cell_config(base, cell, names["auxt-frozen-scaling"])
+    assert (config.auxt, config.freeze, config.scaling_init) == (True, ("scaling",), "release")
+    causal = ablate.variants([], causal=True)
+    assert list(causal) == [
+        "baseline", "auxt", "auxt-frozen-scaling", "auxt-no-scaling", "auxt-frozen-orthogonal",
+        "auxt-frozen-orthogonal+scaling", "auxt-no-scaling-frozen-orthogonal", "auxt-frozen-klt",
+        "auxt-frozen-klt+scaling", "auxt-no-scaling-frozen-klt"]
+    assert causal["auxt-frozen-klt+scaling"]["projection_init"] == "klt"
+    with pytest.raises(ValueError, match="--causal is a grid of its own"):
+        ablate.variants(["scaling"], causal=True)
+
+
+@pytest.mark.slow
+def test_causal_grid_end_to_end(tmp_path, capsys):
+    out = tmp_path / "causal"
+    assert ablate.main([*ablation_argv(out, seeds=[0, 1]), "--causal"]) == 0
+    summary = AblationDir(out).summary()
+    assert len(summary["rows"]) == 10
+    causal = summary["causal"]
+    assert {c["variant"] for c in causal["cells"]} == set(ablate.variants([], causal=True)) - {
+        "baseline", "auxt"}
+    assert causal["verdict"]
+    rows = {r["variant"]: r for r in summary["rows"]}
+    assert rows["auxt-frozen-klt+scaling"]["trainable_parameters_mean"] < rows["auxt"][
+        "trainable_parameters_mean"] == rows["auxt"]["parameters_mean"]
+    text = (out / AblationDir.SUMMARY_MD).read_text()
+    assert "## Causal test of the split" in text and "**Verdict:**" in text
+    assert (out / "step_equivalence.png").stat().st_size > 0
