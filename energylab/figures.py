@@ -434,25 +434,34 @@ def plot_loss_curves(study: Study, lmbda: float | None = None) -> Figure:
 
 
 def plot_step_equivalence(study: Study, lmbda: float | None = None) -> Figure:
-    """The step-equivalence speed-up ``t / t'`` over the baseline's step ``t`` (the summary's
-    ``step_equivalence``: ``t'`` is the first step at which the variant's smoothed test loss reaches
-    the baseline's at ``t``), per variant, mean over seeds with a ± 1 s.d. band; 1 = no speed-up."""
+    """The step-equivalence curve (the summary's ``step_equivalence``: ``t'``, the first step at
+    which the variant's smoothed test loss reaches the baseline's at ``t``) against the baseline's
+    step ``t``, with the lines ``t' = t`` and ``t' = t/2``, and the speed-up ``t / t'`` over ``t``
+    (1 = no speed-up; undefined where ``t' = 0``); per variant, mean over seeds with a ± 1 s.d. band.
+    """
     _require(study, "summary")
     lmbda = study.default_lmbda if lmbda is None else lmbda
-    rows = [{"variant": c["variant"], "seed": c["seed"], "step": t, "speedup": v}
+    rows = [{"variant": c["variant"], "seed": c["seed"], "step": t, "t_variant": tv, "speedup": v}
             for c in study.summary.get("step_equivalence", [])
             if c["variant"] != "baseline" and (c["lmbda"] or study.default_lmbda) == lmbda
-            for t, v in zip(c["t"], c["speedup"], strict=True) if v is not None]
+            for t, tv, v in zip(c["t"], c["t_variant"], c["speedup"], strict=True) if tv is not None]
     if not rows:
-        raise MissingInput("no step-equivalence curve in the summary (re-summarise with --collect)")
+        raise MissingInput("no variant reaches the baseline's loss in the summary's step_equivalence")
     frame = pd.DataFrame(rows)
-    fig, ax = plt.subplots(figsize=(6, 3.8), layout="constrained")
-    _lines(ax, study, frame, "step", "speedup")
-    ax.axhline(1.0, color="0.5", lw=0.8, ls="--")
-    ax.set(xlabel="baseline's training step t", ylabel="speed-up t / t′")
-    _figure_legend(fig, [ax])
-    _title(fig, "Step equivalence: the variant at t′ matches the baseline at t",
-           _context(study, lmbda))
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.8), layout="constrained")
+    _lines(axes[0], study, frame, "step", "t_variant")
+    top = float(frame["step"].max())
+    axes[0].plot([0, top], [0, top], color="0.5", lw=0.8, ls="--")
+    axes[0].plot([0, top], [0, top / 2], color="0.5", lw=0.8, ls=":")
+    axes[0].set(xlabel="baseline's step t", ylabel="variant's equivalent step t′",
+                title="t′ = t: no speed-up (dashed); t′ = t/2: 2× (dotted)")
+    speedups = frame.dropna(subset=["speedup"])
+    if not speedups.empty:
+        _lines(axes[1], study, speedups, "step", "speedup")
+    axes[1].axhline(1.0, color="0.5", lw=0.8, ls="--")
+    axes[1].set(xlabel="baseline's step t", ylabel="speed-up t / t′")
+    _figure_legend(fig, axes)
+    _title(fig, "Step equivalence: the variant at t′ matches the baseline at t", _context(study, lmbda))
     return fig
 
 

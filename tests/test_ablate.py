@@ -34,7 +34,7 @@ def test_writes_every_output(tiny_ablation):
     csv_header = (tiny_ablation / ablation.SUMMARY_CSV).read_text().splitlines()[0].split(",")
     assert csv_header[0] == "variant" and "test_loss_mean" in csv_header
     assert "| auxt-no-scaling |" in (tiny_ablation / ablation.SUMMARY_MD).read_text()
-    for figure in ("loss_curves", "energy_split", "correlation_heatmaps"):
+    for figure in ("loss_curves", "energy_split", "correlation_heatmaps", "step_equivalence"):
         for ext in ("png", "pdf"):
             assert (tiny_ablation / f"{figure}.{ext}").stat().st_size > 0
 
@@ -151,4 +151,5 @@ def test_causal_grid_end_to_end(tmp_path, capsys):
         "trainable_parameters_mean"] == rows["auxt"]["parameters_mean"]
     text = (out / AblationDir.SUMMARY_MD).read_text()
     assert "## Causal test of the split" in text and "**Verdict:**" in text
-    assert (out / "step_equivalence.png").stat().st_size > 0
+    for figure in ("step_equivalence", "loss_curves"):
+        assert (out / f"{figure}.png").stat().st_size > 0
