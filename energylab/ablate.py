@@ -109,8 +109,8 @@ def variants(remove: Sequence[str], combined: bool = False, wavelets: Sequence[s
     baseline = {**OPTION_DEFAULTS, "auxt": False}
     if causal:
         if removed or wavelets or freeze or scaling_init or combined:
-            raise ValueError("--causal is a grid of its own; give it without --remove, --freeze, "
-                             "--scaling-init, --combined or --wavelets")
+            raise ValueError("the causal grid is a study of its own: it takes no removed, frozen, "
+                             "re-initialised, combined or other-wavelet variants beside it")
         return {variant_name(**o): o for o in [baseline, *causal_variants()]}
     options = [baseline, _option()]
     options += [_option(remove=[c]) for c in removed]

@@ -132,7 +132,7 @@ def test_freeze_scaling_init_and_causal_variants(tmp_path):
         "auxt-frozen-orthogonal+scaling", "auxt-no-scaling-frozen-orthogonal", "auxt-frozen-klt",
         "auxt-frozen-klt+scaling", "auxt-no-scaling-frozen-klt"]
     assert causal["auxt-frozen-klt+scaling"]["projection_init"] == "klt"
-    with pytest.raises(ValueError, match="--causal is a grid of its own"):
+    with pytest.raises(ValueError, match="the causal grid is a study of its own"):
         ablate.variants(["scaling"], causal=True)
 
 
