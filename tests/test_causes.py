@@ -118,15 +118,23 @@ def test_each_option_changes_only_its_component():
     assert {n for n, p in frozen_scaling.named_parameters() if not p.requires_grad} == scalings(full)
 
 
-def test_frozen_parameters_stay_and_the_rest_trains(tmp_path):
-    config = TrainConfig(out=tmp_path / "r", auxt=True, freeze=("scaling",), **TINY)
+@pytest.mark.parametrize("component", ["scaling", "orthogonal"])
+def test_frozen_parameters_stay_and_the_rest_trains(tmp_path, component):
+    config = TrainConfig(out=tmp_path / "r", auxt=True, freeze=(component,), **TINY)
     s = train_mod.setup(config)
     before = {k: v.clone() for k, v in s.net.state_dict().items()}
     s.model.train()
     train_mod.train_step(s, 1)
     changed = {k for k, v in s.net.state_dict().items() if not torch.equal(v, before[k])}
-    assert changed.isdisjoint(scalings(s.net))
-    assert olp_weights(s.net) <= changed and "g_a.transform.0.weight" in changed
+    frozen, learned = (scalings, olp_weights) if component == "scaling" else (olp_weights, scalings)
+    assert changed.isdisjoint(frozen(s.net))
+    assert learned(s.net) <= changed and "g_a.transform.0.weight" in changed
+
+
+def test_train_command_names_the_flag(tmp_path, capsys):
+    assert train_mod.main(["--out", str(tmp_path / "r"), "--freeze", "scaling"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --freeze needs --auxt") and "\n" not in err
 
 
 def test_config_validates_component_options(tmp_path):
