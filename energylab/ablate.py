@@ -6,7 +6,14 @@ the ablation directory is :mod:`energylab.rundir`'s) and figures into ``--out``.
 
 * ``baseline``, ``auxt``, and ``auxt-no-X`` for each ``--remove X``;
 * ``--combined``: also one variant with every given component removed (``auxt-no-X+Y``);
-* ``--wavelets db4 bior2.2``: one full-AuxT variant per other wavelet basis (``auxt-db4``, ...).
+* ``--wavelets db4 bior2.2``: one full-AuxT variant per other wavelet basis (``auxt-db4``, ...);
+* ``--freeze X``: AuxT with component X frozen at its initial value (``auxt-frozen-scaling``,
+  ``auxt-frozen-orthogonal``: the projection fixed at a random orthogonal init);
+  ``--scaling-init zero``: AuxT with ``s`` started at 0 (``auxt-scaling-init-zero``);
+* ``--causal``: the causal grid instead, beside the baseline: projection {learned, frozen at a random
+  orthogonal init, frozen at the data's KLT (:mod:`energylab.klt`)} × scaling {learned, frozen at
+  init, none}; its summary says which cells reproduce AuxT's speed-up, or that the intervals cannot
+  tell.
 
 Equal terms: every cell of one seed has the same data order (the sampler is a pure function of
 seed and step), the same probe set, the same step budget and the same initial weights for the
@@ -33,17 +40,29 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
+import torch
+
 from energylab import cli
-from energylab.auxt import COMPONENTS, check_components, variant_name
+from energylab.auxt import COMPONENTS, FREEZABLE, SCALING_INITS, check_components, variant_name
 from energylab.config import ConfigError, TrainConfig
 from energylab.launch import LAUNCHERS, LaunchOptions, launch_cells
 from energylab.rundir import AblationDir, RunDirError
-from energylab.summary import CellLogs, format_csv, format_json, format_markdown, format_table, summarize
+from energylab.summary import (
+    CellLogs,
+    format_csv,
+    format_json,
+    format_markdown,
+    format_paired,
+    format_table,
+    summarize,
+)
 from energylab.wavelets import DWT2
 
-__all__ = ["AblationError", "Cell", "collect", "main", "plan_cells", "variants"]
+__all__ = ["AblationError", "Cell", "causal_variants", "collect", "main", "parameter_counts", "plan_cells",
+           "variants"]
 
-CELL_FIELDS = ("out", "seed", "auxt", "remove", "wavelet", "device", "workers", "cache")
+CELL_FIELDS = ("out", "seed", "auxt", "remove", "wavelet", "device", "workers", "cache", "freeze",
+               "scaling_init", "projection_init")
 """Training settings each cell sets itself (or that may differ between sessions): not recorded as
 the ablation's settings."""
 
@@ -52,23 +71,59 @@ class AblationError(ValueError):
     """Bad ablation arguments or directory; one-line message."""
 
 
-def variants(remove: Sequence[str], combined: bool = False,
-             wavelets: Sequence[str] = ()) -> dict[str, dict]:
-    """Variant name -> training options (``auxt``, ``remove``, ``wavelet``), in order.
+OPTION_DEFAULTS = {"auxt": True, "remove": [], "wavelet": "haar", "freeze": [],
+                   "scaling_init": "release", "projection_init": "default"}
+"""A variant's training options, as full AuxT has them."""
+META_DEFAULTS = {"freeze": [], "scaling_init": [], "causal": False}
+"""Ablation settings added after the first reference result, as an ablation without them has them."""
+
+
+def _option(**changes) -> dict:
+    return {**OPTION_DEFAULTS, **changes}
+
+
+def causal_variants() -> list[dict]:
+    """The causal grid's options (without the baseline): projection {learned, frozen at a random
+    orthogonal init, frozen at the data's KLT} × scaling {learned, frozen at init, none}."""
+    grid = []
+    for projection in ("default", "orthogonal", "klt"):
+        for scaling in ("learned", "frozen", "none"):
+            freeze = (["orthogonal"] if projection != "default" else []) + (
+                ["scaling"] if scaling == "frozen" else [])
+            grid.append(_option(remove=["scaling"] if scaling == "none" else [], freeze=freeze,
+                                projection_init=projection))
+    return grid
+
+
+def variants(remove: Sequence[str], combined: bool = False, wavelets: Sequence[str] = (),
+             freeze: Sequence[str] = (), scaling_init: Sequence[str] = (),
+             causal: bool = False) -> dict[str, dict]:
+    """Variant name -> training options (``auxt``, ``remove``, ``wavelet``, ``freeze``,
+    ``scaling_init``, ``projection_init``), in order.
 
     Raises:
-        ValueError: an unknown component name (listing the valid ones) or wavelet.
+        ValueError: an unknown component name (listing the valid ones), wavelet or scaling init,
+            or ``causal`` with other variants.
     """
     removed = [c for c in COMPONENTS if c in check_components(remove)]
-    options = [{"auxt": False, "remove": [], "wavelet": "haar"},
-               {"auxt": True, "remove": [], "wavelet": "haar"}]
-    options += [{"auxt": True, "remove": [c], "wavelet": "haar"} for c in removed]
+    baseline = {**OPTION_DEFAULTS, "auxt": False}
+    if causal:
+        if removed or wavelets or freeze or scaling_init or combined:
+            raise ValueError("the causal grid is a study of its own: it takes no removed, frozen, "
+                             "re-initialised, combined or other-wavelet variants beside it")
+        return {variant_name(**o): o for o in [baseline, *causal_variants()]}
+    options = [baseline, _option()]
+    options += [_option(remove=[c]) for c in removed]
     if combined and len(removed) > 1:
-        options.append({"auxt": True, "remove": removed, "wavelet": "haar"})
+        options.append(_option(remove=removed))
     for wavelet in wavelets:
         DWT2(wavelet)  # an unknown basis fails here, before anything is trained
-        options.append({"auxt": True, "remove": [], "wavelet": wavelet})
-    return {variant_name(**o): o for o in options}
+        options.append(_option(wavelet=wavelet))
+    options += [_option(freeze=[c]) for c in FREEZABLE if c in freeze]
+    options += [_option(scaling_init=init) for init in SCALING_INITS if init in scaling_init]
+    for o in options:
+        o["name"] = variant_name(**o)  # unknown names fail here
+    return {o.pop("name"): o for o in options}
 
 
 class Cell:
@@ -108,6 +163,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--combined", action="store_true",
                    help="also train one variant with all the given components removed")
     p.add_argument("--wavelets", nargs="*", default=[], help="extra AuxT bases, e.g. db4 bior2.2")
+    # own dests: ``freeze`` / ``scaling_init`` are the cells' settings (TrainConfig fields)
+    p.add_argument("--freeze", dest="freezes", action="append", default=[], metavar="COMPONENT",
+                   choices=FREEZABLE,
+                   help=f"also train AuxT with this component frozen at its init (repeatable): "
+                        f"{', '.join(FREEZABLE)}")
+    p.add_argument("--scaling-init", dest="scaling_inits", action="append", default=[],
+                   choices=SCALING_INITS[1:],
+                   help="also train AuxT with the subband scaling s started at 0 (gain 1)")
+    p.add_argument("--causal", action="store_true",
+                   help="the causal grid: projection {learned, frozen orthogonal, frozen KLT} x "
+                        "scaling {learned, frozen, none}, beside the baseline")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--lmbdas", nargs="+", type=float, default=None,
                    help="several λ: an R-D sweep with BD-rates (overrides --lmbda)")
@@ -118,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--collect", type=Path, metavar="DIR", help="only summarise the cells in DIR")
     # training flags passed to every cell; the variants set auxt, remove and wavelet themselves
     cli.add_model_arguments(p)
-    cli.add_auxt_arguments(p, exclude=("auxt", "remove", "wavelet"))
+    cli.add_auxt_arguments(p, exclude=("auxt", "remove", "wavelet", "freeze", "scaling_init",
+                                       "projection_init"))
     cli.add_training_arguments(p, exclude=("seed",))
     cli.add_data_arguments(p)
     cli.add_device_arguments(p)
@@ -156,9 +223,13 @@ def base_config(args: argparse.Namespace) -> TrainConfig:
 
 def cell_config(base: TrainConfig, cell: Cell, options: dict) -> TrainConfig:
     """The training config of one cell: ``base`` with the cell's directory, seed, λ and the
-    variant's ``options`` (``auxt``, ``remove``, ``wavelet``)."""
+    variant's ``options`` (``auxt``, ``remove``, ``wavelet``, ``freeze``, ``scaling_init``,
+    ``projection_init``; the last three as full AuxT's when absent)."""
+    options = {**OPTION_DEFAULTS, **options}
     return replace(base, out=cell.dir, seed=cell.seed, auxt=options["auxt"],
                    remove=tuple(options["remove"]), wavelet=options["wavelet"],
+                   freeze=tuple(options["freeze"]), scaling_init=options["scaling_init"],
+                   projection_init=options["projection_init"],
                    lmbda=cell.lmbda if cell.lmbda else base.lmbda)
 
 
@@ -181,6 +252,7 @@ def run_cell(config: TrainConfig, cell: Cell, test: list) -> None:
 def _check_out(args: argparse.Namespace, base: TrainConfig, names: dict) -> None:
     ablation = AblationDir(args.out)
     record = {"remove": args.remove, "combined": args.combined, "wavelets": args.wavelets,
+              "freeze": args.freezes, "scaling_init": args.scaling_inits, "causal": args.causal,
               "seeds": args.seeds, "lmbdas": args.lmbdas,
               **{k: v for k, v in base.to_dict().items() if k not in CELL_FIELDS}}
     if ablation.is_ablation():
@@ -188,7 +260,7 @@ def _check_out(args: argparse.Namespace, base: TrainConfig, names: dict) -> None
         if not (args.resume or args.only):
             raise AblationError(f"{args.out} already holds an ablation; add --resume to continue "
                                 "it, or choose another --out")
-        changed = sorted(k for k in record if old.get(k) != record.get(k))
+        changed = sorted(k for k in record if old.get(k, META_DEFAULTS.get(k)) != record.get(k))
         if changed:
             raise AblationError(f"{args.out} was started with other settings ({', '.join(changed)});"
                                 " use another --out")
@@ -219,7 +291,10 @@ def launch_options(args: argparse.Namespace) -> LaunchOptions:
 
 
 def run(args: argparse.Namespace) -> dict:
-    names = variants(args.remove, args.combined, args.wavelets)
+    if args.causal and args.lmbdas:
+        raise AblationError("--causal runs at one λ; leave out --lmbdas")
+    names = variants(args.remove, args.combined, args.wavelets, args.freezes, args.scaling_inits,
+                     args.causal)
     if args.collect is not None:
         return collect(args.collect)
     base = base_config(args)
@@ -264,13 +339,33 @@ def collect(root: Path) -> dict:
     except RunDirError as err:
         raise AblationError(str(err)) from None
     names = list(meta["variants"])
-    cells = {(c.variant, c.lmbda, c.seed): CellLogs.of(c.run)
-             for c in plan_cells(root, names, meta["seeds"], meta.get("lmbdas"))
-             if c.run.evals()}
-    result = summarize(cells, names, meta["seeds"], meta["lmbda"], meta.get("lmbdas"), str(root))
+    counts: dict[str, dict[str, int]] = {}
+    cells = {}
+    for c in plan_cells(root, names, meta["seeds"], meta.get("lmbdas")):
+        if not c.run.evals():
+            continue
+        if c.variant not in counts and c.run.is_run():
+            counts[c.variant] = parameter_counts(c.run.train_config())
+        cells[c.variant, c.lmbda, c.seed] = replace(CellLogs.of(c.run), parameters=counts.get(c.variant))
+    result = summarize(cells, names, meta["seeds"], meta["lmbda"], meta.get("lmbdas"), str(root),
+                       causal=bool(meta.get("causal")))
     ablation.write_summary(format_json(result), format_markdown(result), format_csv(result))
     result["figures"] = [str(p) for p in ablation_figures(root)]
     return result
+
+
+def parameter_counts(config: TrainConfig) -> dict[str, int]:
+    """``{"parameters": total, "trainable_parameters": n}`` of the model ``config`` trains (built
+    afresh in a forked RNG; counts do not depend on the initial values)."""
+    from energylab.models import build_model
+
+    with torch.random.fork_rng(devices=[]):
+        model = build_model(config.model, N=config.N, M=config.M, auxt=config.auxt,
+                            remove=config.remove, wavelet=config.wavelet,
+                            g_a_placement=config.g_a_placement, g_s_placement=config.g_s_placement,
+                            freeze=config.freeze)
+    return {"parameters": sum(p.numel() for p in model.parameters()),
+            "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -281,6 +376,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary = run(args)
         if summary:
             print(format_table(summary))
+            print(format_paired(summary))
+            if summary["convergence"]["message"]:
+                print(f"note: {summary['convergence']['message']}")
             print(f"summary and figures in {args.collect or args.out}")
 
     return cli.run_command(body)

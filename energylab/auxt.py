@@ -18,6 +18,17 @@ Each of the three components can be removed on its own (``remove=...``), nothing
 * ``orthogonal``: the projection stays, its orthogonality penalty is not counted by :func:`ortho_loss`;
 * ``scaling``: no scaling factors at all.
 
+Beside removing, a component can be **frozen** (``freeze=...``, :data:`FREEZABLE`) or started
+elsewhere, its forward unchanged (:func:`set_initial_values`):
+
+* ``freeze=("scaling",)``: ``exp(s)`` stays at its initial value (``requires_grad`` off);
+* ``freeze=("orthogonal",)``: the OLP weight stays at an orthogonal initialisation (the bias is
+  still learned): decorrelation supplied, not learned;
+* ``scaling_init="zero"``: ``s = 0`` (gain 1), learnable — the release's gain removed, not the
+  component;
+* ``projection_init``: ``"default"`` (``nn.Linear``'s), ``"orthogonal"`` (``nn.init.orthogonal_``)
+  or ``"klt"`` (the data's KLT, :mod:`energylab.klt`); a frozen projection without one is orthogonal.
+
 Speed: every path computes the same function as the three steps applied in turn (tested against
 that formula, forward and gradients), with the scaling folded into the projection's weights.
 
@@ -45,13 +56,21 @@ from torch import Tensor, nn
 
 from energylab.wavelets import dwt2, haar_kernels, periodic_filter_matrices
 
-__all__ = ["COMPONENTS", "OLP", "WLS", "iWLS", "check_components", "ortho_loss", "variant_name"]
+__all__ = ["COMPONENTS", "FREEZABLE", "OLP", "PROJECTION_INITS", "SCALING_INITS", "WLS", "check_components",
+           "check_options", "freeze_components", "iWLS", "ortho_loss", "set_initial_values",
+           "variant_name"]
 
 COMPONENTS = ("wavelet", "orthogonal", "scaling")
 """The removable WLS components, named as on the command line (``--remove``)."""
 
 SCALING_INIT = (0.5, 0.5, 0.5, 0.0)
 """Initial ``s`` per subband block (LL, LH, HL, HH), from the official release."""
+FREEZABLE = ("orthogonal", "scaling")
+"""The components that can be frozen at their initial value (``--freeze``)."""
+SCALING_INITS = ("release", "zero")
+"""Initial ``s``: the release's :data:`SCALING_INIT`, or 0 (gain 1)."""
+PROJECTION_INITS = ("default", "orthogonal", "klt")
+"""Initial OLP weight: ``nn.Linear``'s, ``nn.init.orthogonal_``, or the data's KLT."""
 
 
 def check_components(remove: Iterable[str]) -> frozenset[str]:
@@ -70,24 +89,90 @@ def check_components(remove: Iterable[str]) -> frozenset[str]:
     return remove
 
 
-def variant_name(auxt: bool, remove: Iterable[str] = (), wavelet: str = "haar") -> str:
+def check_options(remove: Iterable[str] = (), freeze: Iterable[str] = (), scaling_init: str = "release",
+                  projection_init: str = "default") -> tuple[frozenset[str], frozenset[str], str]:
+    """Validate the component options together; returns ``(removed, frozen, projection_init)``,
+    the projection init of a frozen projection made ``"orthogonal"`` when it is ``"default"``.
+
+    Raises:
+        ValueError: an unknown name, or options that contradict each other (freezing or
+            re-initialising a removed component).
+    """
+    removed = check_components(remove)
+    frozen = frozenset(freeze)
+    unknown = sorted(frozen - set(FREEZABLE))
+    if unknown:
+        raise ValueError(f"cannot freeze {', '.join(map(repr, unknown))}; freezable components are: "
+                         f"{', '.join(FREEZABLE)}")
+    if scaling_init not in SCALING_INITS:
+        raise ValueError(f"unknown scaling init {scaling_init!r}; valid: {', '.join(SCALING_INITS)}")
+    if projection_init not in PROJECTION_INITS:
+        raise ValueError(f"unknown projection init {projection_init!r}; valid: "
+                         f"{', '.join(PROJECTION_INITS)}")
+    both = sorted(frozen & removed)
+    if both:
+        raise ValueError(f"{', '.join(both)} is both removed and frozen; choose one")
+    if scaling_init != "release" and "scaling" in removed:
+        raise ValueError(f"scaling init {scaling_init!r} given, but scaling is removed")
+    if "orthogonal" in frozen and projection_init == "default":
+        projection_init = "orthogonal"
+    return removed, frozen, projection_init
+
+
+def variant_name(auxt: bool, remove: Iterable[str] = (), wavelet: str = "haar", freeze: Iterable[str] = (),
+                 scaling_init: str = "release", projection_init: str = "default") -> str:
     """The name of a model variant, as ablations, figures and evaluation write it.
 
     ``baseline`` without AuxT; else ``auxt`` (``auxt-<wavelet>`` for a basis other than Haar),
-    followed by ``-no-<c1>[+<c2>...]`` for the removed components in ``COMPONENTS`` order:
-    ``auxt``, ``auxt-no-scaling``, ``auxt-no-wavelet+scaling``, ``auxt-db4``.
+    followed by ``-no-<c1>[+<c2>...]`` for the removed components in ``COMPONENTS`` order, then
+    ``-frozen-<c1>[+<c2>]`` for the frozen ones (a frozen projection is named by its init:
+    ``orthogonal`` or ``klt``), then ``-projection-init-<p>`` for a learned projection started
+    elsewhere than ``nn.Linear``'s init and ``-scaling-init-<s>`` for ``s`` started elsewhere than
+    the release's: ``auxt``, ``auxt-no-scaling``, ``auxt-no-wavelet+scaling``, ``auxt-db4``,
+    ``auxt-frozen-scaling``, ``auxt-frozen-klt+scaling``, ``auxt-scaling-init-zero``.
 
     Raises:
-        ValueError: an unknown component name, or components removed without AuxT.
+        ValueError: an invalid option (:func:`check_options`), or options without AuxT.
     """
-    removed = check_components(remove)
+    removed, frozen, projection_init = check_options(remove, freeze, scaling_init, projection_init)
     if not auxt:
-        if removed:
-            raise ValueError("AuxT components can only be removed from an AuxT variant")
+        if removed or frozen or scaling_init != "release" or projection_init != "default":
+            raise ValueError("AuxT components can only be removed from an AuxT variant (or frozen or "
+                             "re-initialised)")
         return "baseline"
     name = "auxt" if wavelet == "haar" else f"auxt-{wavelet}"
     ordered = [c for c in COMPONENTS if c in removed]
-    return name + ("-no-" + "+".join(ordered) if ordered else "")
+    name += "-no-" + "+".join(ordered) if ordered else ""
+    held = [(projection_init if c == "orthogonal" else c) for c in FREEZABLE if c in frozen]
+    name += "-frozen-" + "+".join(held) if held else ""
+    if projection_init != "default" and "orthogonal" not in frozen:
+        name += f"-projection-init-{projection_init}"
+    return name + (f"-scaling-init-{scaling_init}" if scaling_init != "release" else "")
+
+
+def set_initial_values(layers: Iterable[_Shortcut], scaling_init: str = "release",
+                       projection_init: str = "default") -> None:
+    """Re-initialise WLS/iWLS ``layers`` in place, in order: ``s = 0`` for ``scaling_init="zero"``;
+    ``nn.init.orthogonal_`` on each OLP weight (the global RNG, one draw per layer) for
+    ``projection_init="orthogonal"``. ``"release"``, ``"default"`` and ``"klt"`` (set by
+    :func:`energylab.klt.init_klt`) leave the layers as built."""
+    for layer in layers:
+        with torch.no_grad():
+            if scaling_init == "zero" and layer.scaling_factors is not None:
+                layer.scaling_factors.zero_()
+        if projection_init == "orthogonal":
+            nn.init.orthogonal_(layer.olp.linear.weight)
+
+
+def freeze_components(layers: Iterable[_Shortcut], freeze: Iterable[str]) -> None:
+    """Switch off ``requires_grad`` of the frozen components' parameters: ``scaling_factors`` for
+    ``scaling``, the OLP weight (not its bias) for ``orthogonal``."""
+    frozen = frozenset(freeze)
+    for layer in layers:
+        if "scaling" in frozen and layer.scaling_factors is not None:
+            layer.scaling_factors.requires_grad_(False)
+        if "orthogonal" in frozen:
+            layer.olp.linear.weight.requires_grad_(False)
 
 
 class OLP(nn.Module):

@@ -19,7 +19,7 @@ from collections.abc import Callable, Collection
 from dataclasses import fields
 from pathlib import Path
 
-from energylab.auxt import COMPONENTS
+from energylab.auxt import COMPONENTS, FREEZABLE, PROJECTION_INITS, SCALING_INITS
 from energylab.config import DEVICES, LR_SCHEDULES, PRECISIONS, ConfigError, TrainConfig
 from energylab.data import SMALL_IMAGES
 from energylab.models import MODELS, PLACEMENTS
@@ -57,7 +57,8 @@ def add_model_arguments(p: argparse.ArgumentParser, defaults: bool = True,
 
 def add_auxt_arguments(p: argparse.ArgumentParser, defaults: bool = True,
                        exclude: Collection[str] = ()) -> None:
-    """``--auxt``, ``--remove``, ``--wavelet``, ``--g-a-placement``, ``--g-s-placement``."""
+    """``--auxt``, ``--remove``, ``--wavelet``, ``--g-a-placement``, ``--g-s-placement``,
+    ``--freeze``, ``--scaling-init``, ``--projection-init``."""
     g = p.add_argument_group("AuxT")
     _add(g, "auxt", defaults, exclude, action="store_true", help="attach AuxT (WLS/iWLS)")
     _add(g, "remove", defaults, exclude, action="append", metavar="COMPONENT",
@@ -66,6 +67,13 @@ def add_auxt_arguments(p: argparse.ArgumentParser, defaults: bool = True,
     _add(g, "wavelet", defaults, exclude, help="AuxT's wavelet basis (any pywt name)")
     _add(g, "g_a_placement", defaults, exclude, choices=PLACEMENTS)
     _add(g, "g_s_placement", defaults, exclude, choices=PLACEMENTS)
+    _add(g, "freeze", defaults, exclude, action="append", metavar="COMPONENT",
+         default=[] if defaults else None,
+         help=f"freeze an AuxT component at its initial value (repeatable): {', '.join(FREEZABLE)}")
+    _add(g, "scaling_init", defaults, exclude, choices=SCALING_INITS,
+         help="initial subband scaling s: the release's, or zero (gain 1)")
+    _add(g, "projection_init", defaults, exclude, choices=PROJECTION_INITS,
+         help="initial OLP weight (a frozen projection: orthogonal unless klt)")
 
 
 def add_training_arguments(p: argparse.ArgumentParser, exclude: Collection[str] = ()) -> None:

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from energylab.auxt import COMPONENTS
+from energylab.auxt import COMPONENTS, FREEZABLE, PROJECTION_INITS, SCALING_INITS, check_options
 from energylab.models import MODELS, PLACEMENTS
 
 __all__ = ["DEVICES", "LR_SCHEDULES", "PATCH_MULTIPLE", "PRECISIONS", "RESUMABLE_CHANGES", "ConfigError",
@@ -76,6 +76,10 @@ class TrainConfig:
       improvement); as CompressAI's example training uses them;
     * ``precision``: ``"fp32"``, or ``"bf16"`` / ``"fp16"`` autocast of the transforms in training
       steps (:mod:`energylab.precision`; fp16 with a gradient scaler).
+    * AuxT components frozen or started elsewhere (:mod:`energylab.auxt`): ``freeze`` (kept in
+      ``FREEZABLE`` order), ``scaling_init`` (``release``, ``zero``), ``projection_init``
+      (``default``, ``orthogonal``, ``klt``; a frozen projection's ``default`` is stored as
+      ``orthogonal``).
 
     Raises:
         ConfigError: on construction, the first invalid field, e.g. ``patch_size must be a
@@ -114,6 +118,9 @@ class TrainConfig:
     lr_gamma: float = 0.1
     lr_patience: int = 10
     precision: str = "fp32"
+    freeze: tuple[str, ...] = ()
+    scaling_init: str = "release"
+    projection_init: str = "default"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out", Path(self.out))
@@ -153,6 +160,7 @@ class TrainConfig:
             raise ConfigError("data", f"must be 'builtin' or a folder, got {self.data!r}")
         self._check_wavelet()
         self._check_scale()
+        self._check_component_options()
 
     def _check_scale(self) -> None:
         from energylab.data import SMALL_IMAGES
@@ -182,6 +190,28 @@ class TrainConfig:
             raise ConfigError("lr_gamma", f"must be a number in (0, 1), got {gamma!r}")
         _check_int("lr_patience", self.lr_patience, 0)
 
+    def _check_component_options(self) -> None:
+        unknown = sorted(set(self.freeze) - set(FREEZABLE))
+        if isinstance(self.freeze, str) or unknown:
+            raise ConfigError("freeze", f"must name freezable AuxT components, got "
+                                        f"{unknown or self.freeze!r}; "
+                                        f"valid names are: {', '.join(FREEZABLE)}")
+        object.__setattr__(self, "freeze", tuple(c for c in FREEZABLE if c in self.freeze))
+        for name, choices in (("scaling_init", SCALING_INITS), ("projection_init", PROJECTION_INITS)):
+            if getattr(self, name) not in choices:
+                raise ConfigError(name, f"must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+        if not self.auxt and (self.freeze or self.scaling_init != "release"
+                              or self.projection_init != "default"):
+            raise ConfigError("freeze" if self.freeze else "scaling_init" if self.scaling_init != "release"
+                              else "projection_init", "needs {auxt}: there is no AuxT to freeze or "
+                                                      "re-initialise")
+        try:
+            _, _, projection_init = check_options(self.remove, self.freeze, self.scaling_init,
+                                                  self.projection_init)
+        except ValueError as exc:
+            raise ConfigError("freeze", f"does not fit the other AuxT options: {exc}") from None
+        object.__setattr__(self, "projection_init", projection_init)
+
     def _check_wavelet(self) -> None:
         from energylab.wavelets import DWT2
 
@@ -191,11 +221,12 @@ class TrainConfig:
             raise ConfigError("wavelet", f"is not usable: {exc}") from None
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict of every field (``out`` a string, ``remove`` a list)."""
+        """A JSON-ready dict of every field (``out`` a string, ``remove`` and ``freeze`` lists)."""
         out = asdict(self)
         out["out"] = str(self.out)
         out["remove"] = list(self.remove)
         out["lr_milestones"] = list(self.lr_milestones)
+        out["freeze"] = list(self.freeze)
         return out
 
     @classmethod

@@ -82,6 +82,7 @@ __all__ = [
     "plot_matrix",
     "plot_probe_channels",
     "plot_rd_curves",
+    "plot_step_equivalence",
     "plot_subband_energy",
     "reference_dir",
     "set_style",
@@ -433,6 +434,38 @@ def plot_loss_curves(study: Study, lmbda: float | None = None) -> Figure:
     _loss_scale(axes[0], evals["loss"])
     _figure_legend(fig, axes)
     _title(fig, "Rate-distortion on the test images over training", _context(study, lmbda))
+    return fig
+
+
+def plot_step_equivalence(study: Study, lmbda: float | None = None) -> Figure:
+    """The step-equivalence curve (the summary's ``step_equivalence``: ``t'``, the first step at
+    which the variant's smoothed test loss reaches the baseline's at ``t``) against the baseline's
+    step ``t``, with the lines ``t' = t`` and ``t' = t/2``, and the speed-up ``t / t'`` over ``t``
+    (1 = no speed-up; undefined where ``t' = 0``); per variant, mean over seeds with a ± 1 s.d. band.
+    """
+    _require(study, "summary")
+    lmbda = study.default_lmbda if lmbda is None else lmbda
+    rows = [{"variant": c["variant"], "seed": c["seed"], "step": t, "t_variant": tv, "speedup": v}
+            for c in study.summary.get("step_equivalence", [])
+            if c["variant"] != "baseline" and (c["lmbda"] or study.default_lmbda) == lmbda
+            for t, tv, v in zip(c["t"], c["t_variant"], c["speedup"], strict=True) if tv is not None]
+    if not rows:
+        raise MissingInput("no variant reaches the baseline's loss in the summary's step_equivalence")
+    frame = pd.DataFrame(rows)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.8), layout="constrained")
+    _lines(axes[0], study, frame, "step", "t_variant")
+    top = float(frame["step"].max())
+    axes[0].plot([0, top], [0, top], color="0.5", lw=0.8, ls="--")
+    axes[0].plot([0, top], [0, top / 2], color="0.5", lw=0.8, ls=":")
+    axes[0].set(xlabel="baseline's step t", ylabel="variant's equivalent step t′",
+                title="t′ = t: no speed-up (dashed); t′ = t/2: 2× (dotted)")
+    speedups = frame.dropna(subset=["speedup"])
+    if not speedups.empty:
+        _lines(axes[1], study, speedups, "step", "speedup")
+    axes[1].axhline(1.0, color="0.5", lw=0.8, ls="--")
+    axes[1].set(xlabel="baseline's step t", ylabel="speed-up t / t′")
+    _figure_legend(fig, axes)
+    _title(fig, "Step equivalence: the variant at t′ matches the baseline at t", _context(study, lmbda))
     return fig
 
 
@@ -831,11 +864,13 @@ FIGURES = (
                ("aux",), plot_aux_energy_share),
     FigureSpec("ablation_summary", "summary numbers as bars with seed spread", ("summary",),
                plot_ablation_summary),
+    FigureSpec("step_equivalence", "step-equivalence speed-up t/t′ vs the baseline's step",
+               ("summary",), plot_step_equivalence),
     FigureSpec("rd_curves", "real-bitstream R-D curves (PSNR vs bpp)", ("sweep",), plot_rd_curves),
     FigureSpec("bd_rate", "BD-rate table against the baseline", ("bd_rate",), plot_bd_rate_table),
 )
 """Every figure :func:`all_figures` draws, in order."""
-ABLATION_FIGURES = ("loss_curves", "energy_split", "correlation_heatmaps")
+ABLATION_FIGURES = ("loss_curves", "energy_split", "correlation_heatmaps", "step_equivalence")
 """The figures the ablation command writes next to its summary (:func:`ablation_figures`)."""
 
 
@@ -884,7 +919,8 @@ def all_figures(directory: Path | str, out: Path | str | None = None) -> list[Pa
 
 def ablation_figures(root: Path, out: Path | None = None) -> list[Path]:
     """Write the ablation command's figures (:data:`ABLATION_FIGURES`: test loss with seed bands,
-    the coding-gain / decorrelation-gain split, correlation heatmaps) next to its summary.
+    the coding-gain / decorrelation-gain split, correlation heatmaps, the step-equivalence
+    speed-up) next to its summary.
 
     Raises:
         FigureError: ``root`` is not an ablation directory.

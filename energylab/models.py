@@ -23,7 +23,7 @@ import torch
 from compressai.registry import MODELS as COMPRESSAI_MODELS
 from torch import Tensor, nn
 
-from energylab.auxt import WLS, check_components, iWLS
+from energylab.auxt import WLS, check_components, check_options, freeze_components, iWLS, set_initial_values
 from energylab.tcm import build_tcm
 
 __all__ = [
@@ -197,6 +197,10 @@ def attach_auxt(
     g_a_placement: str = "after_resample",
     g_s_placement: str = "stage_end",
     trace_size: int = 64,
+    freeze: Iterable[str] = (),
+    scaling_init: str = "release",
+    projection_init: str = "default",
+    klt_data: Tensor | None = None,
 ) -> nn.Module:
     """Wrap ``model.g_a`` and ``model.g_s`` with AuxT, in place; returns ``model``.
 
@@ -204,15 +208,24 @@ def attach_auxt(
     ``WLS(c_1, c_2)``, ... with ``c_k`` the main branch's channels at merge ``k``; ``g_s`` gets
     ``iWLS(M, c_1)``, ... ending at the image's 3 channels.
 
+    ``freeze``, ``scaling_init`` and ``projection_init`` (:mod:`energylab.auxt`) are applied after
+    every layer is built, so the other parameters equal full AuxT's of the same seed; the KLT
+    (``projection_init="klt"``, :func:`energylab.klt.init_klt`) is computed on ``klt_data``, training
+    crops ``(B, 3, H, W)``.
+
     A DataParallel/DDP wrapper is seen through (:func:`unwrap_model`); the inner model is changed
     and returned.
 
     Raises:
         ValueError: a model without ``nn.Sequential`` ``g_a``/``g_s`` of four stride-2 stages, an
-            unknown component, wavelet or placement, or a model that already has AuxT.
+            unknown component, wavelet or placement, contradicting component options
+            (:func:`energylab.auxt.check_options`), ``"klt"`` without ``klt_data``, or a model that
+            already has AuxT.
     """
     model = unwrap_model(model)
-    remove = check_components(remove)
+    remove, freeze, projection_init = check_options(remove, freeze, scaling_init, projection_init)
+    if projection_init == "klt" and klt_data is None:
+        raise ValueError("projection init 'klt' needs training crops (klt_data) to compute the KLT on")
     if has_auxt(model):
         raise ValueError("model already has AuxT attached")
     for side in ("g_a", "g_s"):
@@ -228,6 +241,13 @@ def attach_auxt(
         layers = [block(widths[k], widths[k + 1], wavelet, remove) for k in range(STAGES)]
         wrapped = AuxTransform(getattr(model, side), layers, positions)
         setattr(model, side, wrapped.to(_device(model)))
+    layers = [*model.g_a.auxiliary_layers, *model.g_s.auxiliary_layers]
+    set_initial_values(layers, scaling_init, projection_init)
+    if projection_init == "klt":
+        from energylab.klt import init_klt
+
+        init_klt(model, klt_data.to(_device(model)))
+    freeze_components(layers, freeze)
     return model
 
 
@@ -272,8 +292,13 @@ def build_model(
     wavelet: str = "haar",
     g_a_placement: str = "after_resample",
     g_s_placement: str = "stage_end",
+    freeze: Iterable[str] = (),
+    scaling_init: str = "release",
+    projection_init: str = "default",
+    klt_data: Tensor | None = None,
 ) -> nn.Module:
-    """Build a registered CompressAI model, randomly initialised, with AuxT if ``auxt``.
+    """Build a registered CompressAI model, randomly initialised, with AuxT if ``auxt`` (the AuxT
+    options are :func:`attach_auxt`'s).
 
     ``N``/``M`` default to the widths of CompressAI's highest-quality configuration (192/320).
     No weights are downloaded. ``model.g_a`` gets an :class:`InputSizeCheck` pre-hook: an input
@@ -293,9 +318,12 @@ def build_model(
             f"removing AuxT components {', '.join(remove)} needs auxt=True: a model without AuxT "
             f"has none to remove"
         )
+    if not auxt and (freeze or scaling_init != "release" or projection_init != "default"):
+        raise ValueError("freezing or re-initialising AuxT components needs auxt=True")
     model = MODELS[name](N=N, M=M)
     if auxt:
-        attach_auxt(model, remove, wavelet, g_a_placement, g_s_placement)
+        attach_auxt(model, remove, wavelet, g_a_placement, g_s_placement, freeze=freeze,
+                    scaling_init=scaling_init, projection_init=projection_init, klt_data=klt_data)
     # a model may take smaller multiples in forward than in compress (TCM: input_multiple 16)
     multiple = int(getattr(model, "input_multiple", getattr(model, "downsampling_factor", 2**STAGES)))
     model.g_a.register_forward_pre_hook(InputSizeCheck(multiple, name))

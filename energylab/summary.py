@@ -23,6 +23,29 @@ Per variant (and λ), every per-cell value as ``<key>_mean`` / ``<key>_std`` (sa
 0 for one seed) over the seeds that have it, and ``<key>_reached`` for the ``*_to_target`` keys.
 With an R-D sweep, ``bd_rate``: each variant's BD-rate (%) against the baseline on real-bitstream
 bpp against PSNR (``energylab.bdrate.bd_rate``), per seed, then mean ± s.d.
+
+Budget-free numbers (issue 11), per cell against the same seed's baseline:
+
+* the *step-equivalence curve*: for every evaluation step ``t > 0`` of the baseline, the first step
+  ``t'`` (interpolated) at which the variant's smoothed test loss reaches the baseline's smoothed
+  loss at ``t``; ``speedup(t) = t / t'`` (the paper's "AuxT at k steps matches the baseline at 2k").
+  ``speedup_at_<p>``: at ``p`` % of the baseline's last step (:data:`BUDGET_FRACTIONS`, the
+  baseline's curve interpolated there); the whole curves are ``step_equivalence``;
+* ``steps_to_target_<m>pct`` / ``time_to_target_<m>pct`` and ``speedup_steps_<m>pct`` /
+  ``speedup_time_<m>pct``: as for the final-loss target, with the target ``(1 + m/100)`` times the
+  baseline's final loss (:data:`TARGET_MARGINS`);
+* ``parameters`` / ``trainable_parameters``: the model's parameter counts, when given.
+
+``convergence``: the baseline's relative fall of its smoothed test loss over the last
+:data:`CONVERGENCE_WINDOW` of its steps, per seed and mean; above :data:`CONVERGENCE_TOLERANCE` its
+``message`` says the baseline has not converged and the speed-ups depend on the budget.
+
+``paired``: every variant against the baseline, paired by seed (``stats.paired_difference``, a 95 %
+Student-t interval over seeds): speed-ups as ratios — the mean and interval of the per-seed
+log-speed-ups, exponentiated (a geometric mean with its interval) — and final numbers
+(:data:`PAIRED_DIFFERENCES`) as differences variant − baseline. ``causal`` (with ``causal=True``):
+each cell of the causal grid against AuxT at ``speedup_at_100`` (:data:`CAUSAL_KEY`), and which
+cells reproduce AuxT's speed-up, or that the intervals cannot tell.
 """
 
 from __future__ import annotations
@@ -41,18 +64,28 @@ from scipy.integrate import trapezoid
 from energylab.bdrate import METHOD as BD_METHOD
 from energylab.bdrate import bd_rate
 from energylab.rundir import RunDir
+from energylab.stats import paired_difference
 
 __all__ = [
+    "BUDGET_FRACTIONS",
+    "CAUSAL_KEY",
+    "CONVERGENCE_TOLERANCE",
+    "CONVERGENCE_WINDOW",
     "ENERGY_STATS",
+    "PAIRED_DIFFERENCES",
+    "TARGET_MARGINS",
     "SMOOTH",
     "TABLE",
     "CellLogs",
     "SummaryError",
     "format_csv",
+    "format_interval",
     "format_json",
     "format_markdown",
+    "format_paired",
     "format_table",
     "format_value",
+    "step_equivalence",
     "summarize",
     "table_rows",
     "with_roles",
@@ -69,6 +102,23 @@ TABLE = (("test_loss", "test loss"), ("test_bpp", "bpp (est.)"), ("real_bpp", "b
          ("final_coding_gain", "coding gain"), ("final_decorrelation_gain", "decorr. gain"),
          ("final_total_correlation", "TC nats"), ("final_topk_energy_share", "top-k share"))
 """(summary key, column title) of the summary table, in order."""
+BUDGET_FRACTIONS = (25, 50, 75, 100)
+"""Percentages of the baseline's budget at which the step-equivalence speed-up is reported."""
+TARGET_MARGINS = (5, 2, 1)
+"""Relative targets: within these percentages of the baseline's final test loss."""
+CONVERGENCE_WINDOW = 0.2
+"""Fraction of the baseline's steps (the last ones) over which its convergence is checked."""
+CONVERGENCE_TOLERANCE = 0.01
+"""A baseline whose smoothed test loss falls by more than this over the window has not converged."""
+SPEEDUP_KEYS = ("speedup_steps", "speedup_time",
+                *(f"speedup_at_{p}" for p in BUDGET_FRACTIONS),
+                *(f"speedup_{w}_{m}pct" for m in TARGET_MARGINS for w in ("steps", "time")))
+"""Per-cell speed-ups, paired over seeds as ratios (geometric mean and interval)."""
+PAIRED_DIFFERENCES = ("test_loss", "real_bpp", "test_psnr", "final_coding_gain",
+                      "final_decorrelation_gain", "final_total_correlation")
+"""Per-cell numbers paired over seeds as differences variant − baseline."""
+CAUSAL_KEY = "speedup_at_100"
+"""The speed-up the causal grid is judged on."""
 
 Key = tuple[str, float | None, int]
 """A cell: (variant, λ of an R-D sweep or None, seed)."""
@@ -89,11 +139,14 @@ class CellLogs:
             ``wall_time``).
         energy: the energy records (with ``role`` and ``merge``; see :func:`with_roles`).
         bitstream: the real-bitstream averages (``bpp``, ``psnr-rgb``, ...), or None if not coded.
+        parameters: ``{"parameters": total, "trainable_parameters": n}`` of the cell's model, or
+            None.
     """
 
     evals: Sequence[dict]
     energy: Sequence[dict]
     bitstream: Mapping | None = None
+    parameters: Mapping[str, int] | None = None
 
     @classmethod
     def of(cls, run: RunDir) -> CellLogs:
@@ -178,8 +231,146 @@ def _cell_summary(logs: CellLogs, target: float | None) -> dict[str, float | Non
         curve = _smoothed(np.array([r["loss"] for r in evals]))
         out["steps_to_target"] = _crossing(steps, curve, target)
         out["time_to_target"] = _crossing(times, curve, target)
+        for m in TARGET_MARGINS:
+            out[f"steps_to_target_{m}pct"] = _crossing(steps, curve, target * (1 + m / 100))
+            out[f"time_to_target_{m}pct"] = _crossing(times, curve, target * (1 + m / 100))
     out.update(_energy_summary([with_roles(r) for r in logs.energy]))
+    if logs.parameters is not None:
+        out.update({k: logs.parameters[k] for k in ("parameters", "trainable_parameters")})
     return out
+
+
+def _curve(evals: Sequence[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """Evaluation steps and the smoothed test loss."""
+    return (np.array([r["step"] for r in evals], dtype=float),
+            _smoothed(np.array([r["loss"] for r in evals], dtype=float)))
+
+
+def _equivalent_step(base: tuple[np.ndarray, np.ndarray], variant: tuple[np.ndarray, np.ndarray],
+                     t: float) -> float | None:
+    """The first step at which the variant's smoothed loss reaches the baseline's at step ``t``."""
+    return _crossing(variant[0], variant[1], float(np.interp(t, *base)))
+
+
+def _ratio(t: float, t_variant: float | None) -> float | None:
+    return t / t_variant if t_variant else None
+
+
+def step_equivalence(base_evals: Sequence[dict], evals: Sequence[dict]) -> dict[str, list]:
+    """The step-equivalence curve of a variant's evaluations against its baseline's:
+    ``{"t": [...], "t_variant": [...], "speedup": [...]}`` over the baseline's evaluation steps
+    ``t > 0`` (None where the variant never reaches the baseline's loss, or already does at 0)."""
+    base, variant = _curve(base_evals), _curve(evals)
+    ts = [float(t) for t in base[0] if t > 0]
+    t_variant = [_equivalent_step(base, variant, t) for t in ts]
+    return {"t": ts, "t_variant": t_variant,
+            "speedup": [_ratio(t, tv) for t, tv in zip(ts, t_variant, strict=True)]}
+
+
+def _budget_free(row: dict, base_evals: Sequence[dict], evals: Sequence[dict]) -> None:
+    """The step-equivalence speed-ups at :data:`BUDGET_FRACTIONS` of the baseline's budget."""
+    base, variant = _curve(base_evals), _curve(evals)
+    for p in BUDGET_FRACTIONS:
+        t = base[0][-1] * p / 100
+        row[f"speedup_at_{p}"] = _ratio(t, _equivalent_step(base, variant, t))
+
+
+def _convergence(base_evals: Mapping[str, Sequence[dict]]) -> dict:
+    """The baseline's relative fall of its smoothed test loss over the last
+    :data:`CONVERGENCE_WINDOW` of its steps, per seed (key) and mean, with the verdict."""
+    changes = {}
+    for key, evals in base_evals.items():
+        steps, curve = _curve(evals)
+        start = float(np.interp(steps[-1] * (1 - CONVERGENCE_WINDOW), steps, curve))
+        changes[key] = (start - float(curve[-1])) / abs(float(curve[-1])) if curve[-1] else None
+    mean, _, _ = _mean_std(list(changes.values()))
+    converged = mean is not None and mean <= CONVERGENCE_TOLERANCE
+    message = None if converged or mean is None else (
+        f"the baseline has not converged: its smoothed test loss still fell by {100 * mean:.1f} % "
+        f"over the last {100 * CONVERGENCE_WINDOW:.0f} % of its steps (> "
+        f"{100 * CONVERGENCE_TOLERANCE:.0f} %), so the speed-ups depend on the step budget")
+    return {"relative_change": changes, "relative_change_mean": mean, "window": CONVERGENCE_WINDOW,
+            "tolerance": CONVERGENCE_TOLERANCE, "converged": converged, "message": message}
+
+
+def _paired_entry(key: str, values: list, base_values: list) -> dict:
+    """One paired comparison over seeds: log-ratio for speed-ups (exponentiated), else difference."""
+    if key in SPEEDUP_KEYS:
+        logs = [math.log(v) if v is not None and v > 0 else None for v in values]
+        d = paired_difference(logs, [0.0] * len(logs))
+        back = {f: (math.exp(getattr(d, f)) if getattr(d, f) is not None else None)
+                for f in ("mean", "low", "high")}
+        return {"key": key, "kind": "ratio", **back, "n": d.n, "inside_noise": d.inside_noise}
+    d = paired_difference(values, base_values)
+    return {"key": key, "kind": "difference", "mean": d.mean, "low": d.low, "high": d.high, "n": d.n,
+            "inside_noise": d.inside_noise}
+
+
+def _paired(per_cell: dict, variants: Sequence[str], seeds: Sequence[int],
+            lmbdas: Sequence[float] | None) -> list[dict]:
+    out = []
+    for lm in lmbdas or [None]:
+        base = [per_cell.get(("baseline", lm, s), {}) for s in seeds]
+        for variant in variants:
+            if variant == "baseline":
+                continue
+            rows = [per_cell.get((variant, lm, s), {}) for s in seeds]
+            if not any(rows):
+                continue
+            for key in (*SPEEDUP_KEYS, *PAIRED_DIFFERENCES):
+                out.append({"variant": variant, "lmbda": lm, **_paired_entry(
+                    key, [r.get(key) for r in rows], [b.get(key) for b in base])})
+    return out
+
+
+CAUSAL_PROJECTIONS = (("learned", ""), ("frozen random orthogonal", "orthogonal"),
+                      ("frozen at the KLT", "klt"))
+"""The causal grid's projection levels: (description, name in ``-frozen-<...>``, '' if learned)."""
+CAUSAL_SCALINGS = ("learned", "frozen at init", "none")
+"""The causal grid's scaling levels."""
+
+
+def _causal(per_cell: dict, variants: Sequence[str], seeds: Sequence[int]) -> dict:
+    """Each causal cell's speed-up against the baseline and its ratio to AuxT's (paired), and the
+    verdict: the cells that reproduce AuxT's speed-up (ratio interval containing 1, speed-up
+    interval above 1), or that the intervals cannot tell."""
+    def values(variant):
+        return [per_cell.get((variant, None, s), {}).get(CAUSAL_KEY) for s in seeds]
+
+    def logs(vals):
+        return [math.log(v) if v else None for v in vals]
+
+    auxt = values("auxt")
+    reference = _paired_entry(CAUSAL_KEY, auxt, [])
+    cells = []
+    for variant in variants:
+        if variant in ("baseline", "auxt"):
+            continue
+        own = values(variant)
+        vs_auxt = paired_difference(logs(own), logs(auxt))
+        exp = {f: (math.exp(getattr(vs_auxt, f)) if getattr(vs_auxt, f) is not None else None)
+               for f in ("mean", "low", "high")}
+        if vs_auxt.inside_noise is None:
+            verdict = "cannot tell"
+        elif vs_auxt.inside_noise:
+            verdict = "reproduces"
+        else:
+            verdict = "falls short" if exp["high"] < 1 else "exceeds"
+        cells.append({"variant": variant, "speedup": _paired_entry(CAUSAL_KEY, own, []),
+                      "ratio_to_auxt": {**exp, "n": vs_auxt.n}, "verdict": verdict})
+    if reference["inside_noise"] is None or any(c["verdict"] == "cannot tell" for c in cells):
+        text = "the intervals cannot tell: fewer than two seeds pair every cell with AuxT"
+    elif reference["inside_noise"]:
+        text = (f"the intervals cannot tell: AuxT's own speed-up ({CAUSAL_KEY}) is inside the noise, "
+                "so no factor can be said to reproduce it")
+    else:
+        same = [c["variant"] for c in cells if c["verdict"] == "reproduces"
+                and c["speedup"]["low"] is not None and c["speedup"]["low"] > 1]
+        short = [c["variant"] for c in cells if c["verdict"] == "falls short"]
+        text = ("reproduce AuxT's speed-up (ratio to AuxT's interval contains 1): "
+                + (", ".join(same) if same else "no cell")
+                + "; fall short of it: " + (", ".join(short) if short else "no cell"))
+    return {"key": CAUSAL_KEY, "auxt": reference, "cells": cells, "verdict": text}
 
 
 def _target(evals: Sequence[dict]) -> float | None:
@@ -196,7 +387,8 @@ def _mean_std(values: list) -> tuple[float | None, float | None, int]:
 
 
 def summarize(cells: Mapping[Key, CellLogs], variants: Sequence[str], seeds: Sequence[int],
-              lmbda: float, lmbdas: Sequence[float] | None = None, root: str = "") -> dict:
+              lmbda: float, lmbdas: Sequence[float] | None = None, root: str = "",
+              causal: bool = False) -> dict:
     """The summary of an ablation's cells (what the ablation directory stores as its JSON summary).
 
     Args:
@@ -207,10 +399,12 @@ def summarize(cells: Mapping[Key, CellLogs], variants: Sequence[str], seeds: Seq
         lmbda: the λ of an ablation without an R-D sweep.
         lmbdas: the λ of an R-D sweep (cells keyed by them), or None.
         root: the ablation directory, recorded as ``root``.
+        causal: the variants are the causal grid (``ablate --causal``): add ``"causal"``.
 
     Returns:
-        ``{"root", "smooth", "targets", "cells", "rows"}`` and, with ``lmbdas``, ``"bd_rate"``
-        (see the module docstring).
+        ``{"root", "smooth", "targets", "cells", "rows", "step_equivalence", "convergence",
+        "paired"}``, with ``lmbdas`` ``"bd_rate"`` and with ``causal`` ``"causal"`` (see the module
+        docstring).
 
     Raises:
         SummaryError: no baseline cell is given.
@@ -219,11 +413,18 @@ def summarize(cells: Mapping[Key, CellLogs], variants: Sequence[str], seeds: Seq
     if not targets:
         raise SummaryError(f"{root}: no baseline cell has evaluations yet")
     per_cell = {key: _cell_summary(logs, targets.get((key[2], key[1]))) for key, logs in cells.items()}
-    for (_variant, lm, seed), row in per_cell.items():
+    curves = []
+    for (variant, lm, seed), row in per_cell.items():
         base = per_cell.get(("baseline", lm, seed), {})
         for what in ("steps", "time"):
-            b, v = base.get(f"{what}_to_target"), row.get(f"{what}_to_target")
-            row[f"speedup_{what}"] = b / v if b and v else None
+            for suffix in ("", *(f"_{m}pct" for m in TARGET_MARGINS)):
+                b, v = base.get(f"{what}_to_target{suffix}"), row.get(f"{what}_to_target{suffix}")
+                row[f"speedup_{what}{suffix}"] = b / v if b and v else None
+        base_logs = cells.get(("baseline", lm, seed))
+        if base_logs is not None and base_logs.evals and cells[variant, lm, seed].evals:
+            _budget_free(row, base_logs.evals, cells[variant, lm, seed].evals)
+            curves.append({"variant": variant, "lmbda": lm, "seed": seed,
+                           **step_equivalence(base_logs.evals, cells[variant, lm, seed].evals)})
     rows = []
     for lm in lmbdas or [None]:
         for variant in variants:
@@ -241,7 +442,13 @@ def summarize(cells: Mapping[Key, CellLogs], variants: Sequence[str], seeds: Seq
     summary = {"root": root, "smooth": SMOOTH, "targets": {
         f"seed{s}" + (f"_lmbda{lm:g}" if lm else ""): t for (s, lm), t in targets.items()},
         "cells": [{"variant": v, "lmbda": lm, "seed": s, **r} for (v, lm, s), r in per_cell.items()],
-        "rows": rows}
+        "rows": rows, "step_equivalence": curves,
+        "convergence": _convergence({f"seed{s}" + (f"_lmbda{lm:g}" if lm else ""): logs.evals
+                                     for (v, lm, s), logs in cells.items()
+                                     if v == "baseline" and logs.evals}),
+        "paired": _paired(per_cell, variants, seeds, lmbdas)}
+    if causal:
+        summary["causal"] = _causal(per_cell, variants, seeds)
     if lmbdas:
         summary["bd_rate"] = _bd_rates(per_cell, variants, seeds)
     return summary
@@ -305,11 +512,91 @@ def format_table(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def format_interval(entry: Mapping) -> str:
+    """A paired entry as ``×m [low, high]`` (ratios) or ``m [low, high]`` (differences), ``~``
+    after an interval containing no effect, ``(n seeds)`` without an interval, ``—`` without
+    a value."""
+    if entry.get("mean") is None:
+        return "—"
+    prefix = "×" if entry.get("kind", "ratio") == "ratio" else ""
+
+    def number(v: float) -> str:
+        return f"{v:.2f}" if abs(v) >= 10 or prefix else f"{v:.4f}"
+
+    text = prefix + number(entry["mean"])
+    if entry.get("low") is None:
+        return f"{text} ({entry['n']} seed{'s' if entry['n'] != 1 else ''}, no interval)"
+    return f"{text} [{number(entry['low'])}, {number(entry['high'])}]" + (
+        " ~" if entry.get("inside_noise") else "")
+
+
+PAIRED_SPEEDUP_COLUMNS = (*((f"speedup_at_{p}", f"t-equiv. at {p} %") for p in BUDGET_FRACTIONS),
+                          ("speedup_steps", "steps to final loss"),
+                          *((f"speedup_steps_{m}pct", f"steps to +{m} %") for m in TARGET_MARGINS),
+                          ("speedup_time", "time to final loss"))
+"""(paired key, column title) of the budget-free speed-up table."""
+PAIRED_DIFFERENCE_TITLES = {"test_loss": "test loss", "real_bpp": "bpp (real)", "test_psnr": "PSNR dB",
+                            "final_coding_gain": "coding gain", "final_decorrelation_gain": "decorr. gain",
+                            "final_total_correlation": "TC nats"}
+
+
+def format_paired(summary: dict) -> str:
+    """The paired tables (speed-ups as ratios, final numbers as differences against the baseline,
+    with parameter counts) and the causal verdict, as Markdown."""
+    paired = summary.get("paired", [])
+    groups: dict = {}
+    for e in paired:
+        groups.setdefault((e["variant"], e["lmbda"]), {})[e["key"]] = e
+    params = {(r["variant"], r["lmbda"]): r for r in summary["rows"]}
+    lines = ["## Speed-ups paired over seeds", "",
+             "Geometric mean over seeds of each seed's speed-up (the mean of the log-ratios, "
+             "exponentiated) with its 95 % Student-t interval; `~`: the interval contains ×1 (inside "
+             "the noise). *t-equiv. at p %*: the step-equivalence speed-up t/t′ at p % of the "
+             "baseline's budget; *steps to +m %*: to within m % of the baseline's final loss.", "",
+             "| variant | " + " | ".join(t for _, t in PAIRED_SPEEDUP_COLUMNS)
+             + " | parameters (trainable / total) |",
+             "|---" * (len(PAIRED_SPEEDUP_COLUMNS) + 2) + "|"]
+    for (variant, lm), entries in groups.items():
+        row = params.get((variant, lm if lm else summary["rows"][0]["lmbda"]), {})
+        counts = "—" if row.get("parameters_mean") is None else (
+            f"{row['trainable_parameters_mean']:,.0f} / {row['parameters_mean']:,.0f}")
+        lines.append(f"| {variant}{f' (λ {lm:g})' if lm else ''} | "
+                     + " | ".join(format_interval(entries.get(k, {})) for k, _ in PAIRED_SPEEDUP_COLUMNS)
+                     + f" | {counts} |")
+    base = params.get(("baseline", summary["rows"][0]["lmbda"])) if summary["rows"] else None
+    if base and base.get("parameters_mean") is not None:
+        lines.append(f"| baseline | {' | '.join('—' for _ in PAIRED_SPEEDUP_COLUMNS)} | "
+                     f"{base['trainable_parameters_mean']:,.0f} / {base['parameters_mean']:,.0f} |")
+    lines += ["", "## Differences against the baseline, paired over seeds", "",
+              "Mean of variant − baseline per seed with its 95 % Student-t interval; `~`: the interval "
+              "contains 0.", "",
+              "| variant | " + " | ".join(PAIRED_DIFFERENCE_TITLES.values()) + " |",
+              "|---" * (len(PAIRED_DIFFERENCE_TITLES) + 1) + "|"]
+    for (variant, lm), entries in groups.items():
+        lines.append(f"| {variant}{f' (λ {lm:g})' if lm else ''} | "
+                     + " | ".join(format_interval(entries.get(k, {})) for k in PAIRED_DIFFERENCE_TITLES)
+                     + " |")
+    causal = summary.get("causal")
+    if causal:
+        lines += ["", "## Causal test of the split", "",
+                  f"Judged on `{causal['key']}`. AuxT: {format_interval(causal['auxt'])}.", "",
+                  "| cell | speed-up vs baseline | ratio to AuxT's | verdict |", "|---|---|---|---|"]
+        for c in causal["cells"]:
+            lines.append(f"| {c['variant']} | {format_interval(c['speedup'])} | "
+                         f"{format_interval({**c['ratio_to_auxt'], 'kind': 'ratio'})} | {c['verdict']} |")
+        lines += ["", f"**Verdict:** {causal['verdict']}."]
+    return "\n".join(lines) + "\n"
+
+
 def format_markdown(summary: dict) -> str:
-    """The summary as a Markdown document: the targets, then :func:`format_table`."""
+    """The summary as a Markdown document: the targets, the convergence line (if the baseline has
+    not converged), :func:`format_table`, then :func:`format_paired`."""
     targets = ", ".join(f"{k}: {v:.4f}" for k, v in summary["targets"].items())
+    message = (summary.get("convergence") or {}).get("message")
+    warning = f"**Note:** {message}.\n\n" if message else ""
     return (f"# Ablation summary\n\nTarget (baseline's final test loss, mean of its last "
-            f"{summary['smooth']} evaluations): {targets}\n\n{format_table(summary)}")
+            f"{summary['smooth']} evaluations): {targets}\n\n{warning}{format_table(summary)}\n"
+            f"{format_paired(summary)}")
 
 
 def format_csv(summary: dict) -> str:

@@ -14,6 +14,11 @@ Order of a run, with ``t`` the number of completed training steps: at ``t = 0`` 
 written atomically after every evaluation. ``resume`` restarts from the run's checkpoint and drops
 anything the run directory holds beyond it, so on the CPU a resumed run writes the same numbers as an
 uninterrupted one.
+
+Paired noise: CompressAI draws the training quantisation noise (``uniform_(-0.5, 0.5)`` in the
+entropy models' ``forward``) from the global RNG. Each training forward runs in a forked RNG seeded
+with :func:`noise_seed` ``(seed, step, rank)``, so every variant of a seed sees the same noise at the
+same step whatever its model's construction drew, and the RNG outside the forward is untouched.
 """
 
 from __future__ import annotations
@@ -55,10 +60,12 @@ from energylab.precision import MixedPrecision
 from energylab.rundir import RunDir
 from energylab.stats import psnr
 
-__all__ = ["TrainingError", "build_parser", "main", "open_data", "test_images", "train"]
+__all__ = ["TrainingError", "build_parser", "main", "noise_seed", "open_data", "test_images", "train"]
 
 AUX_LR = 1e-3
 CLIP_MAX_NORM = 1.0
+KLT_BATCHES = 16
+"""Training batches the KLT projection (``projection_init="klt"``) is computed on, before training."""
 
 
 class TrainingError(RuntimeError):
@@ -133,11 +140,20 @@ def _git_revision() -> str | None:
 
 
 def _split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """Model parameters and the entropy bottleneck's quantiles (CompressAI's convention)."""
+    """Trainable model parameters and the entropy bottleneck's quantiles (CompressAI's convention);
+    frozen parameters (``requires_grad`` off) in neither."""
     main, quantiles = [], []
     for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
         (quantiles if name.endswith(".quantiles") else main).append(param)
     return main, quantiles
+
+
+def noise_seed(seed: int, step: int, rank: int) -> int:
+    """The seed of the quantisation noise of training step ``step`` (from 1) on process ``rank``
+    of a run seeded ``seed``: a 63-bit integer from ``numpy.random.SeedSequence``."""
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1, np.uint64)[0]) >> 1
 
 
 def _rng_state() -> dict:
@@ -287,11 +303,16 @@ def setup(config: TrainConfig) -> Session:
     index_path = run.data_index_path if d.main and config.data != "builtin" else None
     stream, test, source = open_data(config, index_path, d.rank, d.world_size)
     precision = MixedPrecision(config.precision, device)
+    klt_data = None
+    if config.projection_init == "klt":  # the first KLT_BATCHES batches of the data order (DDP
+        # broadcasts rank 0's initialisation)
+        klt_data = torch.cat([stream.batch(i) for i in range(KLT_BATCHES)]).to(device)
     torch.manual_seed(config.seed)
     net = build_model(
         config.model, N=config.N, M=config.M, auxt=config.auxt, remove=config.remove,
         wavelet=config.wavelet, g_a_placement=config.g_a_placement,
-        g_s_placement=config.g_s_placement,
+        g_s_placement=config.g_s_placement, freeze=config.freeze, scaling_init=config.scaling_init,
+        projection_init=config.projection_init, klt_data=klt_data,
     ).to(device)
     precision.attach(net)
     main_params, quantiles = _split_parameters(net)
@@ -354,9 +375,10 @@ def resume_run(s: Session) -> None:
 def train_step(s: Session, step: int, x: Tensor) -> dict | None:
     """One optimisation step (``step`` counts from 1) on the batch ``x``: R-D loss +
     ``ortho_weight`` x AuxT's orthogonality penalty with gradient clipping (the transforms under
-    autocast with ``precision`` bf16/fp16, fp16's loss scaled), a multistep schedule's step, then
-    the quantiles' ``aux_loss``. Returns the metrics record (without ``wall_time``; ``lr`` the rate
-    this step used) on logging steps, else None.
+    autocast with ``precision`` bf16/fp16, fp16's loss scaled; the forward's quantisation noise
+    paired across variants by :func:`noise_seed`), a multistep schedule's step, then the quantiles'
+    ``aux_loss``. Returns the metrics record (without ``wall_time``; ``lr`` the rate this step
+    used) on logging steps, else None.
 
     Raises:
         TrainingError: a non-finite loss (checked every step on the CPU, on logging steps on a GPU,
@@ -364,7 +386,9 @@ def train_step(s: Session, step: int, x: Tensor) -> dict | None:
     """
     config = s.config
     x = x.to(s.device, non_blocking=True)
-    with s.precision.active():
+    with (torch.random.fork_rng(devices=[s.device] if s.device.type == "cuda" else []),
+          s.precision.active()):
+        torch.manual_seed(noise_seed(config.seed, step, s.d.rank))
         out = s.model(x)
     losses = s.criterion(out, x)
     ortho = ortho_loss(s.net)

@@ -34,7 +34,7 @@ def test_writes_every_output(tiny_ablation):
     csv_header = (tiny_ablation / ablation.SUMMARY_CSV).read_text().splitlines()[0].split(",")
     assert csv_header[0] == "variant" and "test_loss_mean" in csv_header
     assert "| auxt-no-scaling |" in (tiny_ablation / ablation.SUMMARY_MD).read_text()
-    for figure in ("loss_curves", "energy_split", "correlation_heatmaps"):
+    for figure in ("loss_curves", "energy_split", "correlation_heatmaps", "step_equivalence"):
         for ext in ("png", "pdf"):
             assert (tiny_ablation / f"{figure}.{ext}").stat().st_size > 0
 
@@ -102,7 +102,7 @@ def test_variants():
     assert list(names) == ["baseline", "auxt", "auxt-no-wavelet", "auxt-no-scaling",
                            "auxt-no-wavelet+scaling", "auxt-db4"]
     assert names["auxt-no-wavelet+scaling"]["remove"] == ["wavelet", "scaling"]
-    assert names["auxt-db4"] == {"auxt": True, "remove": [], "wavelet": "db4"}
+    assert names["auxt-db4"] == {**ablate.OPTION_DEFAULTS, "wavelet": "db4"}
 
 
 def test_defaults_and_cell_configs(tmp_path):
@@ -114,3 +114,42 @@ def test_defaults_and_cell_configs(tmp_path):
     config = ablate.cell_config(base, cell, {"auxt": True, "remove": ["scaling"], "wavelet": "haar"})
     assert config == TrainConfig(**{**base.__dict__, "out": cell.dir, "seed": 2, "auxt": True,
                                            "remove": ("scaling",), "lmbda": 0.0067})
+
+
+def test_freeze_scaling_init_and_causal_variants(tmp_path):
+    args = ablate.build_parser().parse_args(["--freeze", "scaling", "--freeze", "orthogonal",
+                                             "--scaling-init", "zero", "--out", str(tmp_path)])
+    names = ablate.variants(args.remove, freeze=args.freezes, scaling_init=args.scaling_inits)
+    assert list(names) == ["baseline", "auxt", "auxt-frozen-orthogonal", "auxt-frozen-scaling",
+                           "auxt-scaling-init-zero"]
+    base = ablate.base_config(args)
+    cell = ablate.plan_cells(tmp_path, ["auxt-frozen-scaling"], [0], None)[0]
+    config = ablate.cell_config(base, cell, names["auxt-frozen-scaling"])
+    assert (config.auxt, config.freeze, config.scaling_init) == (True, ("scaling",), "release")
+    causal = ablate.variants([], causal=True)
+    assert list(causal) == [
+        "baseline", "auxt", "auxt-frozen-scaling", "auxt-no-scaling", "auxt-frozen-orthogonal",
+        "auxt-frozen-orthogonal+scaling", "auxt-no-scaling-frozen-orthogonal", "auxt-frozen-klt",
+        "auxt-frozen-klt+scaling", "auxt-no-scaling-frozen-klt"]
+    assert causal["auxt-frozen-klt+scaling"]["projection_init"] == "klt"
+    with pytest.raises(ValueError, match="the causal grid is a study of its own"):
+        ablate.variants(["scaling"], causal=True)
+
+
+@pytest.mark.slow
+def test_causal_grid_end_to_end(tmp_path, capsys):
+    out = tmp_path / "causal"
+    assert ablate.main([*ablation_argv(out, seeds=[0, 1]), "--causal"]) == 0
+    summary = AblationDir(out).summary()
+    assert len(summary["rows"]) == 10
+    causal = summary["causal"]
+    assert {c["variant"] for c in causal["cells"]} == set(ablate.variants([], causal=True)) - {
+        "baseline", "auxt"}
+    assert causal["verdict"]
+    rows = {r["variant"]: r for r in summary["rows"]}
+    assert rows["auxt-frozen-klt+scaling"]["trainable_parameters_mean"] < rows["auxt"][
+        "trainable_parameters_mean"] == rows["auxt"]["parameters_mean"]
+    text = (out / AblationDir.SUMMARY_MD).read_text()
+    assert "## Causal test of the split" in text and "**Verdict:**" in text
+    for figure in ("step_equivalence", "loss_curves"):
+        assert (out / f"{figure}.png").stat().st_size > 0

@@ -131,3 +131,16 @@ def test_variant_colours() -> None:
     one = figures.variant_colors(["auxt"])
     many = figures.variant_colors(["baseline", "auxt", "auxt-no-scaling", "auxt-db4"])
     assert one["auxt"] == many["auxt"] and len(set(many.values())) == 4
+
+
+def test_step_equivalence_draws_the_summary_curves(tiny_ablation: Path) -> None:
+    study = figures.load_ablation(tiny_ablation)
+    curve = {"lmbda": None, "t": [4.0, 8.0], "t_variant": [2.0, 4.0], "speedup": [2.0, 2.0]}
+    study.summary = {**study.summary, "step_equivalence": [
+        {"variant": "auxt", "seed": s, **curve} for s in (0, 1)]}
+    fig = figures.plot_step_equivalence(study)
+    drawn = [line.get_ydata() for line in fig.axes[1].get_lines() if len(line.get_xdata()) == 2]
+    assert any(np.allclose(y, [2.0, 2.0]) for y in drawn)
+    study.summary = {**study.summary, "step_equivalence": []}
+    with pytest.raises(figures.MissingInput, match="no variant reaches"):
+        figures.plot_step_equivalence(study)
