@@ -61,8 +61,17 @@ from torchmetrics import Metric
 from energylab.wavelets import dwt2
 
 __all__ = [
+    "percentile_interval",
+    "neighbourhood_statistics_batched",
+    "mean_energy_fraction",
+    "energy_shares",
+    "channel_statistics_batched",
+    "channel_energies",
+    "bootstrap_weights",
+    "bootstrap_intervals",
     "EIGENVALUE_FLOOR",
     "RANK_RTOL",
+    "ENERGY_KINDS",
     "AuxEnergyShare",
     "ChannelStats",
     "NeighbourhoodTotalCorrelation",
@@ -504,6 +513,300 @@ def energy_statistics(
     }
 
 
+ENERGY_KINDS = ("l2", "l2_centred", "ms", "ms_centred")
+"""The four per-channel energies of :func:`channel_energies`, in that order."""
+
+
+def _numpy64(x: CovLike | Sequence[float] | float) -> np.ndarray:
+    if isinstance(x, Tensor):
+        x = x.detach().to("cpu", torch.float64).numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+def channel_energies(
+    mean: CovLike | Sequence[float], energies: CovLike | Sequence[float], count: float
+) -> dict[str, np.ndarray]:
+    """Per-channel energy of a latent in the four senses of :data:`ENERGY_KINDS`, ``(C,)`` float64.
+
+    From the channel means ``mu_c``, the second moments ``E[y_c^2]`` and the count ``n`` of
+    positions (the ``mean``, ``energies`` and ``count`` of :class:`ChannelStats`)::
+
+        ms         = E[y_c^2]                      mean square, channel means in
+        ms_centred = E[y_c^2] - mu_c^2             mean square with the channel mean removed
+        l2         = ||y_c||_2 = sqrt(n ms)         L2 norm over positions (not squared)
+        l2_centred = ||y_c - mu_c||_2 = sqrt(n ms_centred)
+
+    ``l2`` is the energy of the paper's Fig. 1 (Li et al., ICLR 2025: channels ordered by their L2
+    norm); ``E[y^2] = mu^2 + s^2`` (statistics-notes.md) says how much of ``ms`` is means.
+    ``ms_centred`` is clipped at 0 against rounding.
+
+    Raises:
+        ValueError: ``mean`` and ``energies`` are not 1-D of one length, or ``count <= 0``.
+
+    >>> out = channel_energies([1.0, 0.0], [2.0, 4.0], count=4)
+    >>> {k: v.tolist() for k, v in out.items()}
+    {'l2': [2.8284271247461903, 4.0], 'l2_centred': [2.0, 4.0], 'ms': [2.0, 4.0], 'ms_centred': [1.0, 4.0]}
+    """
+    mu, ms = _numpy64(mean), _numpy64(energies)
+    if mu.ndim != 1 or mu.shape != ms.shape or count <= 0:
+        raise ValueError(f"channel_energies: expected (C,) means and energies and count > 0, got "
+                         f"{mu.shape}, {ms.shape}, {count}")
+    centred = np.clip(ms - mu**2, 0.0, None)
+    return {"l2": np.sqrt(count * ms), "l2_centred": np.sqrt(count * centred), "ms": ms,
+            "ms_centred": centred}
+
+
+def mean_energy_fraction(
+    mean: CovLike | Sequence[float], energies: CovLike | Sequence[float]
+) -> float | None:
+    """Share of the second moment held by the channel means: ``sum_c mu_c^2 / sum_c E[y_c^2]``.
+
+    In ``[0, 1]``; 1 for constant channels, 0 for zero-mean ones; ``None`` for zero energy.
+
+    >>> mean_energy_fraction([1.0, 0.0], [2.0, 2.0])
+    0.25
+    """
+    mu, ms = _numpy64(mean), _numpy64(energies)
+    total = float(ms.sum())
+    return None if total <= 0 else float(np.square(mu).sum() / total)
+
+
+def energy_shares(
+    mean: CovLike | Sequence[float], energies: CovLike | Sequence[float], count: float, k: int | None = None
+) -> dict[str, float | int | None]:
+    """Top-k shares of the four energies of :func:`channel_energies` and the means' share.
+
+    Returns:
+        ``topk_share.<kind>`` for each of :data:`ENERGY_KINDS` (:func:`topk_energy_share` of that
+        energy: e.g. ``topk_share.l2 = sum of the k largest ||y_c||_2 / sum_c ||y_c||_2``),
+        ``topk_k`` (default ``max(1, round(C / 8))``, as :func:`energy_statistics`) and
+        :func:`mean_energy_fraction`. ``topk_share.ms`` equals ``energy_statistics``'s
+        ``topk_energy_share``.
+
+    >>> out = energy_shares([3.0, 0.0], [10.0, 1.0], count=1, k=1)  # channel 0: 9 of its 10 is mean
+    >>> round(out["topk_share.ms"], 4), round(out["topk_share.ms_centred"], 4), out["mean_energy_fraction"]
+    (0.9091, 0.5, 0.8181818181818182)
+    """
+    per_channel = channel_energies(mean, energies, count)
+    c = len(per_channel["ms"])
+    k = max(1, round(c / 8)) if k is None else k
+    out: dict[str, float | int | None] = {
+        f"topk_share.{kind}": topk_energy_share(e, k) for kind, e in per_channel.items()
+    }
+    return out | {"topk_k": k, "mean_energy_fraction": mean_energy_fraction(mean, energies)}
+
+
+# ---------------------------------------------------------------- bootstrap over images
+
+
+def bootstrap_weights(images: int, replicates: int, seed: int) -> Tensor:
+    """How often each image is drawn in each bootstrap replicate: ``(replicates, images)`` float64.
+
+    Each row draws ``images`` images uniformly with replacement (B. Efron and R. Tibshirani, *An
+    Introduction to the Bootstrap*, Chapman & Hall 1993, ch. 6), from a CPU ``torch.Generator``
+    seeded with ``seed``: the same seed gives the same rows on every device. Rows sum to ``images``.
+
+    Raises:
+        ValueError: ``images < 1`` or ``replicates < 1``.
+
+    >>> bootstrap_weights(3, 2, seed=0).sum(1).tolist()
+    [3.0, 3.0]
+    """
+    if images < 1 or replicates < 1:
+        raise ValueError(f"bootstrap_weights: needs images >= 1 and replicates >= 1, got {images}, "
+                         f"{replicates}")
+    gen = torch.Generator().manual_seed(seed)
+    draws = torch.randint(0, images, (replicates, images), generator=gen)
+    return torch.zeros(replicates, images, dtype=torch.float64).scatter_add_(
+        1, draws, torch.ones(replicates, images, dtype=torch.float64)
+    )
+
+
+def percentile_interval(values: Tensor, level: float = 0.95) -> tuple[float, float] | None:
+    """Percentile bootstrap interval (Efron & Tibshirani 1993, ch. 13): the ``(1 - level) / 2`` and
+    ``(1 + level) / 2`` quantiles of the replicates ``values`` ``(R,)`` (linear interpolation).
+
+    ``None`` when any replicate is NaN or inf (e.g. a replicate covariance is singular: the
+    statistic is infinite there, so no finite interval holds it).
+
+    >>> [round(v, 6) for v in percentile_interval(torch.arange(101.0))]
+    [2.5, 97.5]
+    """
+    v = values.detach().to(torch.float64).flatten()
+    if v.numel() == 0 or not bool(torch.isfinite(v).all()):
+        return None
+    q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64, device=v.device)
+    low, high = torch.quantile(v, q).tolist()
+    return low, high
+
+
+def _digamma_bias(dim: int, n: Tensor) -> tuple[Tensor, Tensor]:
+    """Batched :func:`_log_det_bias` and :func:`_variances_bias` for counts ``n`` ``(R,)``."""
+    psi = torch.special.digamma
+    i = torch.arange(1, dim + 1, dtype=torch.float64, device=n.device)
+    log_det = dim * psi((n - 1) / 2) - psi((n[:, None] - i) / 2).sum(1)
+    return log_det, psi((n - 1) / 2) + torch.log(2 / (n - 1))
+
+
+def _batched_moments(count: Tensor, total: Tensor, outer: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Means ``(R, C)``, unbiased covariances ``(R, C, C)`` and second moments ``(R, C)`` from
+    pooled sums, as :class:`ChannelStats` computes them."""
+    mean = total / count[:, None]
+    cov = (outer - count[:, None, None] * mean[:, :, None] * mean[:, None, :]) / (count - 1)[:, None, None]
+    return mean, 0.5 * (cov + cov.mT), torch.diagonal(outer, dim1=1, dim2=2) / count[:, None]
+
+
+def _batched_tc(cov: Tensor, n: Tensor, log_det: Tensor) -> Tensor:
+    """Batched :func:`total_correlation` given ``log det`` (NaN where singular), bias-corrected
+    where ``n > C``."""
+    dim = cov.shape[-1]
+    tc = 0.5 * (torch.log(torch.diagonal(cov, dim1=1, dim2=2)).sum(1) - log_det)
+    bias, _ = _digamma_bias(dim, n)
+    return torch.where(n > dim, tc - 0.5 * bias, tc)
+
+
+def channel_statistics_batched(
+    count: Tensor, total: Tensor, outer: Tensor, k: int | None = None, rtol: float = RANK_RTOL
+) -> dict[str, Tensor]:
+    """The covariance and energy statistics of many pooled sums at once (bootstrap replicates).
+
+    The batched form of :func:`energy_statistics` and :func:`energy_shares` (same formulas and
+    sources, same ``n`` rule: bias-corrected where ``count > C``) on ``R`` sets of
+    :class:`ChannelStats` sums, with one batched ``torch.linalg.eigvalsh``; a statistic that is
+    ``None`` there is NaN here.
+
+    Args:
+        count: ``(R,)``, total: ``(R, C)``, outer: ``(R, C, C)`` float64 sums.
+        k: as :func:`energy_statistics`.
+
+    Returns:
+        ``(R,)`` float64 tensors: ``total_correlation``, ``total_correlation_per_channel``
+        (nats / C), ``coding_gain``, ``klt_coding_gain``, ``decorrelation_gain``,
+        ``offdiag_energy_ratio``, ``effective_rank``, ``topk_share.<kind>``,
+        ``mean_energy_fraction``.
+    """
+    c = total.shape[1]
+    k = max(1, round(c / 8)) if k is None else k
+    nan = torch.tensor(math.nan, dtype=torch.float64, device=total.device)
+    mean, cov, ms = _batched_moments(count, total, outer)
+    var = torch.diagonal(cov, dim1=1, dim2=2)
+    lam = torch.linalg.eigvalsh(cov).flip(-1)  # descending
+    full = (lam[:, 0] > 0) & (lam[:, -1] > rtol * lam[:, 0])
+    log_det = torch.where(full, torch.log(lam.clamp(min=1e-300)).sum(1), nan)
+    tc = _batched_tc(cov, count, log_det)
+    log_det_bias, var_bias = _digamma_bias(c, count)
+    corrected = count > c
+    live = var > rtol * var.amax(1, keepdim=True)
+    log_gm = torch.log(var.clamp(min=1e-300)).mean(1) - torch.where(corrected, var_bias, 0.0)
+    cg = torch.where(live.all(1), var.mean(1) / torch.exp(log_gm), nan)
+    log_det_klt = log_det - torch.where(corrected, c * var_bias - log_det_bias, 0.0)
+    klt = var.sum(1) / c / torch.exp(log_det_klt / c)
+    std = torch.where(live, var, 1.0).sqrt()
+    both = (live[:, :, None] & live[:, None, :]).to(torch.float64)
+    r2 = (cov / (std[:, :, None] * std[:, None, :])).square() * both
+    diag = live.sum(1).to(torch.float64)
+    off = r2.sum((1, 2)) - diag
+    offdiag = torch.where(diag > 0, off / (off + diag), nan)
+    p = lam.clamp(min=0.0) / lam.clamp(min=0.0).sum(1, keepdim=True)
+    eff_rank = torch.where(lam[:, 0] > 0, torch.exp(-torch.special.xlogy(p, p).sum(1)), nan)
+    centred = (ms - mean.square()).clamp(min=0.0)
+    energies = {"l2": (count[:, None] * ms).sqrt(), "l2_centred": (count[:, None] * centred).sqrt(),
+                "ms": ms, "ms_centred": centred}
+    out = {
+        "total_correlation": tc,
+        "total_correlation_per_channel": tc / c,
+        "coding_gain": cg,
+        "klt_coding_gain": klt,
+        "decorrelation_gain": torch.exp(2 * tc / c),
+        "offdiag_energy_ratio": offdiag,
+        "effective_rank": eff_rank,
+    }
+    for kind, e in energies.items():
+        s = e.sort(1, descending=True).values
+        out[f"topk_share.{kind}"] = torch.where(
+            s.sum(1) > 0, s[:, :k].sum(1) / s.sum(1), torch.tensor(k / c, dtype=torch.float64)
+        )
+    total_ms = ms.sum(1)
+    out["mean_energy_fraction"] = torch.where(total_ms > 0, mean.square().sum(1) / total_ms, nan)
+    return out
+
+
+def _cholesky_log_det(cov: Tensor) -> Tensor:
+    """``log det`` of each ``(..., D, D)`` matrix by Cholesky, NaN where it is not positive definite."""
+    chol, info = torch.linalg.cholesky_ex(cov)
+    log_det = 2 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
+    return torch.where(info == 0, log_det, math.nan)
+
+
+def neighbourhood_statistics_batched(
+    count: Tensor, total: Tensor, outer: Tensor, k: int = 2
+) -> dict[str, Tensor]:
+    """The split of :class:`NeighbourhoodTotalCorrelation` for many pooled sums at once.
+
+    Batched form of :meth:`NeighbourhoodTotalCorrelation.split` (same formulas; bias-corrected at
+    ``n`` = blocks where ``n > k^2 C``) on ``R`` sets of its ``k^2 C``-channel sums; ``log det`` by
+    batched Cholesky (cheaper than eigenvalues at ``k^2 C = 192``), so a replicate whose covariance
+    is not positive definite gives NaN.
+
+    Returns:
+        ``(R,)`` float64: ``neighbourhood_tc.joint``, ``.across_channels``, ``.across_positions``.
+    """
+    _, cov, _ = _batched_moments(count, total, outer)
+    r, d = count.shape[0], total.shape[1]
+    c = d // (k * k)
+    corrected = torch.where(count > c, count, math.inf)  # plug-in parts where n <= C (bias -> 0)
+    joint = _batched_tc(cov, count, _cholesky_log_det(cov))
+    blocks = torch.stack([cov[:, p * c : (p + 1) * c, p * c : (p + 1) * c] for p in range(k * k)], 1)
+    blocks = blocks.reshape(r * k * k, c, c)
+    parts = _batched_tc(blocks, corrected.repeat_interleave(k * k), _cholesky_log_det(blocks))
+    channels = parts.view(r, k * k).sum(1)
+    return {"neighbourhood_tc.joint": joint, "neighbourhood_tc.across_channels": channels,
+            "neighbourhood_tc.across_positions": joint - channels}
+
+
+def bootstrap_intervals(
+    count: Tensor,
+    total: Tensor,
+    outer: Tensor,
+    statistics: Callable[[Tensor, Tensor, Tensor], dict[str, Tensor]],
+    replicates: int = 200,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, tuple[float, float] | None]:
+    """95 % percentile-bootstrap intervals of statistics of pooled sums, resampling whole images.
+
+    Each of ``replicates`` replicates draws the ``I`` images with replacement
+    (:func:`bootstrap_weights`, seeded: the same seed gives the same intervals), pools their sums
+    (``W @ per-image sums``) and evaluates ``statistics`` on all replicates at once
+    (:func:`channel_statistics_batched`, :func:`neighbourhood_statistics_batched`); each interval
+    is :func:`percentile_interval` of its replicates. Positions within an image are not
+    independent; resampling whole images carries that dependence, which the i.i.d. bias
+    correction inside the statistics does not (statistics-notes.md; Efron & Tibshirani 1993).
+
+    Args:
+        count, total, outer: per-image sums ``(I,)``, ``(I, C)``, ``(I, C, C)`` from
+            :meth:`ChannelStats.images`.
+        statistics: ``(count (R,), total (R, C), outer (R, C, C)) -> {name: (R,) values}``.
+
+    Returns:
+        ``{name: (low, high)}``; every interval is None when ``I < 2`` (nothing to resample).
+
+    >>> g = torch.Generator().manual_seed(0)
+    >>> m = ChannelStats(4, per_image=True)
+    >>> m.update(torch.randn(16, 4, 8, 8, generator=g))  # 16 white-noise images
+    >>> iv = bootstrap_intervals(*m.images(), channel_statistics_batched, replicates=100)
+    >>> low, high = iv["total_correlation"]
+    >>> low < 0 < high, iv == bootstrap_intervals(*m.images(), channel_statistics_batched, replicates=100)
+    (True, True)
+    """
+    weights = bootstrap_weights(len(count), replicates, seed).to(total.device)
+    n, t, o = weights @ count, weights @ total, (weights @ outer.flatten(1)).view(-1, *outer.shape[1:])
+    values = statistics(n, t, o)
+    if len(count) < 2:
+        return dict.fromkeys(values)
+    return {name: percentile_interval(v, level) for name, v in values.items()}
+
+
 def _f64_zeros(*shape: int) -> Tensor:
     return torch.zeros(shape, dtype=torch.float64)
 
@@ -787,7 +1090,11 @@ class _StreamingMetric(Metric):
         this = super()._apply(fn, exclude_state=(*exclude_state, *names))
         for name in names:
             if name not in exclude_state:
-                setattr(this, name, getattr(this, name).to(this.device))
+                value = getattr(this, name)
+                if isinstance(value, list):  # per-image states (dist_reduce_fx="cat")
+                    setattr(this, name, [v.to(this.device) for v in value])
+                else:
+                    setattr(this, name, value.to(this.device))
         return this
 
     def _follow(self, y: Tensor) -> None:
@@ -837,6 +1144,12 @@ class ChannelStats(_StreamingMetric):
             without replacement by a ``torch.Generator`` on the data's device seeded with ``seed``;
             ``nonfinite`` still counts over every position of the input.
         seed: seed of that generator.
+        per_image: also keep the sums of every **image** apart (for :func:`bootstrap_intervals`):
+            list states ``image_count`` ``(1,)``, ``image_sum`` ``(1, C)``, ``image_outer``
+            ``(1, C, C)`` per image, float64, ``dist_reduce_fx="cat"`` (so processes contribute
+            their images); :meth:`images` stacks them. An image is one ``(C, H, W)`` element of a
+            4-D input, or the whole of one 2-D ``(N, C)`` update. The pooled states are the sums
+            of the per-image ones.
 
     Raises:
         ValueError: ``channels < 1`` or ``max_positions < 1``.
@@ -849,7 +1162,8 @@ class ChannelStats(_StreamingMetric):
     """
 
     def __init__(
-        self, channels: int, max_positions: int | None = None, seed: int = 0, **kwargs
+        self, channels: int, max_positions: int | None = None, seed: int = 0, per_image: bool = False,
+        **kwargs,
     ) -> None:
         super().__init__(**kwargs)
         if channels < 1:
@@ -857,12 +1171,16 @@ class ChannelStats(_StreamingMetric):
         if max_positions is not None and max_positions < 1:
             raise ValueError(f"max_positions must be >= 1, got {max_positions}")
         self.channels, self.max_positions, self.seed = channels, max_positions, seed
+        self.per_image = per_image
         self._generators: dict[torch.device, torch.Generator] = {}
         self.add_state("sum", _f64_zeros(channels), dist_reduce_fx="sum")
         self.add_state("outer", _f64_zeros(channels, channels), dist_reduce_fx="sum")
+        if per_image:
+            for name in ("image_count", "image_sum", "image_outer"):
+                self.add_state(name, [], dist_reduce_fx="cat")
 
     def _config(self) -> tuple:
-        return (self.channels,)
+        return (self.channels, self.per_image)
 
     def _subsample(self, y: Tensor) -> Tensor:
         """``max_positions`` random samples of ``y`` as an ``(m, C)`` matrix."""
@@ -888,13 +1206,35 @@ class ChannelStats(_StreamingMetric):
         _check_channel_input(y, self.channels)
         self._follow(y)
         y = y.detach()
+        for image in y.split(1) if self.per_image and y.dim() == 4 else (y,):
+            count, total, outer, skipped = self._sums(image)
+            self._add({"count": count, "sum": total, "outer": outer, "nonfinite": skipped})
+            if self.per_image:
+                self.image_count.append(count.reshape(1))
+                self.image_sum.append(total[None])
+                self.image_outer.append(outer[None])
+
+    def _sums(self, y: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         n = y.numel() // self.channels
         if self.max_positions is not None and n > self.max_positions:
-            skipped = n - _finite(y, 1).sum()
             count, total, outer, _ = _channel_stats_update(self._subsample(y), self.channels)
-        else:
-            count, total, outer, skipped = _channel_stats_update(y, self.channels)
-        self._add({"count": count, "sum": total, "outer": outer, "nonfinite": skipped})
+            return count, total, outer, n - _finite(y, 1).sum()
+        return _channel_stats_update(y, self.channels)
+
+    def images(self) -> tuple[Tensor, Tensor, Tensor]:
+        """The per-image sums ``(count (I,), sum (I, C), outer (I, C, C))``, float64, in update
+        order (process order after a sync); the input of :func:`bootstrap_intervals`.
+
+        Raises:
+            ValueError: the metric was made without ``per_image`` or has seen no image.
+        """
+        if not self.per_image:
+            raise ValueError("ChannelStats: per-image sums need ChannelStats(..., per_image=True)")
+        if not len(self.image_count):
+            raise ValueError("ChannelStats: no data (images() before any update)")
+        cat = [torch.cat(v) if isinstance(v, list) else v
+               for v in (self.image_count, self.image_sum, self.image_outer)]
+        return cat[0], cat[1], cat[2]
 
     def compute(self) -> dict[str, Tensor]:
         """Statistics of everything accumulated (across processes, when distributed).
@@ -1198,7 +1538,9 @@ class NeighbourhoodTotalCorrelation(ChannelStats):
 
     Each non-overlapping ``k x k`` block of ``y`` ``(B, C, H, W)`` (H, W cropped to multiples of
     ``k``) is one sample of ``k^2 C`` variables; the states are those of a :class:`ChannelStats` of
-    ``k^2 C`` channels (non-finite rule included). :meth:`split` gives, in nats, with the
+    ``k^2 C`` channels (non-finite rule and ``per_image`` included: with ``per_image=True`` each
+    ``(C, H, W)`` image's blocks are one image for :func:`bootstrap_intervals`). :meth:`split`
+    gives, in nats, with the
     bias correction of :func:`total_correlation` at ``n`` = blocks::
 
         joint            = TC of the k^2 C variables
@@ -1223,7 +1565,7 @@ class NeighbourhoodTotalCorrelation(ChannelStats):
         self.k, self.latent_channels = k, channels
 
     def _config(self) -> tuple:
-        return (self.latent_channels, self.k)
+        return (self.latent_channels, self.k, self.per_image)
 
     def update(self, y: Tensor) -> None:
         """Accumulate the ``k x k`` blocks of ``y`` ``(B, C, H, W)``.
@@ -1236,7 +1578,8 @@ class NeighbourhoodTotalCorrelation(ChannelStats):
                 f"NeighbourhoodTotalCorrelation: expected (B, {self.latent_channels}, H, W) with H, W "
                 f">= {self.k}, got {tuple(y.shape)}"
             )
-        super().update(_blocks(y, self.k))
+        for image in y.split(1) if self.per_image else (y,):  # per image: one 2-D update each
+            super().update(_blocks(image, self.k))
 
     def split(self) -> dict[str, float | None]:
         """``joint``, ``across_channels``, ``across_positions`` (nats, bias-corrected at ``n`` =
