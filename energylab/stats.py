@@ -905,9 +905,12 @@ def _subband_names(levels: int) -> list[str]:
     return [f"LL{levels}"] + [f"{b}{lv}" for lv in range(levels, 0, -1) for b in ("LH", "HL", "HH")]
 
 
-def _subband_energy_update(y: Tensor, levels: int, wavelet: str) -> tuple[Tensor, Tensor, Tensor]:
-    """``(energy, count, nonfinite)``: float64 band energies ``(3L+1,)`` of the images of ``y``
-    ``(B, C, H, W)``, images holding a non-finite value left out; counts in images."""
+def _subband_energy_update(
+    y: Tensor, levels: int, wavelet: str
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(energy, count, nonfinite, channel_sum, ll_sum)``: float64 band energies ``(3L+1,)`` of the
+    images of ``y`` ``(B, C, H, W)``, images holding a non-finite value left out; counts in images;
+    per channel ``(C,)`` the sum of ``y`` and of its ``LL{L}`` coefficients over the kept images."""
     m = 2**levels
     if y.dim() != 4 or y.shape[-2] % m or y.shape[-1] % m:
         raise ValueError(
@@ -917,6 +920,7 @@ def _subband_energy_update(y: Tensor, levels: int, wavelet: str) -> tuple[Tensor
     x = y.detach().to(torch.float64, copy=True)
     kept = _finite(x.flatten(1), 1).to(torch.float64)  # (B,): 1 for the images kept
     x.nan_to_num_(0.0, 0.0, 0.0)  # a skipped image keeps finite garbage: weighted 0 below
+    channel_sum = kept @ x.sum((2, 3))
 
     def energy(band: Tensor) -> Tensor:
         return band.square().sum((1, 2, 3)) @ kept
@@ -927,7 +931,7 @@ def _subband_energy_update(y: Tensor, levels: int, wavelet: str) -> tuple[Tensor
         details.append(torch.stack([energy(band) for band in bands]))
     energies = torch.cat([energy(x).reshape(1), *details[::-1]])
     count = kept.sum()
-    return energies, count, len(kept) - count
+    return energies, count, len(kept) - count, channel_sum, kept @ x.sum((2, 3))
 
 
 def _subband_energy_compute(
@@ -947,6 +951,19 @@ def _subband_energy_compute(
     shares = energy / energy.sum()
     out = dict(zip(_subband_names(levels), shares.unbind(), strict=True))
     return out | {"count": count.clone(), "nonfinite": nonfinite.clone()}
+
+
+def _subband_energy_centred(
+    energy: Tensor, channel_sum: Tensor, ll_sum: Tensor, positions: Tensor, levels: int
+) -> Tensor:
+    """Band shares ``(3L+1,)`` of the channel-centred latent from the raw sums (see
+    :class:`SubbandEnergy`); zero centred energy reads as white, as the raw shares do."""
+    mu = channel_sum / positions
+    centred = energy.clone()
+    dc = (2 ** (levels + 1) * mu * ll_sum - positions * mu.square()).sum()  # the means' LL energy
+    centred[0] = (energy[0] - dc).clamp(min=0.0)
+    shares = _subband_energy_compute(centred, positions, torch.zeros_like(positions), levels)
+    return torch.stack([shares[band] for band in _subband_names(levels)])
 
 
 # ---------------------------------------------------------------- functional layer: SpatialCorrelation
@@ -1276,9 +1293,17 @@ class SubbandEnergy(_StreamingMetric):
     ``nonfinite`` count **images** (a DWT mixes positions, so an image holding NaN or inf is
     skipped whole).
 
+    **Centred** (with ``channels`` = C given): the shares of ``y - mu`` with ``mu_c`` the channel
+    mean over every kept position, as ``<band>_centred`` keys. The DWT is linear and maps a
+    constant ``mu_c`` to ``LL{L} = 2^L mu_c`` and zero details (analysis low-pass taps sum to
+    ``sqrt 2``, high-pass taps to 0), so only ``LL{L}`` changes:
+    ``E_LL - sum_c (2^(L+1) mu_c sum LL_c - n mu_c^2)`` with ``n`` positions; states
+    ``channel_sum``, ``ll_sum`` ``(C,)`` and ``positions`` (float64 sums).
+
     Args:
         levels: decomposition levels L >= 1.
         wavelet: a pywt discrete wavelet name (see :func:`energylab.wavelets.dwt2`).
+        channels: C, to add the centred shares; None: raw shares only.
 
     Raises:
         ValueError: ``levels < 1``.
@@ -1289,16 +1314,22 @@ class SubbandEnergy(_StreamingMetric):
     {'LL1': 1.0, 'LH1': 0.0, 'HL1': 0.0, 'HH1': 0.0, 'count': 2.0, 'nonfinite': 0.0}
     """
 
-    def __init__(self, levels: int = 2, wavelet: str = "haar", **kwargs) -> None:
+    def __init__(
+        self, levels: int = 2, wavelet: str = "haar", channels: int | None = None, **kwargs
+    ) -> None:
         super().__init__(**kwargs)
         if levels < 1:
             raise ValueError(f"levels must be >= 1, got {levels}")
-        self.levels, self.wavelet = levels, wavelet
+        self.levels, self.wavelet, self.channels = levels, wavelet, channels
         self.bands = _subband_names(levels)
         self.add_state("energy", _f64_zeros(3 * levels + 1), dist_reduce_fx="sum")
+        if channels is not None:
+            self.add_state("channel_sum", _f64_zeros(channels), dist_reduce_fx="sum")
+            self.add_state("ll_sum", _f64_zeros(channels), dist_reduce_fx="sum")
+            self.add_state("positions", _f64_zeros(), dist_reduce_fx="sum")
 
     def _config(self) -> tuple:
-        return (self.levels, self.wavelet)
+        return (self.levels, self.wavelet, self.channels)
 
     def update(self, y: Tensor) -> None:
         """Accumulate the band energies of ``y`` ``(B, C, H, W)``, H and W divisible by ``2^L``.
@@ -1306,9 +1337,13 @@ class SubbandEnergy(_StreamingMetric):
         Raises:
             ValueError: wrong rank or sizes. TypeError: non-float ``y``.
         """
-        energy, count, skipped = _subband_energy_update(y, self.levels, self.wavelet)
+        energy, count, skipped, channel_sum, ll_sum = _subband_energy_update(y, self.levels, self.wavelet)
         self._follow(y)
         self._add({"energy": energy, "count": count, "nonfinite": skipped})
+        if self.channels is not None:
+            if y.shape[1] != self.channels:
+                raise ValueError(f"SubbandEnergy: expected {self.channels} channels, got {tuple(y.shape)}")
+            self._add({"channel_sum": channel_sum, "ll_sum": ll_sum, "positions": count * y[0, 0].numel()})
 
     def compute(self) -> dict[str, Tensor]:
         """Shares ``{LL{L}, LH{L}, HL{L}, HH{L}, ..., LH1, HL1, HH1}`` (0-d float64 tensors
@@ -1317,7 +1352,13 @@ class SubbandEnergy(_StreamingMetric):
         Raises:
             ValueError: no finite image (no update, or all non-finite).
         """
-        return _subband_energy_compute(self.energy, self.count, self.nonfinite, self.levels)
+        out = _subband_energy_compute(self.energy, self.count, self.nonfinite, self.levels)
+        if self.channels is None:
+            return out
+        centred = _subband_energy_centred(
+            self.energy, self.channel_sum, self.ll_sum, self.positions, self.levels
+        )
+        return out | {f"{band}_centred": v for band, v in zip(self.bands, centred.unbind(), strict=True)}
 
 
 class SpatialCorrelation(_StreamingMetric):
