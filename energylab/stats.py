@@ -754,8 +754,8 @@ def neighbourhood_statistics_batched(
     _, cov, _ = _batched_moments(count, total, outer)
     r, d = count.shape[0], total.shape[1]
     c = d // (k * k)
-    corrected = torch.where(count > c, count, math.inf)  # plug-in parts where n <= C (bias -> 0)
     joint = _batched_tc(cov, count, _cholesky_log_det(cov))
+    corrected = torch.where(count > d, count, 0.0)  # as split(): the parts are corrected iff n > k^2 C
     blocks = torch.stack([cov[:, p * c : (p + 1) * c, p * c : (p + 1) * c] for p in range(k * k)], 1)
     blocks = blocks.reshape(r * k * k, c, c)
     parts = _batched_tc(blocks, corrected.repeat_interleave(k * k), _cholesky_log_det(blocks))
