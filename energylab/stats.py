@@ -773,15 +773,25 @@ def bootstrap_intervals(
     seed: int = 0,
     level: float = 0.95,
 ) -> dict[str, tuple[float, float] | None]:
-    """95 % percentile-bootstrap intervals of statistics of pooled sums, resampling whole images.
+    """95 % bootstrap intervals of statistics of pooled sums, resampling whole images.
 
     Each of ``replicates`` replicates draws the ``I`` images with replacement
     (:func:`bootstrap_weights`, seeded: the same seed gives the same intervals), pools their sums
     (``W @ per-image sums``) and evaluates ``statistics`` on all replicates at once
-    (:func:`channel_statistics_batched`, :func:`neighbourhood_statistics_batched`); each interval
-    is :func:`percentile_interval` of its replicates. Positions within an image are not
-    independent; resampling whole images carries that dependence, which the i.i.d. bias
-    correction inside the statistics does not (statistics-notes.md; Efron & Tibshirani 1993).
+    (:func:`channel_statistics_batched`, :func:`neighbourhood_statistics_batched`). Positions
+    within an image are not independent; resampling whole images carries that dependence into
+    the spread, which the i.i.d. bias correction inside the statistics does not
+    (statistics-notes.md).
+
+    **Recentred percentile interval.** A replicate repeats images, which raises every
+    log-determinant statistic by about its finite-sample bias again (a resample of ``n``
+    positions holds fewer distinct ones), so the replicates sit off the estimate by the
+    bootstrap's bias estimate ``b = mean(theta*) - theta_hat`` (B. Efron and R. Tibshirani, *An
+    Introduction to the Bootstrap*, 1993, ch. 10). The interval is :func:`percentile_interval`
+    of ``theta* - b``: its location is the (bias-corrected) estimate ``theta_hat`` of the pooled
+    sums, its width and asymmetry are the replicates' (ch. 13). With white data, C = 48 and 8192
+    positions the uncentred percentile interval would miss 0 almost always (the shift is ~0.05
+    nats, the spread ~0.005).
 
     Args:
         count, total, outer: per-image sums ``(I,)``, ``(I, C)``, ``(I, C, C)`` from
@@ -800,11 +810,12 @@ def bootstrap_intervals(
     (True, True)
     """
     weights = bootstrap_weights(len(count), replicates, seed).to(total.device)
+    weights = torch.cat([torch.ones_like(weights[:1]), weights])  # row 0: the sample itself
     n, t, o = weights @ count, weights @ total, (weights @ outer.flatten(1)).view(-1, *outer.shape[1:])
     values = statistics(n, t, o)
     if len(count) < 2:
         return dict.fromkeys(values)
-    return {name: percentile_interval(v, level) for name, v in values.items()}
+    return {name: percentile_interval(v[1:] - v[1:].mean() + v[0], level) for name, v in values.items()}
 
 
 def _f64_zeros(*shape: int) -> Tensor:
