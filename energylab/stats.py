@@ -652,8 +652,9 @@ def _batched_moments(count: Tensor, total: Tensor, outer: Tensor) -> tuple[Tenso
     """Means ``(R, C)``, unbiased covariances ``(R, C, C)`` and second moments ``(R, C)`` from
     pooled sums, as :class:`ChannelStats` computes them."""
     mean = total / count[:, None]
-    cov = (outer - count[:, None, None] * mean[:, :, None] * mean[:, None, :]) / (count - 1)[:, None, None]
-    return mean, 0.5 * (cov + cov.mT), torch.diagonal(outer, dim1=1, dim2=2) / count[:, None]
+    cov = torch.baddbmm(outer, total[:, :, None], mean[:, None, :], alpha=-1.0)  # outer - n mu mu^T
+    cov.div_((count - 1)[:, None, None])
+    return mean, cov, torch.diagonal(outer, dim1=1, dim2=2) / count[:, None]
 
 
 def _batched_tc(cov: Tensor, n: Tensor, log_det: Tensor) -> Tensor:
