@@ -667,17 +667,19 @@ def _batched_tc(cov: Tensor, n: Tensor, log_det: Tensor) -> Tensor:
 
 
 def channel_statistics_batched(
-    count: Tensor, total: Tensor, outer: Tensor, k: int | None = None, rtol: float = RANK_RTOL
+    count: Tensor, total: Tensor, outer: Tensor, n: Tensor | None = None, k: int | None = None,
+    rtol: float = RANK_RTOL,
 ) -> dict[str, Tensor]:
     """The covariance and energy statistics of many pooled sums at once (bootstrap replicates).
 
     The batched form of :func:`energy_statistics` and :func:`energy_shares` (same formulas and
-    sources, same ``n`` rule: bias-corrected where ``count > C``) on ``R`` sets of
+    sources, same ``n`` rule: bias-corrected where ``n > C``) on ``R`` sets of
     :class:`ChannelStats` sums, with one batched ``torch.linalg.eigvalsh``; a statistic that is
     ``None`` there is NaN here.
 
     Args:
         count: ``(R,)``, total: ``(R, C)``, outer: ``(R, C, C)`` float64 sums.
+        n: ``(R,)`` sample counts of the bias corrections; default ``count``.
         k: as :func:`energy_statistics`.
 
     Returns:
@@ -689,14 +691,15 @@ def channel_statistics_batched(
     c = total.shape[1]
     k = max(1, round(c / 8)) if k is None else k
     nan = torch.tensor(math.nan, dtype=torch.float64, device=total.device)
+    n = count if n is None else n
     mean, cov, ms = _batched_moments(count, total, outer)
     var = torch.diagonal(cov, dim1=1, dim2=2)
     lam = torch.linalg.eigvalsh(cov).flip(-1)  # descending
     full = (lam[:, 0] > 0) & (lam[:, -1] > rtol * lam[:, 0])
     log_det = torch.where(full, torch.log(lam.clamp(min=1e-300)).sum(1), nan)
-    tc = _batched_tc(cov, count, log_det)
-    log_det_bias, var_bias = _digamma_bias(c, count)
-    corrected = count > c
+    tc = _batched_tc(cov, n, log_det)
+    log_det_bias, var_bias = _digamma_bias(c, n)
+    corrected = n > c
     live = var > rtol * var.amax(1, keepdim=True)
     log_gm = torch.log(var.clamp(min=1e-300)).mean(1) - torch.where(corrected, var_bias, 0.0)
     cg = torch.where(live.all(1), var.mean(1) / torch.exp(log_gm), nan)
@@ -740,23 +743,25 @@ def _cholesky_log_det(cov: Tensor) -> Tensor:
 
 
 def neighbourhood_statistics_batched(
-    count: Tensor, total: Tensor, outer: Tensor, k: int = 2
+    count: Tensor, total: Tensor, outer: Tensor, n: Tensor | None = None, k: int = 2
 ) -> dict[str, Tensor]:
     """The split of :class:`NeighbourhoodTotalCorrelation` for many pooled sums at once.
 
     Batched form of :meth:`NeighbourhoodTotalCorrelation.split` (same formulas; bias-corrected at
-    ``n`` = blocks where ``n > k^2 C``) on ``R`` sets of its ``k^2 C``-channel sums; ``log det`` by
+    ``n`` = blocks, default ``count``, where ``n > k^2 C``) on ``R`` sets of its ``k^2 C``-channel
+    sums; ``log det`` by
     batched Cholesky (cheaper than eigenvalues at ``k^2 C = 192``), so a replicate whose covariance
     is not positive definite gives NaN.
 
     Returns:
         ``(R,)`` float64: ``neighbourhood_tc.joint``, ``.across_channels``, ``.across_positions``.
     """
+    n = count if n is None else n
     _, cov, _ = _batched_moments(count, total, outer)
     r, d = count.shape[0], total.shape[1]
     c = d // (k * k)
-    joint = _batched_tc(cov, count, _cholesky_log_det(cov))
-    corrected = torch.where(count > d, count, 0.0)  # as split(): the parts are corrected iff n > k^2 C
+    joint = _batched_tc(cov, n, _cholesky_log_det(cov))
+    corrected = torch.where(n > d, n, 0.0)  # as split(): the parts are corrected iff n > k^2 C
     blocks = torch.stack([cov[:, p * c : (p + 1) * c, p * c : (p + 1) * c] for p in range(k * k)], 1)
     blocks = blocks.reshape(r * k * k, c, c)
     parts = _batched_tc(blocks, corrected.repeat_interleave(k * k), _cholesky_log_det(blocks))
@@ -769,7 +774,7 @@ def bootstrap_intervals(
     count: Tensor,
     total: Tensor,
     outer: Tensor,
-    statistics: Callable[[Tensor, Tensor, Tensor], dict[str, Tensor]],
+    statistics: Callable[..., dict[str, Tensor]],
     replicates: int = 200,
     seed: int = 0,
     level: float = 0.95,
@@ -779,25 +784,26 @@ def bootstrap_intervals(
     Each of ``replicates`` replicates draws the ``I`` images with replacement
     (:func:`bootstrap_weights`, seeded: the same seed gives the same intervals), pools their sums
     (``W @ per-image sums``) and evaluates ``statistics`` on all replicates at once
-    (:func:`channel_statistics_batched`, :func:`neighbourhood_statistics_batched`). Positions
+    (:func:`channel_statistics_batched`, :func:`neighbourhood_statistics_batched`), their bias
+    corrections at Kish's effective count ``n_eff = (sum_i w_i m_i)^2 / sum_i w_i^2 m_i`` of a
+    replicate that draws image ``i`` (``m_i`` positions) ``w_i`` times (L. Kish, *Survey
+    Sampling*, Wiley 1965): a repeated position adds no new information, and the bias of a
+    replicate's log-determinants follows ``n_eff``, which varies between replicates. Positions
     within an image are not independent; resampling whole images carries that dependence into
     the spread, which the i.i.d. bias correction inside the statistics does not
     (statistics-notes.md).
 
-    **Recentred percentile interval.** A replicate repeats images, which raises every
-    log-determinant statistic by about its finite-sample bias again (a resample of ``n``
-    positions holds fewer distinct ones), so the replicates sit off the estimate by the
-    bootstrap's bias estimate ``b = mean(theta*) - theta_hat`` (B. Efron and R. Tibshirani, *An
-    Introduction to the Bootstrap*, 1993, ch. 10). The interval is :func:`percentile_interval`
-    of ``theta* - b``: its location is the (bias-corrected) estimate ``theta_hat`` of the pooled
-    sums, its width and asymmetry are the replicates' (ch. 13). With white data, C = 48 and 8192
-    positions the uncentred percentile interval would miss 0 almost always (the shift is ~0.05
-    nats, the spread ~0.005).
+    **Recentred percentile interval.** What the corrections leave of the replicates' offset from
+    the estimate is the bootstrap's bias estimate ``b = mean(theta*) - theta_hat`` (B. Efron
+    and R. Tibshirani, *An Introduction to the Bootstrap*, 1993, ch. 10). The interval is
+    :func:`percentile_interval` of ``theta* - b``: its location is the (bias-corrected) estimate
+    ``theta_hat`` of the pooled sums, its width and asymmetry are the replicates' (ch. 13).
 
     Args:
         count, total, outer: per-image sums ``(I,)``, ``(I, C)``, ``(I, C, C)`` from
             :meth:`ChannelStats.images`.
-        statistics: ``(count (R,), total (R, C), outer (R, C, C)) -> {name: (R,) values}``.
+        statistics: ``(count (R,), total (R, C), outer (R, C, C), n (R,)) -> {name: (R,)
+            values}`` with ``n`` the sample counts of the bias corrections.
 
     Returns:
         ``{name: (low, high)}``; every interval is None when ``I < 2`` (nothing to resample).
@@ -812,8 +818,8 @@ def bootstrap_intervals(
     """
     weights = bootstrap_weights(len(count), replicates, seed).to(total.device)
     weights = torch.cat([torch.ones_like(weights[:1]), weights])  # row 0: the sample itself
-    n, t, o = weights @ count, weights @ total, (weights @ outer.flatten(1)).view(-1, *outer.shape[1:])
-    values = statistics(n, t, o)
+    m, t, o = weights @ count, weights @ total, (weights @ outer.flatten(1)).view(-1, *outer.shape[1:])
+    values = statistics(m, t, o, m.square() / (weights.square() @ count))  # Kish effective n
     if len(count) < 2:
         return dict.fromkeys(values)
     return {name: percentile_interval(v[1:] - v[1:].mean() + v[0], level) for name, v in values.items()}
@@ -1144,7 +1150,8 @@ class _StreamingMetric(Metric):
         """
         if type(other) is not type(self) or other._config() != self._config():
             raise ValueError(f"cannot merge {other!r} into {self!r}")
-        self.merge_state({k: v.to(self.device) for k, v in other.metric_state.items()})
+        self.merge_state({k: [x.to(self.device) for x in v] if isinstance(v, list) else v.to(self.device)
+                          for k, v in other.metric_state.items()})
         return self
 
     def _config(self) -> tuple:
