@@ -898,7 +898,8 @@ def test_batched_statistics_equal_the_scalar_functions():
     count, total, outer = (x.sum(0, keepdim=True) for x in m.images())
     batched = {k: float(v[0]) for k, v in channel_statistics_batched(count, total, outer, k=2).items()}
     moments = m.compute()
-    scalar = m.statistics(k=2) | energy_shares(moments["mean"], moments["energies"], float(moments["count"]), 2)
+    shares = energy_shares(moments["mean"], moments["energies"], float(moments["count"]), 2)
+    scalar = m.statistics(k=2) | shares
     scalar["total_correlation_per_channel"] = scalar["total_correlation"] / 6
     for key, value in batched.items():
         assert value == pytest.approx(scalar[key], rel=1e-9, abs=1e-12), key
