@@ -2,9 +2,12 @@
 
 :class:`LatentProbe` hooks named points of a CompressAI model (with or without AuxT) and feeds every
 tensor that passes them into float64 streaming metrics from :mod:`energylab.stats` on the tensor's
-own device: one ``torchmetrics.MetricCollection`` per layer (``channel``: :class:`ChannelStats`,
-``subband``: :class:`SubbandEnergy`, ``spatial``: :class:`SpatialCorrelation`), plus an
-:class:`AuxEnergyShare` per auxiliary branch. Hooks read tensors and never modify them; they never
+own device: one ``torchmetrics.MetricCollection`` per layer (``channel``: :class:`ChannelStats`
+with per-image sums, ``subband``: :class:`SubbandEnergy` raw and channel-centred, ``spatial``:
+:class:`SpatialCorrelation`, and for the roles in :data:`NEIGHBOURHOOD_ROLES` ``neighbourhood``:
+:class:`NeighbourhoodTotalCorrelation`, k = 2, per image), plus an :class:`AuxEnergyShare` per
+auxiliary branch. The per-image sums give every covariance statistic a 95 % bootstrap interval
+over whole probe images, computed once per capture in :meth:`LatentProbe.records`. Hooks read tensors and never modify them; they never
 call ``.item()`` or otherwise wait for the device, so a capture costs only its arithmetic. Use it as
 a context manager around the forward passes of one capture (the training loop runs it on a fixed
 probe set in eval mode under ``torch.no_grad()``), then :meth:`LatentProbe.records` reads the
@@ -318,7 +321,9 @@ class LatentProbe:
             out.append(record)
         return out
 
-    def _intervals(self, images: tuple[Tensor, Tensor, Tensor], statistics) -> dict:
+    def _intervals(
+        self, images: tuple[Tensor, Tensor, Tensor], statistics: Callable[..., dict[str, Tensor]]
+    ) -> dict[str, tuple[float, float] | None]:
         if self.replicates == 0:
             return {}
         return bootstrap_intervals(*images, statistics, self.replicates, self.seed)
