@@ -7,8 +7,9 @@ with per-image sums, ``subband``: :class:`SubbandEnergy` raw and channel-centred
 :class:`SpatialCorrelation`, and for the roles in :data:`NEIGHBOURHOOD_ROLES` ``neighbourhood``:
 :class:`NeighbourhoodTotalCorrelation`, k = 2, per image), plus an :class:`AuxEnergyShare` per
 auxiliary branch. The per-image sums give every covariance statistic a 95 % bootstrap interval
-over whole probe images, computed once per capture in :meth:`LatentProbe.records`. Hooks read tensors and never modify them; they never
-call ``.item()`` or otherwise wait for the device, so a capture costs only its arithmetic. Use it as
+over whole probe images, computed once per capture in :meth:`LatentProbe.records`. Hooks read
+tensors and never modify them; they never call ``.item()`` or otherwise wait for the device, so a
+capture costs only its arithmetic. Use it as
 a context manager around the forward passes of one capture (the training loop runs it on a fixed
 probe set in eval mode under ``torch.no_grad()``), then :meth:`LatentProbe.records` reads the
 results (that is where the host waits, once per capture).
