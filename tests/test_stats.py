@@ -675,7 +675,7 @@ def _ddp_data() -> torch.Tensor:
 
 
 def _make_metrics() -> tuple[ChannelStats, SubbandEnergy, SpatialCorrelation]:
-    return ChannelStats(5), SubbandEnergy(levels=2), SpatialCorrelation(5)
+    return ChannelStats(5, per_image=True), SubbandEnergy(levels=2, channels=5), SpatialCorrelation(5)
 
 
 def _ddp_worker(rank: int, world: int, init_file: str, out: str) -> None:
@@ -688,6 +688,8 @@ def _ddp_worker(rank: int, world: int, init_file: str, out: str) -> None:
             for img in shard.split(2 - rank):  # different update patterns per process
                 m.update(img)
         results = [m.compute() for m in metrics]  # torchmetrics all-reduces the sums here
+        with metrics[0].sync_context():  # per-image sums: concatenated, rank 0's images first
+            results.append(metrics[0].images())
         torch.save(results, os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -700,7 +702,9 @@ def test_two_gloo_processes_equal_one_process(tmp_path: Path):
         m.update(_ddp_data())
     expected = [m.compute() for m in single]
     for rank in range(2):
-        stats, shares, corr = torch.load(tmp_path / f"rank{rank}.pt")
+        stats, shares, corr, images = torch.load(tmp_path / f"rank{rank}.pt")
+        for got, want in zip(images, single[0].images(), strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
         for key in ("mean", "covariance", "energies", "count", "nonfinite"):
             torch.testing.assert_close(stats[key], expected[0][key], rtol=1e-12, atol=1e-12)
         assert as_floats(shares) == pytest.approx(as_floats(expected[1]), rel=1e-12)
