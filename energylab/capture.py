@@ -50,7 +50,8 @@ from energylab.stats import (
 )
 
 __all__ = [
-    "BOOTSTRAP_REPLICATES", "NEIGHBOURHOOD_ROLES", "ROLES", "HookPoint", "LatentProbe", "default_layers"
+    "BOOTSTRAP_REPLICATES", "INTERVAL_ROLES", "NEIGHBOURHOOD_INTERVAL_ROLES", "NEIGHBOURHOOD_ROLES", "ROLES",
+    "HookPoint", "LatentProbe", "default_layers",
 ]
 
 ROLES = ("stage", "y", "y_hat", "main", "aux")
@@ -63,6 +64,15 @@ NEIGHBOURHOOD_ROLES = ("stage", "y", "y_hat")
 
 BOOTSTRAP_REPLICATES = 200
 """Default bootstrap replicates per capture (see :meth:`LatentProbe.records`)."""
+
+INTERVAL_ROLES = (None, "stage", "y", "y_hat")
+"""Roles whose channel statistics get bootstrap intervals; the neighbourhood split gets them for
+:data:`NEIGHBOURHOOD_INTERVAL_ROLES` only. The rest keep the capture within 5 % of training time
+at the ablation's defaults (``bench/bench_capture.py``): the merge branches' records and the
+stages' neighbourhood split (128-variable covariances) carry values without intervals."""
+
+NEIGHBOURHOOD_INTERVAL_ROLES = ("y", "y_hat")
+"""Roles whose ``neighbourhood_tc.*`` values get bootstrap intervals."""
 
 Extract = Callable[[tuple, Tensor], Tensor]
 """Picks the tensor to reduce from a hook's ``(inputs, output)``."""
@@ -264,12 +274,15 @@ class LatentProbe:
         ``neighbourhood_tc.count`` blocks) and, for role ``"aux"``, ``aux_energy_share`` (see
         ``data/README.md``).
 
-        **Intervals.** Each statistic of :func:`energylab.stats.channel_statistics_batched` and
-        :func:`energylab.stats.neighbourhood_statistics_batched` gets ``<stat>_ci_low`` /
-        ``<stat>_ci_high``: the 95 % percentile bootstrap over whole probe images
+        **Intervals.** For the roles in :data:`INTERVAL_ROLES`, each statistic of
+        :func:`energylab.stats.channel_statistics_batched` (and for
+        :data:`NEIGHBOURHOOD_INTERVAL_ROLES` of
+        :func:`energylab.stats.neighbourhood_statistics_batched`) gets ``<stat>_ci_low`` /
+        ``<stat>_ci_high``: the 95 % recentred percentile bootstrap over whole probe images
         (:func:`energylab.stats.bootstrap_intervals`, ``replicates`` replicates, ``seed``);
         None where the value is None, a replicate is singular, or fewer than 2 images were seen;
-        absent with ``replicates = 0``. Synchronises across processes when distributed.
+        absent with ``replicates = 0`` and for the other roles. Synchronises across processes
+        when distributed.
 
         Raises:
             ValueError: a layer saw no finite data (from :mod:`energylab.stats`).
@@ -297,7 +310,9 @@ class LatentProbe:
             record.update(
                 energy_shares(moments["mean"], moments["energies"], record["count"], record["topk_k"])
             )
-            intervals = self._intervals(images, channel_statistics_batched)
+            intervals = {}
+            if point.role in INTERVAL_ROLES:
+                intervals = self._intervals(images, channel_statistics_batched)
             bands = subband.compute()
             record.update({f"subband_energy.{k}": float(bands[k]) for k in subband.bands})
             record.update(
@@ -311,9 +326,10 @@ class LatentProbe:
                 record.update({f"neighbourhood_tc.{k}": split[k]
                                for k in ("joint", "across_channels", "across_positions")})
                 record["neighbourhood_tc.count"] = split["count"]
-                with neighbourhood.sync_context():
-                    blocks = neighbourhood.images()
-                intervals |= self._intervals(blocks, neighbourhood_statistics_batched)
+                if point.role in NEIGHBOURHOOD_INTERVAL_ROLES:
+                    with neighbourhood.sync_context():
+                        blocks = neighbourhood.images()
+                    intervals |= self._intervals(blocks, neighbourhood_statistics_batched)
             for stat, interval in intervals.items():
                 low, high = (None, None) if interval is None or record[stat] is None else interval
                 record[f"{stat}_ci_low"], record[f"{stat}_ci_high"] = low, high

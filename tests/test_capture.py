@@ -10,7 +10,15 @@ import pytest
 import torch
 from torch import nn
 
-from energylab.capture import NEIGHBOURHOOD_ROLES, ROLES, HookPoint, LatentProbe, default_layers
+from energylab.capture import (
+    INTERVAL_ROLES,
+    NEIGHBOURHOOD_INTERVAL_ROLES,
+    NEIGHBOURHOOD_ROLES,
+    ROLES,
+    HookPoint,
+    LatentProbe,
+    default_layers,
+)
 from energylab.models import build_model
 
 
@@ -135,9 +143,11 @@ def test_records_carry_intervals_neighbourhood_and_centred_energies():
         assert r["images"] == 6
         assert ("neighbourhood_tc.joint" in r) == (r["role"] in NEIGHBOURHOOD_ROLES)
         assert r["topk_energy_share"] == r["topk_share.ms"]  # the legacy key is the raw mean-square share
-        stats = HEADLINE + (tuple(f"neighbourhood_tc.{k}" for k in ("joint", "across_channels",
-                                                                     "across_positions"))
-                            if r["role"] in NEIGHBOURHOOD_ROLES else ())
+        stats = (HEADLINE if r["role"] in INTERVAL_ROLES else ()) + (
+            tuple(f"neighbourhood_tc.{k}" for k in ("joint", "across_channels", "across_positions"))
+            if r["role"] in NEIGHBOURHOOD_INTERVAL_ROLES else ()
+        )
+        assert len([k for k in r if k.endswith("_ci_low")]) == len(stats), r["layer"]
         for stat in stats:
             low, high = r[f"{stat}_ci_low"], r[f"{stat}_ci_high"]
             if r[stat] is None or low is None:  # None also where a replicate is singular (y_hat's
