@@ -26,6 +26,16 @@ of correlated latent positions); without, they are plug-in values. :func:`neighb
 neighbourhoods into its across-channel and across-position parts; :func:`rate_shares` gives each
 channel's share of the bits from an entropy model's likelihoods (modulation against the quantiser).
 
+**Intervals.** ``ChannelStats(..., per_image=True)`` (and :class:`NeighbourhoodTotalCorrelation`)
+keep the float64 sums of every image apart; :func:`bootstrap_intervals` resamples whole images
+and evaluates the batched forms of the statistics (:func:`channel_statistics_batched`,
+:func:`neighbourhood_statistics_batched`) on all replicates at once.
+
+**Energy.** :func:`channel_energies` gives each channel's mean square and L2 norm over positions
+(the paper's Fig. 1 energy), with and without the channel mean; :func:`energy_shares` their top-k
+shares and :func:`mean_energy_fraction`; ``SubbandEnergy(channels=C)`` adds channel-centred band
+shares.
+
 Streaming: :class:`ChannelStats`, :class:`SubbandEnergy`, :class:`SpatialCorrelation` and
 :class:`AuxEnergyShare` are ``torchmetrics.Metric`` s in the torchmetrics shape: a functional layer
 of torch functions (``_<name>_update`` returns the float64 sums of one batch, ``_<name>_compute``
