@@ -1186,9 +1186,10 @@ class ChannelStats(_StreamingMetric):
 
     Args:
         channels: C.
-        max_positions: if set, each ``update`` keeps at most this many samples (positions), drawn
-            without replacement by a ``torch.Generator`` on the data's device seeded with ``seed``;
-            ``nonfinite`` still counts over every position of the input.
+        max_positions: if set, each ``update`` (each image, with ``per_image``) keeps at most this
+            many samples (positions), drawn without replacement by a ``torch.Generator`` on the
+            data's device seeded with ``seed``; ``nonfinite`` still counts over every position of
+            the input.
         seed: seed of that generator.
         per_image: also keep the sums of every **image** apart (for :func:`bootstrap_intervals`):
             list states ``image_count`` ``(1,)``, ``image_sum`` ``(1, C)``, ``image_outer``
