@@ -839,7 +839,6 @@ def _white_images(seed: int, images: int = 32, side: int = 16, c: int = 48) -> C
     return m
 
 
-@pytest.mark.slow  # ~10 s: 50 draws of 8192 x 48
 def test_white_gaussian_bootstrap_interval_covers_zero_at_default_probe_size():
     # issue 10 done-when: C = 48, 8192 positions (32 images of 16 x 16), 50 draws; 100 replicates
     # keep the test fast (the capture default is 200)
