@@ -2,10 +2,14 @@
 
 :class:`LatentProbe` hooks named points of a CompressAI model (with or without AuxT) and feeds every
 tensor that passes them into float64 streaming metrics from :mod:`energylab.stats` on the tensor's
-own device: one ``torchmetrics.MetricCollection`` per layer (``channel``: :class:`ChannelStats`,
-``subband``: :class:`SubbandEnergy`, ``spatial``: :class:`SpatialCorrelation`), plus an
-:class:`AuxEnergyShare` per auxiliary branch. Hooks read tensors and never modify them; they never
-call ``.item()`` or otherwise wait for the device, so a capture costs only its arithmetic. Use it as
+own device: one ``torchmetrics.MetricCollection`` per layer (``channel``: :class:`ChannelStats`
+with per-image sums, ``subband``: :class:`SubbandEnergy` raw and channel-centred, ``spatial``:
+:class:`SpatialCorrelation`, and for the roles in :data:`NEIGHBOURHOOD_ROLES` ``neighbourhood``:
+:class:`NeighbourhoodTotalCorrelation`, k = 2, per image), plus an :class:`AuxEnergyShare` per
+auxiliary branch. The per-image sums give every covariance statistic a 95 % bootstrap interval
+over whole probe images, computed once per capture in :meth:`LatentProbe.records`. Hooks read
+tensors and never modify them; they never call ``.item()`` or otherwise wait for the device, so a
+capture costs only its arithmetic. Use it as
 a context manager around the forward passes of one capture (the training loop runs it on a fixed
 probe set in eval mode under ``torch.no_grad()``), then :meth:`LatentProbe.records` reads the
 results (that is where the host waits, once per capture).
@@ -28,17 +32,47 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 
 from energylab.models import AuxTransform, trace_stages, unwrap_model
-from energylab.stats import AuxEnergyShare, ChannelStats, SpatialCorrelation, SubbandEnergy
+from energylab.stats import (
+    AuxEnergyShare,
+    ChannelStats,
+    NeighbourhoodTotalCorrelation,
+    SpatialCorrelation,
+    SubbandEnergy,
+    bootstrap_intervals,
+    channel_statistics_batched,
+    energy_shares,
+    neighbourhood_statistics_batched,
+)
 
-__all__ = ["ROLES", "HookPoint", "LatentProbe", "default_layers"]
+__all__ = [
+    "BOOTSTRAP_REPLICATES", "INTERVAL_ROLES", "NEIGHBOURHOOD_INTERVAL_ROLES", "NEIGHBOURHOOD_ROLES", "ROLES",
+    "HookPoint", "LatentProbe", "default_layers",
+]
 
 ROLES = ("stage", "y", "y_hat", "main", "aux")
 """What a hook point reads: a stage output of ``g_a``, ``y``, ``y_hat``, or the main / auxiliary
 branch entering an AuxT merge."""
+
+NEIGHBOURHOOD_ROLES = ("stage", "y", "y_hat")
+"""Roles whose layers also stream the ``k x k`` neighbourhood total correlation (k = 2): every
+``g_a`` stage output, ``y`` and ``y_hat`` (not the merge branches: their cost buys no new claim)."""
+
+BOOTSTRAP_REPLICATES = 200
+"""Default bootstrap replicates per capture (see :meth:`LatentProbe.records`)."""
+
+INTERVAL_ROLES = (None, "stage", "y", "y_hat")
+"""Roles whose channel statistics get bootstrap intervals; the neighbourhood split gets them for
+:data:`NEIGHBOURHOOD_INTERVAL_ROLES` only. The rest keep the capture within 5 % of training time
+at the ablation's defaults (``bench/bench_capture.py``): the merge branches' records and the
+stages' neighbourhood split (128-variable covariances) carry values without intervals."""
+
+NEIGHBOURHOOD_INTERVAL_ROLES = ("y", "y_hat")
+"""Roles whose ``neighbourhood_tc.*`` values get bootstrap intervals."""
 
 Extract = Callable[[tuple, Tensor], Tensor]
 """Picks the tensor to reduce from a hook's ``(inputs, output)``."""
@@ -109,16 +143,19 @@ def default_layers(model: nn.Module, trace_size: int = 64) -> dict[str, HookPoin
     return layers
 
 
-def _layer_metrics(channels: int, levels: int = 2, max_positions: int | None = None) -> MetricCollection:
-    """The metrics of one captured layer: ``channel``, ``subband`` and ``spatial``."""
-    return MetricCollection(
-        {
-            "channel": ChannelStats(channels, max_positions=max_positions),
-            "subband": SubbandEnergy(levels=levels),
-            "spatial": SpatialCorrelation(channels),
-        },
-        compute_groups=False,
-    )
+def _layer_metrics(
+    channels: int, levels: int = 2, max_positions: int | None = None, neighbourhood: bool = False
+) -> MetricCollection:
+    """The metrics of one captured layer: ``channel`` (per image, for the bootstrap), ``subband``
+    (raw and centred), ``spatial`` and, if asked, ``neighbourhood`` (k = 2, per image)."""
+    metrics = {
+        "channel": ChannelStats(channels, max_positions=max_positions, per_image=True),
+        "subband": SubbandEnergy(levels=levels, channels=channels),
+        "spatial": SpatialCorrelation(channels),
+    }
+    if neighbourhood:
+        metrics["neighbourhood"] = NeighbourhoodTotalCorrelation(channels, k=2, per_image=True)
+    return MetricCollection(metrics, compute_groups=False)
 
 
 class LatentProbe:
@@ -131,7 +168,9 @@ class LatentProbe:
             :class:`HookPoint` for other modules; default: every default layer.
         subband_levels: DWT levels of ``subband_energy`` (each captured map's H and W must be
             divisible by ``2**levels``).
-        max_positions: per-update spatial subsampling of :class:`ChannelStats` (None: all).
+        max_positions: per-image spatial subsampling of :class:`ChannelStats` (None: all).
+        replicates: bootstrap replicates for the intervals of :meth:`records` (0: no intervals).
+        seed: seed of the bootstrap (same seed, same intervals).
 
     Usage::
 
@@ -153,6 +192,8 @@ class LatentProbe:
         layers: Iterable[str] | dict[str, HookPoint] | None = None,
         subband_levels: int = 2,
         max_positions: int | None = None,
+        replicates: int = BOOTSTRAP_REPLICATES,
+        seed: int = 0,
     ) -> None:
         self.model = unwrap_model(model)
         defaults = default_layers(self.model)
@@ -167,6 +208,7 @@ class LatentProbe:
             points = {name: defaults[name] for name in layers}
         self.points = points
         self.subband_levels, self.max_positions = subband_levels, max_positions
+        self.replicates, self.seed = replicates, seed
         self.metrics: dict[str, MetricCollection] = {}
         self.shares: dict[str, AuxEnergyShare] = {}
         self.first: dict[str, Tensor] = {}
@@ -177,7 +219,8 @@ class LatentProbe:
         metrics = self.metrics.get(name)
         if metrics is None:
             metrics = self.metrics[name] = _layer_metrics(
-                y.shape[1], self.subband_levels, self.max_positions
+                y.shape[1], self.subband_levels, self.max_positions,
+                self.points[name].role in NEIGHBOURHOOD_ROLES,
             ).to(y.device)
             self.first[name] = y[0].detach().clone()
         metrics.update(y)
@@ -218,10 +261,28 @@ class LatentProbe:
         """One flat dict of Python numbers per captured layer, ready for a JSON line.
 
         Keys: ``step``, ``layer``, ``role`` and ``merge`` (of its :class:`HookPoint`),
-        ``channels``, ``count`` (positions used), ``nonfinite`` (positions skipped for NaN/inf),
-        every :func:`energylab.stats.energy_statistics` key, ``subband_energy.<band>``,
-        ``spatial_correlation.<dh,dw>`` and, for role ``"aux"``, ``aux_energy_share`` (see
-        ``data/README.md``). Synchronises across processes when distributed.
+        ``channels``, ``count`` (positions used: the ``n`` of the bias corrections, which assume
+        i.i.d. positions and so are a floor on the bias of correlated ones), ``images`` (probe
+        images seen), ``nonfinite`` (positions skipped for NaN/inf), every
+        :func:`energylab.stats.energy_statistics` key (``topk_energy_share`` stays the raw
+        mean-square share, as ``topk_share.ms``), ``total_correlation_per_channel`` (nats / C),
+        every :func:`energylab.stats.energy_shares` key (``topk_share.l2``, ``.l2_centred``,
+        ``.ms``, ``.ms_centred``, ``mean_energy_fraction``), ``subband_energy.<band>`` and
+        ``subband_energy_centred.<band>`` (channel means removed), ``spatial_correlation.<dh,dw>``,
+        for roles in :data:`NEIGHBOURHOOD_ROLES` ``neighbourhood_tc.joint``,
+        ``.across_channels``, ``.across_positions`` (k = 2, nats, bias-corrected at ``n`` =
+        ``neighbourhood_tc.count`` blocks) and, for role ``"aux"``, ``aux_energy_share`` (see
+        ``data/README.md``).
+
+        **Intervals.** For the roles in :data:`INTERVAL_ROLES`, each statistic of
+        :func:`energylab.stats.channel_statistics_batched` (and for
+        :data:`NEIGHBOURHOOD_INTERVAL_ROLES` of
+        :func:`energylab.stats.neighbourhood_statistics_batched`) gets ``<stat>_ci_low`` /
+        ``<stat>_ci_high``: the 95 % recentred percentile bootstrap over whole probe images
+        (:func:`energylab.stats.bootstrap_intervals`, ``replicates`` replicates, ``seed``);
+        None where the value is None, a replicate is singular, or fewer than 2 images were seen;
+        absent with ``replicates = 0`` and for the other roles. Synchronises across processes
+        when distributed.
 
         Raises:
             ValueError: a layer saw no finite data (from :mod:`energylab.stats`).
@@ -230,6 +291,8 @@ class LatentProbe:
         for name, metrics in self.metrics.items():
             channel, subband, spatial = metrics["channel"], metrics["subband"], metrics["spatial"]
             moments = channel.compute()
+            with channel.sync_context():
+                images = channel.images()
             point = self.points[name]
             record = {
                 "step": step,
@@ -238,26 +301,62 @@ class LatentProbe:
                 "merge": point.merge,
                 "channels": channel.channels,
                 "count": int(moments["count"]),
+                "images": len(images[0]),
                 "nonfinite": int(moments["nonfinite"]),
             }
             record.update(channel.statistics())
+            tc = record["total_correlation"]
+            record["total_correlation_per_channel"] = None if tc is None else tc / channel.channels
+            record.update(
+                energy_shares(moments["mean"], moments["energies"], record["count"], record["topk_k"])
+            )
+            intervals = {}
+            if point.role in INTERVAL_ROLES:
+                intervals = self._intervals(images, channel_statistics_batched)
             bands = subband.compute()
             record.update({f"subband_energy.{k}": float(bands[k]) for k in subband.bands})
+            record.update(
+                {f"subband_energy_centred.{k}": float(bands[f"{k}_centred"]) for k in subband.bands}
+            )
             lags = spatial.compute()
             record.update({f"spatial_correlation.{k}": float(lags[k]) for k in spatial.lag_names})
+            if "neighbourhood" in metrics:
+                neighbourhood = metrics["neighbourhood"]
+                split = neighbourhood.split()
+                record.update({f"neighbourhood_tc.{k}": split[k]
+                               for k in ("joint", "across_channels", "across_positions")})
+                record["neighbourhood_tc.count"] = split["count"]
+                if point.role in NEIGHBOURHOOD_INTERVAL_ROLES:
+                    with neighbourhood.sync_context():
+                        blocks = neighbourhood.images()
+                    intervals |= self._intervals(blocks, neighbourhood_statistics_batched)
+            for stat, interval in intervals.items():
+                low, high = (None, None) if interval is None or record[stat] is None else interval
+                record[f"{stat}_ci_low"], record[f"{stat}_ci_high"] = low, high
             if name in self.shares:
                 record["aux_energy_share"] = float(self.shares[name].compute()["aux_energy_share"])
             out.append(record)
         return out
 
+    def _intervals(
+        self, images: tuple[Tensor, Tensor, Tensor], statistics: Callable[..., dict[str, Tensor]]
+    ) -> dict[str, tuple[float, float] | None]:
+        if self.replicates == 0:
+            return {}
+        return bootstrap_intervals(*images, statistics, self.replicates, self.seed)
+
     def arrays(self) -> dict[str, np.ndarray]:
-        """``cov/<layer>`` and ``energies/<layer>`` (float32) and ``probe_y``: the first probe
-        image's ``y`` ``(C, h, w)`` — the contents of a ``captures/step_XXXXXXX.npz``."""
+        """``cov/<layer>`` (C x C), ``mean/<layer>`` and ``energies/<layer>`` (C, E[y_c^2]), all
+        float64, and ``probe_y``: the first probe image's ``y`` ``(C, h, w)`` float32 — the
+        contents of a ``captures/step_XXXXXXX.npz``. The four energies of
+        :func:`energylab.stats.channel_energies` and their compaction curves follow from ``mean``
+        and ``energies`` (the count cancels in every share)."""
         arrays = {}
         for name, metrics in self.metrics.items():
             moments = metrics["channel"].compute()
-            arrays[f"cov/{name}"] = moments["covariance"].float().cpu().numpy()
-            arrays[f"energies/{name}"] = moments["energies"].float().cpu().numpy()
+            for key in ("covariance", "mean", "energies"):
+                prefix = "cov" if key == "covariance" else key
+                arrays[f"{prefix}/{name}"] = moments[key].to(torch.float64).cpu().numpy()
         if "y" in self.first:
             arrays["probe_y"] = self.first["y"].float().cpu().numpy()
         return arrays

@@ -21,17 +21,23 @@ A **run directory** (:class:`RunDir`; written by ``energylab.train``) holds:
 * ``energy.jsonl``: one line per capture per layer (the records of
   :meth:`energylab.capture.LatentProbe.records`): ``step``, ``layer``, ``role`` (``stage``, ``y``,
   ``y_hat``, ``main``, ``aux``), ``merge`` (k = 1..4 for ``main`` / ``aux``, else null),
-  ``channels``, ``count``, then every statistic under the name of its function in
-  :mod:`energylab.stats` (``offdiag_energy_ratio``, ``coding_gain``, ``klt_coding_gain``,
-  ``decorrelation_gain``, ``total_correlation``, ``effective_rank``, ``topk_energy_share``,
-  ``topk_k``, ...), ``subband_energy.<band>`` (``LL2``, ``LH2``, ``HL2``, ``HH2``, ``LH1``,
-  ``HL1``, ``HH1``) and ``spatial_correlation.<dy>,<dx>`` (lags ``0,1``, ``1,0``, ``1,1``); layers
+  ``channels``, ``count`` (positions), ``images`` (probe images), then every statistic under the
+  name of its function in :mod:`energylab.stats` (``offdiag_energy_ratio``, ``coding_gain``,
+  ``klt_coding_gain``, ``decorrelation_gain``, ``total_correlation``,
+  ``total_correlation_per_channel``, ``effective_rank``, ``topk_energy_share`` (raw mean square,
+  = ``topk_share.ms``), ``topk_share.l2`` / ``.l2_centred`` / ``.ms`` / ``.ms_centred``,
+  ``topk_k``, ``mean_energy_fraction``, ...), ``subband_energy.<band>`` and
+  ``subband_energy_centred.<band>`` (``LL2``, ``LH2``, ``HL2``, ``HH2``, ``LH1``, ``HL1``,
+  ``HH1``; channel means in / removed), ``spatial_correlation.<dy>,<dx>`` (lags ``0,1``, ``1,0``,
+  ``1,1``), for stages, ``y`` and ``y_hat`` ``neighbourhood_tc.joint`` / ``.across_channels`` /
+  ``.across_positions`` / ``.count``, and ``<stat>_ci_low`` / ``<stat>_ci_high`` (95 % bootstrap
+  over probe images, null where undefined; see :meth:`energylab.capture.LatentProbe.records`); layers
   ``g_a.stage1``..``g_a.stage3``, ``y``, ``y_hat`` and with AuxT ``g_a.main<k>`` / ``g_a.aux<k>``
   (the two branches at merge point k; the ``aux`` line also carries ``aux_energy_share`` =
   ‖aux‖² / ‖main + aux‖²).
-* ``captures/step_XXXXXXX.npz`` (seven-digit step): ``cov/<layer>`` (C×C float32 channel
-  covariance), ``energies/<layer>`` (C float32, E[y_c²]), ``probe_y`` (C×h×w float32, the latent
-  ``y`` of the first probe image).
+* ``captures/step_XXXXXXX.npz`` (seven-digit step): ``cov/<layer>`` (C×C float64 channel
+  covariance), ``mean/<layer>`` (C float64, channel means), ``energies/<layer>`` (C float64,
+  E[y_c²]), ``probe_y`` (C×h×w float32, the latent ``y`` of the first probe image).
 * ``checkpoint.pt``: ``{"model", "optimizer", "aux_optimizer", "scheduler" (the learning-rate
   scheduler's state, or None), "scaler" (fp16's gradient scaler state, or None), "step", "rng",
   "config", "wall_time"}``, written atomically (temporary file, fsync, rename) after every evaluation.
@@ -280,7 +286,7 @@ class RunDir:
 
     @staticmethod
     def capture(path: Path, layers: Iterable[str] | None = None) -> dict[str, np.ndarray]:
-        """One capture archive as ``{"cov/<layer>", "energies/<layer>", "probe_y"}`` arrays;
+        """One capture archive as ``{"cov/<layer>", "mean/<layer>", "energies/<layer>", "probe_y"}`` arrays;
         ``layers``: keep only these layers' arrays (``probe_y`` always)."""
         keep = None if layers is None else set(layers)
         with np.load(path) as z:

@@ -26,6 +26,16 @@ of correlated latent positions); without, they are plug-in values. :func:`neighb
 neighbourhoods into its across-channel and across-position parts; :func:`rate_shares` gives each
 channel's share of the bits from an entropy model's likelihoods (modulation against the quantiser).
 
+**Intervals.** ``ChannelStats(..., per_image=True)`` (and :class:`NeighbourhoodTotalCorrelation`)
+keep the float64 sums of every image apart; :func:`bootstrap_intervals` resamples whole images
+and evaluates the batched forms of the statistics (:func:`channel_statistics_batched`,
+:func:`neighbourhood_statistics_batched`) on all replicates at once.
+
+**Energy.** :func:`channel_energies` gives each channel's mean square and L2 norm over positions
+(the paper's Fig. 1 energy), with and without the channel mean; :func:`energy_shares` their top-k
+shares and :func:`mean_energy_fraction`; ``SubbandEnergy(channels=C)`` adds channel-centred band
+shares.
+
 Streaming: :class:`ChannelStats`, :class:`SubbandEnergy`, :class:`SpatialCorrelation` and
 :class:`AuxEnergyShare` are ``torchmetrics.Metric`` s in the torchmetrics shape: a functional layer
 of torch functions (``_<name>_update`` returns the float64 sums of one batch, ``_<name>_compute``
@@ -62,6 +72,7 @@ from energylab.wavelets import dwt2
 
 __all__ = [
     "EIGENVALUE_FLOOR",
+    "ENERGY_KINDS",
     "RANK_RTOL",
     "AuxEnergyShare",
     "ChannelStats",
@@ -70,19 +81,27 @@ __all__ = [
     "Spectrum",
     "SubbandEnergy",
     "aux_energy_share",
+    "bootstrap_intervals",
+    "bootstrap_weights",
+    "channel_energies",
+    "channel_statistics_batched",
     "channel_stats",
     "coding_gain",
     "correlation_matrix",
     "decorrelation_gain",
     "effective_rank",
     "energy_compaction_curve",
+    "energy_shares",
     "energy_statistics",
     "floored_eigenvalues",
     "klt_coding_gain",
+    "mean_energy_fraction",
+    "neighbourhood_statistics_batched",
     "neighbourhood_total_correlation",
     "numerical_rank",
     "offdiag_energy_ratio",
     "offdiag_energy_ratio_cov",
+    "percentile_interval",
     "psnr",
     "rate_shares",
     "spatial_correlation",
@@ -504,6 +523,318 @@ def energy_statistics(
     }
 
 
+ENERGY_KINDS = ("l2", "l2_centred", "ms", "ms_centred")
+"""The four per-channel energies of :func:`channel_energies`, in that order."""
+
+
+def _numpy64(x: CovLike | Sequence[float] | float) -> np.ndarray:
+    if isinstance(x, Tensor):
+        x = x.detach().to("cpu", torch.float64).numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+def channel_energies(
+    mean: CovLike | Sequence[float], energies: CovLike | Sequence[float], count: float
+) -> dict[str, np.ndarray]:
+    """Per-channel energy of a latent in the four senses of :data:`ENERGY_KINDS`, ``(C,)`` float64.
+
+    From the channel means ``mu_c``, the second moments ``E[y_c^2]`` and the count ``n`` of
+    positions (the ``mean``, ``energies`` and ``count`` of :class:`ChannelStats`)::
+
+        ms         = E[y_c^2]                      mean square, channel means in
+        ms_centred = E[y_c^2] - mu_c^2             mean square with the channel mean removed
+        l2         = ||y_c||_2 = sqrt(n ms)         L2 norm over positions (not squared)
+        l2_centred = ||y_c - mu_c||_2 = sqrt(n ms_centred)
+
+    ``l2`` is the energy of the paper's Fig. 1 (Li et al., ICLR 2025: channels ordered by their L2
+    norm); ``E[y^2] = mu^2 + s^2`` (statistics-notes.md) says how much of ``ms`` is means.
+    ``ms_centred`` is clipped at 0 against rounding.
+
+    Raises:
+        ValueError: ``mean`` and ``energies`` are not 1-D of one length, or ``count <= 0``.
+
+    >>> out = channel_energies([1.0, 0.0], [2.0, 4.0], count=4)
+    >>> {k: v.tolist() for k, v in out.items()}
+    {'l2': [2.8284271247461903, 4.0], 'l2_centred': [2.0, 4.0], 'ms': [2.0, 4.0], 'ms_centred': [1.0, 4.0]}
+    """
+    mu, ms = _numpy64(mean), _numpy64(energies)
+    if mu.ndim != 1 or mu.shape != ms.shape or count <= 0:
+        raise ValueError(f"channel_energies: expected (C,) means and energies and count > 0, got "
+                         f"{mu.shape}, {ms.shape}, {count}")
+    centred = np.clip(ms - mu**2, 0.0, None)
+    return {"l2": np.sqrt(count * ms), "l2_centred": np.sqrt(count * centred), "ms": ms,
+            "ms_centred": centred}
+
+
+def mean_energy_fraction(
+    mean: CovLike | Sequence[float], energies: CovLike | Sequence[float]
+) -> float | None:
+    """Share of the second moment held by the channel means: ``sum_c mu_c^2 / sum_c E[y_c^2]``.
+
+    In ``[0, 1]``; 1 for constant channels, 0 for zero-mean ones; ``None`` for zero energy.
+
+    >>> mean_energy_fraction([1.0, 0.0], [2.0, 2.0])
+    0.25
+    """
+    mu, ms = _numpy64(mean), _numpy64(energies)
+    total = float(ms.sum())
+    return None if total <= 0 else float(np.square(mu).sum() / total)
+
+
+def energy_shares(
+    mean: CovLike | Sequence[float], energies: CovLike | Sequence[float], count: float, k: int | None = None
+) -> dict[str, float | int | None]:
+    """Top-k shares of the four energies of :func:`channel_energies` and the means' share.
+
+    Returns:
+        ``topk_share.<kind>`` for each of :data:`ENERGY_KINDS` (:func:`topk_energy_share` of that
+        energy: e.g. ``topk_share.l2 = sum of the k largest ||y_c||_2 / sum_c ||y_c||_2``),
+        ``topk_k`` (default ``max(1, round(C / 8))``, as :func:`energy_statistics`) and
+        :func:`mean_energy_fraction`. ``topk_share.ms`` equals ``energy_statistics``'s
+        ``topk_energy_share``.
+
+    >>> out = energy_shares([3.0, 0.0], [10.0, 1.0], count=1, k=1)  # channel 0: 9 of its 10 is mean
+    >>> round(out["topk_share.ms"], 4), round(out["topk_share.ms_centred"], 4), out["mean_energy_fraction"]
+    (0.9091, 0.5, 0.8181818181818182)
+    """
+    per_channel = channel_energies(mean, energies, count)
+    c = len(per_channel["ms"])
+    k = max(1, round(c / 8)) if k is None else k
+    out: dict[str, float | int | None] = {
+        f"topk_share.{kind}": topk_energy_share(e, k) for kind, e in per_channel.items()
+    }
+    return out | {"topk_k": k, "mean_energy_fraction": mean_energy_fraction(mean, energies)}
+
+
+# ---------------------------------------------------------------- bootstrap over images
+
+
+def bootstrap_weights(images: int, replicates: int, seed: int) -> Tensor:
+    """How often each image is drawn in each bootstrap replicate: ``(replicates, images)`` float64.
+
+    Each row draws ``images`` images uniformly with replacement (B. Efron and R. Tibshirani, *An
+    Introduction to the Bootstrap*, Chapman & Hall 1993, ch. 6), from a CPU ``torch.Generator``
+    seeded with ``seed``: the same seed gives the same rows on every device. Rows sum to ``images``.
+
+    Raises:
+        ValueError: ``images < 1`` or ``replicates < 1``.
+
+    >>> bootstrap_weights(3, 2, seed=0).sum(1).tolist()
+    [3.0, 3.0]
+    """
+    if images < 1 or replicates < 1:
+        raise ValueError(f"bootstrap_weights: needs images >= 1 and replicates >= 1, got {images}, "
+                         f"{replicates}")
+    gen = torch.Generator().manual_seed(seed)
+    draws = torch.randint(0, images, (replicates, images), generator=gen)
+    return torch.zeros(replicates, images, dtype=torch.float64).scatter_add_(
+        1, draws, torch.ones(replicates, images, dtype=torch.float64)
+    )
+
+
+def percentile_interval(values: Tensor, level: float = 0.95) -> tuple[float, float] | None:
+    """Percentile bootstrap interval (Efron & Tibshirani 1993, ch. 13): the ``(1 - level) / 2`` and
+    ``(1 + level) / 2`` quantiles of the replicates ``values`` ``(R,)`` (linear interpolation).
+
+    ``None`` when any replicate is NaN or inf (e.g. a replicate covariance is singular: the
+    statistic is infinite there, so no finite interval holds it).
+
+    >>> [round(v, 6) for v in percentile_interval(torch.arange(101.0))]
+    [2.5, 97.5]
+    """
+    v = values.detach().to(torch.float64).flatten()
+    if v.numel() == 0 or not bool(torch.isfinite(v).all()):
+        return None
+    q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64, device=v.device)
+    low, high = torch.quantile(v, q).tolist()
+    return low, high
+
+
+def _digamma_bias(dim: int, n: Tensor) -> tuple[Tensor, Tensor]:
+    """Batched :func:`_log_det_bias` and :func:`_variances_bias` for counts ``n`` ``(R,)``."""
+    psi = torch.special.digamma
+    i = torch.arange(1, dim + 1, dtype=torch.float64, device=n.device)
+    log_det = dim * psi((n - 1) / 2) - psi((n[:, None] - i) / 2).sum(1)
+    return log_det, psi((n - 1) / 2) + torch.log(2 / (n - 1))
+
+
+def _batched_moments(count: Tensor, total: Tensor, outer: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Means ``(R, C)``, unbiased covariances ``(R, C, C)`` and second moments ``(R, C)`` from
+    pooled sums, as :class:`ChannelStats` computes them."""
+    mean = total / count[:, None]
+    cov = torch.baddbmm(outer, total[:, :, None], mean[:, None, :], alpha=-1.0)  # outer - n mu mu^T
+    cov.div_((count - 1)[:, None, None])
+    return mean, cov, torch.diagonal(outer, dim1=1, dim2=2) / count[:, None]
+
+
+def _batched_tc(cov: Tensor, n: Tensor, log_det: Tensor) -> Tensor:
+    """Batched :func:`total_correlation` given ``log det`` (NaN where singular), bias-corrected
+    where ``n > C``."""
+    dim = cov.shape[-1]
+    tc = 0.5 * (torch.log(torch.diagonal(cov, dim1=1, dim2=2)).sum(1) - log_det)
+    bias, _ = _digamma_bias(dim, n)
+    return torch.where(n > dim, tc - 0.5 * bias, tc)
+
+
+def channel_statistics_batched(
+    count: Tensor, total: Tensor, outer: Tensor, n: Tensor | None = None, k: int | None = None,
+    rtol: float = RANK_RTOL,
+) -> dict[str, Tensor]:
+    """The covariance and energy statistics of many pooled sums at once (bootstrap replicates).
+
+    The batched form of :func:`energy_statistics` and :func:`energy_shares` (same formulas and
+    sources, same ``n`` rule: bias-corrected where ``n > C``) on ``R`` sets of
+    :class:`ChannelStats` sums, with one batched ``torch.linalg.eigvalsh``; a statistic that is
+    ``None`` there is NaN here.
+
+    Args:
+        count: ``(R,)``, total: ``(R, C)``, outer: ``(R, C, C)`` float64 sums.
+        n: ``(R,)`` sample counts of the bias corrections; default ``count``.
+        k: as :func:`energy_statistics`.
+
+    Returns:
+        ``(R,)`` float64 tensors: ``total_correlation``, ``total_correlation_per_channel``
+        (nats / C), ``coding_gain``, ``klt_coding_gain``, ``decorrelation_gain``,
+        ``offdiag_energy_ratio``, ``effective_rank``, ``topk_share.<kind>``,
+        ``mean_energy_fraction``.
+    """
+    c = total.shape[1]
+    k = max(1, round(c / 8)) if k is None else k
+    nan = torch.tensor(math.nan, dtype=torch.float64, device=total.device)
+    n = count if n is None else n
+    mean, cov, ms = _batched_moments(count, total, outer)
+    var = torch.diagonal(cov, dim1=1, dim2=2)
+    lam = torch.linalg.eigvalsh(cov).flip(-1)  # descending
+    full = (lam[:, 0] > 0) & (lam[:, -1] > rtol * lam[:, 0])
+    log_det = torch.where(full, torch.log(lam.clamp(min=1e-300)).sum(1), nan)
+    tc = _batched_tc(cov, n, log_det)
+    log_det_bias, var_bias = _digamma_bias(c, n)
+    corrected = n > c
+    live = var > rtol * var.amax(1, keepdim=True)
+    log_gm = torch.log(var.clamp(min=1e-300)).mean(1) - torch.where(corrected, var_bias, 0.0)
+    cg = torch.where(live.all(1), var.mean(1) / torch.exp(log_gm), nan)
+    log_det_klt = log_det - torch.where(corrected, c * var_bias - log_det_bias, 0.0)
+    klt = var.sum(1) / c / torch.exp(log_det_klt / c)
+    std = torch.where(live, var, 1.0).sqrt()
+    both = (live[:, :, None] & live[:, None, :]).to(torch.float64)
+    r2 = (cov / (std[:, :, None] * std[:, None, :])).square() * both
+    diag = live.sum(1).to(torch.float64)
+    off = r2.sum((1, 2)) - diag
+    offdiag = torch.where(diag > 0, off / (off + diag), nan)
+    p = lam.clamp(min=0.0) / lam.clamp(min=0.0).sum(1, keepdim=True)
+    eff_rank = torch.where(lam[:, 0] > 0, torch.exp(-torch.special.xlogy(p, p).sum(1)), nan)
+    centred = (ms - mean.square()).clamp(min=0.0)
+    energies = {"l2": (count[:, None] * ms).sqrt(), "l2_centred": (count[:, None] * centred).sqrt(),
+                "ms": ms, "ms_centred": centred}
+    out = {
+        "total_correlation": tc,
+        "total_correlation_per_channel": tc / c,
+        "coding_gain": cg,
+        "klt_coding_gain": klt,
+        "decorrelation_gain": torch.exp(2 * tc / c),
+        "offdiag_energy_ratio": offdiag,
+        "effective_rank": eff_rank,
+    }
+    for kind, e in energies.items():
+        s = e.sort(1, descending=True).values
+        out[f"topk_share.{kind}"] = torch.where(
+            s.sum(1) > 0, s[:, :k].sum(1) / s.sum(1), torch.tensor(k / c, dtype=torch.float64)
+        )
+    total_ms = ms.sum(1)
+    out["mean_energy_fraction"] = torch.where(total_ms > 0, mean.square().sum(1) / total_ms, nan)
+    return out
+
+
+def _cholesky_log_det(cov: Tensor) -> Tensor:
+    """``log det`` of each ``(..., D, D)`` matrix by Cholesky, NaN where it is not positive definite."""
+    chol, info = torch.linalg.cholesky_ex(cov)
+    log_det = 2 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
+    return torch.where(info == 0, log_det, math.nan)
+
+
+def neighbourhood_statistics_batched(
+    count: Tensor, total: Tensor, outer: Tensor, n: Tensor | None = None, k: int = 2
+) -> dict[str, Tensor]:
+    """The split of :class:`NeighbourhoodTotalCorrelation` for many pooled sums at once.
+
+    Batched form of :meth:`NeighbourhoodTotalCorrelation.split` (same formulas; bias-corrected at
+    ``n`` = blocks, default ``count``, where ``n > k^2 C``) on ``R`` sets of its ``k^2 C``-channel
+    sums; ``log det`` by
+    batched Cholesky (cheaper than eigenvalues at ``k^2 C = 192``), so a replicate whose covariance
+    is not positive definite gives NaN.
+
+    Returns:
+        ``(R,)`` float64: ``neighbourhood_tc.joint``, ``.across_channels``, ``.across_positions``.
+    """
+    n = count if n is None else n
+    _, cov, _ = _batched_moments(count, total, outer)
+    r, d = count.shape[0], total.shape[1]
+    c = d // (k * k)
+    joint = _batched_tc(cov, n, _cholesky_log_det(cov))
+    corrected = torch.where(n > d, n, 0.0)  # as split(): the parts are corrected iff n > k^2 C
+    blocks = torch.stack([cov[:, p * c : (p + 1) * c, p * c : (p + 1) * c] for p in range(k * k)], 1)
+    blocks = blocks.reshape(r * k * k, c, c)
+    parts = _batched_tc(blocks, corrected.repeat_interleave(k * k), _cholesky_log_det(blocks))
+    channels = parts.view(r, k * k).sum(1)
+    return {"neighbourhood_tc.joint": joint, "neighbourhood_tc.across_channels": channels,
+            "neighbourhood_tc.across_positions": joint - channels}
+
+
+def bootstrap_intervals(
+    count: Tensor,
+    total: Tensor,
+    outer: Tensor,
+    statistics: Callable[..., dict[str, Tensor]],
+    replicates: int = 200,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, tuple[float, float] | None]:
+    """95 % bootstrap intervals of statistics of pooled sums, resampling whole images.
+
+    Each of ``replicates`` replicates draws the ``I`` images with replacement
+    (:func:`bootstrap_weights`, seeded: the same seed gives the same intervals), pools their sums
+    (``W @ per-image sums``) and evaluates ``statistics`` on all replicates at once
+    (:func:`channel_statistics_batched`, :func:`neighbourhood_statistics_batched`), their bias
+    corrections at Kish's effective count ``n_eff = (sum_i w_i m_i)^2 / sum_i w_i^2 m_i`` of a
+    replicate that draws image ``i`` (``m_i`` positions) ``w_i`` times (L. Kish, *Survey
+    Sampling*, Wiley 1965): a repeated position adds no new information, and the bias of a
+    replicate's log-determinants follows ``n_eff``, which varies between replicates. Positions
+    within an image are not independent; resampling whole images carries that dependence into
+    the spread, which the i.i.d. bias correction inside the statistics does not
+    (statistics-notes.md).
+
+    **Recentred percentile interval.** What the corrections leave of the replicates' offset from
+    the estimate is the bootstrap's bias estimate ``b = mean(theta*) - theta_hat`` (B. Efron
+    and R. Tibshirani, *An Introduction to the Bootstrap*, 1993, ch. 10). The interval is
+    :func:`percentile_interval` of ``theta* - b``: its location is the (bias-corrected) estimate
+    ``theta_hat`` of the pooled sums, its width and asymmetry are the replicates' (ch. 13).
+
+    Args:
+        count, total, outer: per-image sums ``(I,)``, ``(I, C)``, ``(I, C, C)`` from
+            :meth:`ChannelStats.images`.
+        statistics: ``(count (R,), total (R, C), outer (R, C, C), n (R,)) -> {name: (R,)
+            values}`` with ``n`` the sample counts of the bias corrections.
+
+    Returns:
+        ``{name: (low, high)}``; every interval is None when ``I < 2`` (nothing to resample).
+
+    >>> g = torch.Generator().manual_seed(0)
+    >>> m = ChannelStats(4, per_image=True)
+    >>> m.update(torch.randn(16, 4, 8, 8, generator=g))  # 16 white-noise images
+    >>> iv = bootstrap_intervals(*m.images(), channel_statistics_batched, replicates=100)
+    >>> low, high = iv["total_correlation"]
+    >>> low < 0 < high, iv == bootstrap_intervals(*m.images(), channel_statistics_batched, replicates=100)
+    (True, True)
+    """
+    weights = bootstrap_weights(len(count), replicates, seed).to(total.device)
+    weights = torch.cat([torch.ones_like(weights[:1]), weights])  # row 0: the sample itself
+    m, t, o = weights @ count, weights @ total, (weights @ outer.flatten(1)).view(-1, *outer.shape[1:])
+    values = statistics(m, t, o, m.square() / (weights.square() @ count))  # Kish effective n
+    if len(count) < 2:
+        return dict.fromkeys(values)
+    return {name: percentile_interval(v[1:] - v[1:].mean() + v[0], level) for name, v in values.items()}
+
+
 def _f64_zeros(*shape: int) -> Tensor:
     return torch.zeros(shape, dtype=torch.float64)
 
@@ -602,9 +933,12 @@ def _subband_names(levels: int) -> list[str]:
     return [f"LL{levels}"] + [f"{b}{lv}" for lv in range(levels, 0, -1) for b in ("LH", "HL", "HH")]
 
 
-def _subband_energy_update(y: Tensor, levels: int, wavelet: str) -> tuple[Tensor, Tensor, Tensor]:
-    """``(energy, count, nonfinite)``: float64 band energies ``(3L+1,)`` of the images of ``y``
-    ``(B, C, H, W)``, images holding a non-finite value left out; counts in images."""
+def _subband_energy_update(
+    y: Tensor, levels: int, wavelet: str
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(energy, count, nonfinite, channel_sum, ll_sum)``: float64 band energies ``(3L+1,)`` of the
+    images of ``y`` ``(B, C, H, W)``, images holding a non-finite value left out; counts in images;
+    per channel ``(C,)`` the sum of ``y`` and of its ``LL{L}`` coefficients over the kept images."""
     m = 2**levels
     if y.dim() != 4 or y.shape[-2] % m or y.shape[-1] % m:
         raise ValueError(
@@ -614,6 +948,7 @@ def _subband_energy_update(y: Tensor, levels: int, wavelet: str) -> tuple[Tensor
     x = y.detach().to(torch.float64, copy=True)
     kept = _finite(x.flatten(1), 1).to(torch.float64)  # (B,): 1 for the images kept
     x.nan_to_num_(0.0, 0.0, 0.0)  # a skipped image keeps finite garbage: weighted 0 below
+    channel_sum = kept @ x.sum((2, 3))
 
     def energy(band: Tensor) -> Tensor:
         return band.square().sum((1, 2, 3)) @ kept
@@ -624,7 +959,7 @@ def _subband_energy_update(y: Tensor, levels: int, wavelet: str) -> tuple[Tensor
         details.append(torch.stack([energy(band) for band in bands]))
     energies = torch.cat([energy(x).reshape(1), *details[::-1]])
     count = kept.sum()
-    return energies, count, len(kept) - count
+    return energies, count, len(kept) - count, channel_sum, kept @ x.sum((2, 3))
 
 
 def _subband_energy_compute(
@@ -644,6 +979,19 @@ def _subband_energy_compute(
     shares = energy / energy.sum()
     out = dict(zip(_subband_names(levels), shares.unbind(), strict=True))
     return out | {"count": count.clone(), "nonfinite": nonfinite.clone()}
+
+
+def _subband_energy_centred(
+    energy: Tensor, channel_sum: Tensor, ll_sum: Tensor, positions: Tensor, levels: int
+) -> Tensor:
+    """Band shares ``(3L+1,)`` of the channel-centred latent from the raw sums (see
+    :class:`SubbandEnergy`); zero centred energy reads as white, as the raw shares do."""
+    mu = channel_sum / positions
+    centred = energy.clone()
+    dc = (2 ** (levels + 1) * mu * ll_sum - positions * mu.square()).sum()  # the means' LL energy
+    centred[0] = (energy[0] - dc).clamp(min=0.0)
+    shares = _subband_energy_compute(centred, positions, torch.zeros_like(positions), levels)
+    return torch.stack([shares[band] for band in _subband_names(levels)])
 
 
 # ---------------------------------------------------------------- functional layer: SpatialCorrelation
@@ -787,7 +1135,11 @@ class _StreamingMetric(Metric):
         this = super()._apply(fn, exclude_state=(*exclude_state, *names))
         for name in names:
             if name not in exclude_state:
-                setattr(this, name, getattr(this, name).to(this.device))
+                value = getattr(this, name)
+                if isinstance(value, list):  # per-image states (dist_reduce_fx="cat")
+                    setattr(this, name, [v.to(this.device) for v in value])
+                else:
+                    setattr(this, name, value.to(this.device))
         return this
 
     def _follow(self, y: Tensor) -> None:
@@ -808,7 +1160,8 @@ class _StreamingMetric(Metric):
         """
         if type(other) is not type(self) or other._config() != self._config():
             raise ValueError(f"cannot merge {other!r} into {self!r}")
-        self.merge_state({k: v.to(self.device) for k, v in other.metric_state.items()})
+        self.merge_state({k: [x.to(self.device) for x in v] if isinstance(v, list) else v.to(self.device)
+                          for k, v in other.metric_state.items()})
         return self
 
     def _config(self) -> tuple:
@@ -833,10 +1186,17 @@ class ChannelStats(_StreamingMetric):
 
     Args:
         channels: C.
-        max_positions: if set, each ``update`` keeps at most this many samples (positions), drawn
-            without replacement by a ``torch.Generator`` on the data's device seeded with ``seed``;
-            ``nonfinite`` still counts over every position of the input.
+        max_positions: if set, each ``update`` (each image, with ``per_image``) keeps at most this
+            many samples (positions), drawn without replacement by a ``torch.Generator`` on the
+            data's device seeded with ``seed``; ``nonfinite`` still counts over every position of
+            the input.
         seed: seed of that generator.
+        per_image: also keep the sums of every **image** apart (for :func:`bootstrap_intervals`):
+            list states ``image_count`` ``(1,)``, ``image_sum`` ``(1, C)``, ``image_outer``
+            ``(1, C, C)`` per image, float64, ``dist_reduce_fx="cat"`` (so processes contribute
+            their images); :meth:`images` stacks them. An image is one ``(C, H, W)`` element of a
+            4-D input, or the whole of one 2-D ``(N, C)`` update. The pooled states are the sums
+            of the per-image ones.
 
     Raises:
         ValueError: ``channels < 1`` or ``max_positions < 1``.
@@ -849,7 +1209,8 @@ class ChannelStats(_StreamingMetric):
     """
 
     def __init__(
-        self, channels: int, max_positions: int | None = None, seed: int = 0, **kwargs
+        self, channels: int, max_positions: int | None = None, seed: int = 0, per_image: bool = False,
+        **kwargs,
     ) -> None:
         super().__init__(**kwargs)
         if channels < 1:
@@ -857,12 +1218,16 @@ class ChannelStats(_StreamingMetric):
         if max_positions is not None and max_positions < 1:
             raise ValueError(f"max_positions must be >= 1, got {max_positions}")
         self.channels, self.max_positions, self.seed = channels, max_positions, seed
+        self.per_image = per_image
         self._generators: dict[torch.device, torch.Generator] = {}
         self.add_state("sum", _f64_zeros(channels), dist_reduce_fx="sum")
         self.add_state("outer", _f64_zeros(channels, channels), dist_reduce_fx="sum")
+        if per_image:
+            for name in ("image_count", "image_sum", "image_outer"):
+                self.add_state(name, [], dist_reduce_fx="cat")
 
     def _config(self) -> tuple:
-        return (self.channels,)
+        return (self.channels, self.per_image)
 
     def _subsample(self, y: Tensor) -> Tensor:
         """``max_positions`` random samples of ``y`` as an ``(m, C)`` matrix."""
@@ -888,13 +1253,35 @@ class ChannelStats(_StreamingMetric):
         _check_channel_input(y, self.channels)
         self._follow(y)
         y = y.detach()
+        for image in y.split(1) if self.per_image and y.dim() == 4 else (y,):
+            count, total, outer, skipped = self._sums(image)
+            self._add({"count": count, "sum": total, "outer": outer, "nonfinite": skipped})
+            if self.per_image:
+                self.image_count.append(count.reshape(1))
+                self.image_sum.append(total[None])
+                self.image_outer.append(outer[None])
+
+    def _sums(self, y: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         n = y.numel() // self.channels
         if self.max_positions is not None and n > self.max_positions:
-            skipped = n - _finite(y, 1).sum()
             count, total, outer, _ = _channel_stats_update(self._subsample(y), self.channels)
-        else:
-            count, total, outer, skipped = _channel_stats_update(y, self.channels)
-        self._add({"count": count, "sum": total, "outer": outer, "nonfinite": skipped})
+            return count, total, outer, n - _finite(y, 1).sum()
+        return _channel_stats_update(y, self.channels)
+
+    def images(self) -> tuple[Tensor, Tensor, Tensor]:
+        """The per-image sums ``(count (I,), sum (I, C), outer (I, C, C))``, float64, in update
+        order (process order after a sync); the input of :func:`bootstrap_intervals`.
+
+        Raises:
+            ValueError: the metric was made without ``per_image`` or has seen no image.
+        """
+        if not self.per_image:
+            raise ValueError("ChannelStats: per-image sums need ChannelStats(..., per_image=True)")
+        if not len(self.image_count):
+            raise ValueError("ChannelStats: no data (images() before any update)")
+        cat = [torch.cat(v) if isinstance(v, list) else v
+               for v in (self.image_count, self.image_sum, self.image_outer)]
+        return cat[0], cat[1], cat[2]
 
     def compute(self) -> dict[str, Tensor]:
         """Statistics of everything accumulated (across processes, when distributed).
@@ -936,9 +1323,17 @@ class SubbandEnergy(_StreamingMetric):
     ``nonfinite`` count **images** (a DWT mixes positions, so an image holding NaN or inf is
     skipped whole).
 
+    **Centred** (with ``channels`` = C given): the shares of ``y - mu`` with ``mu_c`` the channel
+    mean over every kept position, as ``<band>_centred`` keys. The DWT is linear and maps a
+    constant ``mu_c`` to ``LL{L} = 2^L mu_c`` and zero details (analysis low-pass taps sum to
+    ``sqrt 2``, high-pass taps to 0), so only ``LL{L}`` changes:
+    ``E_LL - sum_c (2^(L+1) mu_c sum LL_c - n mu_c^2)`` with ``n`` positions; states
+    ``channel_sum``, ``ll_sum`` ``(C,)`` and ``positions`` (float64 sums).
+
     Args:
         levels: decomposition levels L >= 1.
         wavelet: a pywt discrete wavelet name (see :func:`energylab.wavelets.dwt2`).
+        channels: C, to add the centred shares; None: raw shares only.
 
     Raises:
         ValueError: ``levels < 1``.
@@ -949,16 +1344,22 @@ class SubbandEnergy(_StreamingMetric):
     {'LL1': 1.0, 'LH1': 0.0, 'HL1': 0.0, 'HH1': 0.0, 'count': 2.0, 'nonfinite': 0.0}
     """
 
-    def __init__(self, levels: int = 2, wavelet: str = "haar", **kwargs) -> None:
+    def __init__(
+        self, levels: int = 2, wavelet: str = "haar", channels: int | None = None, **kwargs
+    ) -> None:
         super().__init__(**kwargs)
         if levels < 1:
             raise ValueError(f"levels must be >= 1, got {levels}")
-        self.levels, self.wavelet = levels, wavelet
+        self.levels, self.wavelet, self.channels = levels, wavelet, channels
         self.bands = _subband_names(levels)
         self.add_state("energy", _f64_zeros(3 * levels + 1), dist_reduce_fx="sum")
+        if channels is not None:
+            self.add_state("channel_sum", _f64_zeros(channels), dist_reduce_fx="sum")
+            self.add_state("ll_sum", _f64_zeros(channels), dist_reduce_fx="sum")
+            self.add_state("positions", _f64_zeros(), dist_reduce_fx="sum")
 
     def _config(self) -> tuple:
-        return (self.levels, self.wavelet)
+        return (self.levels, self.wavelet, self.channels)
 
     def update(self, y: Tensor) -> None:
         """Accumulate the band energies of ``y`` ``(B, C, H, W)``, H and W divisible by ``2^L``.
@@ -966,9 +1367,13 @@ class SubbandEnergy(_StreamingMetric):
         Raises:
             ValueError: wrong rank or sizes. TypeError: non-float ``y``.
         """
-        energy, count, skipped = _subband_energy_update(y, self.levels, self.wavelet)
+        energy, count, skipped, channel_sum, ll_sum = _subband_energy_update(y, self.levels, self.wavelet)
         self._follow(y)
         self._add({"energy": energy, "count": count, "nonfinite": skipped})
+        if self.channels is not None:
+            if y.shape[1] != self.channels:
+                raise ValueError(f"SubbandEnergy: expected {self.channels} channels, got {tuple(y.shape)}")
+            self._add({"channel_sum": channel_sum, "ll_sum": ll_sum, "positions": count * y[0, 0].numel()})
 
     def compute(self) -> dict[str, Tensor]:
         """Shares ``{LL{L}, LH{L}, HL{L}, HH{L}, ..., LH1, HL1, HH1}`` (0-d float64 tensors
@@ -977,7 +1382,13 @@ class SubbandEnergy(_StreamingMetric):
         Raises:
             ValueError: no finite image (no update, or all non-finite).
         """
-        return _subband_energy_compute(self.energy, self.count, self.nonfinite, self.levels)
+        out = _subband_energy_compute(self.energy, self.count, self.nonfinite, self.levels)
+        if self.channels is None:
+            return out
+        centred = _subband_energy_centred(
+            self.energy, self.channel_sum, self.ll_sum, self.positions, self.levels
+        )
+        return out | {f"{band}_centred": v for band, v in zip(self.bands, centred.unbind(), strict=True)}
 
 
 class SpatialCorrelation(_StreamingMetric):
@@ -1198,7 +1609,9 @@ class NeighbourhoodTotalCorrelation(ChannelStats):
 
     Each non-overlapping ``k x k`` block of ``y`` ``(B, C, H, W)`` (H, W cropped to multiples of
     ``k``) is one sample of ``k^2 C`` variables; the states are those of a :class:`ChannelStats` of
-    ``k^2 C`` channels (non-finite rule included). :meth:`split` gives, in nats, with the
+    ``k^2 C`` channels (non-finite rule and ``per_image`` included: with ``per_image=True`` each
+    ``(C, H, W)`` image's blocks are one image for :func:`bootstrap_intervals`). :meth:`split`
+    gives, in nats, with the
     bias correction of :func:`total_correlation` at ``n`` = blocks::
 
         joint            = TC of the k^2 C variables
@@ -1223,7 +1636,7 @@ class NeighbourhoodTotalCorrelation(ChannelStats):
         self.k, self.latent_channels = k, channels
 
     def _config(self) -> tuple:
-        return (self.latent_channels, self.k)
+        return (self.latent_channels, self.k, self.per_image)
 
     def update(self, y: Tensor) -> None:
         """Accumulate the ``k x k`` blocks of ``y`` ``(B, C, H, W)``.
@@ -1236,7 +1649,8 @@ class NeighbourhoodTotalCorrelation(ChannelStats):
                 f"NeighbourhoodTotalCorrelation: expected (B, {self.latent_channels}, H, W) with H, W "
                 f">= {self.k}, got {tuple(y.shape)}"
             )
-        super().update(_blocks(y, self.k))
+        for image in y.split(1) if self.per_image else (y,):  # per image: one 2-D update each
+            super().update(_blocks(image, self.k))
 
     def split(self) -> dict[str, float | None]:
         """``joint``, ``across_channels``, ``across_positions`` (nats, bias-corrected at ``n`` =

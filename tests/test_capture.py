@@ -5,11 +5,20 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from energylab.capture import ROLES, HookPoint, LatentProbe, default_layers
+from energylab.capture import (
+    INTERVAL_ROLES,
+    NEIGHBOURHOOD_INTERVAL_ROLES,
+    NEIGHBOURHOOD_ROLES,
+    ROLES,
+    HookPoint,
+    LatentProbe,
+    default_layers,
+)
 from energylab.models import build_model
 
 
@@ -117,3 +126,58 @@ def test_custom_hook_points_and_unknown_names():
     with pytest.raises(ValueError, match="no module"):
         with LatentProbe(model, layers={"x": HookPoint("g_a.99")}):
             pass
+
+
+HEADLINE = ("total_correlation", "total_correlation_per_channel", "coding_gain", "klt_coding_gain",
+            "decorrelation_gain", "offdiag_energy_ratio", "effective_rank", "mean_energy_fraction",
+            *(f"topk_share.{kind}" for kind in ("l2", "l2_centred", "ms", "ms_centred")))
+
+
+def test_records_carry_intervals_neighbourhood_and_centred_energies():
+    model = tiny(True)
+    x = torch.rand(6, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    probe = LatentProbe(model, replicates=50, seed=1)
+    run(probe, model, x)
+    records = probe.records(0)
+    for r in records:
+        assert r["images"] == 6
+        assert ("neighbourhood_tc.joint" in r) == (r["role"] in NEIGHBOURHOOD_ROLES)
+        assert r["topk_energy_share"] == r["topk_share.ms"]  # the legacy key is the raw mean-square share
+        stats = (HEADLINE if r["role"] in INTERVAL_ROLES else ()) + (
+            tuple(f"neighbourhood_tc.{k}" for k in ("joint", "across_channels", "across_positions"))
+            if r["role"] in NEIGHBOURHOOD_INTERVAL_ROLES else ()
+        )
+        assert len([k for k in r if k.endswith("_ci_low")]) == len(stats), r["layer"]
+        for stat in stats:
+            low, high = r[f"{stat}_ci_low"], r[f"{stat}_ci_high"]
+            if r[stat] is None or low is None:  # None also where a replicate is singular (y_hat's
+                assert low is None and high is None, (r["layer"], stat)  # rounded channels)
+            else:
+                assert low <= r[stat] <= high, (r["layer"], stat, low, r[stat], high)
+        assert sum(r[f"subband_energy_centred.{b}"] for b in ("LL2", "LH2", "HL2", "HH2", "LH1", "HL1",
+                                                              "HH1")) == pytest.approx(1.0)
+    y = next(r for r in records if r["layer"] == "y")
+    assert all(y[f"{stat}_ci_low"] is not None for stat in HEADLINE)
+    assert y["neighbourhood_tc.count"] == 6 * 2 * 2  # 2 x 2 blocks of a 4 x 4 latent, per image
+    assert json.loads(json.dumps(records, allow_nan=False)) == records
+
+    again = LatentProbe(model, replicates=50, seed=1)
+    run(again, model, x)
+    assert again.records(0) == records  # same seed, same intervals
+    plain = LatentProbe(model, layers=["y"], replicates=0)
+    run(plain, model, x)
+    (record,) = plain.records(0)
+    assert not [k for k in record if "_ci_" in k]
+
+
+def test_capture_arrays_are_float64_in_the_npz(tmp_path):
+    model = tiny(False)
+    probe = LatentProbe(model)
+    run(probe, model, torch.rand(2, 3, 64, 64))
+    np.savez_compressed(tmp_path / "c.npz", **probe.arrays())
+    with np.load(tmp_path / "c.npz") as npz:
+        for name in ("cov/y", "mean/y", "energies/y", "cov/g_a.stage1"):
+            assert npz[name].dtype == np.float64, name
+        moments = probe.metrics["y"]["channel"].compute()
+        np.testing.assert_array_equal(npz["cov/y"], moments["covariance"].numpy())
+        np.testing.assert_array_equal(npz["mean/y"], moments["mean"].numpy())

@@ -106,7 +106,7 @@ def test_loaders(tiny_ablation: Path, tiny_sweep: Path) -> None:
     assert run.kind == "run" and list(run.cells) == [("auxt", 0.013, 1)]
     captures = figures.load_captures(run.root, layers=["y"])
     assert sorted(captures) == [0, 4, 8]
-    assert sorted(captures[8]) == ["cov/y", "energies/y", "probe_y"]
+    assert sorted(captures[8]) == ["cov/y", "energies/y", "mean/y", "probe_y"]
     assert captures[8]["cov/y"].shape == (12, 12)
     assert "g_a.aux1" in figures.layers_of(figures.load_captures(run.root))
 

@@ -57,7 +57,7 @@ def test_run_directory_is_complete(auxt_run):
     assert all(0 <= r["aux_energy_share"] for r in energy if r["layer"].startswith("g_a.aux"))
     captures = run.captures()
     assert list(captures) == [0, 4, 8]
-    assert captures[8]["cov/y"].shape == (12, 12) and captures[8]["cov/y"].dtype == np.float32
+    assert captures[8]["cov/y"].shape == (12, 12) and captures[8]["cov/y"].dtype == np.float64
     assert captures[8]["probe_y"].shape == (12, 4, 4)
     final = torch.load(run.final_path, weights_only=False)
     assert final["step"] == 8 and "g_a.auxiliary_layers.0.olp.linear.weight" in final["model"]
