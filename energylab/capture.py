@@ -19,26 +19,58 @@ Default layers (names used in ``energy.jsonl``) and their roles:
   ``forward`` (the quantised latent);
 * with AuxT, ``g_a.main<k>`` and ``g_a.aux<k>`` (roles ``"main"``, ``"aux"``, ``merge = k``,
   k = 1..4): the two branches entering merge ``k``; the ``"aux"`` record carries
-  ``aux_energy_share``.
+  ``aux_energy_share``;
+* ``y_residual`` (role ``"residual"``), for models whose ``gaussian_conditional`` codes all of
+  ``y`` at once (bmshj2018-hyperprior, mbt2018-mean, mbt2018, cheng2020-anchor): the normalised
+  residual ``(y - mu) / sigma`` with the hyperprior's own mean and scale, read from the entropy
+  model's forward inputs ``(y, scales, means)``; ``sigma`` is the scale after the entropy model's
+  lower bound (``GaussianConditional.lower_bound_scale``, 0.11), the one its likelihood uses; no
+  mean (bmshj2018-hyperprior): ``y / sigma``. Not for TCM (its entropy model codes channel slices)
+  nor ELIC (a latent codec), nor the factorized model (no Gaussian conditional).
+
+Modulation against the quantiser (step 1, :func:`energylab.stats.modulation_statistics`) is on the
+``y_hat`` record: ``std_in_steps.median`` / ``.max`` of ``y_hat``'s channels and, from a
+:class:`~energylab.stats.RateShare` fed with the model output's ``likelihoods["y"]`` (a hook on the
+model itself: that is exactly what the entropy model of ``y`` produced, concatenated over slices for
+TCM, so every registered model is covered), ``rate_share_entropy``, ``rate_share_am_gm``,
+``active_channels`` and ``bits_per_position``. With AuxT, :meth:`LatentProbe.records` adds one
+record of role ``"gain"`` per WLS / iWLS (layers ``g_a.gain<k>``, ``g_s.gain<k>``, ``merge = k``):
+the mean learned subband gain ``exp(s)`` of each subband, keys ``exp_s.LL`` ... ``exp_s.HH``, read
+from the parameters when the records are made (none without scaling).
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
+import torch
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 
 from energylab.models import AuxTransform, trace_stages, unwrap_model
-from energylab.stats import AuxEnergyShare, ChannelStats, SpatialCorrelation, SubbandEnergy
+from energylab.stats import (
+    AuxEnergyShare,
+    ChannelStats,
+    RateShare,
+    SpatialCorrelation,
+    SubbandEnergy,
+    modulation_statistics,
+    std_in_steps,
+)
 
-__all__ = ["ROLES", "HookPoint", "LatentProbe", "default_layers"]
+__all__ = ["ROLES", "SUBBANDS", "HookPoint", "LatentProbe", "default_layers", "gain_records"]
 
-ROLES = ("stage", "y", "y_hat", "main", "aux")
-"""What a hook point reads: a stage output of ``g_a``, ``y``, ``y_hat``, or the main / auxiliary
-branch entering an AuxT merge."""
+ROLES = ("stage", "y", "y_hat", "main", "aux", "residual", "gain")
+"""What a record describes: a stage output of ``g_a``, ``y``, ``y_hat``, the main / auxiliary
+branch entering an AuxT merge, the normalised residual of ``y``, or (no hook point) the learned
+subband gains of a WLS / iWLS."""
+
+SUBBANDS = ("LL", "LH", "HL", "HH")
+"""Subband order of AuxT's ``scaling_factors`` (subband-major, as :func:`energylab.wavelets.dwt2`)."""
 
 Extract = Callable[[tuple, Tensor], Tensor]
 """Picks the tensor to reduce from a hook's ``(inputs, output)``."""
@@ -54,6 +86,19 @@ def _first_input(inputs: tuple, output: Tensor) -> Tensor:
 
 def _second_input(inputs: tuple, output: Tensor) -> Tensor:
     return inputs[1]
+
+
+def _normalised_residual(inputs: tuple, output: Tensor, bound: float) -> Tensor:
+    """``(y - means) / max(scales, bound)`` from ``GaussianConditional.forward(y, scales, means)``."""
+    y, scales = inputs[0], inputs[1]
+    means = inputs[2] if len(inputs) > 2 else None
+    residual = y if means is None else y - means
+    return residual / scales.clamp(min=bound)
+
+
+def _full_residual(model: nn.Module) -> bool:
+    """Whether ``model.gaussian_conditional`` is called once with all of ``y`` (not on slices)."""
+    return hasattr(model, "gaussian_conditional") and not hasattr(model, "num_slices")
 
 
 @dataclass(frozen=True)
@@ -75,6 +120,8 @@ class HookPoint:
     def __post_init__(self) -> None:
         if self.role is not None and self.role not in ROLES:
             raise ValueError(f"HookPoint {self.module!r}: role {self.role!r} is not one of {ROLES} or None")
+        if self.role == "gain":
+            raise ValueError(f"HookPoint {self.module!r}: role 'gain' is read from parameters, not hooked")
         if (self.merge is not None) != (self.role in ("main", "aux")):
             raise ValueError(f"HookPoint {self.module!r}: a merge index goes with roles main/aux only")
 
@@ -106,7 +153,37 @@ def default_layers(model: nn.Module, trace_size: int = 64) -> dict[str, HookPoin
         for k in range(1, len(g_a.merge_positions) + 1):
             layers[f"g_a.main{k}"] = HookPoint(f"g_a.merges.{k - 1}", _first_input, "main", k)
             layers[f"g_a.aux{k}"] = HookPoint(f"g_a.merges.{k - 1}", _second_input, "aux", k)
+    net = unwrap_model(model)
+    if _full_residual(net):
+        bound = float(net.gaussian_conditional.lower_bound_scale.bound)
+        extract = partial(_normalised_residual, bound=bound)
+        layers["y_residual"] = HookPoint("gaussian_conditional", extract, role="residual")
     return layers
+
+
+def _scaled_blocks(model: nn.Module) -> list[tuple[str, int, nn.Module]]:
+    """``(layer, k, block)`` for every WLS / iWLS with scaling factors: ``g_a.gain<k>``, ``g_s.gain<k>``."""
+    blocks = []
+    for side in ("g_a", "g_s"):
+        transform = getattr(model, side, None)
+        if isinstance(transform, AuxTransform):
+            blocks += [(f"{side}.gain{k}", k, block)
+                       for k, block in enumerate(transform.auxiliary_layers, start=1)
+                       if block.scaling_factors is not None]
+    return blocks
+
+
+def gain_records(model: nn.Module, step: int) -> list[dict]:
+    """The learned subband gains of every WLS / iWLS of ``model``, one record per block with
+    scaling (role ``"gain"``, layer ``g_a.gain<k>`` / ``g_s.gain<k>``, ``merge = k``): keys
+    ``exp_s.LL`` ... ``exp_s.HH``, the mean of ``exp(scaling_factors)`` over the block's channels
+    in each subband. [] without AuxT or without scaling. Reads the parameters (a host sync)."""
+    out = []
+    for layer, k, block in _scaled_blocks(unwrap_model(model)):
+        gains = block.scaling_factors.detach().to(torch.float64).exp().view(4, -1).mean(1).tolist()
+        out.append({"step": step, "layer": layer, "role": "gain", "merge": k}
+                   | {f"exp_s.{band}": g for band, g in zip(SUBBANDS, gains, strict=True)})
+    return out
 
 
 def _layer_metrics(channels: int, levels: int = 2, max_positions: int | None = None) -> MetricCollection:
@@ -169,7 +246,9 @@ class LatentProbe:
         self.subband_levels, self.max_positions = subband_levels, max_positions
         self.metrics: dict[str, MetricCollection] = {}
         self.shares: dict[str, AuxEnergyShare] = {}
+        self.rate: RateShare | None = None
         self.first: dict[str, Tensor] = {}
+        self._signatures: dict[nn.Module, inspect.Signature] = {}
         self._handles: list = []
 
     # -- hooks ---------------------------------------------------------------------------------
@@ -192,11 +271,34 @@ class LatentProbe:
                 raise ValueError(f"layer {name!r}: the model has no module {point.module!r}")
             by_module.setdefault(point.module, []).append((name, point))
         for path, entries in by_module.items():
-            self._handles.append(modules[path].register_forward_hook(self._hook(entries)))
+            self._handles.append(modules[path].register_forward_hook(self._hook(entries), with_kwargs=True))
+        if any(point.role == "y_hat" for point in self.points.values()):
+            self._handles.append(self.model.register_forward_hook(self._rate_hook))
         return self
 
+    def _rate_hook(self, module: nn.Module, inputs: tuple, output: object) -> None:
+        """Feed :attr:`rate` with the model output's ``likelihoods["y"]`` (if it has one)."""
+        likelihoods = output.get("likelihoods", {}).get("y") if isinstance(output, dict) else None
+        if likelihoods is None:
+            return
+        if self.rate is None:
+            self.rate = RateShare(likelihoods.shape[1]).to(likelihoods.device)
+        self.rate.update(likelihoods)
+
+    def _positional(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple:
+        """The call's arguments in the order of ``module.forward``'s signature (keywords included)."""
+        if not kwargs:
+            return args
+        signature = self._signatures.get(module)
+        if signature is None:
+            signature = self._signatures[module] = inspect.signature(module.forward)
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        return tuple(bound.arguments.values())
+
     def _hook(self, entries: list[tuple[str, HookPoint]]):
-        def hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> None:
+            inputs = self._positional(module, args, kwargs)
             for name, point in entries:
                 y = point.extract(inputs, output)
                 self._observe(name, y)
@@ -220,8 +322,10 @@ class LatentProbe:
         Keys: ``step``, ``layer``, ``role`` and ``merge`` (of its :class:`HookPoint`),
         ``channels``, ``count`` (positions used), ``nonfinite`` (positions skipped for NaN/inf),
         every :func:`energylab.stats.energy_statistics` key, ``subband_energy.<band>``,
-        ``spatial_correlation.<dh,dw>`` and, for role ``"aux"``, ``aux_energy_share`` (see
-        ``data/README.md``). Synchronises across processes when distributed.
+        ``spatial_correlation.<dh,dw>``, for role ``"aux"`` ``aux_energy_share``, for role
+        ``"y_hat"`` the :func:`energylab.stats.modulation_statistics` keys and
+        ``bits_per_position`` (see the module docstring and ``data/README.md``); then the
+        ``"gain"`` records of :func:`gain_records`. Synchronises across processes when distributed.
 
         Raises:
             ValueError: a layer saw no finite data (from :mod:`energylab.stats`).
@@ -247,17 +351,36 @@ class LatentProbe:
             record.update({f"spatial_correlation.{k}": float(lags[k]) for k in spatial.lag_names})
             if name in self.shares:
                 record["aux_energy_share"] = float(self.shares[name].compute()["aux_energy_share"])
+            if point.role == "y_hat":
+                rate = self._rate()
+                record.update(modulation_statistics(moments["covariance"], None if rate is None else
+                                                    rate["shares"].cpu().numpy()))
+                if rate is not None:
+                    record["bits_per_position"] = float(rate["bits_per_position"])
             out.append(record)
-        return out
+        return out + gain_records(self.model, step)
+
+    def _rate(self) -> dict[str, Tensor] | None:
+        """:class:`RateShare`'s results, or None when no forward gave ``likelihoods["y"]``."""
+        return None if self.rate is None else self.rate.compute()
 
     def arrays(self) -> dict[str, np.ndarray]:
-        """``cov/<layer>`` and ``energies/<layer>`` (float32) and ``probe_y``: the first probe
+        """``cov/<layer>`` and ``energies/<layer>`` (float32), for the ``y_hat`` layer
+        ``std_in_steps/<layer>`` and ``rate_share/<layer>`` (``(C,)`` float32), with AuxT
+        ``exp_s/<side>.gain<k>`` (``(4, C)`` float32, subband-major) and ``probe_y``: the first probe
         image's ``y`` ``(C, h, w)`` — the contents of a ``captures/step_XXXXXXX.npz``."""
         arrays = {}
         for name, metrics in self.metrics.items():
             moments = metrics["channel"].compute()
             arrays[f"cov/{name}"] = moments["covariance"].float().cpu().numpy()
             arrays[f"energies/{name}"] = moments["energies"].float().cpu().numpy()
+            if self.points[name].role == "y_hat":
+                arrays[f"std_in_steps/{name}"] = std_in_steps(moments["covariance"]).astype(np.float32)
+                rate = self._rate()
+                if rate is not None:
+                    arrays[f"rate_share/{name}"] = rate["shares"].float().cpu().numpy()
+        for layer, _, block in _scaled_blocks(self.model):
+            arrays[f"exp_s/{layer}"] = block.scaling_factors.detach().exp().view(4, -1).float().cpu().numpy()
         if "y" in self.first:
             arrays["probe_y"] = self.first["y"].float().cpu().numpy()
         return arrays
@@ -266,4 +389,5 @@ class LatentProbe:
         """Forget everything accumulated (keeps the hook points)."""
         self.metrics.clear()
         self.shares.clear()
+        self.rate = None
         self.first.clear()
