@@ -39,7 +39,16 @@ from energylab import cli
 from energylab.auxt import ortho_loss
 from energylab.capture import LatentProbe
 from energylab.config import ConfigError, TrainConfig
-from energylab.data import Dataset, TrainSampler, crop_to, load_dataset, probe_set, test_batches
+from energylab.data import (
+    PROBE_MIN_POSITIONS,
+    PROBE_MIN_REGIONS,
+    Dataset,
+    TrainSampler,
+    crop_to,
+    load_dataset,
+    probe_set,
+    test_batches,
+)
 from energylab.models import build_model, unwrap_model
 from energylab.rundir import RunDir
 from energylab.stats import psnr
@@ -233,12 +242,12 @@ def setup(config: TrainConfig) -> Session:
     sampler = TrainSampler([img for _, img in dataset.train], config.patch_size, config.batch_size,
                            config.seed)
     list(test_batches(dataset.test, config.test_size))  # a too-small test image fails now, not later
-    probe = probe_set(dataset.test, config.probe_count, config.probe_size).to(device)
-    samples = len(probe) * (config.probe_size // 16) ** 2
-    if d.main and samples < 2 * config.M:
-        warnings.warn(f"the probe set gives {samples} samples of y for {config.M} channels: its "
-                      "covariance is poorly determined; raise probe_count or probe_size",
-                      stacklevel=3)
+    probe = probe_set(dataset.test + dataset.train, config.probe_count, config.probe_size).to(device)
+    positions = len(probe) * (config.probe_size // 16) ** 2
+    if d.main and (positions < PROBE_MIN_POSITIONS or len(probe) < PROBE_MIN_REGIONS):
+        warnings.warn(f"the probe set gives {positions} positions of y from {len(probe)} regions (wanted "
+                      f">= {PROBE_MIN_POSITIONS} from >= {PROBE_MIN_REGIONS}): its statistics are poorly "
+                      "determined; raise probe_count or probe_size", stacklevel=3)
     if len(probe) < d.world_size:
         raise ConfigError("probe_count", f"gives {len(probe)} probe crops, fewer than the "
                                          f"{d.world_size} processes: each captures its share")
@@ -369,15 +378,22 @@ def evaluate(model: nn.Module, test: list[tuple[str, Tensor]], config: TrainConf
     return result
 
 
+PROBE_BATCH = 8
+"""Probe regions per forward pass of a capture (256 px regions: about 2 MB per channel of g_a's
+first stage)."""
+
+
 @torch.no_grad()
 def capture(model: nn.Module, probe: Tensor, d: Dist) -> LatentProbe:
-    """Run the probe set (this process's share of it) through ``model`` with hooks on."""
+    """Run the probe set (this process's share of it) through ``model`` with hooks on, in batches
+    of :data:`PROBE_BATCH` regions, without the synthesis transform (``x_hat`` is not needed)."""
     model = unwrap_model(model)
     model.eval()
-    latent_probe = LatentProbe(model)
+    latent_probe = LatentProbe(model, skip_synthesis=True)
+    mine = probe[d.rank :: d.world_size]
     with latent_probe:
-        for i in range(d.rank, len(probe), d.world_size):
-            model(probe[i : i + 1])
+        for batch in mine.split(PROBE_BATCH):
+            model(batch)
     model.train()
     return latent_probe
 

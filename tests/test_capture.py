@@ -207,3 +207,22 @@ def test_active_channels_and_share_summaries_on_a_constructed_case():
     assert rate_share_entropy([0.1] * 10) == pytest.approx(math.log2(10))
     assert rate_share_am_gm([0.1] * 10) == pytest.approx(1.0)
     assert rate_share_am_gm(shares) > 1.0
+
+
+def test_skip_synthesis_gives_the_same_records_and_restores_g_s():
+    torch.manual_seed(0)
+    model = build_model("mbt2018-mean", N=8, M=12, auxt=True).eval()
+    g_s = model.g_s
+    x = torch.rand(2, 3, 64, 64)
+    full, skipped = LatentProbe(model), LatentProbe(model, skip_synthesis=True)
+    run(full, model, x)
+    run(skipped, model, x)
+    assert model.g_s is g_s
+    for a, b in zip(full.records(0), skipped.records(0), strict=True):
+        assert a.keys() == b.keys() and a["layer"] == b["layer"]
+        for key, value in a.items():
+            expected = pytest.approx(value, rel=1e-9, abs=1e-12) if isinstance(value, float) else value
+            assert b[key] == expected
+    with pytest.raises(ValueError, match="skip_synthesis"):
+        LatentProbe(model, layers={"inside": HookPoint("g_s.transform.0")}, skip_synthesis=True).__enter__()
+    assert model.g_s is g_s
