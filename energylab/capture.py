@@ -213,6 +213,14 @@ class LatentProbe:
             the latents and likelihoods are unchanged, ``x_hat`` is not computed (it is then
             ``y_hat``), which saves about half of a forward pass. For captures only; the ``y_hat``
             point still reads ``g_s``'s input.
+        enough_positions: if set, each layer reads whole images (in forward order) only until it
+            holds at least this many positions from at least ``enough_images`` images; later images
+            are not fed to that layer's metrics. The high-resolution layers (``g_a.stage1`` has 64
+            times the positions of ``y``) then cost a fraction of a full probe, while ``y`` and
+            every layer at its resolution still read the whole probe (the training capture passes
+            8192 and 8: :data:`energylab.data.PROBE_MIN_POSITIONS`, ``PROBE_MIN_REGIONS``). The
+            rate shares always read every image.
+        enough_images: see ``enough_positions``.
 
     Usage::
 
@@ -235,10 +243,14 @@ class LatentProbe:
         subband_levels: int = 2,
         max_positions: int | None = None,
         skip_synthesis: bool = False,
+        enough_positions: int | None = None,
+        enough_images: int = 1,
     ) -> None:
         self.model = unwrap_model(model)
         self.skip_synthesis = skip_synthesis
         self._g_s: nn.Module | None = None
+        self.enough_positions, self.enough_images = enough_positions, enough_images
+        self._images: dict[str, int] = {}
         defaults = default_layers(self.model)
         if layers is None:
             points = defaults
@@ -312,14 +324,30 @@ class LatentProbe:
             inputs = self._positional(module, args, kwargs)
             for name, point in entries:
                 y = point.extract(inputs, output)
+                take = self._take(name, y)
+                if take == 0:
+                    continue
+                y, output_taken = y[:take], output[:take]
                 self._observe(name, y)
                 if point.role == "aux":
                     share = self.shares.get(name)
                     if share is None:
                         share = self.shares[name] = AuxEnergyShare().to(output.device)
-                    share.update(y, output)
+                    share.update(y, output_taken)
 
         return hook
+
+    def _take(self, name: str, y: Tensor) -> int:
+        """How many images of the batch ``y`` ``(B, C, H, W)`` layer ``name`` still reads (shapes
+        only: no host sync)."""
+        seen = self._images.get(name, 0)
+        take = len(y)
+        if self.enough_positions is not None and y.dim() == 4:
+            per_image = y.shape[2] * y.shape[3]
+            needed = max(self.enough_images, -(-self.enough_positions // per_image))
+            take = max(0, min(take, needed - seen))
+        self._images[name] = seen + take
+        return take
 
     def __exit__(self, *exc) -> None:
         for handle in self._handles:
@@ -403,4 +431,5 @@ class LatentProbe:
         self.metrics.clear()
         self.shares.clear()
         self.rate = None
+        self._images.clear()
         self.first.clear()

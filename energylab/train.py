@@ -386,10 +386,13 @@ first stage)."""
 @torch.no_grad()
 def capture(model: nn.Module, probe: Tensor, d: Dist) -> LatentProbe:
     """Run the probe set (this process's share of it) through ``model`` with hooks on, in batches
-    of :data:`PROBE_BATCH` regions, without the synthesis transform (``x_hat`` is not needed)."""
+    of :data:`PROBE_BATCH` regions, without the synthesis transform (``x_hat`` is not needed);
+    each layer reads enough regions for 8192 positions from at least 8 regions (all of them for
+    ``y``'s resolution; see :class:`LatentProbe`'s ``enough_positions``)."""
     model = unwrap_model(model)
     model.eval()
-    latent_probe = LatentProbe(model, skip_synthesis=True)
+    latent_probe = LatentProbe(model, skip_synthesis=True, enough_positions=PROBE_MIN_POSITIONS,
+                               enough_images=PROBE_MIN_REGIONS)
     mine = probe[d.rank :: d.world_size]
     with latent_probe:
         for batch in mine.split(PROBE_BATCH):

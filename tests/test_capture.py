@@ -226,3 +226,21 @@ def test_skip_synthesis_gives_the_same_records_and_restores_g_s():
     with pytest.raises(ValueError, match="skip_synthesis"):
         LatentProbe(model, layers={"inside": HookPoint("g_s.transform.0")}, skip_synthesis=True).__enter__()
     assert model.g_s is g_s
+
+
+def test_enough_positions_stops_feeding_a_layer_after_whole_images():
+    model = tiny(True)
+    x = torch.rand(6, 3, 64, 64)
+    probe = LatentProbe(model, layers=["g_a.stage1", "y", "g_a.aux1"], enough_positions=40, enough_images=2)
+    with probe, torch.no_grad():
+        for batch in x.split(4):  # batches of 4 and 2 images
+            model(batch)
+    counts = {r["layer"]: r.get("count") for r in probe.records(0)}
+    # stage1 and aux1: 32x32 = 1024 positions per image, enough after 2 images (enough_images);
+    # y: 4x4 = 16 per image, 40 positions need ceil(40 / 16) = 3 images
+    assert counts["g_a.stage1"] == counts["g_a.aux1"] == 2 * 1024
+    assert counts["y"] == 3 * 16
+    full = LatentProbe(model, layers=["g_a.aux1"])
+    run(full, model, x[:2])
+    share = {r["layer"]: r.get("aux_energy_share") for r in probe.records(0)}["g_a.aux1"]
+    assert share == pytest.approx(full.records(0)[0]["aux_energy_share"])
