@@ -327,13 +327,13 @@ class LatentProbe:
                 take = self._take(name, y)
                 if take == 0:
                     continue
-                y, output_taken = y[:take], output[:take]
+                y = y[:take]
                 self._observe(name, y)
                 if point.role == "aux":
                     share = self.shares.get(name)
                     if share is None:
                         share = self.shares[name] = AuxEnergyShare().to(output.device)
-                    share.update(y, output_taken)
+                    share.update(y, output[:take])
 
         return hook
 
