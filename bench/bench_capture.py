@@ -9,6 +9,13 @@ positions of ``y``) and runs it twice per repeat, alternating: capture on, then 
 seconds spent capturing (the probe's forward passes with hooks, ``records``, ``arrays`` and writing
 them) as a share of that run's wall time. Goal (issue 10): share <= 5 %. ``--steps`` below 1500
 keeps one capture per 250 steps plus the one at step 0, so it overstates the share a little.
+
+Measured at commit bbd42d4 (2-core development machine shared with other jobs, one repeat
+each): ``--steps 1500`` (baseline cell) under a load average near 5: capturing 24.4 s of a
+713.8 s run, 3.4 % (the on/off wall-time ratio, 5.46, is load noise); ``--steps 500 --auxt`` on a
+nearly idle machine: capturing 6.2 s of 54.3 s, 11.5 % (about 2.1 s per capture; ~9 % scaled to 7
+captures per 1500 steps), on/off 1.56. Over the 5 % goal with AuxT; the hooks' metrics on the
+high-resolution layers (SubbandEnergy, SpatialCorrelation) cost more than the probe's forward.
 """
 
 from __future__ import annotations
