@@ -308,7 +308,7 @@ def run(args: argparse.Namespace) -> dict:
         cells = [c for c in cells if c.variant == args.only and c.seed == args.seed]
     from energylab.train import open_data
 
-    _, test, _ = open_data(replace(base, workers=0))  # bad data fails before anything is written
+    _, test, _, _ = open_data(replace(base, workers=0))  # bad data fails before anything is written
     launch = launch_options(args)
     _check_out(args, base, names)
     todo = [(c, cell_config(base, c, names[c.variant])) for c in cells if not c.done]

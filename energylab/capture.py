@@ -23,13 +23,32 @@ Default layers (names used in ``energy.jsonl``) and their roles:
   ``forward`` (the quantised latent);
 * with AuxT, ``g_a.main<k>`` and ``g_a.aux<k>`` (roles ``"main"``, ``"aux"``, ``merge = k``,
   k = 1..4): the two branches entering merge ``k``; the ``"aux"`` record carries
-  ``aux_energy_share``.
+  ``aux_energy_share``;
+* ``y_residual`` (role ``"residual"``), for models whose ``gaussian_conditional`` codes all of
+  ``y`` at once (bmshj2018-hyperprior, mbt2018-mean, mbt2018, cheng2020-anchor): the normalised
+  residual ``(y - mu) / sigma`` with the hyperprior's own mean and scale, read from the entropy
+  model's forward inputs ``(y, scales, means)``; ``sigma`` is the scale after the entropy model's
+  lower bound (``GaussianConditional.lower_bound_scale``, 0.11), the one its likelihood uses; no
+  mean (bmshj2018-hyperprior): ``y / sigma``. Not for TCM (its entropy model codes channel slices)
+  nor ELIC (a latent codec), nor the factorized model (no Gaussian conditional).
+
+Modulation against the quantiser (step 1, :func:`energylab.stats.modulation_statistics`) is on the
+``y_hat`` record: ``std_in_steps.median`` / ``.max`` of ``y_hat``'s channels and, from a
+:class:`~energylab.stats.RateShare` fed with the model output's ``likelihoods["y"]`` (a hook on the
+model itself: that is exactly what the entropy model of ``y`` produced, concatenated over slices for
+TCM, so every registered model is covered), ``rate_share_entropy``, ``rate_share_am_gm``,
+``active_channels`` and ``bits_per_position``. With AuxT, :meth:`LatentProbe.records` adds one
+record of role ``"gain"`` per WLS / iWLS (layers ``g_a.gain<k>``, ``g_s.gain<k>``, ``merge = k``):
+the mean learned subband gain ``exp(s)`` of each subband, keys ``exp_s.LL`` ... ``exp_s.HH``, read
+from the parameters when the records are made (none without scaling).
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -41,22 +60,29 @@ from energylab.stats import (
     AuxEnergyShare,
     ChannelStats,
     NeighbourhoodTotalCorrelation,
+    RateShare,
     SpatialCorrelation,
     SubbandEnergy,
     bootstrap_intervals,
     channel_statistics_batched,
     energy_shares,
+    modulation_statistics,
     neighbourhood_statistics_batched,
+    std_in_steps,
 )
 
 __all__ = [
     "BOOTSTRAP_REPLICATES", "INTERVAL_ROLES", "NEIGHBOURHOOD_INTERVAL_ROLES", "NEIGHBOURHOOD_ROLES", "ROLES",
-    "HookPoint", "LatentProbe", "default_layers",
+    "SUBBANDS", "HookPoint", "LatentProbe", "default_layers", "gain_records",
 ]
 
-ROLES = ("stage", "y", "y_hat", "main", "aux")
-"""What a hook point reads: a stage output of ``g_a``, ``y``, ``y_hat``, or the main / auxiliary
-branch entering an AuxT merge."""
+ROLES = ("stage", "y", "y_hat", "main", "aux", "residual", "gain")
+"""What a record describes: a stage output of ``g_a``, ``y``, ``y_hat``, the main / auxiliary
+branch entering an AuxT merge, the normalised residual of ``y``, or (no hook point) the learned
+subband gains of a WLS / iWLS."""
+
+SUBBANDS = ("LL", "LH", "HL", "HH")
+"""Subband order of AuxT's ``scaling_factors`` (subband-major, as :func:`energylab.wavelets.dwt2`)."""
 
 NEIGHBOURHOOD_ROLES = ("stage", "y", "y_hat")
 """Roles whose layers also stream the ``k x k`` neighbourhood total correlation (k = 2): every
@@ -90,6 +116,19 @@ def _second_input(inputs: tuple, output: Tensor) -> Tensor:
     return inputs[1]
 
 
+def _normalised_residual(inputs: tuple, output: Tensor, bound: float) -> Tensor:
+    """``(y - means) / max(scales, bound)`` from ``GaussianConditional.forward(y, scales, means)``."""
+    y, scales = inputs[0], inputs[1]
+    means = inputs[2] if len(inputs) > 2 else None
+    residual = y if means is None else y - means
+    return residual / scales.clamp(min=bound)
+
+
+def _full_residual(model: nn.Module) -> bool:
+    """Whether ``model.gaussian_conditional`` is called once with all of ``y`` (not on slices)."""
+    return hasattr(model, "gaussian_conditional") and not hasattr(model, "num_slices")
+
+
 @dataclass(frozen=True)
 class HookPoint:
     """Where a layer is read and what it is.
@@ -109,6 +148,8 @@ class HookPoint:
     def __post_init__(self) -> None:
         if self.role is not None and self.role not in ROLES:
             raise ValueError(f"HookPoint {self.module!r}: role {self.role!r} is not one of {ROLES} or None")
+        if self.role == "gain":
+            raise ValueError(f"HookPoint {self.module!r}: role 'gain' is read from parameters, not hooked")
         if (self.merge is not None) != (self.role in ("main", "aux")):
             raise ValueError(f"HookPoint {self.module!r}: a merge index goes with roles main/aux only")
 
@@ -140,7 +181,37 @@ def default_layers(model: nn.Module, trace_size: int = 64) -> dict[str, HookPoin
         for k in range(1, len(g_a.merge_positions) + 1):
             layers[f"g_a.main{k}"] = HookPoint(f"g_a.merges.{k - 1}", _first_input, "main", k)
             layers[f"g_a.aux{k}"] = HookPoint(f"g_a.merges.{k - 1}", _second_input, "aux", k)
+    net = unwrap_model(model)
+    if _full_residual(net):
+        bound = float(net.gaussian_conditional.lower_bound_scale.bound)
+        extract = partial(_normalised_residual, bound=bound)
+        layers["y_residual"] = HookPoint("gaussian_conditional", extract, role="residual")
     return layers
+
+
+def _scaled_blocks(model: nn.Module) -> list[tuple[str, int, nn.Module]]:
+    """``(layer, k, block)`` for every WLS / iWLS with scaling factors: ``g_a.gain<k>``, ``g_s.gain<k>``."""
+    blocks = []
+    for side in ("g_a", "g_s"):
+        transform = getattr(model, side, None)
+        if isinstance(transform, AuxTransform):
+            blocks += [(f"{side}.gain{k}", k, block)
+                       for k, block in enumerate(transform.auxiliary_layers, start=1)
+                       if block.scaling_factors is not None]
+    return blocks
+
+
+def gain_records(model: nn.Module, step: int) -> list[dict]:
+    """The learned subband gains of every WLS / iWLS of ``model``, one record per block with
+    scaling (role ``"gain"``, layer ``g_a.gain<k>`` / ``g_s.gain<k>``, ``merge = k``): keys
+    ``exp_s.LL`` ... ``exp_s.HH``, the mean of ``exp(scaling_factors)`` over the block's channels
+    in each subband. [] without AuxT or without scaling. Reads the parameters (a host sync)."""
+    out = []
+    for layer, k, block in _scaled_blocks(unwrap_model(model)):
+        gains = block.scaling_factors.detach().to(torch.float64).exp().view(4, -1).mean(1).tolist()
+        out.append({"step": step, "layer": layer, "role": "gain", "merge": k}
+                   | {f"exp_s.{band}": g for band, g in zip(SUBBANDS, gains, strict=True)})
+    return out
 
 
 def _layer_metrics(
@@ -171,6 +242,18 @@ class LatentProbe:
         max_positions: per-image spatial subsampling of :class:`ChannelStats` (None: all).
         replicates: bootstrap replicates for the intervals of :meth:`records` (0: no intervals).
         seed: seed of the bootstrap (same seed, same intervals).
+        skip_synthesis: while active, replace ``model.g_s`` by ``nn.Identity`` (restored on exit):
+            the latents and likelihoods are unchanged, ``x_hat`` is not computed (it is then
+            ``y_hat``), which saves about half of a forward pass. For captures only; the ``y_hat``
+            point still reads ``g_s``'s input.
+        enough_positions: if set, each layer reads whole images (in forward order) only until it
+            holds at least this many positions from at least ``enough_images`` images; later images
+            are not fed to that layer's metrics. The high-resolution layers (``g_a.stage1`` has 64
+            times the positions of ``y``) then cost a fraction of a full probe, while ``y`` and
+            every layer at its resolution still read the whole probe (the training capture passes
+            8192 and 8: :data:`energylab.data.PROBE_MIN_POSITIONS`, ``PROBE_MIN_REGIONS``). The
+            rate shares always read every image.
+        enough_images: see ``enough_positions``.
 
     Usage::
 
@@ -194,8 +277,15 @@ class LatentProbe:
         max_positions: int | None = None,
         replicates: int = BOOTSTRAP_REPLICATES,
         seed: int = 0,
+        skip_synthesis: bool = False,
+        enough_positions: int | None = None,
+        enough_images: int = 1,
     ) -> None:
         self.model = unwrap_model(model)
+        self.skip_synthesis = skip_synthesis
+        self._g_s: nn.Module | None = None
+        self.enough_positions, self.enough_images = enough_positions, enough_images
+        self._images: dict[str, int] = {}
         defaults = default_layers(self.model)
         if layers is None:
             points = defaults
@@ -211,7 +301,9 @@ class LatentProbe:
         self.replicates, self.seed = replicates, seed
         self.metrics: dict[str, MetricCollection] = {}
         self.shares: dict[str, AuxEnergyShare] = {}
+        self.rate: RateShare | None = None
         self.first: dict[str, Tensor] = {}
+        self._signatures: dict[nn.Module, inspect.Signature] = {}
         self._handles: list = []
 
     # -- hooks ---------------------------------------------------------------------------------
@@ -228,33 +320,78 @@ class LatentProbe:
     def __enter__(self) -> LatentProbe:
         if self._handles:
             raise RuntimeError("LatentProbe is already active: nested `with` would count every latent twice")
+        if self.skip_synthesis:
+            self._g_s, self.model.g_s = self.model.g_s, nn.Identity()
         modules = dict(self.model.named_modules())
         by_module: dict[str, list[tuple[str, HookPoint]]] = {}
         for name, point in self.points.items():
             if point.module not in modules:
-                raise ValueError(f"layer {name!r}: the model has no module {point.module!r}")
+                self.__exit__()
+                raise ValueError(f"layer {name!r}: the model has no module {point.module!r}"
+                                 + (" (g_s is skipped: skip_synthesis)" if self.skip_synthesis else ""))
             by_module.setdefault(point.module, []).append((name, point))
         for path, entries in by_module.items():
-            self._handles.append(modules[path].register_forward_hook(self._hook(entries)))
+            self._handles.append(modules[path].register_forward_hook(self._hook(entries), with_kwargs=True))
+        if any(point.role == "y_hat" for point in self.points.values()):
+            self._handles.append(self.model.register_forward_hook(self._rate_hook))
         return self
 
+    def _rate_hook(self, module: nn.Module, inputs: tuple, output: object) -> None:
+        """Feed :attr:`rate` with the model output's ``likelihoods["y"]`` (if it has one)."""
+        likelihoods = output.get("likelihoods", {}).get("y") if isinstance(output, dict) else None
+        if likelihoods is None:
+            return
+        if self.rate is None:
+            self.rate = RateShare(likelihoods.shape[1]).to(likelihoods.device)
+        self.rate.update(likelihoods)
+
+    def _positional(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple:
+        """The call's arguments in the order of ``module.forward``'s signature (keywords included)."""
+        if not kwargs:
+            return args
+        signature = self._signatures.get(module)
+        if signature is None:
+            signature = self._signatures[module] = inspect.signature(module.forward)
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        return tuple(bound.arguments.values())
+
     def _hook(self, entries: list[tuple[str, HookPoint]]):
-        def hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> None:
+            inputs = self._positional(module, args, kwargs)
             for name, point in entries:
                 y = point.extract(inputs, output)
+                take = self._take(name, y)
+                if take == 0:
+                    continue
+                y = y[:take]
                 self._observe(name, y)
                 if point.role == "aux":
                     share = self.shares.get(name)
                     if share is None:
                         share = self.shares[name] = AuxEnergyShare().to(output.device)
-                    share.update(y, output)
+                    share.update(y, output[:take])
 
         return hook
+
+    def _take(self, name: str, y: Tensor) -> int:
+        """How many images of the batch ``y`` ``(B, C, H, W)`` layer ``name`` still reads (shapes
+        only: no host sync)."""
+        seen = self._images.get(name, 0)
+        take = len(y)
+        if self.enough_positions is not None and y.dim() == 4:
+            per_image = y.shape[2] * y.shape[3]
+            needed = max(self.enough_images, -(-self.enough_positions // per_image))
+            take = max(0, min(take, needed - seen))
+        self._images[name] = seen + take
+        return take
 
     def __exit__(self, *exc) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        if self._g_s is not None:
+            self.model.g_s, self._g_s = self._g_s, None
 
     # -- results -------------------------------------------------------------------------------
     def records(self, step: int) -> list[dict]:
@@ -281,8 +418,9 @@ class LatentProbe:
         ``<stat>_ci_high``: the 95 % recentred percentile bootstrap over whole probe images
         (:func:`energylab.stats.bootstrap_intervals`, ``replicates`` replicates, ``seed``);
         None where the value is None, a replicate is singular, or fewer than 2 images were seen;
-        absent with ``replicates = 0`` and for the other roles. Synchronises across processes
-        when distributed.
+        absent with ``replicates = 0`` and for the other roles. For role ``"y_hat"`` also the
+        :func:`energylab.stats.modulation_statistics` keys and ``bits_per_position``; then the
+        ``"gain"`` records of :func:`gain_records`. Synchronises across processes when distributed.
 
         Raises:
             ValueError: a layer saw no finite data (from :mod:`energylab.stats`).
@@ -335,8 +473,18 @@ class LatentProbe:
                 record[f"{stat}_ci_low"], record[f"{stat}_ci_high"] = low, high
             if name in self.shares:
                 record["aux_energy_share"] = float(self.shares[name].compute()["aux_energy_share"])
+            if point.role == "y_hat":
+                rate = self._rate()
+                record.update(modulation_statistics(moments["covariance"], None if rate is None else
+                                                    rate["shares"].cpu().numpy()))
+                if rate is not None:
+                    record["bits_per_position"] = float(rate["bits_per_position"])
             out.append(record)
-        return out
+        return out + gain_records(self.model, step)
+
+    def _rate(self) -> dict[str, Tensor] | None:
+        """:class:`RateShare`'s results, or None when no forward gave ``likelihoods["y"]``."""
+        return None if self.rate is None else self.rate.compute()
 
     def _intervals(
         self, images: tuple[Tensor, Tensor, Tensor], statistics: Callable[..., dict[str, Tensor]]
@@ -347,8 +495,10 @@ class LatentProbe:
 
     def arrays(self) -> dict[str, np.ndarray]:
         """``cov/<layer>`` (C x C), ``mean/<layer>`` and ``energies/<layer>`` (C, E[y_c^2]), all
-        float64, and ``probe_y``: the first probe image's ``y`` ``(C, h, w)`` float32 — the
-        contents of a ``captures/step_XXXXXXX.npz``. The four energies of
+        float64; for the ``y_hat`` layer ``std_in_steps/<layer>`` and ``rate_share/<layer>`` (``(C,)``
+        float32); with AuxT ``exp_s/<side>.gain<k>`` (``(4, C)`` float32, subband-major); and
+        ``probe_y``: the first probe image's ``y`` ``(C, h, w)`` float32 — the contents of one
+        capture archive of the run directory (:mod:`energylab.rundir`). The four energies of
         :func:`energylab.stats.channel_energies` and their compaction curves follow from ``mean``
         and ``energies`` (the count cancels in every share)."""
         arrays = {}
@@ -357,6 +507,13 @@ class LatentProbe:
             for key in ("covariance", "mean", "energies"):
                 prefix = "cov" if key == "covariance" else key
                 arrays[f"{prefix}/{name}"] = moments[key].to(torch.float64).cpu().numpy()
+            if self.points[name].role == "y_hat":
+                arrays[f"std_in_steps/{name}"] = std_in_steps(moments["covariance"]).astype(np.float32)
+                rate = self._rate()
+                if rate is not None:
+                    arrays[f"rate_share/{name}"] = rate["shares"].float().cpu().numpy()
+        for layer, _, block in _scaled_blocks(self.model):
+            arrays[f"exp_s/{layer}"] = block.scaling_factors.detach().exp().view(4, -1).float().cpu().numpy()
         if "y" in self.first:
             arrays["probe_y"] = self.first["y"].float().cpu().numpy()
         return arrays
@@ -365,4 +522,6 @@ class LatentProbe:
         """Forget everything accumulated (keeps the hook points)."""
         self.metrics.clear()
         self.shares.clear()
+        self.rate = None
+        self._images.clear()
         self.first.clear()

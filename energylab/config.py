@@ -62,7 +62,9 @@ class TrainConfig:
     * data: ``data`` (``"builtin"`` or an image folder), ``patch_size`` (pixels, a multiple of 64),
       ``test_size`` (centre crop of the test images; None: whole images);
     * schedule (in steps): ``eval_every``, ``capture_every`` (0: no captures), ``log_every``; the
-      probe set: ``probe_count`` crops of ``probe_size`` pixels (a multiple of 64);
+      probe set: ``probe_count`` fixed non-overlapping regions of ``probe_size`` pixels (a multiple
+      of 64) from the test, then the training images (:func:`energylab.data.probe_set`; the
+      defaults, 32 of 256 px, give 8192 positions of ``y``);
     * ``device`` (``auto``, ``cpu``, ``cuda``) and ``out``, the run directory;
     * streaming a folder (:class:`energylab.data.TrainStream`): ``workers`` (loader processes; None:
       :func:`energylab.data.default_workers`), ``cache`` (decode the training images into memory
@@ -106,8 +108,8 @@ class TrainConfig:
     eval_every: int = 100
     capture_every: int = 100
     log_every: int = 10
-    probe_count: int = 4
-    probe_size: int = 128
+    probe_count: int = 32
+    probe_size: int = 256
     seed: int = 0
     device: str = "auto"
     workers: int | None = None

@@ -94,6 +94,9 @@ __all__ = [
     "load_dataset",
     "load_image",
     "pad_to_multiple",
+    "PROBE_MIN_POSITIONS",
+    "PROBE_MIN_REGIONS",
+    "probe_regions",
     "probe_set",
     "test_batches",
 ]
@@ -898,34 +901,58 @@ def center_crop(x: Tensor, size: int, name: str | None = None) -> Tensor:
     return x[..., top : top + size, left : left + size]
 
 
-def probe_set(test: list[tuple[str, Tensor]], count: int = 4, size: int = 64) -> Tensor:
-    """Fixed crops of test images for capturing latents: ``(count, 3, size, size)`` float32.
+PROBE_MIN_POSITIONS = 8192
+"""A probe set should give at least this many positions of ``y`` (16x downsampling: 256 pixels each)."""
+PROBE_MIN_REGIONS = 8
+"""... from at least this many distinct image regions."""
 
-    Rule (no RNG): only test images at least ``size`` in both dimensions are used; crop ``i``
-    comes from usable image ``i mod n``; an image giving ``v`` crops places its ``j``-th
-    (``j = 0 .. v-1``) at fraction ``(j + 1) / (v + 1)`` of the free range along both axes (one
-    crop: the centre; two: a third and two thirds down the diagonal). The result is a new tensor.
+
+def probe_regions(images: list[tuple[str, Tensor]], size: int) -> list[tuple[int, int, int]]:
+    """Every probe region of ``images``: ``(i, top, left)`` (``i`` indexes ``images``) of
+    non-overlapping ``size`` x ``size`` squares, in the order :func:`probe_set` takes them.
+
+    Rule (no RNG): each image at least ``size`` in both dimensions is tiled by the centred grid of
+    ``H // size`` x ``W // size`` squares (row-major within the image); the images take turns, one
+    square each, in the order given (image 0's first square, image 1's first, ..., image 0's
+    second, ...), so a short probe set still spans many photographs.
 
     Raises:
-        DataError: no test image is large enough.
+        ValueError: ``size`` below 1.
+    """
+    if size < 1:
+        raise ValueError(f"size must be >= 1, got {size}")
+    tiles = []
+    for i, (_, img) in enumerate(images):
+        h, w = img.shape[-2:]
+        rows, cols = h // size, w // size
+        top0, left0 = (h - rows * size) // 2, (w - cols * size) // 2
+        tiles.append([(i, top0 + r * size, left0 + c * size) for r in range(rows) for c in range(cols)])
+    longest = max((len(t) for t in tiles), default=0)
+    return [t[j] for j in range(longest) for t in tiles if j < len(t)]
+
+
+def probe_set(images: list[tuple[str, Tensor]], count: int = 32, size: int = 256) -> Tensor:
+    """Fixed, non-overlapping regions of images for capturing latents: ``(n, 3, size, size)``
+    float32 with ``n = min(count, regions available)`` (see :func:`probe_regions` for the rule).
+
+    Pass the test images first, then the training images (``dataset.test + dataset.train``): the
+    probe is the same fixed set of regions at every capture, never the random training crops of the
+    step being captured, so training photographs are fair to use; the built-in test set alone (two
+    photographs) has too few regions. The defaults, 32 regions of 256 px, give 32 x 16 x 16 = 8192
+    positions of ``y`` (:data:`PROBE_MIN_POSITIONS`). The result is a new tensor.
+
+    Raises:
+        DataError: no image is at least ``size`` x ``size``.
         ValueError: ``count`` or ``size`` below 1.
     """
     if count < 1 or size < 1:
         raise ValueError(f"count and size must be >= 1, got {count}, {size}")
-    usable = [img for _, img in test if img.shape[-2] >= size and img.shape[-1] >= size]
-    if not usable:
-        sizes = ", ".join(f"{name} {_hw(img)}" for name, img in test) or "none"
-        raise DataError(f"no test image is at least {size}x{size} for the probe set ({sizes})")
-    n = len(usable)
-    crops = []
-    for i in range(count):
-        k, j = i % n, i // n
-        v = (count - k + n - 1) // n
-        img = usable[k]
-        top = (img.shape[-2] - size) * (j + 1) // (v + 1)
-        left = (img.shape[-1] - size) * (j + 1) // (v + 1)
-        crops.append(img[:, top : top + size, left : left + size])
-    return torch.stack(crops).to(torch.float32)
+    regions = probe_regions(images, size)[:count]
+    if not regions:
+        sizes = ", ".join(f"{name} {_hw(img)}" for name, img in images) or "none"
+        raise DataError(f"no image is at least {size}x{size} for the probe set ({sizes})")
+    crops = [images[i][1][:, top : top + size, left : left + size] for i, top, left in regions]
+    return torch.stack(crops).to(torch.float32, copy=True)
 
 
 def test_batches(

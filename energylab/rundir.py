@@ -20,7 +20,8 @@ A **run directory** (:class:`RunDir`; written by ``energylab.train``) holds:
   (estimated from the likelihoods), ``mse``, ``psnr``, ``wall_time``.
 * ``energy.jsonl``: one line per capture per layer (the records of
   :meth:`energylab.capture.LatentProbe.records`): ``step``, ``layer``, ``role`` (``stage``, ``y``,
-  ``y_hat``, ``main``, ``aux``), ``merge`` (k = 1..4 for ``main`` / ``aux``, else null),
+  ``y_hat``, ``main``, ``aux``, ``residual``, ``gain``), ``merge`` (k = 1..4 for ``main`` /
+  ``aux`` / ``gain``, else null),
   ``channels``, ``count`` (positions), ``images`` (probe images), then every statistic under the
   name of its function in :mod:`energylab.stats` (``offdiag_energy_ratio``, ``coding_gain``,
   ``klt_coding_gain``, ``decorrelation_gain``, ``total_correlation``,
@@ -34,10 +35,17 @@ A **run directory** (:class:`RunDir`; written by ``energylab.train``) holds:
   over probe images, null where undefined; see :meth:`energylab.capture.LatentProbe.records`); layers
   ``g_a.stage1``..``g_a.stage3``, ``y``, ``y_hat`` and with AuxT ``g_a.main<k>`` / ``g_a.aux<k>``
   (the two branches at merge point k; the ``aux`` line also carries ``aux_energy_share`` =
-  ‖aux‖² / ‖main + aux‖²).
+  ‖aux‖² / ‖main + aux‖²); ``y_residual`` (role ``residual``, models with one Gaussian
+  conditional: (y − μ)/σ). The ``y_hat`` line also carries modulation against the quantiser:
+  ``std_in_steps.median``, ``std_in_steps.max``, ``rate_share_entropy`` (bits),
+  ``rate_share_am_gm``, ``active_channels``, ``bits_per_position``. With AuxT, lines of role
+  ``gain`` (layers ``g_a.gain<k>``, ``g_s.gain<k>``) carry only ``step``, ``layer``, ``role``,
+  ``merge`` and ``exp_s.LL``, ``exp_s.LH``, ``exp_s.HL``, ``exp_s.HH`` (mean learned subband gain).
 * ``captures/step_XXXXXXX.npz`` (seven-digit step): ``cov/<layer>`` (C×C float64 channel
   covariance), ``mean/<layer>`` (C float64, channel means), ``energies/<layer>`` (C float64,
-  E[y_c²]), ``probe_y`` (C×h×w float32, the latent ``y`` of the first probe image).
+  E[y_c²]), ``std_in_steps/y_hat`` and ``rate_share/y_hat`` (C float32), with AuxT
+  ``exp_s/<g_a|g_s>.gain<k>`` (4×C float32, subband-major ``exp(s)``), ``probe_y`` (C×h×w float32,
+  the latent ``y`` of the first probe image).
 * ``checkpoint.pt``: ``{"model", "optimizer", "aux_optimizer", "scheduler" (the learning-rate
   scheduler's state, or None), "scaler" (fp16's gradient scaler state, or None), "step", "rng",
   "config", "wall_time"}``, written atomically (temporary file, fsync, rename) after every evaluation.
@@ -86,7 +94,9 @@ from energylab.config import TrainConfig
 __all__ = ["AblationDir", "AnalysisDir", "RunDir", "RunDirError", "atomic_save", "read_jsonl"]
 
 MIRRORED = ("coding_gain", "decorrelation_gain", "klt_coding_gain", "total_correlation",
-            "offdiag_energy_ratio", "topk_energy_share", "effective_rank", "aux_energy_share")
+            "offdiag_energy_ratio", "topk_energy_share", "effective_rank", "aux_energy_share",
+            "std_in_steps.median", "rate_share_entropy", "active_channels",
+            "exp_s.LL", "exp_s.LH", "exp_s.HL", "exp_s.HH")
 """Energy statistics mirrored to TensorBoard (``energy/<layer>/<stat>``)."""
 
 

@@ -74,12 +74,16 @@ __all__ = [
     "EIGENVALUE_FLOOR",
     "ENERGY_KINDS",
     "RANK_RTOL",
+    "ACTIVE_SHARE_FRACTION",
+    "QUANTISATION_STEP",
     "AuxEnergyShare",
     "ChannelStats",
     "NeighbourhoodTotalCorrelation",
+    "RateShare",
     "SpatialCorrelation",
     "Spectrum",
     "SubbandEnergy",
+    "active_channels",
     "aux_energy_share",
     "bootstrap_intervals",
     "bootstrap_weights",
@@ -97,15 +101,19 @@ __all__ = [
     "klt_coding_gain",
     "mean_energy_fraction",
     "neighbourhood_statistics_batched",
+    "modulation_statistics",
     "neighbourhood_total_correlation",
     "numerical_rank",
     "offdiag_energy_ratio",
     "offdiag_energy_ratio_cov",
     "percentile_interval",
     "psnr",
+    "rate_share_am_gm",
+    "rate_share_entropy",
     "rate_shares",
     "spatial_correlation",
     "spectrum",
+    "std_in_steps",
     "subband_energy",
     "to_db",
     "topk_energy_share",
@@ -1724,3 +1732,156 @@ def paired_difference(variant_values: Sequence[float | None],
     half = float(student_t.ppf(0.975, n - 1)) * float(d.std(ddof=1)) / math.sqrt(n)
     low, high = mean - half, mean + half
     return PairedDifference(mean, low, high, n, bool(low <= 0.0 <= high))
+
+
+# ---------------------------------------------------------------- modulation against the quantiser
+
+QUANTISATION_STEP = 1.0
+"""The quantiser of CompressAI's entropy models: rounding, step 1 (in units of ``y``)."""
+
+ACTIVE_SHARE_FRACTION = 0.1
+"""A channel is *active* when its rate share exceeds this fraction of the uniform share ``1/C``."""
+
+
+def _rate_share_update(likelihoods: Tensor, channels: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Float64 ``(count, bits, nonfinite)`` of likelihoods ``(B, C, H, W)``: positions used, bits
+    ``-log2 p`` per channel ``(C,)`` and positions skipped (a non-finite bit, i.e. ``p`` NaN, inf or
+    0). No host synchronisation."""
+    if likelihoods.dim() != 4 or likelihoods.shape[1] != channels:
+        raise ValueError(
+            f"RateShare: expected (B, {channels}, H, W) likelihoods, got {tuple(likelihoods.shape)}"
+        )
+    _check_float(likelihoods, "RateShare")
+    bits = torch.log2(likelihoods.detach().to(torch.float64)).neg_().transpose(0, 1).reshape(channels, -1)
+    keep = _finite(bits, 0)
+    count = keep.sum().to(torch.float64)
+    return count, torch.where(keep, bits, 0.0).sum(1), bits.shape[1] - count
+
+
+def _rate_share_compute(count: Tensor, bits: Tensor, nonfinite: Tensor) -> dict[str, Tensor]:
+    """Shares ``bits / bits.sum()`` and bits per position from the sums of :func:`_rate_share_update`.
+
+    Raises:
+        ValueError: no finite position.
+    """
+    _check_data("RateShare", count, nonfinite)
+    total = bits.sum()
+    return {"shares": bits / total, "bits": bits.clone(), "bits_per_position": total / count,
+            "count": count.clone(), "nonfinite": nonfinite.clone()}
+
+
+class RateShare(_StreamingMetric):
+    """Streaming per-channel share of the bits of ``y``: the float64 sums of :func:`rate_shares`.
+
+    ``share_c = sum_{b,h,w} -log2 p(y_hat_{b,c,h,w}) / sum_{b,c,h,w} -log2 p(...)`` for the
+    likelihoods ``p`` an entropy model gives ``y_hat`` (CompressAI's ``out["likelihoods"]["y"]``).
+    States (float64, ``dist_reduce_fx="sum"``): ``bits`` ``(C,)``, ``count`` (positions used) and
+    ``nonfinite`` (positions with a NaN, inf or zero likelihood, skipped). ``update`` does not check
+    that ``p`` lies in ``(0, 1]`` (that would wait for the device); :func:`rate_shares` does.
+
+    Args:
+        channels: C.
+
+    >>> m = RateShare(3)
+    >>> m.update(torch.tensor([[[[0.5]], [[0.25]], [[1.0]]]]))  # 1, 2 and 0 bits
+    >>> m.compute()["shares"].tolist()
+    [0.3333333333333333, 0.6666666666666666, 0.0]
+    """
+
+    def __init__(self, channels: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        if channels < 1:
+            raise ValueError(f"channels must be >= 1, got {channels}")
+        self.channels = channels
+        self.add_state("bits", _f64_zeros(channels), dist_reduce_fx="sum")
+
+    def _config(self) -> tuple:
+        return (self.channels,)
+
+    def update(self, likelihoods: Tensor) -> None:
+        """Accumulate the bits of ``likelihoods`` ``(B, C, H, W)``. No host synchronisation.
+
+        Raises:
+            ValueError: wrong rank or channel count. TypeError: non-float input.
+        """
+        self._follow(likelihoods)
+        count, bits, skipped = _rate_share_update(likelihoods, self.channels)
+        self._add({"count": count, "bits": bits, "nonfinite": skipped})
+
+    def compute(self) -> dict[str, Tensor]:
+        """``shares`` ``(C,)`` (sum 1), ``bits`` ``(C,)``, ``bits_per_position`` (bits of all C
+        channels at one position), ``count``, ``nonfinite``; float64.
+
+        Raises:
+            ValueError: no finite position (no update, or all skipped).
+        """
+        return _rate_share_compute(self.count, self.bits, self.nonfinite)
+
+
+def std_in_steps(cov: CovLike, step: float = QUANTISATION_STEP) -> np.ndarray:
+    """Per-channel standard deviation in units of the quantisation step: ``sqrt(S_cc) / step``,
+    ``(C,)`` float64. A channel whose spread is well below one step is mostly rounded to its mean
+    (it carries almost no bits); energy modulation matters against this scale.
+
+    >>> std_in_steps(np.diag([4.0, 0.25])).tolist()
+    [2.0, 0.5]
+    """
+    return np.sqrt(np.clip(np.diagonal(_covariance(cov)), 0.0, None)) / step
+
+
+def rate_share_entropy(shares: CovLike | Sequence[float]) -> float:
+    """Entropy of the rate shares in bits: ``H = -sum_c share_c log2 share_c`` (``0 log 0 = 0``),
+    between 0 (one channel carries every bit) and ``log2 C`` (every channel carries the same
+    share). Low entropy: strong energy modulation.
+
+    >>> rate_share_entropy([0.25] * 4), rate_share_entropy([1.0, 0.0])
+    (2.0, 0.0)
+    """
+    p = np.asarray(shares, dtype=np.float64)
+    p = p[p > 0]
+    return float(0.0 - (p * np.log2(p)).sum())
+
+
+def rate_share_am_gm(shares: CovLike | Sequence[float]) -> float | None:
+    """Arithmetic over geometric mean of the rate shares (the coding-gain formula applied to bits):
+    1 for equal shares, larger as the shares spread; ``None`` when a channel carries no bits
+    (geometric mean 0: infinite).
+
+    >>> rate_share_am_gm([0.5, 0.5]), round(rate_share_am_gm([0.8, 0.2]), 4), rate_share_am_gm([1.0, 0.0])
+    (1.0, 1.25, None)
+    """
+    p = np.asarray(shares, dtype=np.float64)
+    if (p <= 0).any():
+        return None
+    return float(p.mean() / np.exp(np.log(p).mean()))
+
+
+def active_channels(shares: CovLike | Sequence[float], fraction: float = ACTIVE_SHARE_FRACTION) -> int:
+    """Number of *active* channels: those whose rate share exceeds ``fraction / C`` (default a tenth
+    of the uniform share). Channels below it together carry at most ``fraction`` of the bits, so the
+    active ones carry at least ``1 - fraction`` (90 % at the default).
+
+    >>> active_channels([0.6, 0.38, 0.015, 0.005])  # threshold 0.1 / 4 = 0.025
+    2
+    """
+    p = np.asarray(shares, dtype=np.float64)
+    return int((p > fraction / len(p)).sum())
+
+
+def modulation_statistics(
+    cov: CovLike, shares: CovLike | Sequence[float] | None
+) -> dict[str, float | int | None]:
+    """Energy modulation against the quantiser, for one latent.
+
+    Returns:
+        ``std_in_steps.median`` and ``std_in_steps.max`` (:func:`std_in_steps` of ``cov``) and, with
+        the rate ``shares`` ``(C,)``, ``rate_share_entropy`` (bits, <= ``log2 C``),
+        ``rate_share_am_gm`` (ratio) and ``active_channels`` (count): see those functions.
+    """
+    std = std_in_steps(cov)
+    out: dict[str, float | int | None] = {"std_in_steps.median": float(np.median(std)),
+                                          "std_in_steps.max": float(std.max())}
+    if shares is not None:
+        out.update({"rate_share_entropy": rate_share_entropy(shares),
+                    "rate_share_am_gm": rate_share_am_gm(shares), "active_channels": active_channels(shares)})
+    return out

@@ -29,7 +29,7 @@ import os
 import subprocess
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -47,11 +47,15 @@ from energylab.checkpoints import load_weights
 from energylab.config import ConfigError, TrainConfig
 from energylab.data import (
     BUILTIN_TEST,
+    PROBE_MIN_POSITIONS,
+    PROBE_MIN_REGIONS,
     TrainStream,
     builtin_images,
     crop_to,
     index_folder,
     load_dataset,
+    load_image,
+    probe_regions,
     probe_set,
     test_batches,
 )
@@ -260,9 +264,11 @@ def test_images(config: TrainConfig) -> list[tuple[str, Tensor]]:
     return index_folder(config.data).load_test()
 
 
-def open_data(config: TrainConfig, index_path: Path | None = None, rank: int = 0,
-              world_size: int = 1) -> tuple[TrainStream, list[tuple[str, Tensor]], str]:
-    """The training stream of this rank, the test images and the data's source.
+def open_data(config: TrainConfig, index_path: Path | None = None, rank: int = 0, world_size: int = 1
+              ) -> tuple[TrainStream, list[tuple[str, Tensor]], str, Iterable[tuple[str, Tensor]]]:
+    """The training stream of this rank, the test images, the data's source and the training
+    images for the probe set (in memory for the built-in set; decoded one by one, as
+    :func:`probe_from` asks for them, for a folder).
 
     The built-in set is held in memory (:func:`energylab.data.load_dataset`); a folder is indexed
     (kept at ``index_path`` when given) and its crops decoded by ``config.workers`` loader
@@ -276,11 +282,28 @@ def open_data(config: TrainConfig, index_path: Path | None = None, rank: int = 0
     sizes = (config.patch_size, config.batch_size, config.seed, rank, world_size)
     if config.data == "builtin":
         dataset = load_dataset(config.data, config.patch_size)
-        return TrainStream(dataset, *sizes, workers=0), dataset.test, dataset.source
+        return TrainStream(dataset, *sizes, workers=0), dataset.test, dataset.source, dataset.train
     index = index_folder(config.data, index_path)
     stream = TrainStream(index, *sizes, workers=0 if config.cache else config.workers,
                          cache=config.cache, small_images=config.small_images)
-    return stream, index.load_test(), index.source
+    train_images = ((entry.name, load_image(entry.path)) for entry in index.train)
+    return stream, index.load_test(), index.source, train_images
+
+
+def probe_from(test: list[tuple[str, Tensor]], train_images: Iterable[tuple[str, Tensor]],
+               count: int, size: int) -> Tensor:
+    """The probe set (:func:`energylab.data.probe_set`) of the test images, then as many training
+    images as it takes to give ``count`` regions of ``size`` pixels (fewer if the data has fewer).
+
+    Raises:
+        DataError: no image is at least ``size`` x ``size``.
+    """
+    images = list(test)
+    for item in train_images:
+        if len(probe_regions(images, size)) >= count:
+            break
+        images.append(item)
+    return probe_set(images, count, size)
 
 
 def _scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer):
@@ -301,7 +324,7 @@ def setup(config: TrainConfig) -> Session:
     device, d = _setup_device(config.device)
     run = RunDir(config.out, write=d.main)
     index_path = run.data_index_path if d.main and config.data != "builtin" else None
-    stream, test, source = open_data(config, index_path, d.rank, d.world_size)
+    stream, test, source, train_images = open_data(config, index_path, d.rank, d.world_size)
     precision = MixedPrecision(config.precision, device)
     klt_data = None
     if config.projection_init == "klt":  # the first KLT_BATCHES batches of the data order (DDP
@@ -317,12 +340,12 @@ def setup(config: TrainConfig) -> Session:
     precision.attach(net)
     main_params, quantiles = _split_parameters(net)
     list(test_batches(test, config.test_size))  # a too-small test image fails now, not later
-    probe = probe_set(test, config.probe_count, config.probe_size).to(device)
-    samples = len(probe) * (config.probe_size // 16) ** 2
-    if d.main and samples < 2 * config.M:
-        warnings.warn(f"the probe set gives {samples} samples of y for {config.M} channels: its "
-                      "covariance is poorly determined; raise probe_count or probe_size",
-                      stacklevel=3)
+    probe = probe_from(test, train_images, config.probe_count, config.probe_size).to(device)
+    positions = len(probe) * (config.probe_size // 16) ** 2
+    if d.main and (positions < PROBE_MIN_POSITIONS or len(probe) < PROBE_MIN_REGIONS):
+        warnings.warn(f"the probe set gives {positions} positions of y from {len(probe)} regions (wanted "
+                      f">= {PROBE_MIN_POSITIONS} from >= {PROBE_MIN_REGIONS}): its statistics are poorly "
+                      "determined; raise probe_count or probe_size", stacklevel=3)
     if len(probe) < d.world_size:
         raise ConfigError("probe_count", f"gives {len(probe)} probe crops, fewer than the "
                                          f"{d.world_size} processes: each captures its share")
@@ -474,15 +497,25 @@ def evaluate(model: nn.Module, test: list[tuple[str, Tensor]], config: TrainConf
     return result
 
 
+PROBE_BATCH = 8
+"""Probe regions per forward pass of a capture (256 px regions: about 2 MB per channel of g_a's
+first stage)."""
+
+
 @torch.no_grad()
 def capture(model: nn.Module, probe: Tensor, d: Dist) -> LatentProbe:
-    """Run the probe set (this process's share of it) through ``model`` with hooks on."""
+    """Run the probe set (this process's share of it) through ``model`` with hooks on, in batches
+    of :data:`PROBE_BATCH` regions, without the synthesis transform (``x_hat`` is not needed);
+    each layer reads enough regions for 8192 positions from at least 8 regions (all of them for
+    ``y``'s resolution; see :class:`LatentProbe`'s ``enough_positions``)."""
     model = unwrap_model(model)
     model.eval()
-    latent_probe = LatentProbe(model)
+    latent_probe = LatentProbe(model, skip_synthesis=True, enough_positions=PROBE_MIN_POSITIONS,
+                               enough_images=PROBE_MIN_REGIONS)
+    mine = probe[d.rank :: d.world_size]
     with latent_probe:
-        for i in range(d.rank, len(probe), d.world_size):
-            model(probe[i : i + 1])
+        for batch in mine.split(PROBE_BATCH):
+            model(batch)
     model.train()
     return latent_probe
 

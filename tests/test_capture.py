@@ -20,6 +20,7 @@ from energylab.capture import (
     default_layers,
 )
 from energylab.models import build_model
+from energylab.stats import active_channels, channel_stats, rate_share_am_gm, rate_share_entropy
 
 
 def tiny(auxt: bool) -> nn.Module:
@@ -49,6 +50,9 @@ def test_layers_roles_and_counts(auxt):
     x = torch.rand(2, 3, 64, 64)
     run(probe, model, x)
     records = {r["layer"]: r for r in probe.records(step=5)}
+    gains = {f"{side}.gain{k}" for side in ("g_a", "g_s") for k in range(1, 5)} if auxt else set()
+    assert {name for name, r in records.items() if r["role"] == "gain"} == gains
+    records = {name: r for name, r in records.items() if r["role"] != "gain"}
     assert set(records) == set(expected)
     sizes = {"g_a.stage1": 32, "g_a.stage2": 16, "g_a.stage3": 8, "y": 4, "y_hat": 4}
     sizes |= {f"g_a.{r}{k}": 64 >> k for k in range(1, 5) for r in ("main", "aux")}
@@ -80,11 +84,11 @@ def test_reentry_is_refused_and_hooks_removed_after_exit():
             pass
         with torch.no_grad():
             model(x)
-    assert {r["layer"]: r["count"] for r in probe.records(0)}["y"] == 16  # counted once, not twice
+    assert {r["layer"]: r.get("count") for r in probe.records(0)}["y"] == 16  # counted once, not twice
     hooked = [name for name, m in model.named_modules() if m._forward_hooks]
     assert hooked == []
     run(probe, model, x)  # after exit it may be entered again: it accumulates
-    assert {r["layer"]: r["count"] for r in probe.records(0)}["y"] == 2 * 16
+    assert {r["layer"]: r.get("count") for r in probe.records(0)}["y"] == 2 * 16
 
 
 def test_data_parallel_model_is_unwrapped():
@@ -181,3 +185,126 @@ def test_capture_arrays_are_float64_in_the_npz(tmp_path):
         moments = probe.metrics["y"]["channel"].compute()
         np.testing.assert_array_equal(npz["cov/y"], moments["covariance"].numpy())
         np.testing.assert_array_equal(npz["mean/y"], moments["mean"].numpy())
+
+
+@pytest.mark.parametrize("name", ["bmshj2018-factorized", "mbt2018-mean", "mbt2018"])
+def test_rate_shares_on_y_hat_match_the_likelihoods_of_a_direct_forward(name):
+    torch.manual_seed(0)
+    model = build_model(name, N=8, M=12).eval()
+    x = torch.rand(2, 3, 128, 64)
+    probe = LatentProbe(model)
+    run(probe, model, x)
+    with torch.no_grad():
+        p = model(x)["likelihoods"]["y"].double()
+    bits = -torch.log2(p).sum((0, 2, 3))
+    shares = probe.rate.compute()["shares"]
+    assert float(shares.sum()) == pytest.approx(1.0, abs=1e-12)
+    torch.testing.assert_close(shares, bits / bits.sum(), rtol=1e-10, atol=0)
+    (record,) = [r for r in probe.records(3) if r["layer"] == "y_hat"]
+    assert record["rate_share_entropy"] == pytest.approx(rate_share_entropy(shares.numpy()))
+    assert record["rate_share_entropy"] <= math.log2(12)
+    assert record["bits_per_position"] == pytest.approx(float(bits.sum()) / p[:, 0].numel())
+    if name == "bmshj2018-factorized":  # std of y_hat in units of the step 1
+        with torch.no_grad():
+            y_hat, _ = model.entropy_bottleneck(model.g_a(x))
+        std = channel_stats(y_hat)["covariance"].diagonal().sqrt()
+        assert record["std_in_steps.max"] == pytest.approx(float(std.max()))
+        assert record["std_in_steps.median"] == pytest.approx(float(std.median() + std.sort().values[6]) / 2)
+    arrays = probe.arrays()
+    assert arrays["rate_share/y_hat"].shape == arrays["std_in_steps/y_hat"].shape == (12,)
+
+
+@pytest.mark.parametrize("name", ["mbt2018-mean", "bmshj2018-hyperprior"])
+def test_residual_is_y_minus_means_over_scales(name):
+    torch.manual_seed(0)
+    model = build_model(name, N=8, M=12).eval()
+    assert default_layers(model)["y_residual"].role == "residual"
+    x = torch.rand(2, 3, 128, 128)
+    probe = LatentProbe(model, layers=["y_residual"])
+    run(probe, model, x)
+    with torch.no_grad():  # by hand, as the models' forward computes them
+        y = model.g_a(x)
+        z_hat, _ = model.entropy_bottleneck(model.h_a(y if name == "mbt2018-mean" else y.abs()))
+        params = model.h_s(z_hat)
+    if name == "mbt2018-mean":
+        scales, means = params.chunk(2, 1)
+    else:
+        scales, means = params, torch.zeros_like(y)
+    residual = (y - means) / scales.clamp(min=0.11)  # GaussianConditional's scale lower bound
+    torch.testing.assert_close(probe.first["y_residual"], residual[0])
+    expected = channel_stats(residual)
+    got = probe.metrics["y_residual"]["channel"].compute()
+    torch.testing.assert_close(got["mean"], expected["mean"])
+    torch.testing.assert_close(got["covariance"], expected["covariance"])
+
+
+def test_residual_only_where_one_gaussian_conditional_codes_all_of_y():
+    assert "y_residual" not in default_layers(tiny(False))  # factorized: no Gaussian conditional
+    assert "y_residual" not in default_layers(build_model("tcm", N=16, M=20))  # channel slices
+    assert "y_residual" in default_layers(build_model("cheng2020-anchor", N=8))
+
+
+def test_gain_records_equal_the_scaling_parameters():
+    model = tiny(True)
+    block = model.g_a.auxiliary_layers[1]
+    c = block.scaling_factors.shape[-1] // 4
+    with torch.no_grad():
+        block.scaling_factors.copy_(torch.linspace(-1, 1, 4 * c).view(1, 1, -1))
+    probe = LatentProbe(model, layers=["y"])
+    run(probe, model, torch.rand(1, 3, 64, 64))
+    records = {r["layer"]: r for r in probe.records(7) if r["role"] == "gain"}
+    record = records["g_a.gain2"]
+    assert (record["step"], record["merge"]) == (7, 2)
+    s = torch.linspace(-1, 1, 4 * c, dtype=torch.float64)
+    for i, band in enumerate(("LL", "LH", "HL", "HH")):
+        assert record[f"exp_s.{band}"] == pytest.approx(float(s[i * c : (i + 1) * c].exp().mean()))
+    assert probe.arrays()["exp_s/g_a.gain2"].shape == (4, c)
+    no_scaling = build_model("bmshj2018-factorized", N=8, M=12, auxt=True, remove=("scaling",))
+    assert [r for r in LatentProbe(no_scaling).records(0) if r["role"] == "gain"] == []
+
+
+def test_active_channels_and_share_summaries_on_a_constructed_case():
+    # C = 10, threshold 0.1 / 10 = 0.01: three channels above it, seven below
+    shares = [0.5, 0.3, 0.15] + [0.05 / 7] * 7
+    assert active_channels(shares) == 3
+    assert active_channels([0.1] * 10) == 10
+    assert rate_share_entropy([0.1] * 10) == pytest.approx(math.log2(10))
+    assert rate_share_am_gm([0.1] * 10) == pytest.approx(1.0)
+    assert rate_share_am_gm(shares) > 1.0
+
+
+def test_skip_synthesis_gives_the_same_records_and_restores_g_s():
+    torch.manual_seed(0)
+    model = build_model("mbt2018-mean", N=8, M=12, auxt=True).eval()
+    g_s = model.g_s
+    x = torch.rand(2, 3, 64, 64)
+    full, skipped = LatentProbe(model), LatentProbe(model, skip_synthesis=True)
+    run(full, model, x)
+    run(skipped, model, x)
+    assert model.g_s is g_s
+    for a, b in zip(full.records(0), skipped.records(0), strict=True):
+        assert a.keys() == b.keys() and a["layer"] == b["layer"]
+        for key, value in a.items():
+            expected = pytest.approx(value, rel=1e-9, abs=1e-12) if isinstance(value, float) else value
+            assert b[key] == expected
+    with pytest.raises(ValueError, match="skip_synthesis"):
+        LatentProbe(model, layers={"inside": HookPoint("g_s.transform.0")}, skip_synthesis=True).__enter__()
+    assert model.g_s is g_s
+
+
+def test_enough_positions_stops_feeding_a_layer_after_whole_images():
+    model = tiny(True)
+    x = torch.rand(6, 3, 64, 64)
+    probe = LatentProbe(model, layers=["g_a.stage1", "y", "g_a.aux1"], enough_positions=40, enough_images=2)
+    with probe, torch.no_grad():
+        for batch in x.split(4):  # batches of 4 and 2 images
+            model(batch)
+    counts = {r["layer"]: r.get("count") for r in probe.records(0)}
+    # stage1 and aux1: 32x32 = 1024 positions per image, enough after 2 images (enough_images);
+    # y: 4x4 = 16 per image, 40 positions need ceil(40 / 16) = 3 images
+    assert counts["g_a.stage1"] == counts["g_a.aux1"] == 2 * 1024
+    assert counts["y"] == 3 * 16
+    full = LatentProbe(model, layers=["g_a.aux1"])
+    run(full, model, x[:2])
+    share = {r["layer"]: r.get("aux_energy_share") for r in probe.records(0)}["g_a.aux1"]
+    assert share == pytest.approx(full.records(0)[0]["aux_energy_share"])

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from energylab import data as D
+from energylab.config import TrainConfig
 
 # ---------------------------------------------------------------------------------------------
 # helpers
@@ -489,22 +490,39 @@ def test_center_crop() -> None:
 def test_probe_set_fixed_rule() -> None:
     a, b = torch.rand(3, 100, 130), torch.rand(3, 64, 64)
     small = torch.rand(3, 10, 10)
-    test = [("a", a), ("small", small), ("b", b)]
+    images = [("a", a), ("small", small), ("b", b)]
+    # a: a 1 x 2 grid of 64 px squares, centred (top 18, lefts 1 and 65); b: one; the images take turns
+    assert D.probe_regions(images, 64) == [(0, 18, 1), (2, 0, 0), (0, 18, 65)]
     torch.manual_seed(0)
-    p1 = D.probe_set(test, count=5, size=64)
+    p1 = D.probe_set(images, count=5, size=64)
     torch.manual_seed(1)
-    assert torch.equal(D.probe_set(test, count=5, size=64), p1)
-    assert p1.shape == (5, 3, 64, 64)
-    # usable images: a, b; a gives crops 0, 2, 4 at 1/4, 2/4, 3/4 of its free range (36, 66).
-    assert torch.equal(p1[0], a[:, 9:73, 16:80])
-    assert torch.equal(p1[2], a[:, 18:82, 33:97])
-    assert torch.equal(p1[4], a[:, 27:91, 49:113])
-    assert torch.equal(p1[1], b) and torch.equal(p1[3], b)
+    assert torch.equal(D.probe_set(images, count=5, size=64), p1)
+    assert p1.shape == (3, 3, 64, 64)  # only 3 regions exist
+    assert torch.equal(p1[0], a[:, 18:82, 1:65])
+    assert torch.equal(p1[1], b)
+    assert torch.equal(p1[2], a[:, 18:82, 65:129])
+    assert D.probe_set(images, count=2, size=64).shape[0] == 2
     p1.zero_()
     assert a.abs().sum() > 0  # a new tensor, not views into the images
     with pytest.raises(D.DataError) as err:
         D.probe_set([("small", small)], size=64)
     _assert_one_line(err, "small", "10x10")
+
+
+def test_probe_set_defaults_on_the_builtin_images() -> None:
+    dataset = D.load_dataset("builtin", 64)
+    config = TrainConfig(out=Path("unused"))
+    images = dataset.test + dataset.train
+    probe = D.probe_set(images, config.probe_count, config.probe_size)
+    regions = D.probe_regions(images, config.probe_size)[: config.probe_count]
+    positions = probe.shape[0] * (probe.shape[-2] // 16) * (probe.shape[-1] // 16)  # y is 16x smaller
+    assert positions >= D.PROBE_MIN_POSITIONS == 8192
+    assert len(set(regions)) == probe.shape[0] >= D.PROBE_MIN_REGIONS
+    assert {i for i, _, _ in regions} == set(range(len(images)))  # every photograph contributes
+    size = config.probe_size
+    for k, (i, top, left) in enumerate(regions):  # no two regions of one image overlap
+        for j, t, lft in regions[k + 1 :]:
+            assert i != j or abs(top - t) >= size or abs(left - lft) >= size
 
 
 def test_test_batches_whole_and_centre() -> None:

@@ -53,7 +53,11 @@ def test_run_directory_is_complete(auxt_run):
     energy = run.energy()
     layers = {r["layer"] for r in energy}
     assert {"g_a.stage1", "g_a.stage2", "g_a.stage3", "y", "y_hat", "g_a.aux4"} <= layers
-    assert all(np.isfinite(r["coding_gain"]) for r in energy)
+    assert all(np.isfinite(r["coding_gain"]) for r in energy if r["role"] != "gain")
+    gains = [r for r in energy if r["role"] == "gain"]  # 4 WLS + 4 iWLS at each of the 3 captures
+    assert len(gains) == 3 * 8 and all(r["exp_s.LL"] > 0 for r in gains)
+    (y_hat,) = [r for r in energy if r["layer"] == "y_hat" and r["step"] == 8]
+    assert 1 <= y_hat["active_channels"] <= 12 and 0 <= y_hat["rate_share_entropy"] <= np.log2(12)
     assert all(0 <= r["aux_energy_share"] for r in energy if r["layer"].startswith("g_a.aux"))
     captures = run.captures()
     assert list(captures) == [0, 4, 8]
@@ -74,7 +78,7 @@ def test_hooks_see_expected_layers_and_shapes(auxt):
         y = model.g_a(x)
         model(x)
     shapes = {name: m.channel.channels for name, m in probe.metrics.items()}
-    expected = {"g_a.stage1": 8, "g_a.stage2": 8, "g_a.stage3": 8, "y": 12, "y_hat": 12}
+    expected = {"g_a.stage1": 8, "g_a.stage2": 8, "g_a.stage3": 8, "y": 12, "y_hat": 12, "y_residual": 12}
     if auxt:
         expected |= {f"g_a.{b}{k}": c for k, c in zip(range(1, 5), (8, 8, 8, 12), strict=True)
                      for b in ("main", "aux")}
