@@ -3,7 +3,7 @@
     python bench/bench_capture.py [--steps 1500] [--repeats 3] [--auxt]
 
 Runs ``energylab.train`` with the defaults of ``python -m energylab.ablate`` (``--steps 1500 --N 32 --M 48
---test-size 256 --eval-every 100 --capture-every 250``; probe set and bootstrap replicates as
+--test-size 256 --eval-every 100 --capture-every 500``; probe set and bootstrap replicates as
 ``TrainConfig`` / ``LatentProbe`` default them) and the same run with ``--capture-every 0`` (no
 capture), alternating A B A B ..., and prints each run's wall time and the capture's share of the
 run with capture, ``1 - off / on`` (median over repeats; goal <= 5 %). Evaluation runs in both.
@@ -64,7 +64,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=1500, help="the ablation's default")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--capture-every", type=int, default=250, help="the ablation's default")
+    p.add_argument("--capture-every", type=int, default=500, help="the ablation's default")
     p.add_argument("--auxt", action="store_true", help="train with AuxT (more hook points)")
     opts = p.parse_args()
     for owner, name in CAPTURE_CALLS:

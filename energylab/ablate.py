@@ -203,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--slurm-args", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                    help="slurm: further #SBATCH options, e.g. account=lab qos=high")
     # ablation defaults, tuned to finish within 15 minutes on a 2-core CPU (see README)
-    p.set_defaults(steps=1500, eval_every=100, capture_every=250, N=32, M=48, test_size=256)
+    p.set_defaults(steps=1500, eval_every=100, capture_every=500, N=32, M=48, test_size=256)
     return p
 
 

@@ -15,8 +15,10 @@ Per cell (a variant at one λ and one seed):
   linearly interpolated between evaluations; ``speedup_steps`` / ``speedup_time`` = baseline's
   value / the variant's. A variant that never reaches the target gets none, and so does a speed-up
   whose variant is already below the target at step 0 (no finite ratio);
-* ``final_<stat>`` / ``auc_<stat>`` for each of :data:`ENERGY_STATS` of ``y``: the value at the last
-  capture and the mean over training (trapezoidal area under the curve divided by the steps);
+* ``final_<stat>`` / ``auc_<stat>`` for each of :data:`ENERGY_STATS` (of ``y``, and the rate
+  statistics of ``y_hat``): the value at the last capture and the mean over training (trapezoidal
+  area under the curve divided by the steps; None if a capture was None); ``final_<stat>_ci_low`` /
+  ``_ci_high``: that capture's 95 % bootstrap interval over probe images, where recorded;
 * ``aux_share_<k>``: the AuxT branch's ``aux_energy_share`` at merge point ``k``, last capture.
 
 Per variant (and λ), every per-cell value as ``<key>_mean`` / ``<key>_std`` (sample s.d., ddof 1;
@@ -93,14 +95,23 @@ __all__ = [
 
 SMOOTH = 3
 """Evaluations averaged for the target and the smoothed test-loss curve."""
-ENERGY_STATS = ("coding_gain", "decorrelation_gain", "total_correlation", "offdiag_energy_ratio",
-                "topk_energy_share")
-"""Energy statistics of ``y`` summarised as ``final_<stat>`` and ``auc_<stat>``."""
+ENERGY_STATS = (("y", "coding_gain"), ("y", "total_correlation"), ("y", "decorrelation_gain"),
+                ("y", "offdiag_energy_ratio"), ("y", "effective_rank"),
+                ("y", "neighbourhood_tc.joint"), ("y", "neighbourhood_tc.across_channels"),
+                ("y", "neighbourhood_tc.across_positions"), ("y", "topk_energy_share"),
+                ("y", "topk_share.l2"), ("y", "topk_share.l2_centred"), ("y", "mean_energy_fraction"),
+                ("y_hat", "rate_share_entropy"), ("y_hat", "active_channels"),
+                ("y_hat", "std_in_steps.median"))
+"""``(role, statistic)`` of the energy records summarised as ``final_<stat>`` and ``auc_<stat>``
+(statistics that a record lacks, e.g. in older runs, are left out). ``decorrelation_gain`` is
+``exp(2 TC / C)``, the same evidence as ``total_correlation``: it stays in the JSON and CSV for
+readers of the classical split, the table and the paired contrasts show total correlation."""
 TABLE = (("test_loss", "test loss"), ("test_bpp", "bpp (est.)"), ("real_bpp", "bpp (real)"),
          ("test_psnr", "PSNR dB"), ("steps_to_target", "steps to target"),
          ("speedup_steps", "speedup (steps)"), ("speedup_time", "speedup (time)"),
-         ("final_coding_gain", "coding gain"), ("final_decorrelation_gain", "decorr. gain"),
-         ("final_total_correlation", "TC nats"), ("final_topk_energy_share", "top-k share"))
+         ("final_coding_gain", "coding gain"), ("final_total_correlation", "TC nats"),
+         ("final_neighbourhood_tc.across_positions", "spatial TC nats"),
+         ("final_topk_share.l2", "top-k L2 share"), ("final_rate_share_entropy", "rate-share entropy bits"))
 """(summary key, column title) of the summary table, in order."""
 BUDGET_FRACTIONS = (25, 50, 75, 100)
 """Percentages of the baseline's budget at which the step-equivalence speed-up is reported."""
@@ -114,8 +125,10 @@ SPEEDUP_KEYS = ("speedup_steps", "speedup_time",
                 *(f"speedup_at_{p}" for p in BUDGET_FRACTIONS),
                 *(f"speedup_{w}_{m}pct" for m in TARGET_MARGINS for w in ("steps", "time")))
 """Per-cell speed-ups, paired over seeds as ratios (geometric mean and interval)."""
-PAIRED_DIFFERENCES = ("test_loss", "real_bpp", "test_psnr", "final_coding_gain",
-                      "final_decorrelation_gain", "final_total_correlation")
+PAIRED_DIFFERENCES = ("test_loss", "real_bpp", "test_psnr", "steps_to_target", "final_coding_gain",
+                      "final_total_correlation", "final_neighbourhood_tc.across_channels",
+                      "final_neighbourhood_tc.across_positions", "final_topk_share.l2",
+                      "final_topk_share.l2_centred", "final_rate_share_entropy", "final_active_channels")
 """Per-cell numbers paired over seeds as differences variant − baseline."""
 CAUSAL_KEY = "speedup_at_100"
 """The speed-up the causal grid is judged on."""
@@ -198,17 +211,23 @@ def _crossing(x: np.ndarray, curve: np.ndarray, target: float) -> float | None:
     return float(x[i - 1] + frac * (x[i] - x[i - 1]))
 
 
-def _energy_summary(energy: Sequence[dict]) -> dict[str, float]:
-    out: dict[str, float] = {}
-    y = sorted((r for r in energy if r["role"] == "y"), key=lambda r: r["step"])
-    if y:
-        steps = np.array([r["step"] for r in y], dtype=float)
-        for stat in ENERGY_STATS:
-            values = np.array([r[stat] for r in y])
-            out[f"final_{stat}"] = float(values[-1])
-            span = steps[-1] - steps[0]
-            out[f"auc_{stat}"] = float(trapezoid(values, steps) / span) if span else float(
-                values[-1])
+def _energy_summary(energy: Sequence[dict]) -> dict[str, float | None]:
+    out: dict[str, float | None] = {}
+    for role, stat in ENERGY_STATS:
+        records = sorted((r for r in energy if r["role"] == role and stat in r), key=lambda r: r["step"])
+        if not records:
+            continue
+        steps = np.array([r["step"] for r in records], dtype=float)
+        values = [r[stat] for r in records]
+        out[f"final_{stat}"] = values[-1]
+        for bound in ("ci_low", "ci_high"):
+            if f"{stat}_{bound}" in records[-1]:
+                out[f"final_{stat}_{bound}"] = records[-1][f"{stat}_{bound}"]
+        span = steps[-1] - steps[0]
+        if any(v is None for v in values):  # infinite for a singular covariance
+            out[f"auc_{stat}"] = None
+        else:
+            out[f"auc_{stat}"] = float(trapezoid(values, steps) / span) if span else float(values[-1])
     last = max((r["step"] for r in energy), default=None)
     for r in energy:
         if r["step"] == last and r["role"] == "aux" and "aux_energy_share" in r:
@@ -536,8 +555,14 @@ PAIRED_SPEEDUP_COLUMNS = (*((f"speedup_at_{p}", f"t-equiv. at {p} %") for p in B
                           ("speedup_time", "time to final loss"))
 """(paired key, column title) of the budget-free speed-up table."""
 PAIRED_DIFFERENCE_TITLES = {"test_loss": "test loss", "real_bpp": "bpp (real)", "test_psnr": "PSNR dB",
-                            "final_coding_gain": "coding gain", "final_decorrelation_gain": "decorr. gain",
-                            "final_total_correlation": "TC nats"}
+                            "steps_to_target": "steps to target", "final_coding_gain": "coding gain",
+                            "final_total_correlation": "TC nats",
+                            "final_neighbourhood_tc.across_channels": "2×2 TC across channels",
+                            "final_neighbourhood_tc.across_positions": "2×2 TC across positions",
+                            "final_topk_share.l2": "top-k L2 share",
+                            "final_topk_share.l2_centred": "top-k L2 share (centred)",
+                            "final_rate_share_entropy": "rate-share entropy bits",
+                            "final_active_channels": "active channels"}
 
 
 def format_paired(summary: dict) -> str:

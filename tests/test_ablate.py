@@ -109,7 +109,7 @@ def test_defaults_and_cell_configs(tmp_path):
     args = ablate.build_parser().parse_args(["--out", str(tmp_path)])
     base = ablate.base_config(args)
     assert (base.steps, base.eval_every, base.capture_every, base.N, base.M, base.test_size) == (
-        1500, 100, 250, 32, 48, 256)
+        1500, 100, 500, 32, 48, 256)
     cell = ablate.plan_cells(tmp_path, ["auxt-no-scaling"], [2], [0.0067])[0]
     config = ablate.cell_config(base, cell, {"auxt": True, "remove": ["scaling"], "wavelet": "haar"})
     assert config == TrainConfig(**{**base.__dict__, "out": cell.dir, "seed": 2, "auxt": True,
