@@ -746,6 +746,8 @@ def plot_aux_energy_share(study: Study, lmbda: float | None = None) -> Figure:
 
 SUBBAND_GAINS = ("LL", "LH", "HL", "HH")
 """Subbands of the learned gains ``exp_s.<band>`` (role ``gain`` records)."""
+SUBBAND_PALETTE = "mako"
+"""Colours of the subbands in :func:`plot_modulation` (a sequential map, apart from the variants')."""
 
 
 def _gain_variant(study: Study, gains: pd.DataFrame) -> str | None:
@@ -785,8 +787,6 @@ def plot_modulation(study: Study, lmbda: float | None = None) -> Figure:
             _lines(ax, study, frame, "step", col)
         ax.set(xlabel=STEP, ylabel=label, title=f"{title} (y_hat)")
     for ax, side in zip(axes[2:], ("g_a", "g_s"), strict=True):
-        ax.set(xlabel=STEP, ylabel="learned gain exp(s), mean over channels" if side == "g_a" else "",
-               title=f"subband gains of {side}" + (f" ({variant})" if variant else ""))
         rows = gains[(gains["variant"] == variant) & gains["layer"].str.startswith(f"{side}.")]
         if rows.empty:
             ax.text(0.5, 0.5, "no learned subband gains\n(no AuxT variant with scaling)",
@@ -797,8 +797,12 @@ def plot_modulation(study: Study, lmbda: float | None = None) -> Figure:
         frame["subband"] = frame["subband"].str.removeprefix("exp_s.")
         frame["merge point"] = frame["merge"].astype(int).astype(str)
         sns.lineplot(data=frame, x="step", y="gain", hue="subband", hue_order=list(SUBBAND_GAINS),
-                     style="merge point", errorbar="sd", ax=ax, legend=side == "g_a")
+                     palette=SUBBAND_PALETTE, style="merge point", errorbar="sd", ax=ax,
+                     legend=side == "g_a")
         ax.axhline(1.0, color="0.5", lw=0.8, ls="--")
+    for ax, side in zip(axes[2:], ("g_a", "g_s"), strict=True):
+        ax.set(xlabel=STEP, ylabel="exp(s), mean over channels" if side == "g_a" else "",
+               title=f"subband gains of {side}" + (f" ({variant})" if variant else ""))
     if axes[2].get_legend() is not None:
         sns.move_legend(axes[2], "upper left", fontsize="x-small", title_fontsize="x-small",
                         ncols=2, frameon=False)
