@@ -1142,8 +1142,9 @@ if __name__ == "__main__":
 # Analyses of trained models (energylab.analyze)
 
 ANALYSIS_STATISTICS = (("coding_gain", "coding gain (dB)", "energy modulation", True),
-                       ("decorrelation_gain", "decorrelation gain (dB)", "decorrelation", True),
-                       ("total_correlation", "total correlation (nats)", "decorrelation (Gaussian)", False))
+                       ("total_correlation", "total correlation (nats)", "channel decorrelation", False),
+                       ("neighbourhood_tc.across_positions", "nats (2×2 neighbourhoods)",
+                        "spatial decorrelation", False))
 """The per-layer energy split of :func:`plot_analysis_energy_split`: (statistic, axis label, title,
 shown in dB)."""
 
@@ -1153,8 +1154,11 @@ def _analysis_colors(analysis: dict) -> dict[str, tuple[float, float, float]]:
 
 
 def plot_analysis_energy_split(analysis: dict) -> Figure:
-    """Per captured layer (``g_a.stage1`` ... ``y``, ``y_hat``): coding gain, decorrelation gain and
-    total correlation, the models side by side as grouped bars. ``analysis``: an
+    """Per captured layer (``g_a.stage1`` ... ``y``, ``y_hat``): coding gain, channel total
+    correlation (the one channel-decorrelation number; the decorrelation gain is its exponential
+    form) and the across-position part of the 2×2-neighbourhood total correlation, the models side
+    by side as grouped bars. ``null`` values (singular layers) are left out; a statistic no layer
+    has (analyses made before it existed) leaves its panel empty with a note. ``analysis``: an
     :class:`energylab.rundir.AnalysisDir`'s ``analysis.json`` dict."""
     rows = []
     for model in analysis["models"]:
@@ -1172,6 +1176,11 @@ def plot_analysis_energy_split(analysis: dict) -> Figure:
     colors = _analysis_colors(analysis)
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), layout="constrained")
     for ax, (stat, label, title, _) in zip(axes, ANALYSIS_STATISTICS, strict=True):
+        ax.set(xlabel="", ylabel=label, title=title)
+        if not (frame["stat"] == stat).any():
+            ax.text(0.5, 0.5, "not in this analysis", transform=ax.transAxes, ha="center",
+                    va="center", color="0.4", fontsize="small")
+            continue
         sns.barplot(frame[frame["stat"] == stat], x="layer", y="value", hue="model", palette=colors,
                     ax=ax, legend=ax is axes[0])
         ax.set(xlabel="", ylabel=label, title=title)

@@ -257,3 +257,16 @@ def test_modulation_draws_rate_shares_and_learned_gains(tiny_ablation: Path) -> 
     study.variants = [v for v in study.variants if v != "auxt"]
     fig = figures.plot_modulation(study)
     assert any("no learned subband gains" in t.get_text() for ax in fig.axes for t in ax.texts)
+
+
+def test_analysis_energy_split_shows_total_correlation_skips_nulls_and_notes_missing() -> None:
+    layers = {"y": {"coding_gain": 10.0, "total_correlation": 3.0},
+              "g_a.stage1": {"coding_gain": 100.0, "total_correlation": None}}
+    analysis = {"data": {"images": ["a.png"], "source": "/x/kodak"},
+                "models": [{"name": "one", "layers": layers}, {"name": "two", "layers": layers}]}
+    fig = figures.plot_analysis_energy_split(analysis)
+    gain, tc, spatial = (ax for ax in fig.axes if ax.get_title())
+    assert sorted(round(p.get_height(), 9) for p in gain.patches if p.get_height()) == [10, 10, 20, 20]
+    assert [p.get_height() for p in tc.patches if p.get_height()] == [3.0, 3.0]
+    assert "total correlation" in tc.get_ylabel()
+    assert [t.get_text() for t in spatial.texts] == ["not in this analysis"]
