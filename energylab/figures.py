@@ -648,6 +648,13 @@ def plot_correlation_heatmaps(study: Study, lmbda: float | None = None,
     return fig
 
 
+def _l2_norms(energies: np.ndarray) -> np.ndarray:
+    """Per-channel L2 norms over positions, up to the common factor sqrt(positions), from the
+    captures' mean squares ``energies/<layer>``: the energy of the paper's Fig. 1
+    (``stats.channel_energies``' ``l2``); shares of them need no position count."""
+    return np.sqrt(np.clip(np.asarray(energies, dtype=np.float64), 0.0, None))
+
+
 def _final_energies(study: Study, lmbda: float | None, layer: str) -> pd.DataFrame:
     lmbda = study.default_lmbda if lmbda is None else lmbda
     rows = []
@@ -656,7 +663,7 @@ def _final_energies(study: Study, lmbda: float | None, layer: str) -> pd.DataFra
             continue
         step, path = study.captures(key)[-1]
         with np.load(path) as z:
-            energies = z[f"energies/{layer}"]
+            energies = _l2_norms(z[f"energies/{layer}"])
         curve = stats.energy_compaction_curve(energies)
         e = np.sort(energies.astype(np.float64))[::-1]
         share = e / e.sum() if e.sum() > 0 else np.full_like(e, 1 / len(e))
@@ -669,17 +676,18 @@ def _final_energies(study: Study, lmbda: float | None, layer: str) -> pd.DataFra
 
 
 def plot_energy_spectra(study: Study, lmbda: float | None = None, layer: str = "y") -> Figure:
-    """Channel energy spectrum (energy share by rank) and compaction curve at the final capture."""
+    """Channel energy spectrum (share by rank) and compaction curve at the final capture, with the
+    energy of a channel its L2 norm over positions (the paper's Fig. 1 sense)."""
     _require(study, "captures")
     frame = _final_energies(study, lmbda, layer)
     channels = int(frame["rank"].max())
     fig, axes = plt.subplots(1, 2, figsize=(8, 3.4), layout="constrained")
     _lines(axes[0], study, frame, "rank", "share")
-    axes[0].set(xlabel="channel rank (by energy)", ylabel=f"share of the energy of {layer}",
+    axes[0].set(xlabel="channel rank (by energy)", ylabel=f"share of the L2 norms of {layer}",
                 yscale="log", title="energy spectrum")
     _lines(axes[1], study, frame, "rank", "cumulative")
     axes[1].plot([0, channels], [0, 1], color="0.6", ls=":", lw=1, label="equal energies")
-    axes[1].set(xlabel="k most energetic channels", ylabel="cumulative energy share",
+    axes[1].set(xlabel="k most energetic channels", ylabel="cumulative share of the L2 norms",
                 xlim=(0, channels), ylim=(0, 1.02), title="energy compaction curve")
     for ax in axes:
         ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
@@ -816,7 +824,6 @@ SUMMARY_BARS = (("test_loss", "test R-D loss"), ("real_bpp", "rate (bpp, real bi
                 ("real_psnr", "PSNR (dB, real bitstream)"),
                 ("speedup_steps", "speedup to target (steps, ×)"),
                 ("final_coding_gain", "coding gain of y (dB)"),
-                ("final_decorrelation_gain", "decorrelation gain of y (dB)"),
                 ("final_total_correlation", "total correlation of y (nats)"),
                 ("final_topk_energy_share", "top-k energy share of y"))
 """Per-cell summary values drawn by :func:`plot_ablation_summary` (gains converted to dB)."""
@@ -826,7 +833,7 @@ def plot_ablation_summary(study: Study, lmbda: float | None = None) -> Figure:
     """The ablation summary as bars (mean ± 1 s.d. over seeds), each seed a dot."""
     _require(study, "summary")
     cells = study.at(pd.DataFrame(study.summary["cells"]), lmbda)
-    for gain in ("final_coding_gain", "final_decorrelation_gain"):
+    for gain in ("final_coding_gain",):
         if gain in cells:
             cells[gain] = cells[gain].astype(float).map(stats.to_db)
     others = cells["variant"] != "baseline"
@@ -1211,21 +1218,21 @@ def plot_analysis_correlations(analysis: dict, arrays: Sequence[dict[str, np.nda
 
 def plot_analysis_compaction(analysis: dict, arrays: Sequence[dict[str, np.ndarray]],
                              layer: str = "y") -> Figure:
-    """Energy compaction curve of ``layer`` (cumulative energy share of the k most energetic
-    channels), one line per model."""
+    """Energy compaction curve of ``layer`` (cumulative share of the L2 norms, the paper's Fig. 1
+    energy, of the k most energetic channels), one line per model."""
     colors = _analysis_colors(analysis)
     fig, ax = plt.subplots(figsize=(5, 3.6), layout="constrained")
     channels = 0
     for model, a in zip(analysis["models"], arrays, strict=True):
         if f"energies/{layer}" not in a:
             continue
-        curve = stats.energy_compaction_curve(a[f"energies/{layer}"])
+        curve = stats.energy_compaction_curve(_l2_norms(a[f"energies/{layer}"]))
         channels = max(channels, len(curve))
         ax.plot(np.arange(1, len(curve) + 1), curve, color=colors[model["name"]], label=model["name"])
     if not channels:
         raise MissingInput(f"no model has the energies of {layer!r}")
     ax.plot([0, channels], [0, 1], color="0.6", ls=":", lw=1, label="equal energies")
-    ax.set(xlabel="k most energetic channels", ylabel="cumulative energy share", xlim=(0, channels),
+    ax.set(xlabel="k most energetic channels", ylabel="cumulative share of the L2 norms", xlim=(0, channels),
            ylim=(0, 1.02))
     ax.legend(fontsize="small")
     _title(fig, f"Energy compaction curve of {layer}", "")

@@ -270,3 +270,17 @@ def test_analysis_energy_split_shows_total_correlation_skips_nulls_and_notes_mis
     assert [p.get_height() for p in tc.patches if p.get_height()] == [3.0, 3.0]
     assert "total correlation" in tc.get_ylabel()
     assert [t.get_text() for t in spatial.texts] == ["not in this analysis"]
+
+
+def test_energy_spectra_share_the_l2_norms(tiny_ablation: Path) -> None:
+    study = figures.load(tiny_ablation)
+    fig = figures.plot_energy_spectra(study)
+    spectrum = next(ax for ax in fig.axes if ax.get_title() == "energy spectrum")
+    shares = []
+    for seed in (0, 1):
+        _, path = study.captures(("auxt", 0.013, seed))[-1]
+        with np.load(path) as z:
+            norms = np.sort(np.sqrt(z["energies/y"]))[::-1]  # ||y_c|| ∝ sqrt(E[y_c²])
+        shares.append(norms / norms.sum())
+    _, y = _mean_line(spectrum, matplotlib.colors.to_hex(study.colors["auxt"]))
+    np.testing.assert_allclose(y, np.mean(shares, axis=0), rtol=1e-9)
