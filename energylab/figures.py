@@ -7,13 +7,17 @@ figures it can draw. A figure whose inputs are missing is skipped with one line 
 why; the others are still drawn. Figures (:data:`FIGURES`):
 
 * ``loss_curves``: test R-D loss, bpp and PSNR vs training step;
-* ``compaction_and_loss``: top-k energy share of ``y`` and test R-D loss vs training step;
+* ``compaction_and_loss``: top-k energy share of ``y`` (L2 norms per channel) and test R-D loss vs
+  training step;
 * ``energy_split``: the two-part split of energy compaction of ``y`` over training — coding gain
-  (energy modulation), decorrelation gain and total correlation (decorrelation);
+  (energy modulation), channel total correlation and the decorrelation of 2×2 neighbourhoods across
+  channels beside across positions, with seed bands and the cells' bootstrap intervals;
 * ``correlation_heatmaps``: channel correlation matrices of ``y`` (channels ordered by energy),
   variants × early / middle / final capture;
 * ``energy_spectra``: channel energy spectrum and compaction curve of ``y`` at the final capture;
 * ``subband_energy``: subband energy shares of ``y`` at the final capture;
+* ``modulation``: energy modulation against the quantiser — rate-share entropy and active channels
+  of ``y_hat``, and AuxT's learned subband gains exp(s), over training;
 * ``aux_energy_share``: the AuxT branch's share of the merged energy per merge point over training;
 * ``ablation_summary``: the summary's per-seed numbers as bars (mean ± s.d.) with the seeds as dots;
 * ``rd_curves`` and ``bd_rate``: real-bitstream R-D curves and the BD-rate table of an R-D sweep.
@@ -80,6 +84,7 @@ __all__ = [
     "plot_energy_split",
     "plot_loss_curves",
     "plot_matrix",
+    "plot_modulation",
     "plot_probe_channels",
     "plot_rd_curves",
     "plot_step_equivalence",
@@ -317,6 +322,10 @@ _NEEDS: dict[str, tuple[Callable[[Study], bool], str]] = {
                  f"no capture archives ({RunDir.CAPTURES}/)"),
     "aux": (lambda s: "aux_energy_share" in s.energy and s.energy["aux_energy_share"].notna().any(),
             f"no AuxT variant (no aux_energy_share in {RunDir.ENERGY})"),
+    "modulation": (lambda s: "rate_share_entropy" in s.energy
+                   and s.energy.loc[s.energy["role"] == "y_hat", "rate_share_entropy"].notna().any(),
+                   f"no modulation statistics of y_hat (rate_share_entropy in {RunDir.ENERGY}; "
+                   "records written before they existed)"),
     "summary": (lambda s: s.summary is not None,
                 f"no {AblationDir.SUMMARY_JSON} (needs a summarised ablation directory)"),
     "sweep": (lambda s: not s.bitstream.empty and s.bitstream["lmbda"].nunique() >= 2,
@@ -469,15 +478,33 @@ def plot_step_equivalence(study: Study, lmbda: float | None = None) -> Figure:
     return fig
 
 
+TOPK_SHARES = (("topk_share.l2", "L2 norm per channel"),
+               ("topk_energy_share", "mean square per channel"))
+"""The top-k share :func:`plot_compaction_and_loss` draws, first present first: the paper's Fig. 1
+energy (L2 norm over positions, ``stats.channel_energies``' ``l2``), else the raw mean square of
+records written before the named variants existed."""
+
+
+def _topk_column(energy: pd.DataFrame) -> tuple[str, str]:
+    """The top-k share column of :data:`TOPK_SHARES` the records carry, and what energy it shares."""
+    for col, name in TOPK_SHARES:
+        if col in energy and energy[col].notna().any():
+            return col, name
+    raise MissingInput(f"no top-k energy share of y in {RunDir.ENERGY}")
+
+
 def plot_compaction_and_loss(study: Study, lmbda: float | None = None) -> Figure:
-    """Energy compaction (top-k energy share of ``y``) and test R-D loss vs training step."""
+    """Energy compaction (top-k share of ``y``: of the channels' L2 norms, the paper's Fig. 1 sense;
+    of their mean squares in records without ``topk_share.l2``) and test R-D loss vs training step."""
     _require(study, "evals", "energy")
     energy = _energy_y(study, lmbda)
     evals = study.at(study.evals, lmbda)
     k = int(energy["topk_k"].iloc[0])
+    col, energy_name = _topk_column(energy)
+    energy = _numeric(energy, [col]).dropna(subset=[col])
     fig, axes = plt.subplots(1, 2, figsize=(8, 3.6), layout="constrained")
-    _lines(axes[0], study, energy, "step", "topk_energy_share")
-    axes[0].set(xlabel=STEP, ylabel=f"energy share of top {k} channel{'s' if k > 1 else ''}",
+    _lines(axes[0], study, energy, "step", col)
+    axes[0].set(xlabel=STEP, ylabel=f"share of top {k} channel{'s' if k > 1 else ''} ({energy_name})",
                 title="energy compaction of y")
     _lines(axes[1], study, evals, "step", "loss")
     axes[1].set(xlabel=STEP, ylabel="test R-D loss (λ·255²·MSE + bpp)", title="rate-distortion")
@@ -487,24 +514,92 @@ def plot_compaction_and_loss(study: Study, lmbda: float | None = None) -> Figure
     return fig
 
 
+CI = "dotted: mean of the cells' 95 % bootstrap intervals over probe images"
+"""What the dotted lines of the interval figures show (:func:`plot_energy_split`)."""
+
+
+def _numeric(frame: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:
+    """``frame`` with ``columns`` (those present) as floats, JSON ``null`` (a statistic undefined for
+    a singular layer, or a record without it) as NaN."""
+    frame = frame.copy()
+    for col in columns:
+        if col in frame:
+            frame[col] = pd.to_numeric(frame[col], errors="coerce").astype(float)
+    return frame
+
+
+def _intervals(ax: plt.Axes, study: Study, frame: pd.DataFrame, col: str) -> bool:
+    """Per variant, the mean over seeds of each cell's bootstrap interval of ``col`` (columns
+    ``<col>_ci_low`` / ``<col>_ci_high``) as two dotted lines; False if there are none."""
+    low, high = f"{col}_ci_low", f"{col}_ci_high"
+    if low not in frame or high not in frame:
+        return False
+    drawn = False
+    for variant in _present(study, frame):
+        rows = frame[frame["variant"] == variant]
+        bounds = rows.groupby("step")[[low, high]].mean().dropna()
+        for bound in (low, high):
+            if not bounds.empty:
+                ax.plot(bounds.index, bounds[bound], color=study.colors[variant], ls=":", lw=1.1)
+                drawn = True
+    return drawn
+
+
+ENERGY_SPLIT = (("coding_gain_db", "coding gain (dB)", "energy modulation"),
+                ("total_correlation", "total correlation (nats)", "channel decorrelation"),
+                ("neighbourhood_tc.across_channels", "nats (2×2 neighbourhoods)",
+                 "across channels"),
+                ("neighbourhood_tc.across_positions", "nats (2×2 neighbourhoods)",
+                 "across positions (spatial)"))
+"""Panels of :func:`plot_energy_split`: (column, axis label, title)."""
+
+
 def plot_energy_split(study: Study, lmbda: float | None = None) -> Figure:
-    """The two-part split over training: coding gain (energy modulation), decorrelation gain and
-    total correlation (decorrelation) of ``y``, per variant."""
+    """The two-part split of the energy compaction of ``y`` over training, per variant.
+
+    Panels: coding gain (dB; energy modulation), channel total correlation (nats, bias-corrected
+    in new records; the one decorrelation number: the decorrelation gain is its exponential form,
+    ``TC = (C/2)·ln(decorrelation gain)``), and decorrelation of 2×2 neighbourhoods split into its
+    across-channel part (k² × the channel total correlation) and its across-position (spatial) part,
+    side by side on one scale. Lines: mean over seeds with a ± 1 s.d. band over seeds; dotted: the
+    mean of the cells' 95 % bootstrap intervals over probe images, where the records carry
+    ``<stat>_ci_low`` / ``<stat>_ci_high``. ``null`` values (undefined for a singular layer) are
+    left out; records without the neighbourhood split (written before it existed) leave those
+    panels empty with a note.
+
+    Raises:
+        MissingInput: no energy records of ``y``.
+    """
     _require(study, "energy")
-    energy = _energy_y(study, lmbda).copy()
-    energy["coding_gain_db"] = energy["coding_gain"].map(stats.to_db)
-    energy["decorrelation_gain_db"] = energy["decorrelation_gain"].map(stats.to_db)
-    fig, axes = plt.subplots(1, 3, figsize=(11, 3.5), layout="constrained")
-    for ax, (col, label, title) in zip(axes, (
-            ("coding_gain_db", "coding gain (dB)", "energy modulation"),
-            ("decorrelation_gain_db", "decorrelation gain (dB)", "decorrelation"),
-            ("total_correlation", "total correlation (nats)", "decorrelation (Gaussian)")),
-            strict=True):
-        _lines(ax, study, energy, "step", col)
+    bounds = [f"{c}{s}" for c in ("coding_gain", *(p[0] for p in ENERGY_SPLIT[1:]))
+              for s in ("", "_ci_low", "_ci_high")]
+    energy = _numeric(_energy_y(study, lmbda), bounds)
+    for col in ("coding_gain", "coding_gain_ci_low", "coding_gain_ci_high"):
+        if col in energy:
+            db = col.replace("coding_gain", "coding_gain_db")
+            energy[db] = energy[col].where(energy[col] > 0).map(stats.to_db)
+    fig, axes = plt.subplots(1, 4, figsize=(14, 3.6), layout="constrained")
+    with_ci = False
+    for ax, (col, label, title) in zip(axes, ENERGY_SPLIT, strict=True):
         ax.set(xlabel=STEP, ylabel=label, title=title)
+        frame = energy.dropna(subset=[col]) if col in energy else energy.iloc[:0]
+        if frame.empty:
+            ax.text(0.5, 0.5, "not in these records" if col not in energy else "undefined\n"
+                    "(singular covariance)", transform=ax.transAxes, ha="center", va="center",
+                    color="0.4", fontsize="small")
+            continue
+        _lines(ax, study, frame, "step", col)
+        with_ci |= _intervals(ax, study, frame, col)
+    spatial = [ax for ax in axes[2:] if ax.lines]
+    if spatial:  # across channels beside across positions, on one scale
+        low = min(ax.get_ylim()[0] for ax in spatial)
+        high = max(ax.get_ylim()[1] for ax in spatial)
+        for ax in spatial:
+            ax.set_ylim(low, high)
     _figure_legend(fig, axes)
-    _title(fig, "Energy compaction of y in two parts: energy modulation and decorrelation",
-           _context(study, lmbda))
+    _title(fig, "Energy compaction of y: energy modulation and decorrelation (channels; "
+           "channels and positions of 2×2 neighbourhoods)",
+           _context(study, lmbda) + (f"; {CI}" if with_ci else ""))
     return fig
 
 
@@ -553,6 +648,13 @@ def plot_correlation_heatmaps(study: Study, lmbda: float | None = None,
     return fig
 
 
+def _l2_norms(energies: np.ndarray) -> np.ndarray:
+    """Per-channel L2 norms over positions, up to the common factor sqrt(positions), from the
+    captures' mean squares ``energies/<layer>``: the energy of the paper's Fig. 1
+    (``stats.channel_energies``' ``l2``); shares of them need no position count."""
+    return np.sqrt(np.clip(np.asarray(energies, dtype=np.float64), 0.0, None))
+
+
 def _final_energies(study: Study, lmbda: float | None, layer: str) -> pd.DataFrame:
     lmbda = study.default_lmbda if lmbda is None else lmbda
     rows = []
@@ -561,7 +663,7 @@ def _final_energies(study: Study, lmbda: float | None, layer: str) -> pd.DataFra
             continue
         step, path = study.captures(key)[-1]
         with np.load(path) as z:
-            energies = z[f"energies/{layer}"]
+            energies = _l2_norms(z[f"energies/{layer}"])
         curve = stats.energy_compaction_curve(energies)
         e = np.sort(energies.astype(np.float64))[::-1]
         share = e / e.sum() if e.sum() > 0 else np.full_like(e, 1 / len(e))
@@ -574,17 +676,18 @@ def _final_energies(study: Study, lmbda: float | None, layer: str) -> pd.DataFra
 
 
 def plot_energy_spectra(study: Study, lmbda: float | None = None, layer: str = "y") -> Figure:
-    """Channel energy spectrum (energy share by rank) and compaction curve at the final capture."""
+    """Channel energy spectrum (share by rank) and compaction curve at the final capture, with the
+    energy of a channel its L2 norm over positions (the paper's Fig. 1 sense)."""
     _require(study, "captures")
     frame = _final_energies(study, lmbda, layer)
     channels = int(frame["rank"].max())
     fig, axes = plt.subplots(1, 2, figsize=(8, 3.4), layout="constrained")
     _lines(axes[0], study, frame, "rank", "share")
-    axes[0].set(xlabel="channel rank (by energy)", ylabel=f"share of the energy of {layer}",
+    axes[0].set(xlabel="channel rank (by energy)", ylabel=f"share of the L2 norms of {layer}",
                 yscale="log", title="energy spectrum")
     _lines(axes[1], study, frame, "rank", "cumulative")
     axes[1].plot([0, channels], [0, 1], color="0.6", ls=":", lw=1, label="equal energies")
-    axes[1].set(xlabel="k most energetic channels", ylabel="cumulative energy share",
+    axes[1].set(xlabel="k most energetic channels", ylabel="cumulative share of the L2 norms",
                 xlim=(0, channels), ylim=(0, 1.02), title="energy compaction curve")
     for ax in axes:
         ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
@@ -596,23 +699,34 @@ def plot_energy_spectra(study: Study, lmbda: float | None = None, layer: str = "
     return fig
 
 
+SUBBANDS = (("subband_energy.", "channel means in"),
+            ("subband_energy_centred.", "channel means removed"))
+"""Subband energy statistics of :func:`plot_subband_energy`: (column prefix, panel title)."""
+
+
 def plot_subband_energy(study: Study, lmbda: float | None = None) -> Figure:
-    """Subband energy shares of ``y`` (2-level Haar DWT of each channel) at the final capture."""
+    """Subband energy shares of ``y`` (2-level Haar DWT of each channel) at the final capture: with
+    the channel means in (``subband_energy.<band>``) and, where the records carry it, removed
+    (``subband_energy_centred.<band>``; the means mostly land in LL2)."""
     _require(study, "energy")
     energy = _final(_energy_y(study, lmbda))
-    bands = [c for c in energy.columns if c.startswith("subband_energy.")]
-    if not bands:
+    panels = [(prefix, title, [c for c in energy.columns if c.startswith(prefix)])
+              for prefix, title in SUBBANDS]
+    panels = [p for p in panels if p[2] and energy[p[2]].notna().any().any()]
+    if not panels:
         raise MissingInput(f"no subband_energy.* statistics in {RunDir.ENERGY}")
-    frame = energy.melt(id_vars=["variant", "seed"], value_vars=bands, var_name="band",
-                        value_name="share")
-    frame["band"] = frame["band"].str.removeprefix("subband_energy.")
-    fig, ax = plt.subplots(figsize=(7.5, 3.6), layout="constrained")
-    sns.barplot(data=frame, x="band", y="share", hue="variant", hue_order=_present(study, frame),
-                palette=study.colors, errorbar="sd", capsize=0.1, err_kws={"linewidth": 1},
-                ax=ax)
-    ax.set(xlabel="subband of y (2-level Haar DWT per channel)", ylabel="share of the energy of y",
-           yscale="log")
-    _figure_legend(fig, [ax])
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels) + 1, 3.6),
+                             layout="constrained", squeeze=False)
+    for ax, (prefix, title, bands) in zip(axes[0], panels, strict=True):
+        frame = _numeric(energy, bands).melt(id_vars=["variant", "seed"], value_vars=bands,
+                                             var_name="band", value_name="share").dropna()
+        frame["band"] = frame["band"].str.removeprefix(prefix)
+        sns.barplot(data=frame, x="band", y="share", hue="variant", hue_order=_present(study, frame),
+                    palette=study.colors, errorbar="sd", capsize=0.1, err_kws={"linewidth": 1},
+                    ax=ax)
+        ax.set(xlabel="subband of y (2-level Haar DWT per channel)", ylabel="share of the energy of y",
+               yscale="log", title=title)
+    _figure_legend(fig, list(axes[0]))
     _title(fig, "Subband energy of y at the final capture",
            _context(study, lmbda, "error bars: ± 1 s.d. over seeds"))
     return fig
@@ -638,11 +752,78 @@ def plot_aux_energy_share(study: Study, lmbda: float | None = None) -> Figure:
     return fig
 
 
+SUBBAND_GAINS = ("LL", "LH", "HL", "HH")
+"""Subbands of the learned gains ``exp_s.<band>`` (role ``gain`` records)."""
+SUBBAND_PALETTE = "mako"
+"""Colours of the subbands in :func:`plot_modulation` (a sequential map, apart from the variants')."""
+
+
+def _gain_variant(study: Study, gains: pd.DataFrame) -> str | None:
+    """The variant whose learned subband gains :func:`plot_modulation` draws: ``auxt`` if it has
+    them, else the first variant that does."""
+    have = _present(study, gains) if not gains.empty else []
+    return "auxt" if "auxt" in have else (have[0] if have else None)
+
+
+def plot_modulation(study: Study, lmbda: float | None = None) -> Figure:
+    """Energy modulation against the quantiser over training: of ``y_hat``, the entropy of the
+    per-channel rate shares (bits; log2 of the effective number of channels carrying the rate) and
+    the number of active channels (a non-negligible share of the rate), per variant; with AuxT, the
+    learned subband gains ``exp(s)`` (mean over channels) of every WLS of ``g_a`` and iWLS of
+    ``g_s``, one line per subband and merge point, for one AuxT variant.
+
+    Lines: mean over seeds with a ± 1 s.d. band over seeds. Needs the ``y_hat`` modulation
+    statistics of :meth:`energylab.capture.LatentProbe.records` (``rate_share_entropy``,
+    ``active_channels``); the gain panels say so when no variant learned subband gains.
+
+    Raises:
+        MissingInput: the records have no ``rate_share_entropy`` of ``y_hat``.
+    """
+    _require(study, "modulation")
+    energy = study.at(study.energy, lmbda)
+    y_hat = _numeric(energy[energy["role"] == "y_hat"], ["rate_share_entropy", "active_channels"])
+    gain_cols = [f"exp_s.{b}" for b in SUBBAND_GAINS]
+    gains = energy[energy["role"] == "gain"] if "exp_s.LL" in energy else energy.iloc[:0]
+    gains = _numeric(gains, gain_cols)
+    variant = _gain_variant(study, gains)
+    fig, axes = plt.subplots(1, 4, figsize=(15, 3.7), layout="constrained")
+    for ax, (col, label, title) in zip(axes[:2], (
+            ("rate_share_entropy", "entropy of the rate shares (bits)", "spread of the rate"),
+            ("active_channels", "active channels", "channels carrying the rate")), strict=True):
+        frame = y_hat.dropna(subset=[col])
+        if not frame.empty:
+            _lines(ax, study, frame, "step", col)
+        ax.set(xlabel=STEP, ylabel=label, title=f"{title} (y_hat)")
+    for ax, side in zip(axes[2:], ("g_a", "g_s"), strict=True):
+        rows = gains[(gains["variant"] == variant) & gains["layer"].str.startswith(f"{side}.")]
+        if rows.empty:
+            ax.text(0.5, 0.5, "no learned subband gains\n(no AuxT variant with scaling)",
+                    transform=ax.transAxes, ha="center", va="center", color="0.4", fontsize="small")
+            continue
+        frame = rows.melt(id_vars=["seed", "step", "merge"], value_vars=gain_cols, var_name="subband",
+                          value_name="gain").dropna()
+        frame["subband"] = frame["subband"].str.removeprefix("exp_s.")
+        frame["merge point"] = frame["merge"].astype(int).astype(str)
+        sns.lineplot(data=frame, x="step", y="gain", hue="subband", hue_order=list(SUBBAND_GAINS),
+                     palette=SUBBAND_PALETTE, style="merge point", errorbar="sd", ax=ax,
+                     legend=side == "g_a")
+        ax.axhline(1.0, color="0.5", lw=0.8, ls="--")
+    for ax, side in zip(axes[2:], ("g_a", "g_s"), strict=True):
+        ax.set(xlabel=STEP, ylabel="exp(s), mean over channels" if side == "g_a" else "",
+               title=f"subband gains of {side}" + (f" ({variant})" if variant else ""))
+    if axes[2].get_legend() is not None:
+        sns.move_legend(axes[2], "upper left", fontsize="x-small", title_fontsize="x-small",
+                        ncols=2, frameon=False)
+    _figure_legend(fig, list(axes[:2]))
+    _title(fig, "Energy modulation against the quantiser: the rate over channels of y_hat, and "
+           "AuxT's learned subband gains", _context(study, lmbda))
+    return fig
+
+
 SUMMARY_BARS = (("test_loss", "test R-D loss"), ("real_bpp", "rate (bpp, real bitstream)"),
                 ("real_psnr", "PSNR (dB, real bitstream)"),
                 ("speedup_steps", "speedup to target (steps, ×)"),
                 ("final_coding_gain", "coding gain of y (dB)"),
-                ("final_decorrelation_gain", "decorrelation gain of y (dB)"),
                 ("final_total_correlation", "total correlation of y (nats)"),
                 ("final_topk_energy_share", "top-k energy share of y"))
 """Per-cell summary values drawn by :func:`plot_ablation_summary` (gains converted to dB)."""
@@ -652,7 +833,7 @@ def plot_ablation_summary(study: Study, lmbda: float | None = None) -> Figure:
     """The ablation summary as bars (mean ± 1 s.d. over seeds), each seed a dot."""
     _require(study, "summary")
     cells = study.at(pd.DataFrame(study.summary["cells"]), lmbda)
-    for gain in ("final_coding_gain", "final_decorrelation_gain"):
+    for gain in ("final_coding_gain",):
         if gain in cells:
             cells[gain] = cells[gain].astype(float).map(stats.to_db)
     others = cells["variant"] != "baseline"
@@ -852,14 +1033,17 @@ FIGURES = (
                plot_loss_curves),
     FigureSpec("compaction_and_loss", "top-k energy share of y and test R-D loss vs training step",
                ("evals", "energy"), plot_compaction_and_loss),
-    FigureSpec("energy_split", "coding gain, decorrelation gain and total correlation of y vs "
-               "training step", ("energy",), plot_energy_split),
+    FigureSpec("energy_split", "coding gain, channel total correlation and the 2×2-neighbourhood "
+               "decorrelation across channels and positions of y vs training step", ("energy",),
+               plot_energy_split),
     FigureSpec("correlation_heatmaps", "channel correlation of y, variants × early/middle/final "
                "capture", ("captures",), plot_correlation_heatmaps),
     FigureSpec("energy_spectra", "channel energy spectrum and compaction curve of y at the final "
                "capture", ("captures",), plot_energy_spectra),
     FigureSpec("subband_energy", "subband energy shares of y at the final capture", ("energy",),
                plot_subband_energy),
+    FigureSpec("modulation", "rate-share entropy and active channels of y_hat, and AuxT's learned "
+               "subband gains exp(s), vs training step", ("modulation",), plot_modulation),
     FigureSpec("aux_energy_share", "AuxT branch energy share per merge point vs training step",
                ("aux",), plot_aux_energy_share),
     FigureSpec("ablation_summary", "summary numbers as bars with seed spread", ("summary",),
@@ -919,7 +1103,7 @@ def all_figures(directory: Path | str, out: Path | str | None = None) -> list[Pa
 
 def ablation_figures(root: Path, out: Path | None = None) -> list[Path]:
     """Write the ablation command's figures (:data:`ABLATION_FIGURES`: test loss with seed bands,
-    the coding-gain / decorrelation-gain split, correlation heatmaps, the step-equivalence
+    the energy split (coding gain, total correlation), correlation heatmaps, the step-equivalence
     speed-up) next to its summary.
 
     Raises:
@@ -965,8 +1149,9 @@ if __name__ == "__main__":
 # Analyses of trained models (energylab.analyze)
 
 ANALYSIS_STATISTICS = (("coding_gain", "coding gain (dB)", "energy modulation", True),
-                       ("decorrelation_gain", "decorrelation gain (dB)", "decorrelation", True),
-                       ("total_correlation", "total correlation (nats)", "decorrelation (Gaussian)", False))
+                       ("total_correlation", "total correlation (nats)", "channel decorrelation", False),
+                       ("neighbourhood_tc.across_positions", "nats (2×2 neighbourhoods)",
+                        "spatial decorrelation", False))
 """The per-layer energy split of :func:`plot_analysis_energy_split`: (statistic, axis label, title,
 shown in dB)."""
 
@@ -976,8 +1161,11 @@ def _analysis_colors(analysis: dict) -> dict[str, tuple[float, float, float]]:
 
 
 def plot_analysis_energy_split(analysis: dict) -> Figure:
-    """Per captured layer (``g_a.stage1`` ... ``y``, ``y_hat``): coding gain, decorrelation gain and
-    total correlation, the models side by side as grouped bars. ``analysis``: an
+    """Per captured layer (``g_a.stage1`` ... ``y``, ``y_hat``): coding gain, channel total
+    correlation (the one channel-decorrelation number; the decorrelation gain is its exponential
+    form) and the across-position part of the 2×2-neighbourhood total correlation, the models side
+    by side as grouped bars. ``null`` values (singular layers) are left out; a statistic no layer
+    has (analyses made before it existed) leaves its panel empty with a note. ``analysis``: an
     :class:`energylab.rundir.AnalysisDir`'s ``analysis.json`` dict."""
     rows = []
     for model in analysis["models"]:
@@ -995,6 +1183,11 @@ def plot_analysis_energy_split(analysis: dict) -> Figure:
     colors = _analysis_colors(analysis)
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), layout="constrained")
     for ax, (stat, label, title, _) in zip(axes, ANALYSIS_STATISTICS, strict=True):
+        ax.set(xlabel="", ylabel=label, title=title)
+        if not (frame["stat"] == stat).any():
+            ax.text(0.5, 0.5, "not in this analysis", transform=ax.transAxes, ha="center",
+                    va="center", color="0.4", fontsize="small")
+            continue
         sns.barplot(frame[frame["stat"] == stat], x="layer", y="value", hue="model", palette=colors,
                     ax=ax, legend=ax is axes[0])
         ax.set(xlabel="", ylabel=label, title=title)
@@ -1025,21 +1218,21 @@ def plot_analysis_correlations(analysis: dict, arrays: Sequence[dict[str, np.nda
 
 def plot_analysis_compaction(analysis: dict, arrays: Sequence[dict[str, np.ndarray]],
                              layer: str = "y") -> Figure:
-    """Energy compaction curve of ``layer`` (cumulative energy share of the k most energetic
-    channels), one line per model."""
+    """Energy compaction curve of ``layer`` (cumulative share of the L2 norms, the paper's Fig. 1
+    energy, of the k most energetic channels), one line per model."""
     colors = _analysis_colors(analysis)
     fig, ax = plt.subplots(figsize=(5, 3.6), layout="constrained")
     channels = 0
     for model, a in zip(analysis["models"], arrays, strict=True):
         if f"energies/{layer}" not in a:
             continue
-        curve = stats.energy_compaction_curve(a[f"energies/{layer}"])
+        curve = stats.energy_compaction_curve(_l2_norms(a[f"energies/{layer}"]))
         channels = max(channels, len(curve))
         ax.plot(np.arange(1, len(curve) + 1), curve, color=colors[model["name"]], label=model["name"])
     if not channels:
         raise MissingInput(f"no model has the energies of {layer!r}")
     ax.plot([0, channels], [0, 1], color="0.6", ls=":", lw=1, label="equal energies")
-    ax.set(xlabel="k most energetic channels", ylabel="cumulative energy share", xlim=(0, channels),
+    ax.set(xlabel="k most energetic channels", ylabel="cumulative share of the L2 norms", xlim=(0, channels),
            ylim=(0, 1.02))
     ax.legend(fontsize="small")
     _title(fig, f"Energy compaction curve of {layer}", "")

@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
+import matplotlib.colors
 import numpy as np
 import pytest
 
@@ -73,7 +75,7 @@ def test_a_run_without_captures_still_gives_the_loss_figures(
     assert figures.main([str(run), "--out", str(tmp_path / "figs")]) == 0
     drawn = ["loss_curves"] + ([] if "energy.jsonl" in removed else
                                ["compaction_and_loss", "energy_split", "subband_energy",
-                                "aux_energy_share"])
+                                "modulation", "aux_energy_share"])
     _check_files(tmp_path / "figs", drawn)
     assert sorted(p.stem for p in (tmp_path / "figs").glob("*.png")) == sorted(drawn)
     err = capsys.readouterr().err.strip().splitlines()
@@ -144,3 +146,141 @@ def test_step_equivalence_draws_the_summary_curves(tiny_ablation: Path) -> None:
     study.summary = {**study.summary, "step_equivalence": []}
     with pytest.raises(figures.MissingInput, match="no variant reaches"):
         figures.plot_step_equivalence(study)
+
+
+def _y_records(root: Path, variant: str) -> list[dict]:
+    return [r for seed in sorted((root / variant).glob("seed*"))
+            for line in (seed / "energy.jsonl").read_text().splitlines()
+            if (r := json.loads(line))["layer"] == "y"]
+
+
+def _hex(line) -> str:
+    return matplotlib.colors.to_hex(line.get_color())
+
+
+def _mean_line(ax, color) -> tuple[np.ndarray, np.ndarray]:
+    """The solid line of one colour (seaborn's mean over seeds)."""
+    lines = [ln for ln in ax.get_lines()
+             if _hex(ln) == color and ln.get_linestyle() == "-" and len(ln.get_xdata())]
+    assert len(lines) == 1
+    return np.asarray(lines[0].get_xdata(), float), np.asarray(lines[0].get_ydata(), float)
+
+
+def test_energy_split_draws_total_correlation_and_the_neighbourhood_split_with_intervals(
+        tiny_ablation: Path) -> None:
+    study = figures.load(tiny_ablation)
+    fig = figures.plot_energy_split(study)
+    panels = [ax for ax in fig.axes if ax.get_title()]
+    assert [ax.get_title() for ax in panels] == [p[2] for p in figures.ENERGY_SPLIT]
+    assert "bootstrap intervals" in fig.get_suptitle() and "s.d. over seeds" in fig.get_suptitle()
+    # the channel panel: mean over seeds of the records' total correlation, and dotted intervals
+    color = matplotlib.colors.to_hex(study.colors["auxt"])
+    records = _y_records(tiny_ablation, "auxt")
+    steps = sorted({r["step"] for r in records})
+    x, y = _mean_line(panels[1], color)
+    want = [np.mean([r["total_correlation"] for r in records if r["step"] == t]) for t in steps]
+    np.testing.assert_allclose(x, steps)
+    np.testing.assert_allclose(y, want, rtol=1e-9)
+    dotted = [np.asarray(ln.get_ydata(), float) for ln in panels[1].get_lines()
+              if _hex(ln) == color and ln.get_linestyle() == ":"]
+    low = [np.mean([r["total_correlation_ci_low"] for r in records if r["step"] == t]) for t in steps]
+    assert any(np.allclose(d, low) for d in dotted) and len(dotted) == 2
+    # there is no decorrelation gain panel: total correlation is the one decorrelation number
+    assert not any("decorrelation gain" in ax.get_ylabel() for ax in panels)
+
+
+def test_energy_split_skips_null_values(tiny_ablation: Path) -> None:
+    study = figures.load(tiny_ablation)
+    energy = study.energy.astype(object)
+    y = energy["role"] == "y"
+    energy.loc[y & (energy["variant"] == "baseline"), "total_correlation"] = None
+    energy.loc[y & (energy["seed"] == 0) & (energy["variant"] == "auxt"), "total_correlation"] = None
+    energy.loc[y, "neighbourhood_tc.across_positions"] = None
+    study.energy = energy
+    fig = figures.plot_energy_split(study)
+    panels = [ax for ax in fig.axes if ax.get_title()]
+    base = matplotlib.colors.to_hex(study.colors["baseline"])
+    assert not [ln for ln in panels[1].get_lines() if _hex(ln) == base]
+    seed1 = [json.loads(line) for line in (tiny_ablation / "auxt" / "seed1" / "energy.jsonl")
+             .read_text().splitlines()]
+    want = [r["total_correlation"] for r in seed1 if r["layer"] == "y"]
+    _, y1 = _mean_line(panels[1], matplotlib.colors.to_hex(study.colors["auxt"]))
+    np.testing.assert_allclose(y1, want, rtol=1e-9)
+    assert any("singular" in t.get_text() for t in panels[3].texts)
+
+
+def _legacy(record: dict) -> dict | None:
+    """A record as written before roles, intervals, explicit energies and modulation existed."""
+    if record.get("role") not in ("stage", "y", "y_hat", "main", "aux"):
+        return None
+    new = ("_ci_", "topk_share.", "neighbourhood_tc.", "subband_energy_centred.", "rate_share",
+           "std_in_steps", "active_channels", "bits_per_position", "total_correlation_plugin",
+           "numerical_rank", "mean_energy_fraction", "nonfinite")
+    return {k: v for k, v in record.items()
+            if k not in ("role", "merge") and not any(n in k for n in new)}
+
+
+def test_legacy_records_still_draw(tiny_ablation: Path, tmp_path: Path, capsys) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(tiny_ablation / "auxt" / "seed0", run,
+                    ignore=shutil.ignore_patterns("*.pt", "tensorboard"))
+    lines = [_legacy(json.loads(line)) for line in (run / "energy.jsonl").read_text().splitlines()]
+    (run / "energy.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines if r))
+    written = figures.all_figures(run, tmp_path / "figs")
+    drawn = {p.stem for p in written}
+    assert {"energy_split", "compaction_and_loss", "subband_energy", "aux_energy_share"} <= drawn
+    assert "modulation" not in drawn
+    assert "skipping figure modulation: no modulation statistics of y_hat" in capsys.readouterr().err
+    study = figures.load(run)
+    fig = figures.plot_energy_split(study)
+    panels = [ax for ax in fig.axes if ax.get_title()]
+    assert panels[1].get_lines() and not panels[2].get_lines()
+    assert any("not in these records" in t.get_text() for t in panels[2].texts)
+    assert "bootstrap" not in fig.get_suptitle()
+    compaction = figures.plot_compaction_and_loss(study)
+    assert "mean square" in compaction.axes[0].get_ylabel()
+    assert "L2 norm" in figures.plot_compaction_and_loss(figures.load(tiny_ablation)).axes[0].get_ylabel()
+
+
+def test_modulation_draws_rate_shares_and_learned_gains(tiny_ablation: Path) -> None:
+    study = figures.load(tiny_ablation)
+    fig = figures.plot_modulation(study)
+    panels = [ax for ax in fig.axes if ax.get_title()]
+    assert len(panels) == 4 and panels[2].get_title() == "subband gains of g_a (auxt)"
+    gains = [json.loads(line) for seed in ("seed0", "seed1")
+             for line in (tiny_ablation / "auxt" / seed / "energy.jsonl").read_text().splitlines()]
+    ll = [r["exp_s.LL"] for r in gains if r["layer"] == "g_a.gain1"]
+    drawn = [np.asarray(ln.get_ydata(), float) for ln in panels[2].get_lines()]
+    assert any(len(d) == len(ll) // 2 and np.allclose(d, np.mean(np.reshape(ll, (2, -1)), 0))
+               for d in drawn)
+    study.energy = study.energy[study.energy["variant"] != "auxt"]
+    study.variants = [v for v in study.variants if v != "auxt"]
+    fig = figures.plot_modulation(study)
+    assert any("no learned subband gains" in t.get_text() for ax in fig.axes for t in ax.texts)
+
+
+def test_analysis_energy_split_shows_total_correlation_skips_nulls_and_notes_missing() -> None:
+    layers = {"y": {"coding_gain": 10.0, "total_correlation": 3.0},
+              "g_a.stage1": {"coding_gain": 100.0, "total_correlation": None}}
+    analysis = {"data": {"images": ["a.png"], "source": "/x/kodak"},
+                "models": [{"name": "one", "layers": layers}, {"name": "two", "layers": layers}]}
+    fig = figures.plot_analysis_energy_split(analysis)
+    gain, tc, spatial = (ax for ax in fig.axes if ax.get_title())
+    assert sorted(round(p.get_height(), 9) for p in gain.patches if p.get_height()) == [10, 10, 20, 20]
+    assert [p.get_height() for p in tc.patches if p.get_height()] == [3.0, 3.0]
+    assert "total correlation" in tc.get_ylabel()
+    assert [t.get_text() for t in spatial.texts] == ["not in this analysis"]
+
+
+def test_energy_spectra_share_the_l2_norms(tiny_ablation: Path) -> None:
+    study = figures.load(tiny_ablation)
+    fig = figures.plot_energy_spectra(study)
+    spectrum = next(ax for ax in fig.axes if ax.get_title() == "energy spectrum")
+    shares = []
+    for seed in (0, 1):
+        _, path = study.captures(("auxt", 0.013, seed))[-1]
+        with np.load(path) as z:
+            norms = np.sort(np.sqrt(z["energies/y"]))[::-1]  # ||y_c|| ∝ sqrt(E[y_c²])
+        shares.append(norms / norms.sum())
+    _, y = _mean_line(spectrum, matplotlib.colors.to_hex(study.colors["auxt"]))
+    np.testing.assert_allclose(y, np.mean(shares, axis=0), rtol=1e-9)
