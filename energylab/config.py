@@ -18,6 +18,9 @@ from typing import Any
 from energylab.auxt import COMPONENTS, FREEZABLE, PROJECTION_INITS, SCALING_INITS, check_options
 from energylab.models import MODELS, PLACEMENTS
 
+LEGACY_KEYS = frozenset({"resume"})
+"""Keys of configs saved by energylab 0.1 that are not training settings (``--resume`` was saved
+with the arguments); :meth:`TrainConfig.from_dict` drops them."""
 __all__ = ["DEVICES", "LR_SCHEDULES", "PATCH_MULTIPLE", "PRECISIONS", "RESUMABLE_CHANGES", "ConfigError",
            "TrainConfig"]
 
@@ -234,13 +237,15 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: Mapping[str, Any], source: Path | str | None = None) -> TrainConfig:
         """The config of :meth:`to_dict`'s dict; ``source`` (the file it came from) is named in
-        errors.
+        errors. :data:`LEGACY_KEYS` (command-line flags that runs of energylab 0.1 saved with their
+        settings) are dropped.
 
         Raises:
             ConfigError: a key that is not a field (or a missing ``out``), or an invalid value.
         """
         where = f" in {source}" if source is not None else ""
         names = {f.name for f in fields(cls)}
+        values = {k: v for k, v in values.items() if k not in LEGACY_KEYS}
         unknown = sorted(set(values) - names)
         if unknown:
             raise ConfigError(unknown[0], f"is not a training setting{where} (unknown key; known: "
