@@ -1,11 +1,11 @@
 """Latent statistics of trained models, without training anything.
 
 ``python -m energylab.analyze CKPT... --data DIR --out DIR [--bitstream] [--limit N]`` loads each
-model (an energylab run directory, a run's ``final.pt`` / ``checkpoint.pt``, or any checkpoint
+model (an energylab run directory, a run's final-model or checkpoint file, or any checkpoint
 :mod:`energylab.checkpoints` reads -- the official AuxT release's, compressai-temp's, CompressAI's --
 with ``--model`` and the architecture flags), runs the images of ``DIR`` through it one at a time
 under :class:`energylab.capture.LatentProbe` and writes an analysis directory
-(:class:`energylab.rundir.AnalysisDir`: ``analysis.json`` with every statistic of every captured
+(:class:`energylab.rundir.AnalysisDir`: a JSON file with every statistic of every captured
 layer, the covariance arrays, and the figures of :func:`energylab.figures.analysis_figures`).
 
 Images: ``--data builtin`` takes the built-in test photographs; a folder is indexed from the files'
@@ -17,7 +17,7 @@ with a warning. ``--bitstream`` adds real-bitstream bpp, PSNR and MS-SSIM of the
 images through :func:`energylab.evaluate.evaluate_image`.
 
 Records are consumed generically: every numeric field of a record is a statistic, so statistics
-added to :mod:`energylab.capture` appear in ``analysis.json`` without a change here.
+added to :mod:`energylab.capture` appear in the analysis without a change here.
 """
 
 from __future__ import annotations
@@ -237,7 +237,7 @@ def analyze(
     figures: bool = True,
 ) -> AnalysisDir:
     """Analyse every model of ``paths`` on the images of ``data``; write ``out`` (an
-    :class:`AnalysisDir`: ``analysis.json``, arrays, figures).
+    :class:`AnalysisDir`: the statistics JSON, arrays, figures).
 
     Every model is loaded (and its weights checked) before any is run, so bad input fails fast.
 
@@ -289,7 +289,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m energylab.analyze",
         description="Latent statistics of trained models: every statistic of every captured layer "
-        "on a folder of images, written to OUT/analysis.json with figures.",
+        "on a folder of images, written to the analysis directory OUT (statistics JSON, arrays, figures).",
     )
     p.add_argument("models", nargs="+", metavar="CKPT",
                    help="run directory, its final model or checkpoint, or a foreign checkpoint "
@@ -299,7 +299,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the analysis directory to write")
     p.add_argument("--bitstream", action="store_true", help="also code the images for real (bpp)")
     p.add_argument("--limit", type=int, help="analyse only the first N images (by name)")
-    p.add_argument("--no-figures", action="store_true", help="write analysis.json and arrays only")
+    p.add_argument("--no-figures", action="store_true", help="write the statistics JSON and arrays only")
     cli.add_device_arguments(p, default="cpu", choices=None)
     cli.add_model_arguments(p, defaults=False)
     cli.add_auxt_arguments(p, defaults=False)

@@ -14,7 +14,7 @@ a context manager around the forward passes of one capture (the training loop ru
 probe set in eval mode under ``torch.no_grad()``), then :meth:`LatentProbe.records` reads the
 results (that is where the host waits, once per capture).
 
-Default layers (names used in ``energy.jsonl``) and their roles:
+Default layers (names used in the run's energy log) and their roles:
 
 * ``g_a.stage1`` .. ``g_a.stage3`` (role ``"stage"``): the output of each of the first three
   resolution stages of ``g_a`` (after the AuxT merge where AuxT is on); the fourth stage's output is

@@ -81,7 +81,7 @@ __all__ = [
 ]
 
 STATE_DICT_KEYS = ("model", "state_dict", "model_state_dict", "network")
-"""Where a checkpoint may nest its state dict: energylab's ``final.pt``/``checkpoint.pt`` use
+"""Where a checkpoint may nest its state dict: energylab's final-model and checkpoint files use
 ``model``; CompressAI's training example ``state_dict``; its ``eval_model`` also accepts the
 others."""
 

@@ -1166,7 +1166,7 @@ def plot_analysis_energy_split(analysis: dict) -> Figure:
     form) and the across-position part of the 2×2-neighbourhood total correlation, the models side
     by side as grouped bars. ``null`` values (singular layers) are left out; a statistic no layer
     has (analyses made before it existed) leaves its panel empty with a note. ``analysis``: an
-    :class:`energylab.rundir.AnalysisDir`'s ``analysis.json`` dict."""
+    :class:`energylab.rundir.AnalysisDir`'s statistics dict."""
     rows = []
     for model in analysis["models"]:
         for layer, values in model["layers"].items():
@@ -1241,7 +1241,7 @@ def plot_analysis_compaction(analysis: dict, arrays: Sequence[dict[str, np.ndarr
 
 def analysis_figures(directory: AnalysisDir) -> list[Path]:
     """Draw the figures of an analysis directory (:class:`energylab.rundir.AnalysisDir`) next to its
-    ``analysis.json``: ``energy_split`` (per layer), ``correlation_y``, ``compaction_y``. A figure
+    the analysis: ``energy_split`` (per layer), ``correlation_y``, ``compaction_y``. A figure
     whose inputs are missing is skipped with one line on stderr. Returns the files written."""
     analysis = directory.analysis()
     arrays = [directory.arrays(i) for i in range(len(analysis["models"]))]
