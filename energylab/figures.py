@@ -247,17 +247,15 @@ def load_ablation(root: Path | str) -> Study:
     Raises:
         FigureError: not an ablation directory.
     """
-    from energylab.ablate import plan_cells
-
     ablation = AblationDir(root)
     try:
         meta = ablation.meta()
     except RunDirError as err:
         raise FigureError(str(err)) from None
     names = list(meta["variants"])
-    cells = {(c.variant, float(c.lmbda or meta["lmbda"]), c.seed): c.dir
-             for c in plan_cells(ablation.path, names, meta["seeds"], meta.get("lmbdas"))
-             if c.run.is_run()}
+    cells = {(v, float(lm or meta["lmbda"]), seed): run.path
+             for lm in (meta.get("lmbdas") or [None]) for v in names for seed in meta["seeds"]
+             if (run := ablation.cell(v, seed, lm)).is_run()}
     summary = ablation.summary()
     if summary is not None:
         for cell in summary["cells"]:
