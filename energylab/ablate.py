@@ -334,6 +334,20 @@ def collect(root: Path) -> dict:
     from energylab.figures import ablation_figures
 
     ablation = AblationDir(root)
+    result = summarize_ablation(ablation)
+    ablation.write_summary(format_json(result), format_markdown(result), format_csv(result))
+    result["figures"] = [str(p) for p in ablation_figures(root)]
+    return result
+
+
+def summarize_ablation(ablation: AblationDir) -> dict:
+    """:func:`energylab.summary.summarize` of every cell of ``ablation`` that has evaluations, with
+    each variant's parameter counts; reads only.
+
+    Raises:
+        AblationError: no ablation there.
+        SummaryError: no baseline cell with evaluations.
+    """
     try:
         meta = ablation.meta()
     except RunDirError as err:
@@ -341,17 +355,14 @@ def collect(root: Path) -> dict:
     names = list(meta["variants"])
     counts: dict[str, dict[str, int]] = {}
     cells = {}
-    for c in plan_cells(root, names, meta["seeds"], meta.get("lmbdas")):
+    for c in plan_cells(ablation.path, names, meta["seeds"], meta.get("lmbdas")):
         if not c.run.evals():
             continue
         if c.variant not in counts and c.run.is_run():
             counts[c.variant] = parameter_counts(c.run.train_config())
         cells[c.variant, c.lmbda, c.seed] = replace(CellLogs.of(c.run), parameters=counts.get(c.variant))
-    result = summarize(cells, names, meta["seeds"], meta["lmbda"], meta.get("lmbdas"), str(root),
-                       causal=bool(meta.get("causal")))
-    ablation.write_summary(format_json(result), format_markdown(result), format_csv(result))
-    result["figures"] = [str(p) for p in ablation_figures(root)]
-    return result
+    return summarize(cells, names, meta["seeds"], meta["lmbda"], meta.get("lmbdas"), str(ablation.path),
+                     causal=bool(meta.get("causal")))
 
 
 def parameter_counts(config: TrainConfig) -> dict[str, int]:

@@ -51,9 +51,12 @@ def test_round_trip_through_json():
 
 
 def test_from_dict_rejects_unknown_keys_naming_the_source():
-    saved = TrainConfig(out=Path("r")).to_dict() | {"resume": False}
-    with pytest.raises(ConfigError, match=r"^resume is not a training setting in /x/config\.json"):
+    saved = TrainConfig(out=Path("r")).to_dict() | {"stepz": 3}
+    with pytest.raises(ConfigError, match=r"^stepz is not a training setting in /x/config\.json"):
         TrainConfig.from_dict(saved, source="/x/config.json")
+    # energylab 0.1 saved its --resume flag with the settings: read as the setting it is not
+    legacy = TrainConfig(out=Path("r")).to_dict() | {"resume": True}
+    assert TrainConfig.from_dict(legacy) == TrainConfig(out=Path("r"))
     with pytest.raises(ConfigError, match=r"steps must be >= 1, got 0 \(/x\)"):
         TrainConfig.from_dict({"out": "r", "steps": 0}, source="/x")
 
