@@ -27,6 +27,7 @@ def _check_files(out: Path, names: list[str]) -> None:
         assert png.stat().st_size > 5000 and pdf.stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_every_figure_of_an_ablation(tiny_ablation: Path, tmp_path: Path, capsys) -> None:
     written = figures.all_figures(tiny_ablation, tmp_path)
     expected = [n for n in ALL if n not in SWEEP_ONLY]
@@ -39,12 +40,14 @@ def test_every_figure_of_an_ablation(tiny_ablation: Path, tmp_path: Path, capsys
     assert len(err.strip().splitlines()) == 2
 
 
+@pytest.mark.slow
 def test_every_figure_of_an_rd_sweep(tiny_sweep: Path, tmp_path: Path, capsys) -> None:
     assert figures.main([str(tiny_sweep), "--out", str(tmp_path)]) == 0
     _check_files(tmp_path, ALL)
     assert "skipping" not in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_ablation_figures_next_to_the_summary(tiny_ablation: Path) -> None:
     written = figures.ablation_figures(tiny_ablation)
     assert {p.parent for p in written} == {tiny_ablation}
@@ -66,6 +69,7 @@ def test_list_says_what_it_can_draw_and_writes_nothing(tiny_sweep: Path, tiny_ab
     assert "no  rd_curves" in out and "[skipped: not an R-D sweep" in out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("removed", [["captures"], ["captures", "energy.jsonl"]])
 def test_a_run_without_captures_still_gives_the_loss_figures(
         tiny_ablation: Path, tmp_path: Path, capsys, removed: list[str]) -> None:
@@ -220,6 +224,7 @@ def _legacy(record: dict) -> dict | None:
             if k not in ("role", "merge") and not any(n in k for n in new)}
 
 
+@pytest.mark.slow
 def test_legacy_records_still_draw(tiny_ablation: Path, tmp_path: Path, capsys) -> None:
     run = tmp_path / "run"
     shutil.copytree(tiny_ablation / "auxt" / "seed0", run,
