@@ -138,7 +138,8 @@ class CheckpointLayout:
         return f"{self.format} layout, {where}" + "".join(f"; {RENAMES[r]}" for r in self.renames)
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message (its class name if empty): errors stay one line."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 
@@ -153,7 +154,7 @@ def _load_failure(exc: Exception) -> str:
             f"not a checkpoint that torch.load(weights_only=True) accepts ({detail[:160]}); only "
             f"tensors, NumPy arrays and plain containers are loaded"
         )
-    return f"not a readable PyTorch checkpoint ({type(exc).__name__}: {_first_line(exc)})"
+    return f"not a readable PyTorch checkpoint ({type(exc).__name__}: {first_line(exc)})"
 
 
 def torch_load(path: str | Path) -> Any:
@@ -463,5 +464,5 @@ def load_weights(model: nn.Module, checkpoint: Any, where: str | Path, label: st
     try:
         model.load_state_dict(sd)
     except (RuntimeError, KeyError, ValueError) as exc:  # e.g. coder tables of an update()-d model
-        raise CheckpointError(f"{where}: does not load into model {label} ({_first_line(exc)})") from None
+        raise CheckpointError(f"{where}: does not load into model {label} ({first_line(exc)})") from None
     return CheckpointLayout(container, renames, fmt)

@@ -84,7 +84,7 @@ from torch import Tensor, nn
 
 from energylab import cli, stats
 from energylab.auxt import variant_name
-from energylab.checkpoints import CheckpointError, extract_state_dict, load_weights, torch_load
+from energylab.checkpoints import CheckpointError, extract_state_dict, first_line, load_weights, torch_load
 from energylab.data import (
     BUILTIN_TEST,
     DataError,
@@ -142,11 +142,6 @@ class EvaluationError(ValueError):
 # Loading
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def _arch_from_config(config: Mapping[str, Any], where: Path) -> dict[str, Any]:
     """``{"model": name, **build_model kwargs}`` from a run's config (``{"args": {...}}`` or the
     ``args`` themselves)."""
@@ -164,7 +159,7 @@ def _build(arch: Mapping[str, Any], where: Path) -> nn.Module:
     try:
         return build_model(arch["model"], **kwargs)
     except (ValueError, TypeError) as exc:
-        raise EvaluationError(f"{where}: cannot build the model: {_first_line(exc)}") from None
+        raise EvaluationError(f"{where}: cannot build the model: {first_line(exc)}") from None
 
 
 def architecture_label(arch: Mapping[str, Any]) -> str:
@@ -334,7 +329,7 @@ def image_conversions(data: str) -> dict[str, str]:
             with Image.open(path) as im:
                 rules[path.name] = conversion_rule(im.mode, "transparency" in im.info)
         except (OSError, ValueError) as exc:
-            raise DataError(f"{path}: not an image ({_first_line(exc)})") from None
+            raise DataError(f"{path}: not an image ({first_line(exc)})") from None
     return rules
 
 
@@ -846,7 +841,7 @@ def _device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError as exc:
-        raise EvaluationError(f"--device {name}: {_first_line(exc)}") from None
+        raise EvaluationError(f"--device {name}: {first_line(exc)}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise EvaluationError(f"--device {name}: CUDA is not available")
     return device
@@ -899,7 +894,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(output, indent=2, allow_nan=False) + "\n")
         except OSError as exc:
-            raise EvaluationError(f"{out}: cannot write ({_first_line(exc)})") from None
+            raise EvaluationError(f"{out}: cannot write ({first_line(exc)})") from None
 
     return cli.run_command(body)
 

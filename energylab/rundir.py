@@ -91,7 +91,7 @@ import torch
 
 from energylab.config import TrainConfig
 
-__all__ = ["AblationDir", "AnalysisDir", "RunDir", "RunDirError", "atomic_save", "read_jsonl"]
+__all__ = ["AblationDir", "AnalysisDir", "RunDir", "RunDirError", "atomic_save"]
 
 MIRRORED = ("coding_gain", "decorrelation_gain", "klt_coding_gain", "total_correlation",
             "offdiag_energy_ratio", "topk_energy_share", "effective_rank", "aux_energy_share",
@@ -129,8 +129,8 @@ def _atomic_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """All records of a JSON-lines file ([] if it does not exist); prefer :class:`RunDir`'s readers."""
+def _read_jsonl(path: Path) -> list[dict]:
+    """All records of a JSON-lines file ([] if it does not exist)."""
     if not path.exists():
         return []
     with open(path) as f:
@@ -279,15 +279,15 @@ class RunDir:
 
     def metrics(self) -> list[dict]:
         """The ``metrics.jsonl`` records (training steps), in order; [] if none."""
-        return read_jsonl(self.path / self.METRICS)
+        return _read_jsonl(self.path / self.METRICS)
 
     def evals(self) -> list[dict]:
         """The ``eval.jsonl`` records (test evaluations), in order; [] if none."""
-        return read_jsonl(self.path / self.EVAL)
+        return _read_jsonl(self.path / self.EVAL)
 
     def energy(self) -> list[dict]:
         """The ``energy.jsonl`` records (one per capture and layer), in order; [] if none."""
-        return read_jsonl(self.path / self.ENERGY)
+        return _read_jsonl(self.path / self.ENERGY)
 
     def capture_files(self) -> list[tuple[int, Path]]:
         """``(step, archive path)`` of every capture, by step (load one with :meth:`capture`)."""
@@ -374,7 +374,7 @@ class RunDir:
         if not self.write:
             return
         for name in self.LOGS:
-            kept = [r for r in read_jsonl(self.path / name) if r["step"] <= step]
+            kept = [r for r in _read_jsonl(self.path / name) if r["step"] <= step]
             _atomic_text(self.path / name, "".join(json.dumps(r) + "\n" for r in kept))
         for captured, path in self.capture_files():
             if captured > step:
