@@ -28,7 +28,6 @@ import sys
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +49,7 @@ from energylab.evaluate import (
 )
 from energylab.models import unwrap_model
 from energylab.rundir import AnalysisDir, RunDir
+from energylab.train import package_versions
 
 __all__ = ["AnalysisImages", "analysis_images", "analyze", "analyze_model", "main", "statistics_of"]
 
@@ -196,16 +196,6 @@ def analyze_model(
     return probe.records(0), probe.arrays(), results
 
 
-def _versions() -> dict[str, str]:
-    out = {}
-    for package in ("energylab", "torch", "compressai", "numpy", "torchmetrics"):
-        try:
-            out[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            continue
-    return out
-
-
 def _name(path: Path) -> str:
     """A model's name: ``<variant>/<seed dir>`` for a run directory, else the file's stem."""
     path = path.expanduser()
@@ -273,7 +263,7 @@ def analyze(
     analysis = {
         "data": {"source": images.source, "images": list(images.names),
                  "crop": f"centre crop to a multiple of max({CROP_MULTIPLE}, downsampling factor)"},
-        "versions": _versions(),
+        "versions": package_versions(),
         "models": models,
     }
     directory = AnalysisDir(out)

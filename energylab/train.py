@@ -123,7 +123,9 @@ def _setup_device(device: str) -> tuple[torch.device, Dist]:
     return torch.device("cpu"), d
 
 
-def _versions() -> dict[str, str | None]:
+def package_versions() -> dict[str, str | None]:
+    """Installed versions of energylab and the packages its numbers depend on (None: not installed),
+    recorded with every run and analysis."""
     out = {}
     for pkg in ("energylab", "torch", "compressai", "numpy", "torchmetrics", "PyWavelets"):
         try:
@@ -350,7 +352,7 @@ def setup(config: TrainConfig) -> Session:
         raise ConfigError("probe_count", f"gives {len(probe)} probe crops, fewer than the "
                                          f"{d.world_size} processes: each captures its share")
     meta = {
-        "versions": _versions(),
+        "versions": package_versions(),
         "device": str(device),
         "world_size": d.world_size,
         "git_revision": _git_revision(),
