@@ -95,10 +95,12 @@ INTERVAL_ROLES = (None, "stage", "y", "y_hat")
 """Roles whose channel statistics get bootstrap intervals; the neighbourhood split gets them for
 :data:`NEIGHBOURHOOD_INTERVAL_ROLES` only. The rest keep the capture within 5 % of training time
 at the ablation's defaults (``bench/bench_capture.py``): the merge branches' records and the
-stages' neighbourhood split (128-variable covariances) carry values without intervals."""
+neighbourhood split of the stages and of ``y_hat`` carry values without intervals."""
 
-NEIGHBOURHOOD_INTERVAL_ROLES = ("y", "y_hat")
-"""Roles whose ``neighbourhood_tc.*`` values get bootstrap intervals."""
+NEIGHBOURHOOD_INTERVAL_ROLES = ("y",)
+"""Roles whose ``neighbourhood_tc.*`` values get bootstrap intervals: ``y`` only, the layer the
+summary and the energy-split figure read them for (each interval costs 200 Cholesky
+factorisations of ``192 x 192``, about 0.1 s, an eighth of a capture)."""
 
 Extract = Callable[[tuple, Tensor], Tensor]
 """Picks the tensor to reduce from a hook's ``(inputs, output)``."""
@@ -122,6 +124,25 @@ def _normalised_residual(inputs: tuple, output: Tensor, bound: float) -> Tensor:
     means = inputs[2] if len(inputs) > 2 else None
     residual = y if means is None else y - means
     return residual / scales.clamp(min=bound)
+
+
+def _window_side(positions: int, images: int, multiple: int) -> int:
+    """The smallest multiple of ``multiple`` whose square times ``images`` is >= ``positions``."""
+    per_image = -(-positions // images)
+    side = multiple
+    while side * side < per_image:
+        side += multiple
+    return side
+
+
+def _centred(y: Tensor, side: int) -> Tensor:
+    """The centred ``side x side`` window of ``y`` ``(B, C, H, W)`` (a view)."""
+    top, left = (y.shape[2] - side) // 2, (y.shape[3] - side) // 2
+    return y[:, :, top : top + side, left : left + side]
+
+
+def _whole(y: Tensor) -> Tensor:
+    return y
 
 
 def _full_residual(model: nn.Module) -> bool:
@@ -246,13 +267,18 @@ class LatentProbe:
             the latents and likelihoods are unchanged, ``x_hat`` is not computed (it is then
             ``y_hat``), which saves about half of a forward pass. For captures only; the ``y_hat``
             point still reads ``g_s``'s input.
-        enough_positions: if set, each layer reads whole images (in forward order) only until it
-            holds at least this many positions from at least ``enough_images`` images; later images
-            are not fed to that layer's metrics. The high-resolution layers (``g_a.stage1`` has 64
-            times the positions of ``y``) then cost a fraction of a full probe, while ``y`` and
-            every layer at its resolution still read the whole probe (the training capture passes
-            8192 and 8: :data:`energylab.data.PROBE_MIN_POSITIONS`, ``PROBE_MIN_REGIONS``). The
-            rate shares always read every image.
+        enough_positions: if set, each layer reads images (in forward order) only until it holds
+            at least this many positions from at least ``enough_images`` images; later images are
+            not fed to that layer's metrics. Where ``enough_images`` whole maps would hold more than
+            that, the layer reads only the centred ``s x s`` window of each map, ``s`` the smallest
+            multiple of ``2**subband_levels`` with ``enough_images * s**2 >= enough_positions``
+            (contiguous, so subband, spatial and neighbourhood statistics keep their meaning, and
+            away from the zero padding at region borders). The high-resolution layers
+            (``g_a.stage1`` has 64 times the positions of ``y``) then cost what ``y`` costs, while
+            ``y`` and every layer at its resolution still read the whole probe (the training
+            capture passes 8192 and 8: :data:`energylab.data.PROBE_MIN_POSITIONS`,
+            ``PROBE_MIN_REGIONS``, so ``g_a.stage1`` of 256-pixel regions reads 32 x 32 of its
+            128 x 128 positions in 8 regions). The rate shares always read every image.
         enough_images: see ``enough_positions``.
 
     Usage::
@@ -361,30 +387,34 @@ class LatentProbe:
             inputs = self._positional(module, args, kwargs)
             for name, point in entries:
                 y = point.extract(inputs, output)
-                take = self._take(name, y)
+                take, window = self._take(name, y)
                 if take == 0:
                     continue
-                y = y[:take]
+                y = window(y[:take])
                 self._observe(name, y)
                 if point.role == "aux":
                     share = self.shares.get(name)
                     if share is None:
                         share = self.shares[name] = AuxEnergyShare().to(output.device)
-                    share.update(y, output[:take])
+                    share.update(y, window(output[:take]))
 
         return hook
 
-    def _take(self, name: str, y: Tensor) -> int:
-        """How many images of the batch ``y`` ``(B, C, H, W)`` layer ``name`` still reads (shapes
-        only: no host sync)."""
+    def _take(self, name: str, y: Tensor) -> tuple[int, Callable[[Tensor], Tensor]]:
+        """How many images of the batch ``y`` ``(B, C, H, W)`` layer ``name`` still reads, and
+        the crop to apply to them (``enough_positions``; shapes only: no host sync)."""
         seen = self._images.get(name, 0)
-        take = len(y)
+        take, window = len(y), _whole
         if self.enough_positions is not None and y.dim() == 4:
-            per_image = y.shape[2] * y.shape[3]
-            needed = max(self.enough_images, -(-self.enough_positions // per_image))
+            height, width = y.shape[2:]
+            side = _window_side(self.enough_positions, self.enough_images, 2**self.subband_levels)
+            if side < min(height, width):
+                window = partial(_centred, side=side)
+                height = width = side
+            needed = max(self.enough_images, -(-self.enough_positions // (height * width)))
             take = max(0, min(take, needed - seen))
         self._images[name] = seen + take
-        return take
+        return take, window
 
     def __exit__(self, *exc) -> None:
         for handle in self._handles:

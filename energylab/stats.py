@@ -913,6 +913,31 @@ def _channel_stats_update(y: Tensor, channels: int) -> tuple[Tensor, Tensor, Ten
     return count, total, outer, y.numel() // c - count
 
 
+def _channel_stats_images(y: Tensor, channels: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`_channel_stats_update` of every image of ``y`` ``(B, C, H, W)`` apart, batched:
+    ``(count (B,), sum (B, C), outer (B, C, C), nonfinite (B,))``, each image one chunk centred
+    at its own mean, so the sums equal the per-image calls'; groups of images of at most one
+    chunk's elements share one float64 copy and one batched GEMM. No host synchronisation."""
+    _check_channel_input(y, channels)
+    y = y.detach()
+    b, c, h, w = y.shape
+    chunk = _CHUNK_ELEMENTS.get(y.device.type, _DEFAULT_CHUNK_ELEMENTS)
+    sums = []
+    for group in y.split(max(1, chunk // (c * h * w))):
+        x = torch.empty(group.shape, dtype=torch.float64, device=y.device).copy_(group)
+        x = x.view(len(group), c, h * w)  # columns are samples
+        f = _finite(x, 1).to(torch.float64)  # (g, H*W): 1 for the samples kept
+        x.nan_to_num_(0.0, 0.0, 0.0)
+        m = f.sum(1)
+        total = torch.bmm(x, f[:, :, None]).squeeze(2)
+        mu = total / m.clamp(min=1)[:, None]
+        x.sub_(mu[:, :, None]).mul_(f[:, None, :])
+        outer = torch.baddbmm(total[:, :, None] * mu[:, None, :], x, x.transpose(1, 2))
+        sums.append((m, total, outer, h * w - m))
+    count, total, outer, nonfinite = (torch.cat(v) for v in zip(*sums, strict=True))
+    return count, total, outer, nonfinite
+
+
 def _channel_stats_compute(
     count: Tensor, total: Tensor, outer: Tensor, nonfinite: Tensor
 ) -> dict[str, Tensor]:
@@ -1200,11 +1225,11 @@ class ChannelStats(_StreamingMetric):
             the input.
         seed: seed of that generator.
         per_image: also keep the sums of every **image** apart (for :func:`bootstrap_intervals`):
-            list states ``image_count`` ``(1,)``, ``image_sum`` ``(1, C)``, ``image_outer``
-            ``(1, C, C)`` per image, float64, ``dist_reduce_fx="cat"`` (so processes contribute
-            their images); :meth:`images` stacks them. An image is one ``(C, H, W)`` element of a
-            4-D input, or the whole of one 2-D ``(N, C)`` update. The pooled states are the sums
-            of the per-image ones.
+            list states ``image_count`` ``(B,)``, ``image_sum`` ``(B, C)``, ``image_outer``
+            ``(B, C, C)`` per update of ``B`` images, float64, ``dist_reduce_fx="cat"`` (so
+            processes contribute their images); :meth:`images` stacks them. An image is one
+            ``(C, H, W)`` element of a 4-D input, or the whole of one 2-D ``(N, C)`` update.
+            The pooled states are the sums of the per-image ones.
 
     Raises:
         ValueError: ``channels < 1`` or ``max_positions < 1``.
@@ -1261,6 +1286,15 @@ class ChannelStats(_StreamingMetric):
         _check_channel_input(y, self.channels)
         self._follow(y)
         y = y.detach()
+        if self.per_image and y.dim() == 4 and (self.max_positions is None
+                                                or y.shape[2] * y.shape[3] <= self.max_positions):
+            count, total, outer, skipped = _channel_stats_images(y, self.channels)
+            self._add({"count": count.sum(), "sum": total.sum(0), "outer": outer.sum(0),
+                       "nonfinite": skipped.sum()})
+            self.image_count.append(count)
+            self.image_sum.append(total)
+            self.image_outer.append(outer)
+            return
         for image in y.split(1) if self.per_image and y.dim() == 4 else (y,):
             count, total, outer, skipped = self._sums(image)
             self._add({"count": count, "sum": total, "outer": outer, "nonfinite": skipped})
@@ -1591,12 +1625,13 @@ def rate_shares(likelihoods: Tensor) -> Tensor:
 
 
 def _blocks(y: Tensor, k: int) -> Tensor:
-    """The non-overlapping ``k x k`` neighbourhoods of ``y`` ``(B, C, H, W)`` as ``(N, k*k*C)``
-    rows (H, W cropped to multiples of k); column ``p*C + c`` is channel c at block position p."""
+    """The non-overlapping ``k x k`` neighbourhoods of ``y`` ``(B, C, H, W)`` as the channels of a
+    ``(B, k*k*C, H // k, W // k)`` map (H, W cropped to multiples of k): channel ``p*C + c`` is
+    channel c at block position ``p = dy*k + dx``; each position of the map is one block."""
     b, c, h, w = y.shape
     x = y[:, :, : h - h % k, : w - w % k]
-    x = x.reshape(b, c, h // k, k, w // k, k).permute(0, 2, 4, 3, 5, 1)  # (B, H/k, W/k, k, k, C)
-    return x.reshape(-1, k * k * c)
+    x = x.reshape(b, c, h // k, k, w // k, k).permute(0, 3, 5, 1, 2, 4)  # (B, k, k, C, H/k, W/k)
+    return x.reshape(b, k * k * c, h // k, w // k)
 
 
 def _neighbourhood_total_correlation(
@@ -1657,8 +1692,7 @@ class NeighbourhoodTotalCorrelation(ChannelStats):
                 f"NeighbourhoodTotalCorrelation: expected (B, {self.latent_channels}, H, W) with H, W "
                 f">= {self.k}, got {tuple(y.shape)}"
             )
-        for image in y.split(1) if self.per_image else (y,):  # per image: one 2-D update each
-            super().update(_blocks(image, self.k))
+        super().update(_blocks(y, self.k))
 
     def split(self) -> dict[str, float | None]:
         """``joint``, ``across_channels``, ``across_positions`` (nats, bias-corrected at ``n`` =

@@ -294,19 +294,37 @@ def test_skip_synthesis_gives_the_same_records_and_restores_g_s():
     assert model.g_s is g_s
 
 
-def test_enough_positions_stops_feeding_a_layer_after_whole_images():
+def test_enough_positions_stops_feeding_a_layer_and_reads_a_centred_window():
     model = tiny(True)
     x = torch.rand(6, 3, 64, 64)
     probe = LatentProbe(model, layers=["g_a.stage1", "y", "g_a.aux1"], enough_positions=40, enough_images=2)
+    seen = {}
+    modules = dict(model.named_modules())
+
+    def keep(name: str):  # the first batch's (point, merged output); returns None: output unchanged
+        point = probe.points[name]
+        return lambda m, i, o: None if name in seen else seen.update({name: (point.extract(i, o), o)})
+
+    handles = [modules[probe.points[name].module].register_forward_hook(keep(name))
+               for name in ("g_a.stage1", "g_a.aux1")]
     with probe, torch.no_grad():
         for batch in x.split(4):  # batches of 4 and 2 images
             model(batch)
-    counts = {r["layer"]: r.get("count") for r in probe.records(0)}
-    # stage1 and aux1: 32x32 = 1024 positions per image, enough after 2 images (enough_images);
-    # y: 4x4 = 16 per image, 40 positions need ceil(40 / 16) = 3 images
-    assert counts["g_a.stage1"] == counts["g_a.aux1"] == 2 * 1024
+    for handle in handles:
+        handle.remove()
+    records = {r["layer"]: r for r in probe.records(0)}
+    counts = {layer: r.get("count") for layer, r in records.items()}
+    # stage1 and aux1 (32x32 maps): 2 images (enough_images) of 20 positions each at least, in a
+    # window whose side is a multiple of 2**subband_levels = 4: the centred 8x8 window;
+    # y: 4x4 = 16 per image, smaller than the window, whole: 40 positions need ceil(40 / 16) = 3 images
+    assert counts["g_a.stage1"] == counts["g_a.aux1"] == 2 * 64
     assert counts["y"] == 3 * 16
-    full = LatentProbe(model, layers=["g_a.aux1"])
-    run(full, model, x[:2])
-    share = {r["layer"]: r.get("aux_energy_share") for r in probe.records(0)}["g_a.aux1"]
-    assert share == pytest.approx(full.records(0)[0]["aux_energy_share"])
+    centre = seen["g_a.stage1"][0][:2, :, 12:20, 12:20].double()
+    assert records["g_a.stage1"]["images"] == 2
+    np.testing.assert_allclose(probe.arrays()["mean/g_a.stage1"], centre.mean((0, 2, 3)).numpy(), rtol=1e-9)
+    whole = LatentProbe(model, layers=["g_a.stage1"], enough_positions=40 * 64, enough_images=2)
+    run(whole, model, x)
+    assert whole.records(0)[0]["count"] == 3 * 1024  # a window as large as the map: whole maps
+    aux, merged = (t[:2, :, 12:20, 12:20].double() for t in seen["g_a.aux1"])
+    assert records["g_a.aux1"]["aux_energy_share"] == pytest.approx(
+        float(aux.square().sum() / merged.square().sum()), rel=1e-9)
