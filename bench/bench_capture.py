@@ -5,8 +5,9 @@
 Runs ``energylab.train`` with the defaults of ``python -m energylab.ablate`` (``--steps 1500 --N 32 --M 48
 --test-size 256 --eval-every 100 --capture-every 500``; probe set and bootstrap replicates as
 ``TrainConfig`` / ``LatentProbe`` default them) and the same run with ``--capture-every 0`` (no
-capture), alternating A B A B ..., and prints each run's wall time and the capture's share of the
-run with capture, ``1 - off / on`` (median over repeats; goal <= 5 %). Evaluation runs in both.
+capture), after an untimed 20-step warm-up, alternating A B B A A B ..., and prints each run's
+wall time and the capture's share of the run with capture, ``1 - off / on`` (median over repeats;
+goal <= 5 %). Evaluation runs in both.
 On a shared, loaded machine that difference drowns in noise, so each run with capture also times
 its own capture calls (forward passes with hooks, ``records``, ``arrays``, ``log_capture``) and
 prints their share of that run's wall time.
@@ -75,12 +76,18 @@ def main() -> None:
           f"--capture-every {opts.capture_every}{', --auxt' if opts.auxt else ''}")
     on, off, inside = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
+        # untimed warm-up: the first run of a process pays one-time costs (decoding the built-in
+        # photographs, growing the allocator's pools) that would land on whichever run comes first
+        timed_run(Path(tmp) / "warmup", [*common, "--steps", "20", "--capture-every", "10"])
         for i in range(opts.repeats):
             on_flags = [*common, "--capture-every", str(opts.capture_every)]
+            if i % 2:  # alternate which goes first, so a drift of the machine's speed cancels
+                off.append(timed_run(Path(tmp) / f"off{i}", [*common, "--capture-every", "0"])[0])
             wall, spent = timed_run(Path(tmp) / f"on{i}", on_flags)
             on.append(wall)
             inside.append(spent / wall)
-            off.append(timed_run(Path(tmp) / f"off{i}", [*common, "--capture-every", "0"])[0])
+            if not i % 2:
+                off.append(timed_run(Path(tmp) / f"off{i}", [*common, "--capture-every", "0"])[0])
             print(f"repeat {i}: capture on {on[-1]:.1f} s, off {off[-1]:.1f} s, "
                   f"capture share {1 - off[-1] / on[-1]:.1%}; timed in the run: {spent:.1f} s = "
                   f"{inside[-1]:.1%}", flush=True)

@@ -340,6 +340,7 @@ class LatentProbe:
                 y.shape[1], self.subband_levels, self.max_positions,
                 self.points[name].role in NEIGHBOURHOOD_ROLES,
             ).to(y.device)
+        if name not in self.first:
             self.first[name] = y[0].detach().clone()
         metrics.update(y)
 
@@ -457,6 +458,8 @@ class LatentProbe:
         """
         out = []
         for name, metrics in self.metrics.items():
+            if name not in self.first:
+                continue  # not fed since the last reset
             channel, subband, spatial = metrics["channel"], metrics["subband"], metrics["spatial"]
             moments = channel.compute()
             with channel.sync_context():
@@ -549,9 +552,11 @@ class LatentProbe:
         return arrays
 
     def reset(self) -> None:
-        """Forget everything accumulated (keeps the hook points)."""
-        self.metrics.clear()
-        self.shares.clear()
-        self.rate = None
+        """Forget everything accumulated (keeps the hook points and, reset in place, the metric
+        objects: a training run reuses one probe for all its captures instead of building some
+        sixty ``torchmetrics`` objects each time). Only layers fed after the reset are recorded."""
+        for metric in (*self.metrics.values(), *self.shares.values(),
+                       *([] if self.rate is None else [self.rate])):
+            metric.reset()
         self._images.clear()
         self.first.clear()

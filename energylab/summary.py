@@ -47,7 +47,8 @@ Student-t interval over seeds): speed-ups as ratios — the mean and interval of
 log-speed-ups, exponentiated (a geometric mean with its interval) — and final numbers
 (:data:`PAIRED_DIFFERENCES`) as differences variant − baseline. ``causal`` (with ``causal=True``):
 each cell of the causal grid against AuxT at ``speedup_at_100`` (:data:`CAUSAL_KEY`), and which
-cells reproduce AuxT's speed-up, or that the intervals cannot tell.
+cells reproduce AuxT's speed-up (within :data:`CAUSAL_MARGIN`), exceed it or fall short of it, or
+that the intervals cannot tell.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ import io
 import json
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -132,6 +133,13 @@ PAIRED_DIFFERENCES = ("test_loss", "real_bpp", "test_psnr", "steps_to_target", "
 """Per-cell numbers paired over seeds as differences variant − baseline."""
 CAUSAL_KEY = "speedup_at_100"
 """The speed-up the causal grid is judged on."""
+CAUSAL_MARGIN = 1.25
+"""Equivalence margin of the causal verdict: a cell *reproduces* AuxT's speed-up when the 95 %
+interval of its ratio to AuxT's lies inside ``[1 / 1.25, 1.25]`` = [0.80, 1.25] (the log-symmetric
+80–125 % limits of equivalence testing, D. J. Schuirmann, J. Pharmacokinet. Biopharm. 15, 1987;
+a 95 % rather than the usual 90 % interval, so the test is conservative). An interval that contains
+1 but reaches beyond the margin is *inconclusive*: it cannot tell the cell from AuxT, nor say they
+match."""
 
 Key = tuple[str, float | None, int]
 """A cell: (variant, λ of an R-D sweep or None, seed)."""
@@ -351,8 +359,10 @@ CAUSAL_SCALINGS = ("learned", "frozen at init", "none")
 
 def _causal(per_cell: dict, variants: Sequence[str], seeds: Sequence[int]) -> dict:
     """Each causal cell's speed-up against the baseline and its ratio to AuxT's (paired), and the
-    verdict: the cells that reproduce AuxT's speed-up (ratio interval containing 1, speed-up
-    interval above 1), or that the intervals cannot tell."""
+    verdict: per cell ``reproduces`` (ratio interval inside :data:`CAUSAL_MARGIN`'s limits),
+    ``exceeds`` / ``falls short`` (interval above / below 1), ``inconclusive`` (contains 1, reaches
+    beyond the margin) or ``cannot tell`` (fewer than two paired seeds); then which cells
+    reproduce, exceed and fall short of AuxT's speed-up, or that the intervals cannot tell."""
     def values(variant):
         return [per_cell.get((variant, None, s), {}).get(CAUSAL_KEY) for s in seeds]
 
@@ -371,10 +381,12 @@ def _causal(per_cell: dict, variants: Sequence[str], seeds: Sequence[int]) -> di
                for f in ("mean", "low", "high")}
         if vs_auxt.inside_noise is None:
             verdict = "cannot tell"
-        elif vs_auxt.inside_noise:
+        elif not vs_auxt.inside_noise:
+            verdict = "falls short" if exp["high"] < 1 else "exceeds"
+        elif 1 / CAUSAL_MARGIN <= exp["low"] and exp["high"] <= CAUSAL_MARGIN:
             verdict = "reproduces"
         else:
-            verdict = "falls short" if exp["high"] < 1 else "exceeds"
+            verdict = "inconclusive"
         cells.append({"variant": variant, "speedup": _paired_entry(CAUSAL_KEY, own, []),
                       "ratio_to_auxt": {**exp, "n": vs_auxt.n}, "verdict": verdict})
     if reference["inside_noise"] is None or any(c["verdict"] == "cannot tell" for c in cells):
@@ -383,12 +395,17 @@ def _causal(per_cell: dict, variants: Sequence[str], seeds: Sequence[int]) -> di
         text = (f"the intervals cannot tell: AuxT's own speed-up ({CAUSAL_KEY}) is inside the noise, "
                 "so no factor can be said to reproduce it")
     else:
-        same = [c["variant"] for c in cells if c["verdict"] == "reproduces"
-                and c["speedup"]["low"] is not None and c["speedup"]["low"] > 1]
-        short = [c["variant"] for c in cells if c["verdict"] == "falls short"]
-        text = ("reproduce AuxT's speed-up (ratio to AuxT's interval contains 1): "
-                + (", ".join(same) if same else "no cell")
-                + "; fall short of it: " + (", ".join(short) if short else "no cell"))
+        def named(verdict: str, also: Callable[[dict], bool] = lambda c: True) -> str:
+            names = [c["variant"] for c in cells if c["verdict"] == verdict and also(c)]
+            return ", ".join(names) if names else "no cell"
+
+        def faster(c: dict) -> bool:
+            return c["speedup"]["low"] is not None and c["speedup"]["low"] > 1
+
+        text = (f"reproduce AuxT's speed-up (ratio to AuxT's inside [{1 / CAUSAL_MARGIN:.2f}, "
+                f"{CAUSAL_MARGIN:.2f}]): {named('reproduces', faster)}; exceed it: {named('exceeds')}; "
+                f"fall short of it: {named('falls short')}; inconclusive (the ratio's interval contains 1 "
+                f"but reaches beyond that margin): {named('inconclusive')}")
     return {"key": CAUSAL_KEY, "auxt": reference, "cells": cells, "verdict": text}
 
 

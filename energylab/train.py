@@ -203,6 +203,7 @@ class Session:
     precision: MixedPrecision
     start: int = 0
     wall_offset: float = 0.0
+    latent_probe: LatentProbe | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -452,7 +453,7 @@ def after_step(s: Session, step: int, wall: float) -> None:
     schedule sees the test loss) and checkpoint."""
     last = step == s.config.steps
     if s.config.capture_every > 0 and (step % s.config.capture_every == 0 or last):
-        lp = capture(s.net, s.probe, s.d)
+        lp = s.latent_probe = capture(s.net, s.probe, s.d, s.latent_probe)
         s.run.log_capture(step, lp.records(step), lp.arrays())
     if step % s.config.eval_every == 0 or last:
         result = evaluate(s.net, s.test, s.config, s.device)
@@ -505,15 +506,20 @@ first stage)."""
 
 
 @torch.no_grad()
-def capture(model: nn.Module, probe: Tensor, d: Dist) -> LatentProbe:
+def capture(model: nn.Module, probe: Tensor, d: Dist, latent_probe: LatentProbe | None = None
+            ) -> LatentProbe:
     """Run the probe set (this process's share of it) through ``model`` with hooks on, in batches
     of :data:`PROBE_BATCH` regions, without the synthesis transform (``x_hat`` is not needed);
     each layer reads enough regions for 8192 positions from at least 8 regions (all of them for
-    ``y``'s resolution; see :class:`LatentProbe`'s ``enough_positions``)."""
+    ``y``'s resolution; see :class:`LatentProbe`'s ``enough_positions``). ``latent_probe``: the
+    probe of an earlier capture of this model, reset and reused (None: a new one)."""
     model = unwrap_model(model)
     model.eval()
-    latent_probe = LatentProbe(model, skip_synthesis=True, enough_positions=PROBE_MIN_POSITIONS,
-                               enough_images=PROBE_MIN_REGIONS)
+    if latent_probe is None:
+        latent_probe = LatentProbe(model, skip_synthesis=True, enough_positions=PROBE_MIN_POSITIONS,
+                                   enough_images=PROBE_MIN_REGIONS)
+    else:
+        latent_probe.reset()
     mine = probe[d.rank :: d.world_size]
     with latent_probe:
         for batch in mine.split(PROBE_BATCH):

@@ -328,3 +328,17 @@ def test_enough_positions_stops_feeding_a_layer_and_reads_a_centred_window():
     aux, merged = (t[:2, :, 12:20, 12:20].double() for t in seen["g_a.aux1"])
     assert records["g_a.aux1"]["aux_energy_share"] == pytest.approx(
         float(aux.square().sum() / merged.square().sum()), rel=1e-9)
+
+
+def test_reset_reuses_the_metrics_and_records_only_layers_fed_again():
+    model = tiny(True)
+    x = torch.rand(4, 3, 64, 64)
+    probe = LatentProbe(model, layers=["g_a.stage1", "y", "y_hat", "g_a.aux1"], replicates=20)
+    run(probe, model, x)
+    first, metrics = probe.records(0), dict(probe.metrics)
+    probe.reset()
+    assert [r["role"] for r in probe.records(0)] == ["gain"] * 8  # no layer fed since the reset
+    run(probe, model, x)
+    assert probe.records(0) == first  # the same numbers as a fresh probe, intervals included
+    assert all(probe.metrics[name] is m for name, m in metrics.items())
+    np.testing.assert_allclose(probe.arrays()["probe_y"], model.g_a(x[:1])[0].detach().numpy(), atol=1e-5)

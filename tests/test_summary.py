@@ -16,6 +16,7 @@ from energylab import ablate, summary
 from energylab.rundir import AblationDir
 
 REFERENCE = Path(__file__).resolve().parent.parent / "data" / "reference" / "ablation"
+CAUSAL = REFERENCE.parent / "causal"
 
 
 @pytest.fixture(scope="module")
@@ -23,11 +24,24 @@ def reference() -> dict:
     return AblationDir(REFERENCE).summary()
 
 
-def test_summarize_reproduces_the_reference(reference: dict) -> None:
+@pytest.mark.parametrize("root", [REFERENCE, CAUSAL], ids=["ablation", "causal"])
+def test_summarize_reproduces_the_reference(root: Path) -> None:
     # the committed summary is what `ablate --collect` wrote from the committed cells
-    result = ablate.summarize_ablation(AblationDir(REFERENCE))
+    committed = AblationDir(root).summary()
+    result = ablate.summarize_ablation(AblationDir(root))
     assert {k: v for k, v in result.items() if k != "root"} == {
-        k: v for k, v in reference.items() if k != "root"}
+        k: v for k, v in committed.items() if k != "root"}
+    assert ("causal" in result) == (root == CAUSAL)
+
+
+def test_causal_reference_judges_every_cell_of_the_grid() -> None:
+    causal = AblationDir(CAUSAL).summary()["causal"]
+    cells = {c["variant"]: c for c in causal["cells"]}
+    assert set(cells) == {ablate.variant_name(**o) for o in ablate.causal_variants()} - {"auxt"}
+    assert all(c["ratio_to_auxt"]["n"] == 3 and c["verdict"] != "cannot tell" for c in cells.values())
+    listed = dict(part.rsplit(": ", 1) for part in causal["verdict"].split("; "))
+    named = {name for names in listed.values() for name in names.split(", ")}
+    assert {v for v, c in cells.items() if c["verdict"] != "reproduces"} <= named
 
 
 def test_formats_reproduce_the_reference_files(reference: dict) -> None:
@@ -150,16 +164,24 @@ def test_convergence_check_names_an_unconverged_baseline(monkeypatch):
 def test_causal_verdict(monkeypatch):
     monkeypatch.setattr(summary, "SMOOTH", 1)
     cells = {}
-    speed = {"auxt": (2.0, 2.2, 1.9), "same": (2.1, 2.0, 2.0), "slow": (1.0, 1.05, 0.95)}
+    speed = {"auxt": (2.0, 2.2, 1.9), "same": (2.05, 2.15, 1.9), "slow": (1.0, 1.05, 0.95),
+             "fast": (4.0, 4.5, 3.7), "wide": (3.0, 1.5, 2.0)}
     for seed in range(3):
         cells["baseline", None, seed] = linear_cell(0.05)
         for variant, factors in speed.items():
             cells[variant, None, seed] = linear_cell(0.05 * factors[seed])
     result = summary.summarize(cells, ["baseline", *speed], [0, 1, 2], 0.013, causal=True)
     verdicts = {c["variant"]: c["verdict"] for c in result["causal"]["cells"]}
-    assert verdicts == {"same": "reproduces", "slow": "falls short"}
-    assert "reproduce AuxT's speed-up" in result["causal"]["verdict"]
-    assert "same" in result["causal"]["verdict"].split(";")[0]
+    assert verdicts == {"same": "reproduces", "slow": "falls short", "fast": "exceeds",
+                        "wide": "inconclusive"}
+    ratios = {c["variant"]: c["ratio_to_auxt"] for c in result["causal"]["cells"]}
+    margin = summary.CAUSAL_MARGIN
+    assert 1 / margin <= ratios["same"]["low"] < 1 < ratios["same"]["high"] <= margin
+    assert ratios["wide"]["low"] < 1 / margin or ratios["wide"]["high"] > margin
+    parts = result["causal"]["verdict"].split("; ")
+    assert parts[0].startswith("reproduce AuxT's speed-up") and parts[0].endswith(": same")
+    assert parts[1:3] == ["exceed it: fast", "fall short of it: slow"]
+    assert parts[3].startswith("inconclusive") and parts[3].endswith(": wide")
     one_seed = {k: v for k, v in cells.items() if k[2] == 0}
     result = summary.summarize(one_seed, ["baseline", *speed], [0], 0.013, causal=True)
     assert result["causal"]["verdict"].startswith("the intervals cannot tell")
