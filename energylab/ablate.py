@@ -74,6 +74,8 @@ class AblationError(ValueError):
 OPTION_DEFAULTS = {"auxt": True, "remove": [], "wavelet": "haar", "freeze": [],
                    "scaling_init": "release", "projection_init": "default"}
 """A variant's training options, as full AuxT has them."""
+DEFAULT_OUT = Path("runs/ablation")
+"""Where an ablation goes without ``--out``."""
 META_DEFAULTS = {"freeze": [], "scaling_init": [], "causal": False}
 """Ablation settings added after the first reference result, as an ablation without them has them."""
 
@@ -177,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--lmbdas", nargs="+", type=float, default=None,
                    help="several λ: an R-D sweep with BD-rates (overrides --lmbda)")
-    p.add_argument("--out", type=Path, default=Path("runs/ablation"))
+    p.add_argument("--out", type=Path, default=None, help="the ablation's directory (default runs/ablation)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted ablation")
     p.add_argument("--only", metavar="VARIANT", help="run this variant only (with --seed)")
     p.add_argument("--seed", type=int, help="with --only: the seed of the single cell")
@@ -218,7 +220,8 @@ def base_config(args: argparse.Namespace) -> TrainConfig:
     if negative:
         raise ConfigError("seeds", f"must be >= 0, got {negative[0]}")
     # ``args.remove`` lists the components to ablate, not a setting of the shared config
-    return cli.config_from_args(args, out=args.out, seed=0, auxt=False, remove=(), wavelet="haar")
+    return cli.config_from_args(args, out=args.out or DEFAULT_OUT, seed=0, auxt=False, remove=(),
+                                wavelet="haar")
 
 
 def cell_config(base: TrainConfig, cell: Cell, options: dict) -> TrainConfig:
@@ -296,7 +299,11 @@ def run(args: argparse.Namespace) -> dict:
     names = variants(args.remove, args.combined, args.wavelets, args.freezes, args.scaling_inits,
                      args.causal)
     if args.collect is not None:
+        if args.out is not None:
+            raise AblationError("--collect writes the summary and figures into DIR itself; leave out --out")
         return collect(args.collect)
+    if args.out is None:
+        args.out = DEFAULT_OUT
     base = base_config(args)
     cells = plan_cells(args.out, list(names), args.seeds, args.lmbdas)
     if args.only is not None:

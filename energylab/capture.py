@@ -292,7 +292,8 @@ class LatentProbe:
     would count every latent twice). After exit it may be entered again to accumulate more.
 
     Raises:
-        ValueError: unknown layer name.
+        ValueError: unknown layer name; ``enough_positions`` or ``enough_images`` not a positive
+            integer.
     """
 
     def __init__(
@@ -307,6 +308,10 @@ class LatentProbe:
         enough_positions: int | None = None,
         enough_images: int = 1,
     ) -> None:
+        if enough_positions is not None and (not isinstance(enough_positions, int) or enough_positions < 1):
+            raise ValueError(f"enough_positions must be a positive integer or None, got {enough_positions!r}")
+        if not isinstance(enough_images, int) or enough_images < 1:
+            raise ValueError(f"enough_images must be a positive integer, got {enough_images!r}")
         self.model = unwrap_model(model)
         self.skip_synthesis = skip_synthesis
         self._g_s: nn.Module | None = None

@@ -82,6 +82,7 @@ import json
 import os
 import sys
 import tempfile
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -130,11 +131,33 @@ def _atomic_text(path: Path, text: str) -> None:
 
 
 def _read_jsonl(path: Path) -> list[dict]:
-    """All records of a JSON-lines file ([] if it does not exist)."""
+    """All records of a JSON-lines file ([] if it does not exist). A last line without its newline
+    that is not JSON is a write cut short (a killed process): it is left out with a warning, and a
+    resume rewrites the file without it.
+
+    Raises:
+        RunDirError: the file is unreadable, or a complete line is not JSON (file and line named).
+    """
     if not path.exists():
         return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    try:
+        lines = path.read_text().splitlines(keepends=True)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RunDirError(f"{path}: unreadable ({type(exc).__name__}: {exc})") from None
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            if number == len(lines) and not line.endswith("\n"):
+                warnings.warn(f"{path}: line {number} is incomplete (a write cut short), left out",
+                              stacklevel=2)
+                continue
+            reason = f"{exc.msg} at column {exc.colno}"
+            raise RunDirError(f"{path}: line {number} is not JSON ({reason})") from None
+    return records
 
 
 def _read_json(path: Path) -> Any:

@@ -87,7 +87,8 @@ def test_resume_skips_finished_cells(tiny_ablation, capsys):
     ],
 )
 def test_bad_arguments(tmp_path, capsys, argv, message):
-    assert ablate.main([*argv, "--out", str(tmp_path / "x"), *flags(**TINY)]) == 2
+    out = [] if "--collect" in argv else ["--out", str(tmp_path / "x")]
+    assert ablate.main([*argv, *out, *flags(**TINY)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and message in err
 
@@ -153,3 +154,9 @@ def test_causal_grid_end_to_end(tmp_path, capsys):
     assert "## Causal test of the split" in text and "**Verdict:**" in text
     for figure in ("step_equivalence", "loss_curves"):
         assert (out / f"{figure}.png").stat().st_size > 0
+
+
+def test_collect_refuses_an_out_it_would_ignore(tmp_path, capsys):
+    assert ablate.main(["--collect", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
+    assert "leave out --out" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

@@ -342,3 +342,10 @@ def test_reset_reuses_the_metrics_and_records_only_layers_fed_again():
     assert probe.records(0) == first  # the same numbers as a fresh probe, intervals included
     assert all(probe.metrics[name] is m for name, m in metrics.items())
     np.testing.assert_allclose(probe.arrays()["probe_y"], model.g_a(x[:1])[0].detach().numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [{"enough_positions": 0}, {"enough_positions": -5},
+                                 {"enough_positions": 8192.5}, {"enough_positions": 100, "enough_images": 0}])
+def test_enough_settings_are_checked_up_front(bad):
+    with pytest.raises(ValueError, match="must be a positive integer"):
+        LatentProbe(tiny(False), **bad)

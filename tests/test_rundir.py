@@ -99,6 +99,30 @@ def test_resume_truncates_records_and_captures_after_the_step(written):
     assert [step for step, _ in run.capture_files()] == [0, 4]
 
 
+def test_a_torn_last_line_is_left_out_and_a_resume_drops_it(written):
+    run, _ = written
+    path = run.path / RunDir.ENERGY
+    text = path.read_text()
+    path.write_text(text + text.splitlines()[-1][:20])  # a killed writer's half line, no newline
+    with pytest.warns(UserWarning, match=rf"{path.name}: line 5 is incomplete"):
+        assert [r["step"] for r in RunDir(run.path).energy()] == [0, 4, 8, 12]
+    run = RunDir(run.path)
+    with pytest.warns(UserWarning, match="incomplete"):
+        run.resume(12)
+    run.close()
+    assert path.read_text() == text
+
+
+def test_a_bad_complete_line_names_the_file_and_line(written):
+    run, _ = written
+    path = run.path / RunDir.EVAL
+    lines = path.read_text().splitlines(keepends=True)
+    lines[1] = lines[1][:15] + "\n"
+    path.write_text("".join(lines))
+    with pytest.raises(RunDirError, match=rf"{path.name}: line 2 is not JSON"):
+        RunDir(run.path).evals()
+
+
 def test_start_refuses_a_directory_holding_a_run(tmp_path):
     run = RunDir(tmp_path / "run")
     run.save_final({"step": 1})
