@@ -510,17 +510,21 @@ def capture(model: nn.Module, probe: Tensor, d: Dist, latent_probe: LatentProbe 
             ) -> LatentProbe:
     """Run the probe set (this process's share of it) through ``model`` with hooks on, in batches
     of :data:`PROBE_BATCH` regions, without the synthesis transform (``x_hat`` is not needed);
-    each layer reads enough regions for 8192 positions from at least 8 regions (all of them for
-    ``y``'s resolution; see :class:`LatentProbe`'s ``enough_positions``). ``latent_probe``: the
-    probe of an earlier capture of this model, reset and reused (None: a new one)."""
+    each layer reads as many positions as ``y`` has in the probe (at least 8192) from at least 8
+    regions: every region at ``y``'s resolution, a centred window of 8 regions above it (see
+    :class:`LatentProbe`'s ``enough_positions``; ``y`` is taken at stride 16, as in every registered
+    model). ``latent_probe``: the probe of an earlier capture of this model, reset and reused (None:
+    a new one)."""
     model = unwrap_model(model)
     model.eval()
+    mine = probe[d.rank :: d.world_size]
     if latent_probe is None:
-        latent_probe = LatentProbe(model, skip_synthesis=True, enough_positions=PROBE_MIN_POSITIONS,
+        y_positions = len(mine) * (probe.shape[2] // 16) * (probe.shape[3] // 16)
+        latent_probe = LatentProbe(model, skip_synthesis=True,
+                                   enough_positions=max(PROBE_MIN_POSITIONS, y_positions),
                                    enough_images=PROBE_MIN_REGIONS)
     else:
         latent_probe.reset()
-    mine = probe[d.rank :: d.world_size]
     with latent_probe:
         for batch in mine.split(PROBE_BATCH):
             model(batch)

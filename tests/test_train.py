@@ -197,3 +197,14 @@ def test_existing_run_is_not_overwritten_and_resume_checks_settings(auxt_run, ca
     assert run(auxt_run, "--resume") == 2  # without --auxt: another architecture
     assert "error: --auxt was True in the run being resumed" in capsys.readouterr().err
     assert RunDir(auxt_run).evals() == before
+
+
+def test_capture_reads_every_probe_region_at_y_resolution():
+    # 40 regions of 256 px: 40 * 16 * 16 = 10240 positions of y, more than the 8192 floor
+    model = build_model("mbt2018-mean", N=8, M=12)
+    probe = torch.rand(40, 3, 256, 256, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        records = {r["layer"]: r for r in train_mod.capture(model, probe, train_mod.Dist()).records(0)}
+    assert records["y"]["images"] == 40 and records["y"]["count"] == 40 * 16 * 16
+    # above y's resolution: 8 regions, a centred window holding at least as many positions
+    assert records["g_a.stage1"]["images"] == 8 and records["g_a.stage1"]["count"] >= 40 * 16 * 16
