@@ -29,7 +29,8 @@ import energylab.train
 from energylab.capture import LatentProbe
 from energylab.cli import config_from_args
 from energylab.rundir import RunDir
-from energylab.train import build_parser, train
+from energylab.train import train
+from energylab.train.__main__ import build_parser
 
 ABLATE_DEFAULTS = ["--N", "32", "--M", "48", "--test-size", "256", "--eval-every", "100"]
 """The training flags ``energylab.ablate`` sets differently from ``energylab.train``."""

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from energylab import ablate, train
+from energylab.ablate import __main__ as ablate_cli
 
 
 def main() -> int:
@@ -33,7 +34,7 @@ def main() -> int:
     warnings.filterwarnings("ignore")
     names = ablate.variants([], causal=True)
     with tempfile.TemporaryDirectory() as tmp:
-        base = ablate.base_config(ablate.build_parser().parse_args(["--out", tmp, "--device", "cpu"]))
+        base = ablate_cli.base_config(ablate_cli.build_parser().parse_args(["--out", tmp, "--device", "cpu"]))
         sessions = {}
         for name, o in names.items():
             config = replace(base, out=Path(tmp) / name, auxt=o["auxt"], remove=tuple(o["remove"]),

@@ -15,7 +15,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from energylab import ablate
+from energylab.ablate import __main__ as ablate_cli
 from energylab.rundir import AblationDir
 
 
@@ -28,7 +28,7 @@ def main() -> int:
         out = opts.out or Path(tmp) / "ablation"
         argv = ["--out", str(out), "--seeds", "0", "1", "2", *extra]
         print("python -m energylab.ablate " + " ".join(argv), flush=True)
-        if ablate.main(argv) != 0:
+        if ablate_cli.main(argv) != 0:
             return 1
         summary = AblationDir(out).summary()
     print("\nper seed (auxt against the same seed's baseline):")

@@ -8,7 +8,10 @@ the groups below (as ``compressai.utils``' commands share parent parsers) and ru
   with the flags' spellings (``--patch-size must be a multiple of 64, got 100``);
 * exit status 2 for bad arguments or input (``ConfigError``, ``RunDirError``, ``DataError``,
   ``EvaluationError``, ``AblationError``, ``FigureError``: every library ``ValueError``), 1 for a
-  run that failed (``TrainingError``), 0 otherwise. argparse's own errors also exit with 2.
+  run that failed (``TrainingError``) or a file that could not be written (``OSError``), 130 when
+  interrupted, 0 otherwise. argparse's own errors also exit with 2.
+
+Only the commands' ``__main__`` modules import this layer; the library never does.
 """
 
 from __future__ import annotations
@@ -18,14 +21,17 @@ import sys
 from collections.abc import Callable, Collection
 from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 from energylab.auxt import COMPONENTS, FREEZABLE, PROJECTION_INITS, SCALING_INITS
 from energylab.config import DEVICES, LR_SCHEDULES, PRECISIONS, ConfigError, TrainConfig
 from energylab.data import SMALL_IMAGES
+from energylab.errors import TrainingError
+from energylab.evaluate import ARCH_KEYS, EvaluationError
 from energylab.models import MODELS, PLACEMENTS
 
 __all__ = ["add_auxt_arguments", "add_data_arguments", "add_device_arguments",
-           "add_model_arguments", "add_training_arguments", "config_from_args", "flag",
+           "add_model_arguments", "add_training_arguments", "arch_from_args", "config_from_args", "flag",
            "run_command"]
 
 _DEFAULTS = {f.name: f.default for f in fields(TrainConfig) if f.name != "out"}
@@ -147,14 +153,46 @@ def error_message(err: BaseException) -> str:
 def run_command(body: Callable[[], object]) -> int:
     """Run a command's ``body``; map library errors to one stderr line and an exit status.
 
-    Returns 0 on success, 2 for bad arguments or input (any ``ValueError`` of the library), 1 for a
-    failed run (``TrainingError``).
+    Returns:
+        0 on success; 2 for bad arguments or input (any ``ValueError`` of the library); 1 for a run
+        that failed (:class:`energylab.errors.TrainingError`) or a file that could not be read or
+        written (``OSError``: a full disk, a permission; the line names the file and the cause);
+        130 when interrupted (Ctrl-C: what was written is kept, ``--resume`` continues a run).
     """
-    from energylab.train import TrainingError
-
     try:
         body()
     except (ValueError, TrainingError) as err:
         print(f"error: {error_message(err)}", file=sys.stderr)
         return 1 if isinstance(err, TrainingError) else 2
+    except OSError as err:
+        print(f"error: {os_error_message(err)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted; files already written are kept (a run continues with --resume)",
+              file=sys.stderr)
+        return 130
     return 0
+
+
+def os_error_message(err: OSError) -> str:
+    """One line for an ``OSError``: the file (``filename``, else none) and the cause."""
+    cause = err.strerror or str(err)
+    where = f"{err.filename}: " if err.filename is not None else ""
+    return " ".join(f"{where}{cause}".split())
+
+
+def arch_from_args(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The ``arch`` of :func:`load_model` from ``--model`` and the architecture flags (None without
+    ``--model``).
+
+    Raises:
+        EvaluationError: architecture flags without ``--model``.
+    """
+    flags = {k: getattr(args, k) for k in ARCH_KEYS}
+    given = {k: v for k, v in flags.items() if v is not None and v is not False}
+    if args.model is None:
+        if given:
+            names = ", ".join("--" + k.replace("_", "-") for k in given)
+            raise EvaluationError(f"{names} describe a plain state dict's model; add --model NAME")
+        return None
+    return {"model": args.model, **given}

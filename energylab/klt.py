@@ -15,11 +15,13 @@ P. Noll, *Digital Coding of Waveforms*, 1984, ch. 12), computed in float64 with 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from energylab.auxt import WLS
+from energylab.auxt import WLS, iWLS
 from energylab.wavelets import dwt2
 
 __all__ = ["init_klt", "klt_projection", "subband_vectors"]
@@ -57,24 +59,22 @@ def klt_projection(vectors: Tensor, out_features: int) -> Tensor:
 
 
 @torch.no_grad()
-def init_klt(model: nn.Module, x: Tensor) -> None:
-    """Set every OLP weight of ``model`` (with AuxT attached) to the KLT of its input, computed on
-    the training crops ``x`` ``(B, 3, H, W)``; the iWLS of each mirrored stage gets the transpose.
+def init_klt(analysis: Sequence[WLS], synthesis: Sequence[iWLS], x: Tensor) -> None:
+    """Set the OLP weight of every WLS of ``analysis`` (a model's ``g_a.auxiliary_layers``, in
+    order) to the KLT of its input, computed on the training crops ``x`` ``(B, 3, H, W)``; each
+    iWLS of ``synthesis`` (``g_s.auxiliary_layers``) gets the transpose of its mirrored WLS's.
 
     Raises:
-        ValueError: ``model`` without AuxT, or an iWLS whose shape is not the mirror of a WLS.
+        ValueError: no WLS, or an iWLS whose shape is not the mirror of a WLS.
     """
-    from energylab.models import has_auxt
-
-    if not has_auxt(model):
-        raise ValueError("init_klt needs a model with AuxT attached")
-    analysis = list(model.g_a.auxiliary_layers)
+    if not analysis:
+        raise ValueError("init_klt needs the WLS layers of a model with AuxT attached")
     a = x
     for layer in analysis:
         weight = layer.olp.linear.weight
         weight.copy_(klt_projection(subband_vectors(layer, a), weight.shape[0]))
         a = layer(a)
-    for layer, mirror in zip(model.g_s.auxiliary_layers, reversed(analysis), strict=True):
+    for layer, mirror in zip(synthesis, reversed(analysis), strict=True):
         weight, source = layer.olp.linear.weight, mirror.olp.linear.weight
         if weight.shape != source.T.shape:
             raise ValueError(f"iWLS weight of shape {tuple(weight.shape)} is not the transpose of "

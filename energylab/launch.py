@@ -28,13 +28,15 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from energylab.config import TrainConfig
-from energylab.train import TrainingError
+from energylab.errors import TrainingError
 
-__all__ = ["LAUNCHERS", "CellJob", "CellsFailed", "LaunchOptions", "launch_cells", "make_executor"]
+__all__ = ["LAUNCHERS", "CellFunction", "CellJob", "CellsFailed", "LaunchOptions", "launch_cells",
+           "make_executor"]
 
 LAUNCHERS = ("inline", "local", "slurm")
 POLL_SECONDS = 2.0
@@ -115,27 +117,33 @@ def make_executor(options: LaunchOptions, folder: Path):
     return executor
 
 
+CellFunction = Callable[[TrainConfig, Any, list], None]
+"""``run_cell(config, cell, test)``: train one cell (resuming it from its checkpoint) and code the
+decoded ``test`` images for real (:func:`energylab.ablate.run_cell`)."""
+
+
 class CellJob:
-    """One ablation cell as a submitit job: train (resuming from the cell's checkpoint if it has
-    one) and code the test images for real (:func:`energylab.ablate.run_cell`, on rank 0).
+    """One ablation cell as a submitit job: ``run_cell`` on rank 0 with the test images decoded in
+    the job's process; the other ranks of a multi-GPU cell train (resuming if there is a checkpoint).
 
     On preemption or time-out submitit calls :meth:`checkpoint`, which submits the same job again:
     it resumes from the last checkpoint.
     """
 
-    def __init__(self, config: TrainConfig, cell, threads: int | None, distributed: bool) -> None:
-        self.config, self.cell, self.threads, self.distributed = config, cell, threads, distributed
+    def __init__(self, config: TrainConfig, cell, run_cell: CellFunction, threads: int | None,
+                 distributed: bool) -> None:
+        self.config, self.cell, self.run_cell = config, cell, run_cell
+        self.threads, self.distributed = threads, distributed
 
     def __call__(self) -> str:
-        from energylab.ablate import run_cell
-        from energylab.train import test_images, train  # noqa: I001 - in the job's process
+        from energylab.train import test_images, train  # in the job's process
 
         if self.threads is not None:
             torch.set_num_threads(self.threads)
         if self.distributed:
             _submitit().helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         if int(os.environ.get("RANK", "0")) == 0:
-            run_cell(self.config, self.cell, test_images(self.config))
+            self.run_cell(self.config, self.cell, test_images(self.config))
         else:
             train(self.config, resume=self.cell.run.has_checkpoint())
         return str(self.cell.dir)
@@ -150,11 +158,11 @@ def _last_step(cell) -> int:
     return metrics[-1]["step"] if metrics else 0
 
 
-def launch_cells(cells: Sequence[tuple[object, TrainConfig]], options: LaunchOptions, folder: Path,
-                 run_inline: Callable[[object, TrainConfig], None], label: Callable[[object], str]) -> None:
+def launch_cells(cells: Sequence[tuple[Any, TrainConfig]], options: LaunchOptions, folder: Path,
+                 run_cell: CellFunction, test: list, label: Callable[[Any], str]) -> None:
     """Run ``cells`` (``(cell, config)`` pairs, :class:`energylab.ablate.Cell`) and wait for them.
 
-    ``inline`` calls ``run_inline(cell, config)`` in turn; ``local`` / ``slurm`` submit
+    ``inline`` calls ``run_cell(config, cell, test)`` in turn; ``local`` / ``slurm`` submit
     :class:`CellJob`\\ s (``local``: at most ``options.jobs`` at a time), print each cell's start,
     progress (last logged step) and end on stderr, and wait for every job.
 
@@ -164,7 +172,7 @@ def launch_cells(cells: Sequence[tuple[object, TrainConfig]], options: LaunchOpt
     if options.launcher == "inline":
         for i, (cell, config) in enumerate(cells, 1):
             _say(f"[{i}/{len(cells)}] {label(cell)}")
-            run_inline(cell, config)
+            run_cell(config, cell, test)
         return
     executor = make_executor(options, folder)
     limit = options.jobs if options.launcher == "local" else len(cells)
@@ -175,7 +183,7 @@ def launch_cells(cells: Sequence[tuple[object, TrainConfig]], options: LaunchOpt
     while pending or running:
         while pending and len(running) < limit:
             cell, config = pending.pop(0)
-            job = executor.submit(CellJob(config, cell, options.threads, distributed))
+            job = executor.submit(CellJob(config, cell, run_cell, options.threads, distributed))
             running[job] = [cell, config, -1]
             _say(f"{label(cell)}: job {job.job_id} started (log {job.paths.stderr})")
         time.sleep(POLL_SECONDS)

@@ -246,7 +246,7 @@ def attach_auxt(
     if projection_init == "klt":
         from energylab.klt import init_klt
 
-        init_klt(model, klt_data.to(_device(model)))
+        init_klt(model.g_a.auxiliary_layers, model.g_s.auxiliary_layers, klt_data.to(_device(model)))
     freeze_components(layers, freeze)
     return model
 

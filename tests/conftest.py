@@ -51,7 +51,7 @@ def ablation_argv(out: Path, **options) -> list[str]:
 def tiny_ablation_dir(tmp_path_factory: pytest.TempPathFactory, name: str, **options) -> Path:
     """The tiny ablation ``name`` with ``options`` (see :func:`ablation_argv`), trained at its first
     use in the session and reused after."""
-    from energylab.ablate import main as ablate
+    from energylab.ablate.__main__ import main as ablate
     from energylab.rundir import AblationDir
 
     root = tmp_path_factory.getbasetemp() / "tiny" / name

@@ -6,6 +6,7 @@ import pytest
 from conftest import ABLATION, TINY, ablation_argv, flags
 
 from energylab import ablate
+from energylab.ablate import __main__ as ablate_cli
 from energylab.config import TrainConfig
 from energylab.rundir import AblationDir
 
@@ -65,15 +66,15 @@ def test_only_and_collect_equal_full_run(tiny_ablation, tmp_path):
     for variant in ("auxt-no-scaling", "baseline", "auxt"):
         for seed in (1, 0):
             argv = [*ablation_argv(out, **ABLATION), "--only", variant, "--seed", str(seed)]
-            assert ablate.main(argv) == 0
-    assert ablate.main(["--collect", str(out)]) == 0
+            assert ablate_cli.main(argv) == 0
+    assert ablate_cli.main(["--collect", str(out)]) == 0
     a = AblationDir(tiny_ablation).summary()
     b = AblationDir(out).summary()
     assert untimed(a["rows"]) == untimed(b["rows"])
 
 
 def test_resume_skips_finished_cells(tiny_ablation, capsys):
-    assert ablate.main([*ablation_argv(tiny_ablation, **ABLATION), "--resume"]) == 0
+    assert ablate_cli.main([*ablation_argv(tiny_ablation, **ABLATION), "--resume"]) == 0
     assert "seed" not in capsys.readouterr().err  # nothing was retrained
 
 
@@ -88,13 +89,13 @@ def test_resume_skips_finished_cells(tiny_ablation, capsys):
 )
 def test_bad_arguments(tmp_path, capsys, argv, message):
     out = [] if "--collect" in argv else ["--out", str(tmp_path / "x")]
-    assert ablate.main([*argv, *out, *flags(**TINY)]) == 2
+    assert ablate_cli.main([*argv, *out, *flags(**TINY)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and message in err
 
 
 def test_existing_directory_needs_resume(tiny_ablation, capsys):
-    assert ablate.main(ablation_argv(tiny_ablation, **ABLATION)) == 2
+    assert ablate_cli.main(ablation_argv(tiny_ablation, **ABLATION)) == 2
     assert "add --resume" in capsys.readouterr().err
 
 
@@ -107,8 +108,8 @@ def test_variants():
 
 
 def test_defaults_and_cell_configs(tmp_path):
-    args = ablate.build_parser().parse_args(["--out", str(tmp_path)])
-    base = ablate.base_config(args)
+    args = ablate_cli.build_parser().parse_args(["--out", str(tmp_path)])
+    base = ablate_cli.base_config(args)
     assert (base.steps, base.eval_every, base.capture_every, base.N, base.M, base.test_size) == (
         1500, 100, 500, 32, 48, 256)
     cell = ablate.plan_cells(tmp_path, ["auxt-no-scaling"], [2], [0.0067])[0]
@@ -118,12 +119,12 @@ def test_defaults_and_cell_configs(tmp_path):
 
 
 def test_freeze_scaling_init_and_causal_variants(tmp_path):
-    args = ablate.build_parser().parse_args(["--freeze", "scaling", "--freeze", "orthogonal",
+    args = ablate_cli.build_parser().parse_args(["--freeze", "scaling", "--freeze", "orthogonal",
                                              "--scaling-init", "zero", "--out", str(tmp_path)])
     names = ablate.variants(args.remove, freeze=args.freezes, scaling_init=args.scaling_inits)
     assert list(names) == ["baseline", "auxt", "auxt-frozen-orthogonal", "auxt-frozen-scaling",
                            "auxt-scaling-init-zero"]
-    base = ablate.base_config(args)
+    base = ablate_cli.base_config(args)
     cell = ablate.plan_cells(tmp_path, ["auxt-frozen-scaling"], [0], None)[0]
     config = ablate.cell_config(base, cell, names["auxt-frozen-scaling"])
     assert (config.auxt, config.freeze, config.scaling_init) == (True, ("scaling",), "release")
@@ -140,7 +141,7 @@ def test_freeze_scaling_init_and_causal_variants(tmp_path):
 @pytest.mark.slow
 def test_causal_grid_end_to_end(tmp_path, capsys):
     out = tmp_path / "causal"
-    assert ablate.main([*ablation_argv(out, seeds=[0, 1]), "--causal"]) == 0
+    assert ablate_cli.main([*ablation_argv(out, seeds=[0, 1]), "--causal"]) == 0
     summary = AblationDir(out).summary()
     assert len(summary["rows"]) == 10
     causal = summary["causal"]
@@ -157,6 +158,6 @@ def test_causal_grid_end_to_end(tmp_path, capsys):
 
 
 def test_collect_refuses_an_out_it_would_ignore(tmp_path, capsys):
-    assert ablate.main(["--collect", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
+    assert ablate_cli.main(["--collect", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
     assert "leave out --out" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()

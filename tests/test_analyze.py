@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from energylab.analyze import analysis_images, main, statistics_of
+from energylab.analyze import analysis_images, statistics_of
+from energylab.analyze.__main__ import main
 from energylab.capture import LatentProbe
 from energylab.checkpoints import from_energylab
 from energylab.models import build_model

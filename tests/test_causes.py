@@ -9,6 +9,7 @@ from energylab.auxt import variant_name
 from energylab.config import ConfigError, TrainConfig
 from energylab.klt import klt_projection, subband_vectors
 from energylab.models import build_model
+from energylab.train import __main__ as train_cli
 
 TINY = {"N": 8, "M": 12, "batch_size": 2, "steps": 3, "probe_count": 2, "probe_size": 64,
         "test_size": 64, "device": "cpu"}
@@ -132,7 +133,7 @@ def test_frozen_parameters_stay_and_the_rest_trains(tmp_path, component):
 
 
 def test_train_command_names_the_flag(tmp_path, capsys):
-    assert train_mod.main(["--out", str(tmp_path / "r"), "--freeze", "scaling"]) == 2
+    assert train_cli.main(["--out", str(tmp_path / "r"), "--freeze", "scaling"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --freeze needs --auxt") and "\n" not in err
 

@@ -8,7 +8,9 @@ from energylab import cli, evaluate
 from energylab import train as train_mod
 from energylab.config import RESUMABLE_CHANGES, ConfigError, TrainConfig
 from energylab.data import DataError
+from energylab.evaluate import __main__ as evaluate_cli
 from energylab.rundir import RunDirError
+from energylab.train import __main__ as train_cli
 
 
 @pytest.mark.parametrize(
@@ -69,18 +71,18 @@ def test_changed_from_ignores_resumable_fields():
 
 
 def test_cli_defaults_are_the_config_defaults(tmp_path):
-    args = train_mod.build_parser().parse_args(["--out", str(tmp_path)])
+    args = train_cli.build_parser().parse_args(["--out", str(tmp_path)])
     assert cli.config_from_args(args) == TrainConfig(out=tmp_path)
-    args = train_mod.build_parser().parse_args(
+    args = train_cli.build_parser().parse_args(
         ["--out", str(tmp_path), "--auxt", "--remove", "scaling", "--patch-size", "128"])
     assert cli.config_from_args(args) == TrainConfig(out=tmp_path, auxt=True, remove=("scaling",),
                                                      patch_size=128)
 
 
 def test_evaluate_architecture_flags_come_from_the_shared_groups():
-    args = evaluate._parser().parse_args(["run", "--out", "o.json"])
+    args = evaluate_cli._parser().parse_args(["run", "--out", "o.json"])
     assert (args.model, args.N, args.auxt, args.remove, args.wavelet) == (None, None, False, None, None)
-    args = evaluate._parser().parse_args(["run", "--out", "o.json", "--model", "mbt2018", "--N", "8",
+    args = evaluate_cli._parser().parse_args(["run", "--out", "o.json", "--model", "mbt2018", "--N", "8",
                                           "--auxt", "--remove", "scaling"])
     assert (args.model, args.N, args.auxt, args.remove) == ("mbt2018", 8, True, ["scaling"])
 
@@ -124,8 +126,8 @@ def test_run_command_success_and_unexpected_errors(capsys):
 
 
 def test_train_command_exit_status_for_bad_flags(tmp_path, capsys):
-    assert train_mod.main(["--out", str(tmp_path / "r"), "--patch-size", "100"]) == 2
+    assert train_cli.main(["--out", str(tmp_path / "r"), "--patch-size", "100"]) == 2
     assert capsys.readouterr().err == "error: --patch-size must be a multiple of 64, got 100\n"
     with pytest.raises(SystemExit) as info:  # not a number: argparse's own error, status 2
-        train_mod.main(["--out", str(tmp_path / "r"), "--steps", "many"])
+        train_cli.main(["--out", str(tmp_path / "r"), "--steps", "many"])
     assert info.value.code == 2

@@ -31,9 +31,9 @@ from energylab.evaluate import (
     fit_quantiles,
     load_images,
     load_model,
-    main,
     run_record,
 )
+from energylab.evaluate.__main__ import main
 from energylab.models import build_model, has_auxt
 from energylab.rundir import RunDir
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from energylab import figures
+from energylab.figures import __main__ as figures_cli
 from energylab.stats import correlation_matrix
 
 ALL = [spec.name for spec in figures.FIGURES]
@@ -42,7 +43,7 @@ def test_every_figure_of_an_ablation(tiny_ablation: Path, tmp_path: Path, capsys
 
 @pytest.mark.slow
 def test_every_figure_of_an_rd_sweep(tiny_sweep: Path, tmp_path: Path, capsys) -> None:
-    assert figures.main([str(tiny_sweep), "--out", str(tmp_path)]) == 0
+    assert figures_cli.main([str(tiny_sweep), "--out", str(tmp_path)]) == 0
     _check_files(tmp_path, ALL)
     assert "skipping" not in capsys.readouterr().err
 
@@ -58,13 +59,13 @@ def test_ablation_figures_next_to_the_summary(tiny_ablation: Path) -> None:
 def test_list_says_what_it_can_draw_and_writes_nothing(tiny_sweep: Path, tiny_ablation: Path,
                                                        tmp_path: Path, capsys) -> None:
     before = sorted(tiny_sweep.rglob("*"))
-    assert figures.main([str(tiny_sweep), "--list", "--out", str(tmp_path)]) == 0
+    assert figures_cli.main([str(tiny_sweep), "--list", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "variants baseline, auxt" in out and "λ 0.0035, 0.025" in out
     for name in ALL:
         assert f"yes {name}" in out
     assert sorted(tiny_sweep.rglob("*")) == before and not list(tmp_path.iterdir())
-    assert figures.main([str(tiny_ablation), "--list"]) == 0
+    assert figures_cli.main([str(tiny_ablation), "--list"]) == 0
     out = capsys.readouterr().out
     assert "no  rd_curves" in out and "[skipped: not an R-D sweep" in out
 
@@ -76,7 +77,7 @@ def test_a_run_without_captures_still_gives_the_loss_figures(
     run = tmp_path / "run"
     shutil.copytree(tiny_ablation / "auxt" / "seed0", run,
                     ignore=shutil.ignore_patterns("*.pt", "tensorboard", *removed))
-    assert figures.main([str(run), "--out", str(tmp_path / "figs")]) == 0
+    assert figures_cli.main([str(run), "--out", str(tmp_path / "figs")]) == 0
     drawn = ["loss_curves"] + ([] if "energy.jsonl" in removed else
                                ["compaction_and_loss", "energy_split", "subband_energy",
                                 "modulation", "aux_energy_share"])
@@ -90,7 +91,7 @@ def test_a_run_without_captures_still_gives_the_loss_figures(
 
 
 def test_not_a_run_directory(tmp_path: Path, capsys) -> None:
-    assert figures.main([str(tmp_path)]) == 2
+    assert figures_cli.main([str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "neither a run directory" in err
 

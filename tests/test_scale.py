@@ -11,14 +11,15 @@ import torch
 from PIL import Image
 
 from energylab import train as train_mod
-from energylab.ablate import Cell
-from energylab.ablate import main as ablate
+from energylab.ablate import Cell, run_cell
+from energylab.ablate.__main__ import main as ablate
 from energylab.config import ConfigError, TrainConfig
 from energylab.data import TrainStream
 from energylab.launch import CellJob, LaunchOptions, make_executor
 from energylab.models import build_model
 from energylab.precision import MixedPrecision
 from energylab.rundir import AblationDir, RunDir
+from energylab.train import __main__ as train_cli
 
 TINY = dict(N=8, M=12, batch_size=2, patch_size=64, test_size=64, probe_count=2, probe_size=64,
             log_every=1, eval_every=4, capture_every=4, steps=8, device="cpu")
@@ -192,7 +193,7 @@ def test_bf16_training_close_to_fp32_and_captures_unchanged(tmp_path):
 def test_fp16_on_cpu_trains_or_says_why(tmp_path, capsys):
     argv = ["--out", str(tmp_path / "fp16"), "--precision", "fp16", *sum(
         ([f"--{k.replace('_', '-')}", str(v)] for k, v in {**TINY, "steps": 2}.items()), [])]
-    status = train_mod.main(argv)
+    status = train_cli.main(argv)
     err = capsys.readouterr().err
     if status == 0:
         assert torch.load(RunDir(tmp_path / "fp16").checkpoint_path,
@@ -215,15 +216,16 @@ def test_slurm_job_description(tmp_path, monkeypatch):
                             timeout_min=90, slurm_args={"account": "lab"})
     executor = make_executor(options, tmp_path / "launch")
     cell = Cell(tmp_path / "ablation", "auxt", 0, None)
-    job = executor.submit(CellJob(TrainConfig(out=cell.dir), cell, options.threads, True))
+    job = executor.submit(CellJob(TrainConfig(out=cell.dir), cell, run_cell, options.threads, True))
     assert job.job_id == "4242"
     script = job.paths.submission_file.read_text()
     for line in ("#SBATCH --partition=gpu", "#SBATCH --gpus-per-node=2", "#SBATCH --cpus-per-task=6",
                  "#SBATCH --time=90", "#SBATCH --requeue", "#SBATCH --ntasks-per-node=2",
                  "#SBATCH --account=lab", "#SBATCH --signal=USR2@"):
         assert line in script
-    resubmitted = CellJob(TrainConfig(out=cell.dir), cell, 6, True).checkpoint()
+    resubmitted = CellJob(TrainConfig(out=cell.dir), cell, run_cell, 6, True).checkpoint()
     assert resubmitted.function.cell.dir == cell.dir  # preempted: the same cell again (it resumes)
+    assert resubmitted.function.run_cell is run_cell
 
 
 def _summary_without_time(root):

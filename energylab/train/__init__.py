@@ -23,13 +23,12 @@ same step whatever its model's construction drew, and the RNG outside the forwar
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import os
 import subprocess
 import time
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -40,7 +39,6 @@ import torch.distributed as dist
 from compressai.losses import RateDistortionLoss
 from torch import Tensor, nn
 
-from energylab import cli
 from energylab.auxt import ortho_loss
 from energylab.capture import LatentProbe
 from energylab.checkpoints import load_weights
@@ -59,36 +57,18 @@ from energylab.data import (
     probe_set,
     test_batches,
 )
+from energylab.errors import TrainingError
 from energylab.models import build_model, unwrap_model
 from energylab.precision import MixedPrecision
 from energylab.rundir import RunDir
 from energylab.stats import psnr
 
-__all__ = ["TrainingError", "build_parser", "main", "noise_seed", "open_data", "test_images", "train"]
+__all__ = ["TrainingError", "noise_seed", "open_data", "test_images", "train"]
 
 AUX_LR = 1e-3
 CLIP_MAX_NORM = 1.0
 KLT_BATCHES = 16
 """Training batches the KLT projection (``projection_init="klt"``) is computed on, before training."""
-
-
-class TrainingError(RuntimeError):
-    """A run that cannot go on (non-finite loss, no device); one-line message."""
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m energylab.train",
-        description="Train a CompressAI model (optionally with AuxT) and capture latent statistics.",
-    )
-    p.add_argument("--out", required=True, type=Path, help="run directory")
-    p.add_argument("--resume", action="store_true", help="continue from the run's checkpoint")
-    cli.add_model_arguments(p)
-    cli.add_auxt_arguments(p)
-    cli.add_training_arguments(p)
-    cli.add_data_arguments(p)
-    cli.add_device_arguments(p)
-    return p
 
 
 @dataclass
@@ -532,19 +512,3 @@ def capture(model: nn.Module, probe: Tensor, d: Dist, latent_probe: LatentProbe 
     return latent_probe
 
 
-# ---------------------------------------------------------------------------------------------
-# Command line
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m energylab.train``; returns the exit status (:func:`energylab.cli.run_command`)."""
-    args = build_parser().parse_args(argv)
-    try:
-        return cli.run_command(lambda: train(cli.config_from_args(args), resume=args.resume))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

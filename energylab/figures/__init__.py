@@ -35,7 +35,6 @@ after writing its summary.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import textwrap
 from collections.abc import Callable, Sequence
@@ -49,7 +48,7 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 
-from energylab import cli, stats
+from energylab import stats
 from energylab.auxt import variant_name
 from energylab.rundir import AblationDir, AnalysisDir, RunDir, RunDirError
 from energylab.summary import table_rows, with_roles
@@ -1061,7 +1060,7 @@ def available(study: Study) -> list[tuple[FigureSpec, str | None]]:
     return [(spec, _missing(study, spec.needs)) for spec in FIGURES]
 
 
-def _write(study: Study, out: Path, names: Sequence[str]) -> list[Path]:
+def write_figures(study: Study, out: Path, names: Sequence[str]) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     written = []
     with plt.rc_context():
@@ -1095,7 +1094,7 @@ def all_figures(directory: Path | str, out: Path | str | None = None) -> list[Pa
         FigureError: ``directory`` is neither a run nor an ablation directory.
     """
     study = load(directory)
-    return _write(study, Path(out) if out is not None else study.root,
+    return write_figures(study, Path(out) if out is not None else study.root,
                   [spec.name for spec in FIGURES])
 
 
@@ -1108,39 +1107,9 @@ def ablation_figures(root: Path, out: Path | None = None) -> list[Path]:
         FigureError: ``root`` is not an ablation directory.
     """
     study = load_ablation(root)
-    return _write(study, Path(out) if out is not None else study.root, ABLATION_FIGURES)
+    return write_figures(study, Path(out) if out is not None else study.root, ABLATION_FIGURES)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m energylab.figures",
-        description="Draw the figures of a run or an ablation directory (PNG and PDF).")
-    p.add_argument("dir", type=Path, help="a run directory or an ablation directory")
-    p.add_argument("--out", type=Path, help="folder of the figures (default: DIR)")
-    p.add_argument("--list", action="store_true", help="only list the figures DIR can give")
-    args = p.parse_args(argv)
-    return cli.run_command(lambda: _draw(args))
-
-
-def _draw(args: argparse.Namespace) -> None:
-    study = load(args.dir)
-    if args.list:
-        seeds = sorted({s for _, _, s in study.cells})
-        print(f"{study.root}: {study.kind}, variants {', '.join(study.variants)}; "
-              f"λ {', '.join(f'{lm:g}' for lm in study.lmbdas)}; seeds "
-              f"{', '.join(map(str, seeds))}")
-        for spec, why in available(study):
-            state = "yes" if why is None else "no "
-            print(f"  {state} {spec.name:<21} {spec.description}"
-                  + (f"  [skipped: {why}]" if why else ""))
-        return
-    written = _write(study, args.out or study.root, [spec.name for spec in FIGURES])
-    names = sorted({p.stem for p in written})
-    print(f"{len(names)} figure(s) in {args.out or args.dir}: {', '.join(names)}")
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
 
 
 # ---------------------------------------------------------------------------------------------
