@@ -46,6 +46,7 @@ from the parameters when the records are made (none without scaling).
 from __future__ import annotations
 
 import inspect
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
@@ -55,7 +56,8 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 
-from energylab.models import AuxTransform, trace_stages, unwrap_model
+from energylab.models import AuxTransform, submodule, trace_stages, unwrap_model
+from energylab.rundir import json_safe
 from energylab.stats import (
     AuxEnergyShare,
     ChannelStats,
@@ -145,6 +147,17 @@ def _whole(y: Tensor) -> Tensor:
     return y
 
 
+def _force_eager() -> object | None:
+    """Set ``torch.compile``'s ``"force_eager"`` stance now (every compiled model, submodule or
+    function then runs its original Python, so every forward hook fires as in eager mode, and
+    registering hooks triggers no recompilation); returns the ``set_stance`` object whose
+    ``__exit__`` restores the previous stance. None where ``torch._dynamo`` was never imported:
+    then nothing is compiled."""
+    if "torch._dynamo" not in sys.modules:
+        return None
+    return torch.compiler.set_stance("force_eager")
+
+
 def _full_residual(model: nn.Module) -> bool:
     """Whether ``model.gaussian_conditional`` is called once with all of ``y`` (not on slices)."""
     return hasattr(model, "gaussian_conditional") and not hasattr(model, "num_slices")
@@ -178,13 +191,16 @@ class HookPoint:
 def default_layers(model: nn.Module, trace_size: int = 64) -> dict[str, HookPoint]:
     """The default hook points of ``model`` (see the module docstring), found by tracing ``g_a``.
 
-    ``model`` may be wrapped in ``nn.DataParallel`` / DDP; module paths are those of the model inside.
-    Roles and merge indices come from ``AuxTransform.merge_positions``, not from names.
+    ``model`` may be wrapped in ``nn.DataParallel`` / DDP or compiled (``torch.compile``, of the
+    model or of ``g_a``); module paths are those of the model inside, without the wrappers
+    (:func:`energylab.models.submodule`). Roles and merge indices come from
+    ``AuxTransform.merge_positions``, not from names.
 
     Raises:
         ValueError: ``model.g_a`` is not a four-stage ``nn.Sequential`` (plain or AuxT-wrapped).
     """
-    g_a = unwrap_model(model).g_a
+    net = unwrap_model(model)
+    g_a = submodule(net, "g_a")
     auxt = isinstance(g_a, AuxTransform)
     seq = g_a.transform if auxt else g_a
     prefix = "g_a.transform" if auxt else "g_a"
@@ -202,7 +218,6 @@ def default_layers(model: nn.Module, trace_size: int = 64) -> dict[str, HookPoin
         for k in range(1, len(g_a.merge_positions) + 1):
             layers[f"g_a.main{k}"] = HookPoint(f"g_a.merges.{k - 1}", _first_input, "main", k)
             layers[f"g_a.aux{k}"] = HookPoint(f"g_a.merges.{k - 1}", _second_input, "aux", k)
-    net = unwrap_model(model)
     if _full_residual(net):
         bound = float(net.gaussian_conditional.lower_bound_scale.bound)
         extract = partial(_normalised_residual, bound=bound)
@@ -214,7 +229,7 @@ def _scaled_blocks(model: nn.Module) -> list[tuple[str, int, nn.Module]]:
     """``(layer, k, block)`` for every WLS / iWLS with scaling factors: ``g_a.gain<k>``, ``g_s.gain<k>``."""
     blocks = []
     for side in ("g_a", "g_s"):
-        transform = getattr(model, side, None)
+        transform = submodule(model, side)
         if isinstance(transform, AuxTransform):
             blocks += [(f"{side}.gain{k}", k, block)
                        for k, block in enumerate(transform.auxiliary_layers, start=1)
@@ -255,7 +270,12 @@ class LatentProbe:
 
     Args:
         model: a CompressAI model, with or without AuxT (``model.g_a``/``model.g_s``), possibly
-            wrapped in ``nn.DataParallel`` / DDP (the hooks go on the model inside).
+            wrapped in ``nn.DataParallel`` / DDP or compiled with ``torch.compile`` (whole or a
+            submodule such as ``g_a``): the hooks go on the modules inside. Compiled code does not
+            honour every hook added after it was compiled (torch 2.14 recompiles and still skips
+            ``y_hat`` and ``y_residual``), so while the probe is active ``torch.compile``'s stance is
+            ``"force_eager"``: forward passes through the compiled model (or through the model
+            inside it) run eagerly and give the eager records; the previous stance returns on exit.
         layers: names to capture (a subset of :func:`default_layers`), or a dict name ->
             :class:`HookPoint` for other modules; default: every default layer.
         subband_levels: DWT levels of ``subband_energy`` (each captured map's H and W must be
@@ -336,6 +356,7 @@ class LatentProbe:
         self.first: dict[str, Tensor] = {}
         self._signatures: dict[nn.Module, inspect.Signature] = {}
         self._handles: list = []
+        self._stance: object | None = None
 
     # -- hooks ---------------------------------------------------------------------------------
     def _observe(self, name: str, y: Tensor) -> None:
@@ -354,18 +375,21 @@ class LatentProbe:
             raise RuntimeError("LatentProbe is already active: nested `with` would count every latent twice")
         if self.skip_synthesis:
             self._g_s, self.model.g_s = self.model.g_s, nn.Identity()
-        modules = dict(self.model.named_modules())
+        modules: dict[str, nn.Module] = {}
         by_module: dict[str, list[tuple[str, HookPoint]]] = {}
         for name, point in self.points.items():
-            if point.module not in modules:
+            module = modules[point.module] if point.module in modules else submodule(self.model, point.module)
+            if module is None:
                 self.__exit__()
                 raise ValueError(f"layer {name!r}: the model has no module {point.module!r}"
                                  + (" (g_s is skipped: skip_synthesis)" if self.skip_synthesis else ""))
+            modules[point.module] = module
             by_module.setdefault(point.module, []).append((name, point))
         for path, entries in by_module.items():
             self._handles.append(modules[path].register_forward_hook(self._hook(entries), with_kwargs=True))
         if any(point.role == "y_hat" for point in self.points.values()):
             self._handles.append(self.model.register_forward_hook(self._rate_hook))
+        self._stance = _force_eager()
         return self
 
     def _rate_hook(self, module: nn.Module, inputs: tuple, output: object) -> None:
@@ -423,6 +447,9 @@ class LatentProbe:
         return take, window
 
     def __exit__(self, *exc) -> None:
+        if self._stance is not None:
+            self._stance.__exit__(None, None, None)  # torch.compile's previous stance
+            self._stance = None
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
@@ -431,7 +458,9 @@ class LatentProbe:
 
     # -- results -------------------------------------------------------------------------------
     def records(self, step: int) -> list[dict]:
-        """One flat dict of Python numbers per captured layer, ready for a JSON line.
+        """One flat dict of Python numbers per captured layer, ready for a JSON line: a value that
+        is undefined (NaN or infinite, e.g. ``aux_energy_share`` = 0 / 0 when both branches are
+        zero) is None (:func:`energylab.rundir.json_safe`).
 
         Keys: ``step``, ``layer``, ``role`` and ``merge`` (of its :class:`HookPoint`),
         ``channels``, ``count`` (positions used: the ``n`` of the bias corrections, which assume
@@ -518,7 +547,7 @@ class LatentProbe:
                 if rate is not None:
                     record["bits_per_position"] = float(rate["bits_per_position"])
             out.append(record)
-        return out + gain_records(self.model, step)
+        return [json_safe(r) for r in out + gain_records(self.model, step)]  # undefined: None
 
     def _rate(self) -> dict[str, Tensor] | None:
         """:class:`RateShare`'s results, or None when no forward gave ``likelihoods["y"]``."""

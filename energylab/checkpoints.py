@@ -14,7 +14,14 @@ do, so that every layout CompressAI accepts loads here too:
   ``_matrix0`` / ``_factor0`` (CompressAI < 1.2) renamed ``biases.0`` / ``matrices.0`` /
   ``factors.0``;
 * the entropy coder's size-dependent buffers (:data:`DYNAMIC_BUFFERS`) may have any shape: CompressAI
-  resizes them on load and ``update(force=True)`` rewrites them.
+  resizes them on load and ``update(force=True)`` rewrites them. A state dict saved before
+  ``update()`` (those tables empty, or absent) loads into a model already ``update()``-d too: the
+  tables are derived data, so the rest is loaded and the tables rebuilt from the loaded weights
+  (``EntropyBottleneck.update(force=True)``; a ``GaussianConditional`` keeps its own, which depend on
+  its scale table only), as CompressAI's loader into a fresh model followed by
+  ``update(force=True)`` gives; :class:`CheckpointLayout` records it (``"rebuilt"``). Non-empty
+  tables of another size than an ``update()``-d model's are refused in one line naming every such
+  key and the fix (CompressAI resizes only empty tables).
 
 AuxT checkpoints of other code bases are converted to energylab's names first (:func:`to_energylab`;
 :func:`from_energylab` writes them back; Haar AuxT only). :data:`FORMATS`:
@@ -55,7 +62,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from compressai.entropy_models import EntropyBottleneck
+from compressai.entropy_models import EntropyBottleneck, EntropyModel, GaussianConditional
 from compressai.models.utils import remap_old_keys
 from compressai.zoo.pretrained import rename_key
 from torch import Tensor, nn
@@ -123,19 +130,28 @@ class CheckpointLayout:
             :data:`STATE_DICT_KEYS`), or ``None`` for a state dict at the top level.
         renames: short names (keys of :data:`RENAMES`) of the key remappings applied, in order.
         format: the key layout recognised, one of :data:`FORMATS`.
+        rebuilt: the entropy models (module names) whose coder tables the checkpoint saved before
+            ``update()`` into a model already ``update()``-d: rebuilt from the loaded weights.
     """
 
     container: str | None
     renames: tuple[str, ...] = ()
     format: str = "compressai"
+    rebuilt: tuple[str, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
-        """JSON-ready ``{"format", "container", "renames"}``."""
-        return {"format": self.format, "container": self.container, "renames": list(self.renames)}
+        """JSON-ready ``{"format", "container", "renames"}``, with ``"rebuilt"`` when not empty."""
+        out = {"format": self.format, "container": self.container, "renames": list(self.renames)}
+        if self.rebuilt:
+            out["rebuilt"] = list(self.rebuilt)
+        return out
 
     def __str__(self) -> str:
         where = "top-level state dict" if self.container is None else f"state dict under {self.container!r}"
-        return f"{self.format} layout, {where}" + "".join(f"; {RENAMES[r]}" for r in self.renames)
+        rebuilt = (f"; coder tables saved before update() rebuilt for {', '.join(self.rebuilt)}"
+                   if self.rebuilt else "")
+        return (f"{self.format} layout, {where}" + "".join(f"; {RENAMES[r]}" for r in self.renames)
+                + rebuilt)
 
 
 def first_line(exc: BaseException) -> str:
@@ -431,6 +447,58 @@ def check_fits(model: nn.Module, state_dict: Mapping[str, Tensor], where: str | 
         raise CheckpointError(f"{where}: checkpoint has {extra[0]!r}{more}, which model {label} lacks")
 
 
+def _coder_tables(model: nn.Module, state_dict: dict[str, Tensor], where: str | Path,
+                  label: str) -> tuple[str, ...]:
+    """Reconcile the checkpoint's entropy-coder tables (:data:`DYNAMIC_BUFFERS`) with ``model``'s,
+    **in** ``state_dict``: an entropy model whose tables the checkpoint saved before ``update()``
+    (every one empty or absent) gets the model's own in their place (so that the load neither
+    fails nor empties them).
+
+    Returns:
+        The names of the entropy models whose own tables are not empty there: ``load_weights``
+        rebuilds them from the loaded weights.
+
+    Raises:
+        CheckpointError: non-empty tables of another shape than the non-empty ones of an
+            ``update()``-d model: one line naming every such key, both shapes and the fix.
+    """
+    rebuilt, clashes = [], []
+    for name, module in model.named_modules():
+        if not isinstance(module, EntropyModel):
+            continue
+        own = {b: t for b, t in module.named_buffers(recurse=False) if b in DYNAMIC_BUFFERS}
+        keys = {b: f"{name}.{b}" if name else b for b in own}
+        saved = {b: state_dict.get(k) for b, k in keys.items()}
+        if all(t is None or t.numel() == 0 for t in saved.values()):  # saved before update()
+            state_dict.update({keys[b]: t.detach().clone() for b, t in own.items()})
+            if any(t.numel() for t in own.values()):
+                rebuilt.append(name)
+            continue
+        clashes += [f"{keys[b]} {_shape(saved[b])} vs {_shape(t)}" for b, t in own.items()
+                    if saved[b] is not None and t.numel() and saved[b].shape != t.shape]
+    if clashes:
+        raise CheckpointError(
+            f"{where}: does not load into model {label}: entropy-coder tables of another size than "
+            f"the model's, which is already update()-d (CompressAI resizes empty tables only): "
+            f"{'; '.join(clashes)} (checkpoint vs model); load it into a freshly built model, or "
+            f"leave these keys out of the state dict (energylab then rebuilds the tables from the "
+            f"loaded weights)"
+        )
+    return tuple(rebuilt)
+
+
+def _rebuild_tables(model: nn.Module, names: tuple[str, ...]) -> None:
+    """``update()`` the entropy models ``names`` of ``model`` from their loaded weights."""
+    for name in names:
+        module = model.get_submodule(name)
+        if isinstance(module, EntropyBottleneck):
+            module.update(force=True)
+        elif isinstance(module, GaussianConditional):
+            module.update()  # its tables follow from its scale table, kept
+        else:
+            module.update(force=True)
+
+
 def load_weights(model: nn.Module, checkpoint: Any, where: str | Path, label: str = "") -> CheckpointLayout:
     """Load a checkpoint's weights into ``model`` (in place), whatever its layout.
 
@@ -447,8 +515,9 @@ def load_weights(model: nn.Module, checkpoint: Any, where: str | Path, label: st
     Raises:
         CheckpointError: no state dict (listing the top-level keys), a non-Haar filter buffer, AuxT
             in the checkpoint but not in the model or the other way round, weights that do not fit
-            (:func:`check_fits`), or a load that fails anyway (e.g. entropy-coder tables of a
-            different size in a model already ``update()``-d: CompressAI resizes only empty ones).
+            (:func:`check_fits`), non-empty entropy-coder tables of another size than those of a
+            model already ``update()``-d (naming every such key; tables saved before ``update()``
+            load, and are rebuilt), or a load that fails anyway.
     """
     model = unwrap_model(model)
     raw, container = extract_state_dict(checkpoint, where)
@@ -460,9 +529,11 @@ def load_weights(model: nn.Module, checkpoint: Any, where: str | Path, label: st
         has = "carries AuxT" if carries else "carries no AuxT"
         raise CheckpointError(f"{where}: checkpoint ({fmt} layout) {has} but model {label} "
                               f"{'has none' if carries else 'has AuxT'}")
+    rebuilt = _coder_tables(model, sd, where, label)
     check_fits(model, sd, where, label)
     try:
         model.load_state_dict(sd)
-    except (RuntimeError, KeyError, ValueError) as exc:  # e.g. coder tables of an update()-d model
+    except (RuntimeError, KeyError, ValueError) as exc:
         raise CheckpointError(f"{where}: does not load into model {label} ({first_line(exc)})") from None
-    return CheckpointLayout(container, renames, fmt)
+    _rebuild_tables(model, rebuilt)
+    return CheckpointLayout(container, renames, fmt, rebuilt)

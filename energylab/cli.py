@@ -21,7 +21,7 @@ import sys
 from collections.abc import Callable, Collection
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from energylab.auxt import COMPONENTS, FREEZABLE, PROJECTION_INITS, SCALING_INITS
 from energylab.config import DEVICES, LR_SCHEDULES, PRECISIONS, ConfigError, TrainConfig
@@ -30,9 +30,17 @@ from energylab.errors import TrainingError
 from energylab.evaluate import ARCH_KEYS, EvaluationError
 from energylab.models import MODELS, PLACEMENTS
 
-__all__ = ["add_auxt_arguments", "add_data_arguments", "add_device_arguments",
+__all__ = ["Parser", "add_auxt_arguments", "add_data_arguments", "add_device_arguments",
            "add_model_arguments", "add_training_arguments", "arch_from_args", "config_from_args", "flag",
            "run_command"]
+
+class Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line on stderr, exit status 2:
+    ``error: <what argparse says> (python -m energylab.X --help lists the options)``."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {' '.join(message.split())} ({self.prog} --help lists the options)\n")
+
 
 _DEFAULTS = {f.name: f.default for f in fields(TrainConfig) if f.name != "out"}
 

@@ -61,7 +61,8 @@ class TrainConfig:
       ``auxt``, ``remove`` (AuxT components switched off, kept in ``COMPONENTS`` order),
       ``wavelet`` (pywt name), ``g_a_placement`` / ``g_s_placement``;
     * loss ``λ·255²·MSE + bpp + ortho_weight·ortho``: ``lmbda``, ``ortho_weight``;
-    * training: ``steps``, ``batch_size`` (per process), ``lr``, ``seed``;
+    * training: ``steps`` (training steps, each on its own batch, fp16 steps the gradient scaler
+      skipped included), ``batch_size`` (per process), ``lr``, ``seed``;
     * data: ``data`` (``"builtin"`` or an image folder), ``patch_size`` (pixels, a multiple of 64),
       ``test_size`` (centre crop of the test images; None: whole images);
     * schedule (in steps): ``eval_every``, ``capture_every`` (0: no captures), ``log_every``; the
@@ -75,12 +76,17 @@ class TrainConfig:
       than the patch); none of them changes a batch;
     * learning-rate schedule of the main optimizer (the quantiles' optimizer keeps its own rate):
       ``lr_schedule`` ``"constant"``; ``"multistep"`` (``torch.optim.lr_scheduler.MultiStepLR``:
-      the steps after each of ``lr_milestones`` (training steps, increasing) run at ``lr_gamma``
-      times the rate before); ``"plateau"`` (``ReduceLROnPlateau`` on the test loss at each
-      evaluation: rate × ``lr_gamma`` after more than ``lr_patience`` evaluations without
+      the steps after each of ``lr_milestones`` (applied optimizer steps, increasing: the training
+      steps, except that fp16 steps skipped by the gradient scaler do not count) run at
+      ``lr_gamma`` times the rate before); ``"plateau"`` (``ReduceLROnPlateau`` on the test loss at
+      each evaluation: rate × ``lr_gamma`` after more than ``lr_patience`` evaluations without
       improvement); as CompressAI's example training uses them;
     * ``precision``: ``"fp32"``, or ``"bf16"`` / ``"fp16"`` autocast of the transforms in training
-      steps (:mod:`energylab.precision`; fp16 with a gradient scaler).
+      steps (:mod:`energylab.precision`; fp16 with a gradient scaler). fp16 steps whose scaled
+      gradients overflow are skipped by the scaler (weights unchanged, the scale halved; common in
+      the first steps, from a scale of 65536): they count toward ``steps`` (each step draws its
+      batch, so a resumed run stays exact) but not toward ``lr_milestones``; ``metrics.jsonl``
+      counts them (``skipped_steps``, ``skipped_steps_total``) and the console shows them.
     * AuxT components frozen or started elsewhere (:mod:`energylab.auxt`): ``freeze`` (kept in
       ``FREEZABLE`` order), ``scaling_init`` (``release``, ``zero``), ``projection_init``
       (``default``, ``orthogonal``, ``klt``; a frozen projection's ``default`` is stored as

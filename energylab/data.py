@@ -5,10 +5,11 @@ Two ways to train from a data source:
 
 * in memory: :func:`load_dataset` decodes every image once and keeps the tensors (the built-in
   set takes about 53 MB); :class:`TrainSampler` crops them. For the built-in set and small folders.
-* streaming: :func:`index_folder` reads a folder's file list and image sizes from the headers
-  (no decoding) into a small JSON index, reused while the files are unchanged;
-  :class:`TrainStream` decodes each crop from its file in ``DataLoader`` workers, so memory does
-  not grow with the folder (``cache=True`` holds a small folder's images in memory instead).
+* streaming: :func:`index_folder` reads a folder's file list and image sizes, and decodes every
+  file once to drop those whose pixels do not decode, into a small JSON index reused while the
+  files are unchanged (no second decoding); :class:`TrainStream` decodes each crop from its file
+  in ``DataLoader`` workers, so memory does not grow with the folder (``cache=True`` holds a
+  small folder's images in memory instead).
   Its batches are :class:`TrainSampler`'s, bit for bit, for any number of workers.
   Training images smaller than the patch are skipped with one warning (or refused:
   ``small_images="error"``); the test images stay small and are decoded into memory
@@ -44,25 +45,39 @@ Bad input, and what it does:
 * :class:`DataError` (a ``ValueError``, one-line message naming the file or folder): a missing
   folder, a folder with no image files, a folder none of whose image files can be read, a flat
   folder with fewer than two readable images, a CompressAI folder lacking ``train/`` or ``test/``,
-  a training image smaller than the patch in either dimension (it is **not** skipped), an image
-  with out-of-range 32-bit values, and every failure of :func:`load_image` called directly.
-* a :class:`DataWarning` naming the file, which is then skipped: an image file that cannot be read
-  (not an image, corrupt, truncated, out of range) in a folder where at least one image can be.
+  a data folder, ``train/`` or ``test/`` that is a symbolic link pointing nowhere or looping, a
+  training image smaller than the patch in either dimension (it is **not** skipped), an image
+  with out-of-range 32-bit values, a built-in image scikit-image cannot load (its installation
+  damaged), and every failure of :func:`load_image` called directly.
+* one :class:`DataWarning` naming the files, which are then skipped: image files that cannot be
+  read (not an image, corrupt, truncated, out of range) in a folder where at least one image can
+  be, and symbolic links with an image's extension that point nowhere or loop, or links to a
+  folder that contains them (a loop; subfolders are never read anyway). :func:`index_folder`
+  records them in :attr:`DataIndex.dropped` and its JSON.
+* file and folder names that are not valid UTF-8: read all the same, but *shown* (in names,
+  messages, :attr:`DataIndex.source` and every JSON) with the undecodable bytes as ``\\xNN``
+  escapes (``b"bad\\xff.png"`` is named ``bad\\xff.png``), so that no text holds the lone
+  surrogates Python decodes them to (they fail to print on a UTF-8 console and are not valid
+  JSON). :attr:`IndexedImage.path` stays the real path.
 
-An index only reads headers, so a file whose header reads but whose pixels do not is listed, and
-stops the stream with a :class:`DataError` naming it when a crop of it is first drawn (skipping it
-then would change every later batch); so does a file whose size differs from the indexed one.
+A file that stops decoding after it was indexed (it changed; so does one whose size differs from
+the indexed one) never stops a stream: each of its crops is replaced by a crop of another image
+chosen by a rule of ``(seed, step, rank, slot)`` alone, with one :class:`DataWarning` naming the
+file (see :class:`TrainStream`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import json
 import os
+import stat
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
@@ -128,14 +143,24 @@ _I = TypeVar("_I", Image.Image, Tensor)
 
 
 class DataError(ValueError):
-    """Bad input data; the message is one line naming the file or folder and what is wrong."""
+    """Bad input data; the message is one line naming the file or folder and what is wrong.
 
-    def __init__(self, message: str) -> None:
-        super().__init__(_one_line(message))
+    ``reason`` is the message without the file's name when the error is about one file (else the
+    whole message). Both are printable text (see :func:`_printable`).
+    """
+
+    def __init__(self, message: str, *, reason: str | None = None) -> None:
+        super().__init__(_printable(_one_line(message)))
+        self.reason: str = self.args[0] if reason is None else _printable(_one_line(reason))
 
 
 class DataWarning(UserWarning):
-    """An unreadable image file was skipped (the message names it and says why)."""
+    """Unusable image files were skipped (the message names them and says why)."""
+
+
+def _warn(message: str, stacklevel: int) -> None:
+    """A one-line, printable :class:`DataWarning` (``stacklevel`` counted from the caller)."""
+    warnings.warn(_printable(_one_line(message)), DataWarning, stacklevel=stacklevel + 1)
 
 
 @dataclass
@@ -155,6 +180,27 @@ class Dataset:
 
 def _one_line(text: str) -> str:
     return " ".join(text.splitlines())
+
+
+def _printable(text: str) -> str:
+    """``text`` with the lone surrogates of undecodable file-name bytes (``os.fsdecode``'s
+    ``surrogateescape``) written as ``\\xNN``: valid Unicode, so it prints on any console and
+    goes into JSON that strict parsers accept. Text without surrogates is returned unchanged."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate that is no escaped byte: show its code point
+        raw = text.encode("utf-8", "backslashreplace")
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def _shown(path: str | bytes | os.PathLike) -> str:
+    """A path as text for names, messages and JSON (:func:`_printable`; bytes accepted)."""
+    return _printable(os.fsdecode(path))
 
 
 def _hw(x: Tensor) -> str:
@@ -214,42 +260,84 @@ def _array_to_rgb(a: np.ndarray) -> Tensor:
     return torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1), dtype=np.float32))
 
 
-@contextlib.contextmanager
-def _reading(where: str) -> Iterator[None]:
-    """Turn Pillow's and the OS's errors while reading ``where`` into one-line DataErrors."""
+def _file_error(where: str, reason: str) -> DataError:
+    """The one-line error ``"{where}: {reason}"`` about one file, with its ``reason`` apart."""
+    return DataError(f"{where}: {reason}", reason=reason)
+
+
+def _link_problem(path: Path) -> str | None:
+    """Why the symbolic link ``path`` cannot be used, or ``None`` (not a link, or a good one).
+
+    A link that points nowhere (dangling), one that loops (``ELOOP``: to itself, or round a chain
+    of links), or one to a folder that contains the link (following it would walk in circles).
+    """
     try:
-        yield
+        target = _shown(os.readlink(path))
+    except OSError:
+        return None  # not a symbolic link (or gone)
+    try:
+        st = path.stat()
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return f"symbolic link loop (it points to {target!r}, which leads back to itself)"
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+            return f"symbolic link pointing nowhere (to {target!r}, which does not exist)"
+        return f"symbolic link to {target!r} that cannot be followed ({exc.strerror})"
+    if stat.S_ISDIR(st.st_mode):
+        real, here = path.resolve(), path.parent.resolve()
+        if real == here or real in here.parents:
+            return (f"symbolic link to {target!r}, a folder that contains the link "
+                    "(a loop; not followed)")
+    return None
+
+
+@contextlib.contextmanager
+def _reading(path: str | bytes | os.PathLike) -> Iterator[str]:
+    """Turn Pillow's and the OS's errors while reading ``path`` into one-line DataErrors; yields
+    the path as shown in messages (:func:`_shown`)."""
+    where = _shown(path)
+    try:
+        yield where
     except DataError:
         raise
-    except FileNotFoundError:
-        raise DataError(f"{where}: no such file") from None
-    except IsADirectoryError:
-        raise DataError(f"{where}: is a folder, not an image file") from None
-    except PermissionError:
-        raise DataError(f"{where}: cannot read the file (permission denied)") from None
-    except Image.UnidentifiedImageError:
-        raise DataError(f"{where}: not an image (Pillow cannot identify the file)") from None
     except Image.DecompressionBombError as exc:
-        raise DataError(f"{where}: image too large ({exc})") from None
-    except (OSError, SyntaxError, EOFError, ValueError) as exc:
-        raise DataError(
-            f"{where}: corrupt or truncated image ({type(exc).__name__}: {exc})"
-        ) from None
+        raise _file_error(where, f"image too large ({exc})") from None
+    except Image.UnidentifiedImageError:
+        raise _file_error(where, "not an image (Pillow cannot identify the file)") from None
+    except OSError as exc:
+        if exc.errno is None:  # Pillow's own errors ("image file is truncated", ...)
+            raise _file_error(where, f"corrupt or truncated image ({type(exc).__name__}: {exc})"
+                              ) from None
+        link = _link_problem(Path(os.fsdecode(path)))
+        if link is not None:
+            raise _file_error(where, link) from None
+        if isinstance(exc, FileNotFoundError):
+            raise _file_error(where, "no such file") from None
+        if isinstance(exc, IsADirectoryError):
+            raise _file_error(where, "is a folder, not an image file") from None
+        if isinstance(exc, PermissionError):
+            raise _file_error(where, "cannot read the file (permission denied)") from None
+        raise _file_error(where, f"cannot read the file ({exc.strerror or exc})") from None
+    except Exception as exc:  # a corrupt file can make Pillow's parsers raise
+        # anything (SyntaxError, EOFError, ValueError, struct.error, IndexError, ...)
+        raise _file_error(where, f"corrupt or truncated image ({type(exc).__name__}: {exc})"
+                          ) from None
 
 
-def load_image(path: str | os.PathLike[str]) -> Tensor:
+def load_image(path: str | bytes | os.PathLike) -> Tensor:
     """Decode an image file into a ``(3, H, W)`` float32 tensor in ``[0, 1]``.
 
     Conversions are those of the module docstring (alpha is composited over white; 16-bit
-    grayscale is divided by 65535).
+    grayscale is divided by 65535). ``path`` may be ``bytes`` or name a file whose name is not
+    valid UTF-8 (messages show such bytes as ``\\xNN``).
 
     Raises:
-        DataError: the file is missing, is not an image Pillow can identify, is corrupt or
-            truncated, is too large for Pillow's decompression-bomb limit, or holds 32-bit values
-            outside the supported range. The message names the file.
+        DataError: the file is missing, is a symbolic link pointing nowhere or looping, is not an
+            image Pillow can identify, is corrupt or truncated, is too large for Pillow's
+            decompression-bomb limit, or holds 32-bit values outside the supported range. The
+            message names the file.
     """
-    where = str(path)
-    with _reading(where), Image.open(path) as im:
+    with _reading(path) as where, Image.open(path) as im:
         im.load()
         return _array_to_rgb(_to_array(ImageOps.exif_transpose(im), where))
 
@@ -258,17 +346,31 @@ def _read_size(path: Path) -> tuple[int, int]:
     """``(H, W)`` of the image :func:`load_image` would return, from the file's header only.
 
     EXIF orientations 5-8 swap the sides. A PNG's ``eXIf`` chunk stored after the pixel data is
-    not seen here (Pillow reads it only when decoding); :func:`_decode_crop` then finds the
-    mismatch and names the file.
+    not seen here (Pillow reads it only when decoding); :func:`_decoded_size` sees it.
 
     Raises:
         DataError: as :func:`load_image`, for what the header shows.
     """
-    with _reading(str(path)), Image.open(path) as im:
+    with _reading(path), Image.open(path) as im:
         w, h = im.size
         if im.format == "PNG" and "exif" not in im.info:
             return h, w  # Pillow's PNG getexif() would decode the whole image
         return (w, h) if im.getexif().get(_ORIENTATION, 1) in (5, 6, 7, 8) else (h, w)
+
+
+def _decoded_size(path: Path) -> tuple[int, int]:
+    """``(H, W)`` of ``load_image(path)``, found by decoding every pixel once (without the float
+    conversion, except for 32-bit modes, whose range :func:`load_image` checks).
+
+    Raises:
+        DataError: as :func:`load_image`.
+    """
+    with _reading(path) as where, Image.open(path) as im:
+        im.load()
+        im = ImageOps.exif_transpose(im)
+        if im.mode in ("I", "F"):
+            _to_array(im, where)
+        return im.height, im.width
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,10 +378,26 @@ def _read_size(path: Path) -> tuple[int, int]:
 
 
 def _builtin_array(name: str) -> np.ndarray:
-    import skimage.data
+    """The photograph ``name`` of ``skimage.data`` as ``(H, W, 3)`` uint8.
 
-    img = getattr(skimage.data, name)()
-    return img[0] if name == "stereo_motorcycle" else img  # (left, right, disparity)
+    Raises:
+        DataError: scikit-image cannot load it (a file of its installation missing, corrupt or
+            truncated: it then tries a download, which fails offline), or it is not 8-bit RGB.
+    """
+    try:
+        import skimage.data
+
+        img = getattr(skimage.data, name)()
+    except Exception as exc:  # whatever scikit-image's loader or its download fallback raises
+        raise DataError(
+            f"built-in image {name!r}: scikit-image cannot load it ({type(exc).__name__}: {exc}); "
+            "its installation may be incomplete or damaged (reinstall scikit-image)"
+        ) from None
+    img = np.asarray(img[0] if name == "stereo_motorcycle" else img)  # (left, right, disparity)
+    if img.dtype != np.uint8 or img.ndim != 3 or img.shape[-1] != 3:
+        raise DataError(f"built-in image {name!r}: scikit-image returned {img.dtype} of shape "
+                        f"{img.shape}, not 8-bit RGB (H, W, 3)")
+    return img
 
 
 def builtin_images(names: Sequence[str]) -> list[tuple[str, Tensor]]:
@@ -289,7 +407,7 @@ def builtin_images(names: Sequence[str]) -> list[tuple[str, Tensor]]:
     ship inside scikit-image); ``"stereo_motorcycle"`` is its left view.
 
     Raises:
-        DataError: an unknown name.
+        DataError: an unknown name; scikit-image cannot load the image (naming it).
     """
     known = BUILTIN_TRAIN + BUILTIN_TEST
     out = []
@@ -305,34 +423,107 @@ def builtin_images(names: Sequence[str]) -> list[tuple[str, Tensor]]:
 # Folders
 
 
-def _image_files(folder: Path) -> list[Path]:
+def shown_name(path: str | bytes | os.PathLike) -> str:
+    """The name of a file as text for names, messages and JSON: bytes of it that are not valid
+    UTF-8 as ``\\xNN`` escapes (``b"bad\\xff.png"`` -> ``"bad\\xff.png"``); any other name as is."""
+    return _printable(os.path.basename(os.fsdecode(path)))
+
+
+def _dropped(path: Path, reason: str) -> dict[str, str]:
+    return {"file": _shown(path.absolute()), "reason": reason}
+
+
+def _scan(folder: Path) -> tuple[list[Path], list[dict[str, str]]]:
+    """``(image files, unusable links)`` of ``folder``'s own entries, files sorted by name.
+
+    An image file is a non-hidden entry with an image extension that is a file or a link to one.
+    Unusable links (:func:`_link_problem`) are those with an image extension and links to a
+    folder containing them, each as ``{"file", "reason"}``; other entries are ignored.
+
+    Raises:
+        DataError: the folder cannot be listed.
+    """
     exts = image_extensions()
-    return sorted(
-        p
-        for p in folder.iterdir()
-        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in exts
-    )
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError as exc:
+        raise DataError(f"{_shown(folder)}: cannot list the folder ({exc.strerror or exc})") from None
+    files: list[Path] = []
+    links: list[dict[str, str]] = []
+    for p in entries:
+        if p.name.startswith("."):
+            continue
+        image = p.suffix.lower() in exts
+        problem = _link_problem(p) if p.is_symlink() else None
+        if problem is not None:
+            if image or p.is_dir():  # a bad link of an image's name, or a folder loop
+                links.append(_dropped(p, problem))
+        elif image and p.is_file():
+            files.append(p)
+    return files, links
 
 
-def _load_folder(folder: Path) -> list[tuple[Path, Tensor]]:
-    """Every readable image of ``folder`` (sorted by name); unreadable ones warn and are skipped."""
-    files = _image_files(folder)
+def image_files(folder: str | bytes | os.PathLike) -> list[Path]:
+    """The image files of ``folder`` (its own, by extension, not hidden), sorted by name, as
+    :func:`load_dataset` and :func:`index_folder` read them.
+
+    Symbolic links among them that point nowhere or loop, and links to a folder containing them,
+    are left out with one :class:`DataWarning` naming each and why (never silently).
+
+    Raises:
+        DataError: the folder cannot be listed.
+    """
+    files, links = _scan(Path(os.fsdecode(folder)))
+    _warn_dropped(_shown(folder), links, stacklevel=2)
+    return files
+
+
+_NAMED_AT_MOST = 20
+"""A warning about dropped files names this many of them, then counts the rest."""
+
+
+def _warn_dropped(where: str, dropped: list[dict[str, str]], stacklevel: int) -> None:
+    """One :class:`DataWarning` naming the ``dropped`` files of ``where`` and why (none: silent)."""
+    if not dropped:
+        return
+    named = "; ".join(f"{d['file']} ({d['reason']})" for d in dropped[:_NAMED_AT_MOST])
+    more = f"; and {len(dropped) - _NAMED_AT_MOST} more" if len(dropped) > _NAMED_AT_MOST else ""
+    count = "1 file" if len(dropped) == 1 else f"{len(dropped)} files"
+    _warn(f"{where}: skipping {count} that cannot be used: {named}{more}", stacklevel + 1)
+
+
+def _no_images(folder: Path) -> DataError:
+    return DataError(f"{_shown(folder)}: no image files (looked for .png, .jpg, ... by extension)")
+
+
+def _none_readable(folder: Path, count: int, dropped: list[dict[str, str]]) -> DataError:
+    first = dropped[0]
+    return DataError(f"{_shown(folder)}: none of its {count} image files could be read; "
+                     f"first: {first['file']}: {first['reason']}")
+
+
+def _load_folder(folder: Path) -> tuple[list[tuple[Path, Tensor]], list[dict[str, str]]]:
+    """``(readable images, dropped)`` of ``folder``, sorted by name: unreadable files and unusable
+    links are ``dropped`` (``{"file", "reason"}``), for the caller's one warning.
+
+    Raises:
+        DataError: no image files, or none readable.
+    """
+    files, dropped = _scan(folder)
     if not files:
-        raise DataError(f"{folder}: no image files (looked for .png, .jpg, ... by extension)")
+        if dropped:
+            raise _none_readable(folder, len(dropped), dropped)
+        raise _no_images(folder)
     good: list[tuple[Path, Tensor]] = []
-    bad: list[DataError] = []
+    bad: list[dict[str, str]] = []
     for f in files:
         try:
             good.append((f, load_image(f)))
         except DataError as err:
-            bad.append(err)
+            bad.append(_dropped(f, err.reason))
     if not good:
-        raise DataError(
-            f"{folder}: none of its {len(files)} image files could be read; first: {bad[0]}"
-        )
-    for err in bad:
-        warnings.warn(f"skipping {err}", DataWarning, stacklevel=3)
-    return good
+        raise _none_readable(folder, len(files), bad)
+    return good, dropped + bad
 
 
 def _check_patch(train: list[tuple[str, Tensor]], patch_size: int) -> None:
@@ -344,23 +535,30 @@ def _check_patch(train: list[tuple[str, Tensor]], patch_size: int) -> None:
             )
 
 
-def _resolve_folder(data: str) -> tuple[Path, str, dict[str, Path]]:
+def _resolve_folder(data: str | bytes | os.PathLike) -> tuple[Path, str, dict[str, Path]]:
     """``(root, layout, {split: folder})`` of a data folder; split ``""`` is a flat folder.
 
     Raises:
-        DataError: a missing path, not a folder, a CompressAI layout lacking train/ or test/.
+        DataError: a missing path, not a folder, a CompressAI layout lacking train/ or test/; the
+            folder, ``train`` or ``test`` a symbolic link that points nowhere or loops.
     """
-    root = Path(data).expanduser()
+    root = Path(os.fsdecode(data)).expanduser()
+    for path in (root, root / "train", root / "test"):
+        problem = _link_problem(path) if path.is_symlink() else None
+        if problem is not None:
+            raise DataError(f"{_shown(path)}: {problem}")
     if not root.exists():
-        raise DataError(f"{root}: data folder does not exist (pass a folder or 'builtin')")
+        raise DataError(f"{_shown(root)}: data folder does not exist (pass a folder or 'builtin')")
     if not root.is_dir():
-        raise DataError(f"{root}: not a folder (pass a folder of images or 'builtin')")
+        raise DataError(f"{_shown(root)}: not a folder (pass a folder of images or 'builtin')")
     train_dir, test_dir = root / "train", root / "test"
     if not (train_dir.is_dir() or test_dir.is_dir()):
         return root, "flat", {"": root}
     for sub in (train_dir, test_dir):
         if not sub.is_dir():
-            raise DataError(f"{sub}: missing; a CompressAI-layout folder needs both train/ and test/")
+            raise DataError(
+                f"{_shown(sub)}: missing; a CompressAI-layout folder needs both train/ and test/"
+            )
     return root, "compressai", {"train": train_dir, "test": test_dir}
 
 
@@ -368,13 +566,13 @@ def _split_flat(root: Path, readable: list[_T]) -> tuple[list[_T], list[_T]]:
     """``(train, test)`` of a flat folder's readable images, sorted by name."""
     if len(readable) < 2:
         raise DataError(
-            f"{root}: only {len(readable)} readable image; a flat folder needs at least 2 "
+            f"{_shown(root)}: only {len(readable)} readable image; a flat folder needs at least 2 "
             f"(every {FLAT_TEST_EVERY}th, starting with the first, goes to test)"
         )
     return [f for i, f in enumerate(readable) if i % FLAT_TEST_EVERY], readable[::FLAT_TEST_EVERY]
 
 
-def load_dataset(data: str, patch_size: int = 64) -> Dataset:
+def load_dataset(data: str | os.PathLike, patch_size: int = 64) -> Dataset:
     """Load the built-in set (``data == "builtin"``) or a folder, all images into memory.
 
     For folders too large to hold in memory, see :func:`index_folder` and :class:`TrainStream`.
@@ -385,11 +583,13 @@ def load_dataset(data: str, patch_size: int = 64) -> Dataset:
             this large in both dimensions.
 
     Returns:
-        A :class:`Dataset` of ``(3, H, W)`` float32 tensors in ``[0, 1]``.
+        A :class:`Dataset` of ``(3, H, W)`` float32 tensors in ``[0, 1]``; names and ``source``
+        as shown text (:func:`shown_name`).
 
     Raises:
         DataError: see the module docstring (one line, naming the file or folder). Unreadable
-            files among readable ones are skipped with a :class:`DataWarning` instead.
+            files among readable ones, and unusable symbolic links, are skipped with one
+            :class:`DataWarning` naming them instead.
     """
     if patch_size < 1:
         raise DataError(f"patch size must be a positive number of pixels, got {patch_size}")
@@ -399,15 +599,17 @@ def load_dataset(data: str, patch_size: int = 64) -> Dataset:
         return Dataset(train, builtin_images(BUILTIN_TEST), "builtin", "builtin")
 
     root, layout, folders = _resolve_folder(data)
+    loaded = {split: _load_folder(folder) for split, folder in folders.items()}
+    _warn_dropped(_shown(root), [d for _, dropped in loaded.values() for d in dropped], stacklevel=2)
     if layout == "compressai":
-        train_files, test_files = _load_folder(folders["train"]), _load_folder(folders["test"])
+        train_files, test_files = loaded["train"][0], loaded["test"][0]
     else:
-        train_files, test_files = _split_flat(root, _load_folder(root))
-    _check_patch([(str(p), x) for p, x in train_files], patch_size)
+        train_files, test_files = _split_flat(root, loaded[""][0])
+    _check_patch([(_shown(p), x) for p, x in train_files], patch_size)
     return Dataset(
-        [(p.name, x) for p, x in train_files],
-        [(p.name, x) for p, x in test_files],
-        str(root.resolve()),
+        [(shown_name(p), x) for p, x in train_files],
+        [(shown_name(p), x) for p, x in test_files],
+        _shown(root.resolve()),
         layout,
     )
 
@@ -415,8 +617,9 @@ def load_dataset(data: str, patch_size: int = 64) -> Dataset:
 # ---------------------------------------------------------------------------------------------
 # Indexed folders (streaming)
 
-INDEX_VERSION = 1
-"""Version of the JSON data index written by :func:`index_folder`; another version is rebuilt."""
+INDEX_VERSION = 2
+"""Version of the JSON data index written by :func:`index_folder`; another version is rebuilt
+(version 1 read headers only, so it could list files whose pixels do not decode)."""
 
 SMALL_IMAGES = ("skip", "error")
 """Policies for indexed training images smaller than the patch (see :class:`TrainStream`)."""
@@ -424,7 +627,9 @@ SMALL_IMAGES = ("skip", "error")
 
 @dataclass(frozen=True)
 class IndexedImage:
-    """One image of a :class:`DataIndex`: file name, absolute path, and size after EXIF orientation."""
+    """One image of a :class:`DataIndex`: file name as shown text (:func:`shown_name`), absolute
+    path (the real one, to open; it may hold the lone surrogates of a name that is not valid
+    UTF-8), and the size of the decoded image (after EXIF orientation)."""
 
     name: str
     path: str
@@ -434,122 +639,203 @@ class IndexedImage:
 
 @dataclass
 class DataIndex:
-    """A data folder's image files and sizes, read from headers: nothing is decoded.
+    """A data folder's usable image files and their sizes; every file was decoded once, when the
+    index was built, and those that do not decode are left out.
 
-    ``source`` is the folder's absolute path, ``layout`` ``"compressai"`` or ``"flat"``; ``train``
-    and ``test`` follow the rules of :func:`load_dataset`, except that "readable" means "Pillow
-    identifies it from its header": a file whose header reads but whose pixels do not is listed,
-    and fails (naming it) when it is decoded.
+    ``source`` is the folder's absolute path (as shown text), ``layout`` ``"compressai"`` or
+    ``"flat"``; ``train`` and ``test`` follow the rules of :func:`load_dataset` (a flat folder is
+    split among the files that decode). ``dropped`` lists the files left out, each
+    ``{"file": path as shown text, "reason": one line}``: unusable symbolic links and name clashes
+    (found at each :func:`index_folder` call), then files that cannot be read or decoded (found
+    when the index was built, and stored with it). A file that changes after indexing is the
+    stream's to handle (:class:`TrainStream`).
     """
 
     train: list[IndexedImage]
     test: list[IndexedImage]
     source: str
     layout: str
+    dropped: list[dict[str, str]] = field(default_factory=list)
 
     def load_test(self) -> list[tuple[str, Tensor]]:
         """Decode the test images into memory: ``(name, (3, H, W) float32)`` pairs, in order.
 
         Raises:
-            DataError: a test image cannot be decoded (naming it).
+            DataError: a test image cannot be decoded (it changed after indexing; naming it).
         """
         return [(im.name, load_image(im.path)) for im in self.test]
 
 
-def _fingerprint(files: list[Path]) -> list[list[str | int]]:
-    out: list[list[str | int]] = []
+def _listing(files: list[Path]) -> tuple[dict[str, tuple[Path, os.stat_result]], list[dict[str, str]]]:
+    """``({shown name: (path, stat)}, dropped)`` of a folder's image files, in their order.
+
+    Two files can show the same name only if one name is not valid UTF-8 (``b"a\\xff"`` and
+    ``"a\\\\xff"``): the valid one is kept, the other dropped. So is a file that vanished since
+    it was listed.
+    """
+    named: dict[str, tuple[Path, os.stat_result]] = {}
+    dropped: list[dict[str, str]] = []
     for f in files:
-        st = f.stat()
-        out.append([f.name, st.st_size, st.st_mtime_ns])
-    return out
+        try:
+            st = f.stat()
+        except OSError as exc:
+            dropped.append(_dropped(f, f"cannot be read ({exc.strerror or exc})"))
+            continue
+        name = shown_name(f)
+        if name in named:
+            clash = f"its name shown as text, {name!r}, is also another file's name"
+            kept = named[name][0]
+            if kept.name != name and f.name == name:  # keep the valid UTF-8 name
+                dropped.append(_dropped(kept, clash))
+                named[name] = (f, st)
+            else:
+                dropped.append(_dropped(f, clash))
+            continue
+        named[name] = (f, st)
+    return named, dropped
+
+
+def _fingerprint(named: dict[str, tuple[Path, os.stat_result]]) -> list[list[str | int]]:
+    return [[name, st.st_size, st.st_mtime_ns] for name, (_, st) in named.items()]
+
+
+def _valid_index(stored: object, named: dict[str, dict[str, tuple[Path, os.stat_result]]]) -> bool:
+    """Whether a stored index's ``images`` and ``dropped`` are well formed for these files."""
+    if not isinstance(stored, dict):
+        return False
+    images, dropped = stored.get("images"), stored.get("dropped")
+    if not (isinstance(images, dict) and set(images) == set(named) and isinstance(dropped, list)):
+        return False
+    for split, sizes in images.items():
+        if not isinstance(sizes, list) or not sizes:
+            return False
+        for entry in sizes:
+            if not (isinstance(entry, list) and len(entry) == 3 and entry[0] in named[split]
+                    and all(type(v) is int and v > 0 for v in entry[1:])):
+                return False
+    return all(isinstance(d, dict) and set(d) == {"file", "reason"}
+               and all(isinstance(v, str) for v in d.values()) for d in dropped)
 
 
 def _read_index(
-    path: Path, source: str, layout: str, files: dict[str, list[list[str | int]]]
+    path: Path, source: str, layout: str, files: dict[str, list[list[str | int]]],
+    named: dict[str, dict[str, tuple[Path, os.stat_result]]],
 ) -> dict | None:
     """The stored index at ``path`` if it describes exactly these files, else ``None``."""
     try:
-        stored = json.loads(path.read_text())
+        stored = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     if not isinstance(stored, dict) or (
         stored.get("version"), stored.get("source"), stored.get("layout"), stored.get("files")
     ) != (INDEX_VERSION, source, layout, files):
         return None
-    return stored
+    return stored if _valid_index(stored, named) else None
 
 
 def _write_index(path: Path, content: dict) -> None:
-    """Write ``content`` as JSON, atomically (a reader sees the old file or the whole new one)."""
+    """Write ``content`` as JSON, atomically (a reader sees the old file or the whole new one).
+
+    Every string in it is shown text (:func:`_printable`), so the JSON holds no lone surrogate.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(content, separators=(",", ":")))
+    tmp.write_text(json.dumps(content, separators=(",", ":"), allow_nan=False), encoding="utf-8")
     os.replace(tmp, path)
 
 
+def _check_file(path: Path) -> tuple[int, int] | str:
+    """The ``(H, W)`` of ``load_image(path)`` (its header read, then every pixel decoded once), or
+    the reason it cannot be read."""
+    try:
+        _read_size(path)  # a file Pillow cannot identify fails here, before any decoding
+        return _decoded_size(path)  # the decoded size: a PNG's late eXIf can turn the image
+    except DataError as err:
+        return err.reason
+
+
+def _check_files(files: list[Path]) -> list[tuple[int, int] | str]:
+    """:func:`_check_file` of each file, in order, decoded by up to 8 threads (Pillow's decoders
+    release the GIL)."""
+    threads = min(8, os.cpu_count() or 1, len(files))
+    if threads <= 1:
+        return [_check_file(f) for f in files]
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="energylab-index") as pool:
+        return list(pool.map(_check_file, files))
+
+
 def index_folder(
-    data: str | os.PathLike[str], index_path: str | os.PathLike[str] | None = None
+    data: str | bytes | os.PathLike, index_path: str | os.PathLike[str] | None = None
 ) -> DataIndex:
-    """Index a data folder of any size: file list and image sizes from the files' headers.
+    """Index a data folder of any size: its usable image files and their sizes.
 
     The layout rules are :func:`load_dataset`'s (CompressAI ``train/`` + ``test/``, or a flat
-    folder split every :data:`FLAT_TEST_EVERY`-th readable image). With ``index_path``, the index
-    is stored there as JSON and reused as long as the folder's image files are unchanged (same
-    names, byte sizes and modification times, checked with one ``stat`` per file); otherwise it
-    is rebuilt and overwritten. Without it, nothing is written.
+    folder split every :data:`FLAT_TEST_EVERY`-th readable image). Every file is decoded once (by
+    a few threads), so a file whose header reads but whose pixels do not (a truncated file) is
+    found here, before any training, rather than when a crop of it is first drawn. With
+    ``index_path``, the index is stored there as JSON and reused, without decoding anything again,
+    as long as the folder's image files are unchanged (same names, byte sizes and modification
+    times, checked with one ``stat`` per file); otherwise it is rebuilt and overwritten. Without
+    it, nothing is written.
 
     Args:
         data: the folder (not ``"builtin"``: the built-in set comes from :func:`load_dataset`).
         index_path: where to keep the JSON index (the caller owns the file name), or ``None``.
 
     Returns:
-        A :class:`DataIndex`; image files Pillow cannot identify are skipped with a
-        :class:`DataWarning` each (again when a stored index is reused).
+        A :class:`DataIndex`. Files that cannot be read or decoded, unusable symbolic links and
+        name clashes are left out and listed in its ``dropped`` (the JSON records the files found
+        undecodable when it was built), with one :class:`DataWarning` naming them all (again when
+        a stored index is reused).
 
     Raises:
         DataError: as :func:`load_dataset` for the folder itself (missing, no image files, none
-            readable, a flat folder with fewer than two readable images, half a CompressAI layout).
+            readable, a flat folder with fewer than two readable images, half a CompressAI layout,
+            a symbolic link pointing nowhere or looping).
     """
-    root, layout, folders = _resolve_folder(str(data))
-    source = str(root.resolve())
-    files = {split: _image_files(folder) for split, folder in folders.items()}
-    for split, found in files.items():
-        if not found:
-            raise DataError(
-                f"{folders[split]}: no image files (looked for .png, .jpg, ... by extension)"
-            )
-    prints = {split: _fingerprint(found) for split, found in files.items()}
-    stored = None if index_path is None else _read_index(Path(index_path), source, layout, prints)
+    root, layout, folders = _resolve_folder(data)
+    source = _shown(root.resolve())
+    named: dict[str, dict[str, tuple[Path, os.stat_result]]] = {}
+    listed: list[dict[str, str]] = []
+    for split, folder in folders.items():
+        found, links = _scan(folder)
+        named[split], clashes = _listing(found)
+        listed += links + clashes
+        if not named[split]:
+            bad = links + clashes
+            raise _none_readable(folder, len(bad), bad) if bad else _no_images(folder)
+    prints = {split: _fingerprint(files) for split, files in named.items()}
+    stored = None
+    if index_path is not None:
+        stored = _read_index(Path(index_path), source, layout, prints, named)
     if stored is None:
         stored = {"version": INDEX_VERSION, "source": source, "layout": layout, "files": prints,
-                  "images": {}, "skipped": []}
-        for split, found in files.items():
+                  "images": {}, "dropped": []}
+        for split, files in named.items():
+            checked = _check_files([path for path, _ in files.values()])
             sizes, bad = [], []
-            for f in found:
-                try:
-                    sizes.append([f.name, *_read_size(f)])
-                except DataError as err:
-                    bad.append(str(err))
+            for (name, (path, _)), result in zip(files.items(), checked, strict=True):
+                if isinstance(result, str):
+                    bad.append(_dropped(path, result))
+                else:
+                    sizes.append([name, *result])
             if not sizes:
-                raise DataError(
-                    f"{folders[split]}: none of its {len(found)} image files could be read; "
-                    f"first: {bad[0]}"
-                )
+                raise _none_readable(folders[split], len(files), bad)
             stored["images"][split] = sizes
-            stored["skipped"] += bad
+            stored["dropped"] += bad
         if index_path is not None:
             _write_index(Path(index_path), stored)
-    for message in stored["skipped"]:
-        warnings.warn(f"skipping {message}", DataWarning, stacklevel=2)
+    dropped = listed + stored["dropped"]
+    _warn_dropped(source, dropped, stacklevel=2)
     split_images = {
-        split: [IndexedImage(name, str(folders[split] / name), h, w) for name, h, w in sizes]
+        split: [IndexedImage(name, str(named[split][name][0]), h, w) for name, h, w in sizes]
         for split, sizes in stored["images"].items()
     }
     if layout == "flat":
         train, test = _split_flat(root, split_images[""])
     else:
         train, test = split_images["train"], split_images["test"]
-    return DataIndex(train, test, source, layout)
+    return DataIndex(train, test, source, layout, dropped)
 
 
 def _usable(index: DataIndex, patch_size: int, small_images: str) -> list[IndexedImage]:
@@ -565,7 +851,7 @@ def _usable(index: DataIndex, patch_size: int, small_images: str) -> list[Indexe
     )
     if small_images == "error" or len(small) == len(index.train):
         raise DataError(what)
-    warnings.warn(f"{what}; skipping them", DataWarning, stacklevel=3)
+    _warn(f"{what}; skipping them", 3)
     return [im for im in index.train if im.height >= patch_size and im.width >= patch_size]
 
 
@@ -577,9 +863,10 @@ def _check_indexed(image: IndexedImage, decoded: _I) -> _I:
     """
     h, w = (decoded.height, decoded.width) if isinstance(decoded, Image.Image) else decoded.shape[-2:]
     if (h, w) != (image.height, image.width):
-        raise DataError(
-            f"{image.path}: image is {h}x{w} (HxW) but was indexed as {image.height}x{image.width}; "
-            "the file changed after indexing (index again)"
+        raise _file_error(
+            _shown(image.path),
+            f"image is {h}x{w} (HxW) but was indexed as {image.height}x{image.width}; "
+            "the file changed after indexing (index again)",
         )
     return decoded
 
@@ -593,8 +880,7 @@ def _decode_crop(image: IndexedImage, top: int, left: int, size: int) -> Tensor:
     Raises:
         DataError: the file cannot be decoded, or its size is not the indexed one.
     """
-    where = image.path
-    with _reading(where), Image.open(where) as im:
+    with _reading(image.path) as where, Image.open(image.path) as im:
         im.load()
         im = ImageOps.exif_transpose(im)
         _check_indexed(image, im)
@@ -725,6 +1011,16 @@ class TrainStream:
     is large enough, :class:`DataError`. (A :class:`Dataset` never holds such images:
     :func:`load_dataset` refuses them.)
 
+    An indexed file that no longer decodes (it changed after indexing: truncated, replaced,
+    resized) never stops the stream. Each crop drawn from it is replaced: the candidates are all
+    training images in the order of a permutation drawn from ``(seed, step, rank, slot)``, each
+    with a position and flip drawn from the same generator, and the first that decodes gives the
+    crop. So the batches stay a function of the seed, the step, the rank and the files alone (the
+    same numbers on a resumed run and for any ``workers``); the other crops of the batch are
+    unchanged. The first time a file fails in this process, one :class:`DataWarning` names it and
+    why, and :attr:`dropped` records it with the step. Only if no training image decodes any more
+    does a batch raise :class:`DataError`.
+
     Args:
         data: the training images' source.
         patch_size, batch_size, seed: as :class:`TrainSampler` (``batch_size`` per rank).
@@ -735,11 +1031,18 @@ class TrainStream:
         small_images: ``"skip"`` or ``"error"``, see above.
         prefetch: batches each worker prepares ahead.
 
+    Attributes:
+        names: the training images' names (shown text), in the order the crops index them.
+        source: the data's source (:attr:`Dataset.source`, :attr:`DataIndex.source`).
+        dropped: the files left out or replaced, each ``{"file", "reason"}``: the index's
+            (:attr:`DataIndex.dropped`), then each file found undecodable here, with ``"step"``
+            (the first step that drew it; ``None`` when found by ``cache=True``).
+
     Raises:
         ValueError: non-positive sizes or ``prefetch``, negative ``seed`` or ``workers``, a
             ``rank`` outside ``[0, world_size)``, an unknown ``small_images``.
         DataError: small images under ``small_images="error"`` or none large enough; with
-            ``cache=True``, a training image that cannot be decoded.
+            ``cache=True``, no training image that decodes.
     """
 
     def __init__(
@@ -770,37 +1073,114 @@ class TrainStream:
         self.patch_size, self.batch_size, self.seed = patch_size, batch_size, seed
         self.rank, self.world_size = rank, world_size
         self.workers, self.prefetch = workers, prefetch
+        self.source = data.source
+        self.dropped: list[dict[str, str | int | None]] = []
+        self._reported: set[str] = set()
         self._files: list[IndexedImage] = []
         self._sizes: list[tuple[int, int]] = []
         self._memory: TrainSampler | None = None
+        self._cached: list[Tensor | str] | None = None
         if isinstance(data, Dataset):
             self.names = [name for name, _ in data.train]
-            images = [img for _, img in data.train]
-        else:
-            self._files = _usable(data, patch_size, small_images)
-            self.names = [im.name for im in self._files]
-            self._sizes = [(im.height, im.width) for im in self._files]
-            images = [_check_indexed(im, load_image(im.path)) for im in self._files] if cache else []
-        if images:
-            self._memory = TrainSampler(images, patch_size, batch_size, seed)
+            self._memory = TrainSampler([img for _, img in data.train], patch_size, batch_size, seed)
+            return
+        self.dropped = [dict(d) for d in data.dropped]
+        self._files = _usable(data, patch_size, small_images)
+        self.names = [im.name for im in self._files]
+        self._sizes = [(im.height, im.width) for im in self._files]
+        if cache:
+            self._cached = [self._load(im) for im in self._files]
+            failed = [(im, x) for im, x in zip(self._files, self._cached, strict=True) if isinstance(x, str)]
+            if len(failed) == len(self._files):
+                raise self._none_decode(failed[0][0], failed[0][1])
+            self._report([(_shown(im.path), why) for im, why in failed], None, stacklevel=2)
+
+    @staticmethod
+    def _load(image: IndexedImage) -> Tensor | str:
+        """The decoded image, or why it cannot be (for ``cache=True``)."""
+        try:
+            return _check_indexed(image, load_image(image.path))
+        except DataError as err:
+            return err.reason
+
+    def _none_decode(self, image: IndexedImage, reason: str) -> DataError:
+        return DataError(f"{self.source}: none of the {len(self._files)} training images decodes any "
+                         f"more (they changed after indexing; index again); first: "
+                         f"{_shown(image.path)}: {reason}")
 
     def batch(self, step: int) -> Tensor:
         """Batch ``step`` of this rank, computed in this process: ``(batch_size, 3, P, P)`` float32.
 
         Raises:
             ValueError: negative ``step``.
-            DataError: a file that cannot be decoded or changed size since it was indexed.
+            DataError: no training image decodes any more (see the class docstring).
         """
+        out, failed = self._batch(step)
+        self._report(failed, step, stacklevel=2)
+        return out
+
+    def _batch(self, step: int) -> tuple[Tensor, list[tuple[str, str]]]:
+        """Batch ``step`` and the ``(file, reason)`` of each file that failed to decode in it."""
         if self._memory is not None:
-            return self._memory.batch(step, self.rank, self.world_size)
+            return self._memory.batch(step, self.rank, self.world_size), []
         _check_step(step, self.rank, self.world_size)
         p = self.patch_size
+        failed: dict[int, str] = {}
         crops = []
         plan = _crop_plan(self._sizes, p, self.batch_size, self.seed, step, self.rank)
-        for idx, top, left, flip in plan:
-            crop = _decode_crop(self._files[idx], top, left, p)
+        for slot, (idx, top, left, flip) in enumerate(plan):
+            crop = self._crop(idx, top, left, failed)
+            if crop is None:
+                crop, flip = self._replacement(step, slot, failed)
             crops.append(crop.flip(-1) if flip else crop)
-        return torch.stack(crops)
+        return torch.stack(crops), [(_shown(self._files[i].path), why) for i, why in failed.items()]
+
+    def _crop(self, idx: int, top: int, left: int, failed: dict[int, str]) -> Tensor | None:
+        """The crop of image ``idx`` at ``(top, left)``; ``None`` (its reason put in ``failed``)
+        if the image does not decode or no longer has its indexed size."""
+        if idx in failed:
+            return None
+        p = self.patch_size
+        if self._cached is not None:
+            image = self._cached[idx]
+            if isinstance(image, str):
+                failed[idx] = image
+                return None
+            return image[:, top : top + p, left : left + p]
+        try:
+            return _decode_crop(self._files[idx], top, left, p)
+        except DataError as err:
+            failed[idx] = err.reason
+            return None
+
+    def _replacement(self, step: int, slot: int, failed: dict[int, str]) -> tuple[Tensor, bool]:
+        """``(crop, flip)`` replacing crop ``slot`` of ``step``, whose image failed (the rule of
+        the class docstring).
+
+        Raises:
+            DataError: no training image decodes.
+        """
+        p = self.patch_size
+        g = _generator(self.seed, step, self.rank, slot, _REPLACEMENT)
+        for idx in torch.randperm(len(self._sizes), generator=g).tolist():
+            ut, ul, uf = torch.rand(3, generator=g, dtype=torch.float64).tolist()
+            h, w = self._sizes[idx]
+            crop = self._crop(idx, int(ut * (h - p + 1)), int(ul * (w - p + 1)), failed)
+            if crop is not None:
+                return crop, uf < 0.5
+        first = next(iter(failed))
+        raise self._none_decode(self._files[first], failed[first])
+
+    def _report(self, failed: list[tuple[str, str]], step: int | None, stacklevel: int) -> None:
+        """Record, and warn once about, each file newly found undecodable."""
+        for file, why in failed:
+            if file in self._reported:
+                continue
+            self._reported.add(file)
+            self.dropped.append({"file": file, "reason": why, "step": step})
+            at = "" if step is None else f" (first drawn at step {step})"
+            _warn(f"{file}: {why}{at}; its crops are replaced by crops of other training images, "
+                  f"the same ones for seed {self.seed} on every run", stacklevel + 1)
 
     def batches(self, start_step: int = 0, stop_step: int | None = None) -> Iterator[tuple[int, Tensor]]:
         """``(step, batch(step))`` for ``step = start_step, start_step + 1, ...`` up to ``stop_step``
@@ -823,27 +1203,35 @@ class TrainStream:
             # global RNG that training's noise draws from (workers or not, the same numbers)
             generator=torch.Generator(),
         )
-        for step, out in loader:
+        for step, out, failed in loader:
             if isinstance(out, DataError):
                 raise out
+            self._report([tuple(f) for f in failed], step, stacklevel=2)
             yield step, out
 
 
+_REPLACEMENT = 1
+"""Extra seed of the generator that replaces a crop of an undecodable file (see
+:class:`TrainStream`): ``(seed, step, rank, slot, 1)`` never equals a batch's ``(seed, step, rank)``."""
+
+
 class _StepBatches(torch.utils.data.Dataset):
-    """Map-style view ``step -> (step, batch or the DataError it raised)`` for DataLoader workers.
+    """Map-style view ``step -> (step, batch or the DataError it raised, failed files)`` for
+    DataLoader workers.
 
     The error travels as a value so that it arrives as the same one-line :class:`DataError`
-    rather than wrapped in the worker's traceback.
+    rather than wrapped in the worker's traceback; the ``(file, reason)`` of files that failed to
+    decode travel too, so that the main process warns about them (once each) and records them.
     """
 
     def __init__(self, stream: TrainStream) -> None:
         self.stream = stream
 
-    def __getitem__(self, step: int) -> tuple[int, Tensor | DataError]:
+    def __getitem__(self, step: int) -> tuple[int, Tensor | DataError, list[tuple[str, str]]]:
         try:
-            return step, self.stream.batch(step)
+            return (step, *self.stream._batch(step))
         except DataError as err:
-            return step, err
+            return step, err, []
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,7 +23,6 @@ ablation directory's ``launch/`` (:class:`energylab.rundir.AblationDir`).
 from __future__ import annotations
 
 import os
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -164,7 +163,7 @@ def launch_cells(cells: Sequence[tuple[Any, TrainConfig]], options: LaunchOption
 
     ``inline`` calls ``run_cell(config, cell, test)`` in turn; ``local`` / ``slurm`` submit
     :class:`CellJob`\\ s (``local``: at most ``options.jobs`` at a time), print each cell's start,
-    progress (last logged step) and end on stderr, and wait for every job.
+    progress (last logged step) and end on stdout, and wait for every job.
 
     Raises:
         CellsFailed: after every job is over, if some failed: each named with its log file.
@@ -208,4 +207,5 @@ def launch_cells(cells: Sequence[tuple[Any, TrainConfig]], options: LaunchOption
 
 
 def _say(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
+    """Progress on stdout (stderr carries errors only)."""
+    print(text, flush=True)

@@ -16,6 +16,8 @@ Merge placement, per side (Li et al., ICLR 2025, and its official release):
 
 from __future__ import annotations
 
+import operator
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -24,6 +26,7 @@ from compressai.registry import MODELS as COMPRESSAI_MODELS
 from torch import Tensor, nn
 
 from energylab.auxt import WLS, check_components, check_options, freeze_components, iWLS, set_initial_values
+from energylab.tcm import NUM_SLICES as TCM_SLICES
 from energylab.tcm import build_tcm
 
 __all__ = [
@@ -31,11 +34,15 @@ __all__ = [
     "PLACEMENTS",
     "AuxTransform",
     "Merge",
+    "WIDTH_RULES",
     "InputSizeCheck",
+    "WidthError",
     "attach_auxt",
     "build_model",
+    "check_widths",
     "has_auxt",
     "register_model",
+    "submodule",
     "trace_stages",
     "unwrap_model",
 ]
@@ -153,17 +160,47 @@ class AuxTransform(nn.Module):
         return x
 
 
+def _compiled_type() -> type | None:
+    """``torch.compile``'s ``OptimizedModule``, or None where ``torch._dynamo`` was never imported
+    (then no model can be compiled; looking it up does not import it)."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    return getattr(eval_frame, "OptimizedModule", None)
+
+
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The model inside ``nn.DataParallel`` / ``DistributedDataParallel`` wrappers (``model`` itself
-    if it is not wrapped). Every public function of energylab that takes a model calls this first."""
-    while isinstance(model, nn.DataParallel | nn.parallel.DistributedDataParallel):
-        model = model.module
-    return model
+    """The model inside ``nn.DataParallel`` / ``DistributedDataParallel`` wrappers and
+    ``torch.compile``'s ``OptimizedModule`` (its ``_orig_mod``), in any nesting (``model`` itself if
+    it is not wrapped). Every public function of energylab that takes a model calls this first."""
+    compiled = _compiled_type()
+    while True:
+        if isinstance(model, nn.DataParallel | nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif compiled is not None and isinstance(model, compiled):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def submodule(model: nn.Module, path: str) -> nn.Module | None:
+    """The module at the dotted ``path`` (``"g_a.1"``; ``""``: the model) of the unwrapped
+    ``model``, seeing through wrappers (:func:`unwrap_model`) at every level, so that a
+    ``torch.compile``-d submodule (``model.g_a = torch.compile(model.g_a)``) keeps its paths; the
+    module returned is unwrapped too. A path spelled with the wrappers (``"g_a._orig_mod.1"``) is
+    found as well. None where there is no such module."""
+    module = model
+    for part in path.split(".") if path else ():
+        child = module._modules.get(part)
+        if child is None:
+            child = unwrap_model(module)._modules.get(part)
+        if child is None:
+            return None
+        module = child
+    return unwrap_model(module)
 
 
 def has_auxt(model: nn.Module) -> bool:
-    """Whether ``model.g_a`` carries AuxT."""
-    return isinstance(getattr(unwrap_model(model), "g_a", None), AuxTransform)
+    """Whether ``model.g_a`` carries AuxT (wrappers of the model or of ``g_a`` seen through)."""
+    return isinstance(submodule(model, "g_a"), AuxTransform)
 
 
 class InputSizeCheck:
@@ -229,7 +266,11 @@ def attach_auxt(
     if has_auxt(model):
         raise ValueError("model already has AuxT attached")
     for side in ("g_a", "g_s"):
-        if not isinstance(getattr(model, side, None), nn.Sequential):
+        transform = getattr(model, side, None)
+        if transform is not None and unwrap_model(transform) is not transform:
+            raise ValueError(f"attach_auxt needs model.{side} unwrapped (it is {type(transform).__name__}): "
+                             f"attach AuxT before torch.compile")
+        if not isinstance(transform, nn.Sequential):
             raise ValueError(f"attach_auxt needs model.{side} to be an nn.Sequential")
     ga = trace_stages(model.g_a, 3, trace_size, "g_a")
     latent_channels = ga.channels[-1]
@@ -256,30 +297,107 @@ def attach_auxt(
 # ---------------------------------------------------------------------------------------------
 
 MODELS: dict[str, Callable[..., nn.Module]] = {}
-"""energylab's model registry: CompressAI name -> builder ``(N, M) -> nn.Module``."""
+"""energylab's model registry: name -> builder ``(N=None, M=None) -> nn.Module`` (None: the default
+width). Every builder checks the widths it is given (:func:`check_widths`) before it builds a layer."""
 
 
-def register_model(name: str, N: int, M: int | None) -> None:
+class WidthError(ValueError):
+    """Widths ``N`` / ``M`` that a registered model cannot be built with. One line naming the
+    command-line flag (``--N`` / ``--M``), the value, the model and the rule it breaks.
+
+    Attributes:
+        model: the registry name; field: ``"N"`` or ``"M"``; value: the width given; rule: the rule.
+    """
+
+    def __init__(self, model: str, field: str, value: object, rule: str) -> None:
+        self.model, self.field, self.value, self.rule = model, field, value, rule
+        super().__init__(f"--{field} {value} does not fit {model}: {field} {rule}")
+
+
+WidthRule = tuple[str, Callable[[int], bool], str]
+"""``(field, holds, rule)``: ``holds(width)`` is False for a width that breaks ``rule``."""
+
+_POSITIVE: tuple[WidthRule, ...] = (
+    ("N", lambda n: n >= 1, "must be at least 1 (the channels of the transforms)"),
+    ("M", lambda m: m >= 1, "must be at least 1 (the channels of the latent y)"),
+)
+
+WIDTH_RULES: dict[str, tuple[WidthRule, ...]] = {}
+"""The rules each registered model's ``N`` and ``M`` must follow, beyond being positive integers:
+found by building every model over a grid of small widths (``tests/test_model_inputs.py`` keeps
+that search): a width that breaks no rule builds and runs a forward pass with no empty layer."""
+
+
+def check_widths(name: str, N: object = None, M: object = None) -> None:
+    """Check widths for the registered model ``name`` (None: its default, always valid).
+
+    Raises:
+        WidthError: ``N`` / ``M`` not an integer, below 1, ``M`` given to a model without one, or
+            breaking a rule of :data:`WIDTH_RULES` (one line naming the flag and the rule).
+    """
+    given = {field: value for field, value in (("N", N), ("M", M)) if value is not None}
+    for field, value in given.items():
+        if isinstance(value, bool) or not _is_integer(value):
+            raise WidthError(name, field, repr(value), "must be an integer")
+    for field, holds, rule in (*_POSITIVE, *WIDTH_RULES.get(name, ())):
+        if field in given and not holds(operator.index(given[field])):
+            raise WidthError(name, field, given[field], rule)
+
+
+def _is_integer(value: object) -> bool:
+    try:
+        operator.index(value)
+    except TypeError:
+        return False
+    return True
+
+
+def _checked(name: str, build: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """``build`` behind :func:`check_widths`, for the registry."""
+
+    def checked(N: int | None = None, M: int | None = None) -> nn.Module:
+        check_widths(name, N, M)
+        return build(N=None if N is None else operator.index(N), M=None if M is None else operator.index(M))
+
+    checked.__doc__ = build.__doc__
+    return checked
+
+
+def register_model(name: str, N: int, M: int | None, rules: Iterable[WidthRule] = ()) -> None:
     """Register CompressAI's architecture ``name`` with default widths ``N`` and ``M``
-    (``M=None``: the model has no separate ``M``; its latent has ``N`` channels)."""
+    (``M=None``: the model has no separate ``M``; its latent has ``N`` channels) and the ``rules``
+    its widths must follow (:data:`WIDTH_RULES`)."""
     cls = COMPRESSAI_MODELS[name]
     defaults = {"N": N} if M is None else {"N": N, "M": M}
+    rules = tuple(rules)
+    if M is None:
+        rules += (("M", lambda m: False, "is not a width of this model: it has no M (its latent has N "
+                                         "channels); leave --M out and set --N"),)
+    WIDTH_RULES[name] = rules
 
     def build(N: int | None = None, M: int | None = None) -> nn.Module:
-        if M is not None and "M" not in defaults:
-            raise ValueError(f"model {name!r} has no M (its latent has N channels)")
         given = {k: v for k, v in (("N", N), ("M", M)) if v is not None}
         return cls(**{**defaults, **given})
 
-    MODELS[name] = build
+    MODELS[name] = _checked(name, build)
 
 
 # CompressAI's widths for its highest-quality configurations (compressai.zoo)
 for _name in ("bmshj2018-factorized", "bmshj2018-hyperprior", "mbt2018-mean", "mbt2018"):
     register_model(_name, N=192, M=320)
 register_model("cheng2020-anchor", N=192, M=None)
-register_model("elic2022-official", N=192, M=320)
-MODELS["tcm"] = build_tcm  # energylab.tcm: TCM (Liu et al., CVPR 2023), N=64, M=320 as in the AuxT release
+register_model("elic2022-official", N=192, M=320, rules=(
+    ("N", lambda n: n >= 2, "must be at least 2 (ELIC's residual bottleneck and attention blocks have "
+                            "N // 2 channels)"),
+    ("M", lambda m: m >= 129, "must be at least 129 (ELIC splits y into channel groups of 16, 16, 32, 64 "
+                              "and M - 128 channels)"),
+))
+# energylab.tcm: TCM (Liu et al., CVPR 2023), N=64, M=320 as in the AuxT release
+WIDTH_RULES["tcm"] = (
+    ("M", lambda m: m % TCM_SLICES == 0, f"must be a multiple of {TCM_SLICES} (TCM codes y in "
+                                         f"{TCM_SLICES} channel slices)"),
+)
+MODELS["tcm"] = _checked("tcm", build_tcm)
 
 
 def build_model(
@@ -309,6 +427,8 @@ def build_model(
     Raises:
         ValueError: unknown model name (listing the valid ones) or bad AuxT options; ``remove``
             without ``auxt``.
+        WidthError: ``N`` / ``M`` that the model cannot be built with (:func:`check_widths`), before
+            any layer is built.
     """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; valid names are: {', '.join(MODELS)}")

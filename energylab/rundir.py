@@ -4,7 +4,10 @@ A **run directory** (:class:`RunDir`; written by ``energylab.train``) holds:
 
 * ``config.json``: ``{"args": TrainConfig.to_dict(), "versions": {"energylab", "torch",
   "compressai", ...}, "device": "cpu", "world_size": 1, "git_revision": "…" or null, "created": ISO
-  time, "data": {"source", "train": [names], "test": [names]}}``; ``args`` holds every field of
+  time, "data": {"source", "train": [names], "test": [names]}}`` (the data trained on now), and,
+  after a resume that accepted a changed data folder (``--allow-data-change``), ``"data_changes":
+  [{"step", "added", "removed", "changed"}]`` (``"<train|test>/<name>"`` each; ``changed``:
+  another byte size or image size); ``args`` holds every field of
   :class:`energylab.config.TrainConfig` (``model``, ``N``, ``M``, ``auxt``, ``remove`` (list),
   ``wavelet``, ``g_a_placement``, ``g_s_placement``, ``lmbda``, ``ortho_weight``, ``steps``,
   ``batch_size``, ``lr``, ``data``, ``patch_size``, ``test_size``, ``eval_every``,
@@ -14,7 +17,9 @@ A **run directory** (:class:`RunDir`; written by ``energylab.train``) holds:
 * ``data_index.json``: the index of a data folder (file list and image sizes;
   :func:`energylab.data.index_folder` owns its content), reused while the folder is unchanged.
 * ``metrics.jsonl``: one line per logged training step: ``step``, ``loss``, ``mse``, ``bpp``,
-  ``psnr``, ``ortho_loss``, ``aux_loss``, ``lr``, ``wall_time`` (seconds since the run started,
+  ``psnr``, ``ortho_loss``, ``aux_loss``, ``lr``, ``skipped_steps`` / ``skipped_steps_total``
+  (training steps whose optimizer step fp16's gradient scaler skipped, since the previous record
+  and since the run began; 0 in fp32 and bf16), ``wall_time`` (seconds since the run started,
   excluding evaluation and capture).
 * ``eval.jsonl``: one line per evaluation on the test images: ``step``, ``loss``, ``bpp``
   (estimated from the likelihoods), ``mse``, ``psnr``, ``wall_time``.
@@ -47,13 +52,25 @@ A **run directory** (:class:`RunDir`; written by ``energylab.train``) holds:
   ``exp_s/<g_a|g_s>.gain<k>`` (4×C float32, subband-major ``exp(s)``), ``probe_y`` (C×h×w float32,
   the latent ``y`` of the first probe image).
 * ``checkpoint.pt``: ``{"model", "optimizer", "aux_optimizer", "scheduler" (the learning-rate
-  scheduler's state, or None), "scaler" (fp16's gradient scaler state, or None), "step", "rng",
-  "config", "wall_time"}``, written atomically (temporary file, fsync, rename) after every evaluation.
+  scheduler's state, or None), "scaler" (fp16's gradient scaler state, or None), "skipped"
+  (``{"total", "logged"}``: steps skipped by the scaler, in all and up to the last record), "step",
+  "rng", "config", "data_files" (a folder's indexed images, ``{"train", "test"}`` lists of
+  ``[name, bytes, height, width]``, compared on resume; None for the built-in set),
+  "wall_time"}``, written atomically (temporary file, fsync, rename) after every evaluation.
+* ``run.lock``: present while a training process runs in the directory (:class:`RunLock`); it
+  holds ``"<pid> <host>"``.
+* Every file is written beside itself and renamed (the ``.jsonl`` files appended, a failed append
+  cut back): a write that fails (a full disk) raises an ``OSError`` naming the file and replaces
+  nothing.
 * ``final.pt``: ``{"model": state_dict, "step", "config"}``, written atomically.
 * ``bitstream.json``: ``{"results": {key: value}, "per_image": [...]}``, the real-bitstream
   results of the final model (``energylab.evaluate``'s keys), written by the ablation.
 * ``tensorboard/``: TensorBoard events mirroring the ``.jsonl`` files (which are the source of
   truth).
+
+Every JSON file and line of every directory below is strict JSON (RFC 8259), written by
+:func:`to_json`: a value that is undefined (NaN, infinite) is ``null``, never a bare ``NaN`` /
+``Infinity`` token; the readers take such tokens of older files as ``null`` too.
 
 Every line of every ``.jsonl`` carries ``step``. Resuming from the checkpoint at step ``t`` drops
 every record and capture after ``t`` and purges the TensorBoard events after ``t``, so a resumed
@@ -78,10 +95,16 @@ and the figures as ``<name>.png``.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import functools
 import json
+import math
 import os
+import socket
 import sys
 import tempfile
+import time
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
@@ -92,7 +115,8 @@ import torch
 
 from energylab.config import TrainConfig
 
-__all__ = ["AblationDir", "AnalysisDir", "RunDir", "RunDirError", "atomic_save"]
+__all__ = ["AblationDir", "AnalysisDir", "RunDir", "RunDirError", "RunLock", "atomic_save", "json_safe",
+           "to_json", "write_error"]
 
 MIRRORED = ("coding_gain", "decorrelation_gain", "klt_coding_gain", "total_correlation",
             "offdiag_energy_ratio", "topk_energy_share", "effective_rank", "aux_energy_share",
@@ -106,28 +130,145 @@ class RunDirError(ValueError):
     file); one-line message naming the path."""
 
 
+def write_error(err: BaseException, path: Path) -> OSError | None:
+    """The ``OSError`` to raise for a failed write of ``path`` (None: ``err`` is not an I/O failure).
+
+    It names ``path`` itself (not the temporary file the write went to) and the cause, and says
+    that the previous ``path``, if any, is kept: every writer of a run directory writes beside the
+    file and renames, so a failed write replaces nothing. ``torch.save`` reports a failed write as
+    a ``RuntimeError`` of its zip writer with the ``OSError`` as its context: that cause is found
+    (and where it is lost, a full file system is recognised from its free space).
+    """
+    cause, seen = err, set()
+    while cause is not None and not isinstance(cause, OSError) and id(cause) not in seen:
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(cause, OSError):
+        number, reason = cause.errno, cause.strerror or str(cause) or type(cause).__name__
+    elif isinstance(err, RuntimeError) and any(
+            s in str(err) for s in ("inline_container", "PytorchStreamWriter", "file write failed")):
+        number, reason = errno.EIO, f"write failed ({' '.join(str(err).split())})"
+        try:
+            st = os.statvfs(path.parent)
+            if st.f_bavail * st.f_frsize < 1 << 20:
+                number, reason = errno.ENOSPC, os.strerror(errno.ENOSPC)
+        except OSError:
+            pass
+    else:
+        return None
+    kept = (f"not written; the previous {path.name} is kept" if path.exists()
+            else f"{path.name} was not written")
+    return OSError(number, f"{reason} ({kept})", str(path))
+
+
 def atomic_save(obj: Any, path: Path) -> None:
     """``torch.save`` to a temporary file beside ``path``, fsync, then rename over ``path``.
 
-    A crash leaves either the old file or the new one, never a partial file.
+    A crash leaves either the old file or the new one, never a partial file; the temporary file
+    is removed whatever fails.
+
+    Raises:
+        OSError: the write failed (a full disk, a quota, a permission): naming ``path``, the cause,
+            and that the previous file is kept (:func:`write_error`).
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as err:
+        raise write_error(err, path) from None
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
-        raise
+        failure = write_error(err, path) if isinstance(err, Exception) else None
+        if failure is None:
+            raise
+        raise failure from None
 
 
 def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    """Write ``text`` to a temporary file beside ``path``, then rename over ``path``.
+
+    Raises:
+        OSError: as :func:`atomic_save` (the temporary file removed, ``path`` untouched).
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise write_error(err, path) from None
+
+
+def _atomic_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """``numpy.savez_compressed`` beside ``path``, then rename over it (errors as :func:`atomic_save`)."""
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
+    try:
+        np.savez_compressed(tmp, **arrays)
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise write_error(err, path) from None
+
+
+def _appending(method):
+    """Decorate ``RunDir._append(self, name, records)``: a failed append (a full disk) is cut back
+    to the file's previous length, so no torn line is left, and raised as an ``OSError`` naming
+    the file (a failed ``write`` names none)."""
+
+    @functools.wraps(method)
+    def append(self, name: str, records: list[dict]) -> None:
+        path = self.path / name
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            size = 0
+        try:
+            method(self, name, records)
+        except OSError as err:
+            with contextlib.suppress(OSError):
+                os.truncate(path, size)
+            raise OSError(err.errno, f"{err.strerror or err} (the records were not appended)",
+                          str(path)) from None
+
+    return append
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` ready for strict JSON, where undefined is ``null``: every float that is not finite
+    (NaN, infinity; Python floats, NumPy scalars and array elements, torch scalars and tensor
+    elements) becomes ``None``; NumPy and torch numbers become Python numbers, arrays and tensors
+    nested lists, tuples lists. Dicts and lists are copied; anything else is returned as it is."""
+    if obj is None or isinstance(obj, str | bool | int):
+        return obj
+    if isinstance(obj, float):  # np.float64 too
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, np.generic | np.ndarray):
+        return json_safe(obj.tolist())
+    if isinstance(obj, torch.Tensor):
+        return json_safe(obj.detach().cpu().tolist())
+    return obj
+
+
+def to_json(obj: Any, **kwargs: Any) -> str:
+    """``json.dumps(json_safe(obj), allow_nan=False, **kwargs)``: the one writer of energylab's JSON
+    files, strict JSON (no ``NaN`` / ``Infinity`` tokens; undefined values are ``null``)."""
+    return json.dumps(json_safe(obj), allow_nan=False, **kwargs)
+
+
+def _undefined(token: str) -> None:
+    """``parse_constant`` of the readers: a ``NaN`` / ``Infinity`` token of an older file reads as
+    ``None``, as the writers write it now."""
+    return None
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -149,7 +290,7 @@ def _read_jsonl(path: Path) -> list[dict]:
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            records.append(json.loads(line, parse_constant=_undefined))
         except json.JSONDecodeError as exc:
             if number == len(lines) and not line.endswith("\n"):
                 warnings.warn(f"{path}: line {number} is incomplete (a write cut short), left out",
@@ -162,7 +303,7 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 def _read_json(path: Path) -> Any:
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(), parse_constant=_undefined)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise RunDirError(f"{path}: unreadable ({reason})") from None
@@ -178,7 +319,7 @@ def _correlation_image(cov: np.ndarray) -> np.ndarray:
 
 
 class Progress:
-    """tqdm bar on a terminal; plain periodic lines on stderr otherwise; nothing if disabled."""
+    """tqdm bar on a terminal (stderr); plain periodic lines on stdout otherwise; nothing if disabled."""
 
     def __init__(self, start: int, total: int, enabled: bool) -> None:
         self.enabled = enabled
@@ -194,16 +335,112 @@ class Progress:
         if not self.enabled:
             return
         text = f"loss {record['loss']:.4f} bpp {record['bpp']:.4f} psnr {record['psnr']:.2f}"
+        if record.get("skipped_steps_total"):
+            text += (f" skipped {record['skipped_steps']} step(s) since the last line, "
+                     f"{record['skipped_steps_total']} in all (fp16 gradient overflow)")
         if self.bar is not None:
             self.bar.update(record["step"] - self.last)
             self.bar.set_postfix_str(text)
         else:
-            print(f"step {record['step']}: {text}", file=sys.stderr, flush=True)
+            print(f"step {record['step']}: {text}", flush=True)  # a log: stdout (stderr: errors)
         self.last = record["step"]
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+class RunLock:
+    """An exclusive lock on a run directory, held by one training process for its whole run.
+
+    ``fcntl.flock`` (non-blocking) on ``<run>/run.lock``, which holds ``"<pid> <host>"`` of the
+    holder; the kernel drops the lock when the process ends, however it ends (a killed run leaves
+    the file, and the next run takes it over). Released, the file is removed (and the directory,
+    if the lock created it and nothing else was written in it). Where the file system has no
+    locks (some network file systems), a warning says so and the run goes on unlocked.
+
+    Raises:
+        RunDirError: on :meth:`acquire`, when another process holds the lock: one line naming the
+            directory and the holder's pid and host.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.dir = Path(path)
+        self.path = self.dir / RunDir.LOCK
+        self._fd: int | None = None
+        self._created = False
+
+    def __enter__(self) -> RunLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def acquire(self) -> None:
+        import fcntl
+
+        created = not self.dir.exists()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except FileNotFoundError:  # a process that failed at once removed the directory
+                self.dir.mkdir(parents=True, exist_ok=True)
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _lock_holder(fd)
+                os.close(fd)
+                raise RunDirError(f"{self.dir} is in use by another training process ({holder}); wait "
+                                  "for it to end, or choose another run directory") from None
+            except OSError as err:  # ENOLCK, EOPNOTSUPP: a file system without locks
+                os.close(fd)
+                warnings.warn(f"{self.path}: cannot lock ({err.strerror or err}); a second process on "
+                              f"{self.dir} would not be noticed", stacklevel=3)
+                return
+            try:  # the holder may have removed the file between our open and our lock
+                on_disk = os.stat(self.path)
+                same = (on_disk.st_ino, on_disk.st_dev) == (os.fstat(fd).st_ino, os.fstat(fd).st_dev)
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        self._fd, self._created = fd, created
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+        except OSError as err:
+            self.release()
+            raise OSError(err.errno, err.strerror, str(self.path)) from None
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            self.path.unlink(missing_ok=True)  # still locked: no one else can hold this file now
+            if self._created:
+                with contextlib.suppress(OSError):
+                    self.dir.rmdir()  # only if empty: a run that failed before writing anything
+        finally:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _lock_holder(fd: int) -> str:
+    """``pid <pid> on <host>`` from a lock file (the holder writes it right after locking)."""
+    text = ""
+    for _ in range(20):
+        text = os.pread(fd, 256, 0).decode(errors="replace").strip()
+        if text:
+            break
+        time.sleep(0.05)
+    pid, _, host = text.partition(" ")
+    if not pid:
+        return "pid unknown"
+    return f"pid {pid} on {host}" if host and host != socket.gethostname() else f"pid {pid}"
 
 
 class RunDir:
@@ -226,6 +463,7 @@ class RunDir:
     BITSTREAM = "bitstream.json"
     TENSORBOARD = "tensorboard"
     DATA_INDEX = "data_index.json"
+    LOCK = "run.lock"
 
     def __init__(self, path: Path | str, *, write: bool = True) -> None:
         self.path = Path(path)
@@ -256,6 +494,11 @@ class RunDir:
     @property
     def data_index_path(self) -> Path:
         return self.path / self.DATA_INDEX
+
+    def lock(self) -> RunLock | contextlib.nullcontext:
+        """The run's exclusive lock (:class:`RunLock`), to hold with ``with`` for a whole run;
+        nothing on a process that does not write."""
+        return RunLock(self.path) if self.write else contextlib.nullcontext()
 
     def is_run(self) -> bool:
         """Whether the directory has a ``config.json`` (a run was started in it)."""
@@ -388,7 +631,7 @@ class RunDir:
         if self.write:
             self.path.mkdir(parents=True, exist_ok=True)
             record = {"args": config.to_dict(), **{k: v for k, v in meta.items() if k != "args"}}
-            _atomic_text(self.path / self.CONFIG, json.dumps(record, indent=2) + "\n")
+            _atomic_text(self.path / self.CONFIG, to_json(record, indent=2) + "\n")
 
     def resume(self, step: int) -> None:
         """Continue a run from its checkpoint at ``step``: drop every record and capture after
@@ -398,7 +641,7 @@ class RunDir:
             return
         for name in self.LOGS:
             kept = [r for r in _read_jsonl(self.path / name) if r["step"] <= step]
-            _atomic_text(self.path / name, "".join(json.dumps(r) + "\n" for r in kept))
+            _atomic_text(self.path / name, "".join(to_json(r) + "\n" for r in kept))
         for captured, path in self.capture_files():
             if captured > step:
                 path.unlink()
@@ -408,10 +651,11 @@ class RunDir:
         self._purge_step = step + 1
         self.writer.add_text("resume", f"resumed at step {step}", step)
 
+    @_appending
     def _append(self, name: str, records: list[dict]) -> None:
         with open(self.path / name, "a") as f:
             for record in records:
-                f.write(json.dumps(record) + "\n")
+                f.write(to_json(record) + "\n")
             f.flush()
 
     def log_metrics(self, record: dict) -> None:
@@ -438,9 +682,7 @@ class RunDir:
         self._append(self.ENERGY, records)
         captures = self.path / self.CAPTURES
         captures.mkdir(exist_ok=True)
-        tmp = captures / f".step_{step:07d}.tmp.npz"
-        np.savez_compressed(tmp, **arrays)
-        os.replace(tmp, captures / f"step_{step:07d}.npz")
+        _atomic_npz(captures / f"step_{step:07d}.npz", arrays)
         for record in records:
             for key in MIRRORED:
                 if record.get(key) is not None:  # None: infinite for a singular covariance
@@ -449,12 +691,17 @@ class RunDir:
             self.writer.add_image("y/channel_correlation", _correlation_image(arrays["cov/y"]), step)
 
     def save_checkpoint(self, checkpoint: dict) -> None:
-        """Write the training checkpoint atomically."""
+        """Write the training checkpoint atomically.
+
+        Raises:
+            OSError: the write failed (naming ``checkpoint.pt`` and the cause; the previous
+                checkpoint is kept, no temporary file is left).
+        """
         if self.write:
             atomic_save(checkpoint, self.checkpoint_path)
 
     def save_final(self, final: dict) -> None:
-        """Write the final model atomically."""
+        """Write the final model atomically (a failed write: as :meth:`save_checkpoint`)."""
         if self.write:
             atomic_save(final, self.final_path)
 
@@ -462,7 +709,7 @@ class RunDir:
         """Write the real-bitstream results of the final model."""
         if self.write:
             _atomic_text(self.path / self.BITSTREAM,
-                         json.dumps({"results": results, "per_image": per_image}, indent=2) + "\n")
+                         to_json({"results": results, "per_image": per_image}, indent=2) + "\n")
 
     def progress(self, start: int, total: int) -> Progress:
         """A progress display from ``start`` to ``total`` steps (silent if not writing)."""
@@ -512,7 +759,7 @@ class AblationDir:
     def write_meta(self, meta: dict) -> None:
         """Write ``ablation.json`` (creating the directory)."""
         self.path.mkdir(parents=True, exist_ok=True)
-        _atomic_text(self.path / self.META, json.dumps(meta, indent=2) + "\n")
+        _atomic_text(self.path / self.META, to_json(meta, indent=2) + "\n")
 
     def cell(self, variant: str, seed: int, lmbda: float | None = None) -> RunDir:
         """The run directory of one cell; ``lmbda`` only in an R-D sweep."""
@@ -581,4 +828,4 @@ class AnalysisDir:
             tmp = self.path / self.ARRAYS / f".{index}.tmp.npz"
             np.savez_compressed(tmp, **named)
             os.replace(tmp, self.arrays_path(index))
-        _atomic_text(self.path / self.ANALYSIS, json.dumps(analysis, indent=1, allow_nan=False) + "\n")
+        _atomic_text(self.path / self.ANALYSIS, to_json(analysis, indent=1) + "\n")

@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -66,7 +65,7 @@ from scipy.integrate import trapezoid
 
 from energylab.bdrate import METHOD as BD_METHOD
 from energylab.bdrate import bd_rate
-from energylab.rundir import RunDir
+from energylab.rundir import RunDir, to_json
 from energylab.stats import paired_difference
 
 __all__ = [
@@ -255,7 +254,7 @@ def _cell_summary(logs: CellLogs, target: float | None) -> dict[str, float | Non
     if target is not None:
         steps = np.array([r["step"] for r in evals], dtype=float)
         times = np.array([r["wall_time"] for r in evals], dtype=float)
-        curve = _smoothed(np.array([r["loss"] for r in evals]))
+        curve = _smoothed(np.array([r["loss"] for r in evals], dtype=float))  # null: NaN, never reached
         out["steps_to_target"] = _crossing(steps, curve, target)
         out["time_to_target"] = _crossing(times, curve, target)
         for m in TARGET_MARGINS:
@@ -410,7 +409,7 @@ def _causal(per_cell: dict, variants: Sequence[str], seeds: Sequence[int]) -> di
 def _target(evals: Sequence[dict]) -> float | None:
     if not evals:
         return None
-    return float(np.mean([r["loss"] for r in evals[-SMOOTH:]]))
+    return float(np.mean(np.array([r["loss"] for r in evals[-SMOOTH:]], dtype=float)))  # null: NaN
 
 
 def _mean_std(values: list) -> tuple[float | None, float | None, int]:
@@ -650,5 +649,6 @@ def format_csv(summary: dict) -> str:
 
 
 def format_json(summary: dict) -> str:
-    """The summary as indented JSON text."""
-    return json.dumps(summary, indent=2) + "\n"
+    """The summary as indented strict JSON text: a value that is undefined (NaN, infinite) is
+    ``null`` (:func:`energylab.rundir.to_json`)."""
+    return to_json(summary, indent=2) + "\n"

@@ -60,12 +60,15 @@ from timm.layers import DropPath, trunc_normal_
 from timm.models.swin_transformer import get_relative_position_index, window_partition, window_reverse
 from torch import Tensor, nn
 
-__all__ = ["TCM", "ConvTransBlock", "SWAtten", "SwinBlock", "TransformerBlock", "WMSA", "build_tcm"]
+__all__ = ["NUM_SLICES", "TCM", "ConvTransBlock", "SWAtten", "SwinBlock", "TransformerBlock", "WMSA",
+           "build_tcm"]
 
 HEAD_DIM = (8, 16, 32, 32, 16, 8)
 """The release's attention head widths for the three stages of ``g_a`` then of ``g_s``."""
 CONFIG = (2, 2, 2, 2, 2, 2)
 """The release's number of TCM blocks per stage (``g_a`` stages 1-3, ``g_s`` stages 1-3)."""
+NUM_SLICES = 5
+"""The release's channel slices of ``y`` in the entropy model (``M`` must be a multiple)."""
 
 
 def ste_round(x: Tensor) -> Tensor:
@@ -274,7 +277,7 @@ class TCM(CompressionModel):
         head_dim: Sequence[int] = HEAD_DIM,
         window_size: int = 8,
         drop_path_rate: float = 0.0,
-        num_slices: int = 5,
+        num_slices: int = NUM_SLICES,
         max_support_slices: int = 5,
         hyper_channels: int = 192,
         hyper_head_dim: int = 32,

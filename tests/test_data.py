@@ -697,24 +697,23 @@ def test_small_images_skip_or_error(tmp_path: Path) -> None:
     _assert_one_line(err, "8 of 8", "81x81")
 
 
-def test_stream_bad_file_stops_with_one_line(tmp_path: Path) -> None:
+def test_bad_file_is_dropped_at_indexing_and_never_stops_the_stream(tmp_path: Path) -> None:
     _folder(tmp_path / "train", 2)
     _folder(tmp_path / "test", 1)
     jpg = io.BytesIO()
     Image.fromarray(_rgb(80, 80)).save(jpg, format="JPEG")
     (tmp_path / "train" / "t.jpg").write_bytes(jpg.getvalue()[: len(jpg.getvalue()) // 2])
-    index = D.index_folder(tmp_path)
-    assert "t.jpg" in [im.name for im in index.train]  # the header reads
-    for workers in (0, 2):
-        with pytest.raises(D.DataError) as err:
-            list(D.TrainStream(index, 32, 8, seed=0, workers=workers).batches(0, 4))
-        _assert_one_line(err, "t.jpg", "truncated")
+    with pytest.warns(D.DataWarning, match="t.jpg.*truncated") as record:
+        index = D.index_folder(tmp_path)  # the header reads, the pixels do not: dropped
+    assert len(record) == 1 and "t.jpg" not in [im.name for im in index.train]
+    assert [d["file"] for d in index.dropped] == [str(tmp_path / "train" / "t.jpg")]
     (tmp_path / "train" / "t.jpg").unlink()
     index = D.index_folder(tmp_path)
     _save(tmp_path / "train" / "img00.png", _rgb(70, 90))  # changed after indexing
-    with pytest.raises(D.DataError) as err:
-        list(D.TrainStream(index, 32, 8, seed=0, workers=0).batches(0, 4))
-    _assert_one_line(err, "img00.png", "70x90", "80x80", "index again")
+    for workers in (0, 2):
+        with pytest.warns(D.DataWarning, match="img00.png.*70x90.*80x80.*index again") as record:
+            batches = [b for _, b in D.TrainStream(index, 32, 8, seed=0, workers=workers).batches(0, 4)]
+        assert len(record) == 1 and all(b.shape == (8, 3, 32, 32) for b in batches)
 
 
 def test_stream_bad_arguments(builtin: D.Dataset) -> None:

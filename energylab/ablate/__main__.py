@@ -32,7 +32,7 @@ __all__ = ["base_config", "build_parser", "launch_options", "main", "run"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = cli.Parser(
         prog="python -m energylab.ablate",
         description="Train baseline, AuxT and AuxT-without-components on equal terms; summarise.",
     )

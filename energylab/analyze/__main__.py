@@ -16,7 +16,7 @@ __all__ = ["main"]
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = cli.Parser(
         prog="python -m energylab.analyze",
         description="Latent statistics of trained models: every statistic of every captured layer "
         "on a folder of images, written to the analysis directory OUT (statistics JSON, arrays, figures).",

@@ -9,19 +9,31 @@ conventions are those of CompressAI's ``compressai.utils.eval_model``:
 * the images are checked first (:func:`check_image`): ``(3, H, W)`` floats in ``[0, 1]``; values
   outside it (an image multiplied by 255) or a brightest value at most 1/255 (divided by 255
   twice) are refused with one line naming the image and its range;
-* ``model.update(force=True)`` (after :func:`fit_quantiles` if asked; ``eval_model`` does not),
-  then per image a real ``compress`` / ``decompress``. By default (``padding="compressai"``) the
-  image is padded as ``eval_model`` pads it: centred, with zeros, to a multiple of 64
-  (``compressai.ops.compute_padding``), and the reconstruction is unpadded the same way;
+* then the weights (:func:`check_weights`): a model with a NaN or infinite
+  parameter or buffer is not coded (CompressAI's rANS coder would hang on the NaN latents, or
+  write garbage) and :class:`NonFiniteError` names the tensors; while coding, every floating tensor
+  handed to an entropy model's ``compress`` / ``quantize`` / ``build_indexes`` (latents, means,
+  scales) is checked too, naming the module and the argument;
+* the quantiles: when the entropy bottlenecks' ``aux_loss`` per quantile
+  (:func:`aux_loss_per_quantile`) exceeds :data:`UNFITTED_AUX_LOSS` the quantiles have not
+  converged (never fitted by the aux optimiser) and the coder's tables would not match the
+  likelihoods, so they are fitted first (:func:`fit_quantiles`; ``eval_model`` does not), the fit
+  recorded as ``quantiles-fitted`` with ``aux-loss-as-trained`` and a note. ``fit=True``
+  (``--fit-quantiles``) fits whatever the aux loss, ``fit=False`` (``--no-fit-quantiles``) never;
+  a converged model is coded as ``eval_model`` codes it;
+* ``model.update(force=True)``, then per image a real ``compress`` / ``decompress``. By default
+  (``padding="compressai"``) the image is padded as ``eval_model`` pads it: centred, with zeros,
+  to a multiple of 64 (``compressai.ops.compute_padding``), and the reconstruction is unpadded the same way;
   ``padding="replicate"`` pads bottom/right replicating the last row and column
   (:func:`energylab.data.pad_to_multiple`) to the model's ``downsampling_factor``. The padding
   used is recorded with every image;
 * ``bpp`` = bytes of every string ``compress`` produced x 8 / (H x W of the original image);
   beside it ``bpp-estimated`` = -log2 of the likelihoods of ``model(x)`` (eval mode, same padded
   input) / the same pixel count. When they differ by more than :data:`BPP_GAP_LIMIT` of the
-  estimate a ``RuntimeWarning`` names the likely cause (latents outside the entropy bottleneck's
-  quantile range, quantiles not fitted, stale coder tables), recorded in the image's ``notes``
-  with ``bpp-gap``, ``escape-share`` and the model's ``aux-loss`` per quantile;
+  estimate a ``RuntimeWarning`` names the likely cause, judged in this order: quantiles not
+  converged (the aux loss per quantile above :data:`UNFITTED_AUX_LOSS`), latents outside the entropy
+  bottleneck's quantile range (escape-coded), stale coder tables; recorded in the image's
+  ``notes`` with ``bpp-gap``, ``escape-share`` and the model's ``aux-loss`` per quantile;
 * encoder/decoder agreement: the decoder's ``y_hat`` (the input of ``g_s`` in ``decompress``) is
   compared with the encoder's ``y`` (the output of ``g_a`` in ``compress``); every CompressAI
   model quantises as ``round(y - mu) + mu``, so ``|y_hat - y| <= 1/2`` when both sides share
@@ -44,9 +56,10 @@ R-D curve that ``python -m compressai.utils.plot --results-file FILE`` reads. ``
 each image's name, height, width and the conversion its file went through (alpha, CMYK, ...;
 :func:`conversion_rule`); each entry of ``runs`` its path, architecture (with the checkpoint layout
 recognised) and :func:`run_record` (padding, quantiles, largest bpp gap, latent errors, every
-note). ``--per-image`` adds ``"per_image"``: per run, one dict per image. A value that is not a
-finite number (PSNR of a lossless reconstruction, MS-SSIM of a small image) is ``null``, and a
-run's average of a metric is ``null`` when any image's value is.
+note). ``--per-image`` adds ``"per_image"``: per run, one dict per image (``null`` for a run not
+coded). A value that is not a finite number (PSNR of a lossless reconstruction, MS-SSIM of a small
+image) is ``null``, and a run's average of a metric is ``null`` when any image's value is; the file
+is strict JSON (:func:`energylab.rundir.to_json`).
 
 Images (``--data``): ``builtin`` (the built-in test photographs,
 :data:`energylab.data.BUILTIN_TEST`), a folder in CompressAI's layout (its ``test/`` images) or any
@@ -58,11 +71,19 @@ RGB files the pixels are those ``eval_model`` reads; for other modes the rule ap
 also descends into subfolders).
 
 Bad input (a missing path, an unreadable or unfitting checkpoint, no images) prints
-``error: <one line>`` on stderr and exits with status 2.
+``error: <one line>`` on stderr and exits with status 2, before anything is coded or written.
+
+A run whose weights, latents, means or scales are not finite (:class:`NonFiniteError`) is bad input
+found while evaluating: it is not coded, its results are ``null`` and its ``runs`` entry carries
+``"not-evaluated"`` (the reason, naming the tensor) and the same line in ``notes``; every other RUN
+is evaluated and the JSON is written all the same. The command then prints ``error: <RUN>: not
+evaluated (...); its results are null in <out>`` on stderr and exits with status 2 (bad input, as
+:mod:`energylab.cli` documents), so a script sees the failure and still has the other results.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 import warnings
@@ -72,7 +93,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from compressai.entropy_models import EntropyBottleneck
+from compressai.entropy_models import EntropyBottleneck, EntropyModel
 from compressai.ops import compute_padding
 from PIL import Image
 from pytorch_msssim import ms_ssim
@@ -102,10 +123,12 @@ __all__ = [
     "PADDINGS",
     "RESULT_KEYS",
     "EvaluationError",
+    "NonFiniteError",
     "arch_from_args",
     "architecture_label",
     "aux_loss_per_quantile",
     "check_image",
+    "check_weights",
     "coding_multiple",
     "conversion_rule",
     "evaluate_image",
@@ -132,6 +155,12 @@ class EvaluationError(ValueError):
 
     def __init__(self, message: str) -> None:
         super().__init__(" ".join(str(message).split()))
+
+
+class NonFiniteError(EvaluationError):
+    """A model that cannot be coded because a tensor is not finite (NaN or infinite): a weight
+    (:func:`check_weights`), or a latent, mean or scale on its way to the entropy coder. The
+    message is one line naming the tensor(s); nothing was coded."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -358,7 +387,11 @@ ESCAPE_LIMIT = 1e-3
 cause is named as latents wider than the learned density."""
 
 UNFITTED_AUX_LOSS = 1.0
-"""``aux_loss`` per quantile (3 per channel) above which the quantiles count as not fitted."""
+"""``aux_loss`` per quantile (3 per channel) above which the quantiles count as not converged:
+each term is ``|logit(CDF(q)) - target|``, so above 1 a quantile's tail probability is off by more
+than a factor e on average (0 when fitted; CompressAI's initial quantiles give about 10-15, a model
+trained without the aux optimiser stays there). :func:`evaluate_model` then fits them before
+coding unless told not to (``fit=False``)."""
 
 
 def check_image(name: str, x: Tensor) -> None:
@@ -482,21 +515,106 @@ def _escape_share(inputs: list[tuple[EntropyBottleneck, Tensor]]) -> float | Non
 
 
 def _gap_cause(escape: float | None, aux: float | None) -> str:
+    """The likely cause of a bpp gap: unconverged quantiles first (they also put latents outside
+    the quantile range, so an escape share alone does not tell), then escapes, then stale tables."""
+    if aux is not None and aux > UNFITTED_AUX_LOSS:
+        outside = (f"; {100 * escape:.1f} % of its input lies outside their range (escape-coded)"
+                   if escape else "")
+        return (
+            f"the entropy bottleneck's quantiles are not converged (aux_loss {aux:.3g} per quantile "
+            f"> {UNFITTED_AUX_LOSS:g}){outside}: fit them before coding (evaluate's default; "
+            f"fit=True, --fit-quantiles) or train with the aux optimiser"
+        )
     if escape is not None and escape > ESCAPE_LIMIT:
         return (
             f"{100 * escape:.1f} % of the entropy bottleneck's input lies outside its quantile "
             f"range (escape-coded): the latents are wider than the density it learned (rescaled "
             f"after training, or the entropy model not trained with them)"
         )
-    if aux is not None and aux > UNFITTED_AUX_LOSS:
-        return (
-            f"the entropy bottleneck's quantiles are not fitted (aux_loss {aux:.3g} per quantile): "
-            f"train with the aux optimiser, or evaluate with fit_quantiles"
-        )
     return (
         "the entropy coder's tables do not match the model's likelihoods (update() not run after a "
         "change?)"
     )
+
+
+def _nonfinite(t: Tensor) -> str | None:
+    """``"3 NaN and 1 infinite of 1200 values"`` for a floating tensor holding non-finite values,
+    else None."""
+    if not t.is_floating_point() or bool(torch.isfinite(t).all()):
+        return None
+    nan = int(torch.isnan(t).sum())
+    inf = int(torch.isinf(t).sum())
+    parts = [f"{nan} NaN"] * bool(nan) + [f"{inf} infinite"] * bool(inf)
+    return f"{' and '.join(parts)} of {t.numel()} values"
+
+
+def check_weights(model: nn.Module, what: str = "model") -> None:
+    """Refuse a model with a parameter or a floating buffer that is not finite.
+
+    Such a model cannot be coded: a NaN weight makes every latent NaN, and CompressAI's rANS coder
+    then loops (for hours) on the symbols the NaN turn into; a NaN quantile corrupts the tables.
+
+    Raises:
+        NonFiniteError: one line naming the tensors (state-dict keys, in order; the first three,
+            then how many more) and how many of their values are NaN or infinite.
+    """
+    bad = []
+    for key, t in unwrap_model(model).state_dict(keep_vars=True).items():
+        found = _nonfinite(t.detach())
+        if found is not None:
+            bad.append(f"{key} ({found})")
+    if bad:
+        more = f" and {len(bad) - 3} more tensors" if len(bad) > 3 else ""
+        raise NonFiniteError(f"{what} has non-finite weights, not coded: {', '.join(bad[:3])}{more}")
+
+
+class _CodingGuard:
+    """While active (``with``), every entropy model's ``compress``, ``quantize`` and
+    ``build_indexes`` refuse a floating tensor argument that is not finite (:class:`NonFiniteError`
+    naming the argument and the module) before it reaches the entropy coder: the latents, means and
+    scales, whichever path a model codes by (CompressAI's ``compress``, or its own rANS calls after
+    ``quantize`` / ``build_indexes``, as TCM's)."""
+
+    METHODS = ("compress", "quantize", "build_indexes")
+
+    def __init__(self, model: nn.Module, image: str) -> None:
+        self.model, self.image = model, image
+        self.patched: list[tuple[nn.Module, str]] = []
+
+    def __enter__(self) -> _CodingGuard:
+        for name, module in self.model.named_modules():
+            if not isinstance(module, EntropyModel):
+                continue
+            for method in self.METHODS:
+                original = getattr(module, method, None)
+                if callable(original):
+                    object.__setattr__(module, method, self._guarded(name or "model", method, original))
+                    self.patched.append((module, method))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for module, method in self.patched:
+            object.__delattr__(module, method)
+        self.patched.clear()
+
+    def _guarded(self, module: str, method: str, original):
+        signature = inspect.signature(original)
+
+        def guarded(*args, **kwargs):
+            try:
+                bound = signature.bind(*args, **kwargs).arguments
+            except TypeError:
+                bound = dict(enumerate(args)) | kwargs
+            for arg, value in bound.items():
+                found = _nonfinite(value.detach()) if isinstance(value, Tensor) else None
+                if found is not None:
+                    raise NonFiniteError(
+                        f"image {self.image}: {arg} of {module}.{method}() has {found}, not coded "
+                        f"(the entropy coder would hang or write garbage)"
+                    )
+            return original(*args, **kwargs)
+
+        return guarded
 
 
 class _Capture:
@@ -577,6 +695,9 @@ def evaluate_image(
 
     Raises:
         EvaluationError: a bad image (:func:`check_image`).
+        NonFiniteError: a weight of ``model`` or ``decoder`` that is not finite
+            (:func:`check_weights`), or a latent, mean or scale that is not finite on its way to
+            the entropy coder (naming the argument and the entropy model); nothing is coded.
         ValueError: an unknown ``padding``.
     """
     if padding not in PADDINGS:
@@ -584,6 +705,9 @@ def evaluate_image(
     check_image(name, x)
     model = unwrap_model(model)
     decoder = model if decoder is None else unwrap_model(decoder)
+    check_weights(model)
+    if decoder is not model:
+        check_weights(decoder, "decoder")
     device = next(model.parameters()).device
     h, w = x.shape[-2:]
     x = x.unsqueeze(0).to(device)
@@ -598,7 +722,8 @@ def evaluate_image(
     try:
         _sync(device)
         start = time.perf_counter()
-        enc = model.compress(padded)
+        with _CodingGuard(model, name):
+            enc = model.compress(padded)
         _sync(device)
         encoding_time = time.perf_counter() - start
         y = capture.y
@@ -698,23 +823,28 @@ def evaluate_model(
     images: Sequence[tuple[str, Tensor]],
     *,
     padding: str = "compressai",
-    fit: bool = False,
+    fit: bool | None = None,
     decoder: nn.Module | None = None,
     conversions: Mapping[str, str] | None = None,
 ) -> tuple[dict[str, float | None], list[dict[str, Any]]]:
-    """Check every image, ``update(force=True)`` the model, then :func:`evaluate_image` each.
+    """Check every image and the weights, fit unconverged quantiles, ``update(force=True)`` the
+    model, then :func:`evaluate_image` each.
 
-    With the defaults the numbers are those of ``compressai.utils.eval_model checkpoint`` on the
-    same model and images (its ``update(force=True)``, padding, metrics and bpp).
+    With the defaults, for a model whose quantiles have converged (the aux loss per quantile at
+    most :data:`UNFITTED_AUX_LOSS`), the numbers are those of ``compressai.utils.eval_model
+    checkpoint`` on the same model and images (its ``update(force=True)``, padding, metrics and bpp).
 
     Args:
         model: a CompressAI model (a DataParallel/DDP wrapper is seen through); switched to eval
             mode and ``update()``-d in place.
         images: ``(name, (3, H, W) float in [0, 1])`` pairs.
         padding: one of :data:`PADDINGS`.
-        fit: :func:`fit_quantiles` (in place) before ``update`` (not done by ``eval_model``, so
-            numbers may then differ from it).
-        decoder: another model to decompress with (``update()``-d too); default ``model``.
+        fit: :func:`fit_quantiles` (in place) before ``update``: ``None`` (default) when the
+            quantiles have not converged (aux loss per quantile above :data:`UNFITTED_AUX_LOSS`),
+            ``True`` always, ``False`` never (``eval_model`` never fits, so with a fit the numbers
+            may differ from its).
+        decoder: another model to decompress with (checked, fitted by the same rule and
+            ``update()``-d too); default ``model``.
         conversions: per image name, how its file was turned into RGB (:func:`image_conversions`),
             recorded in its row.
 
@@ -722,11 +852,15 @@ def evaluate_model(
         ``(averages, per_image)``: ``averages[key]`` for each of :data:`RESULT_KEYS`, the mean
         over images (``None`` if any image's value is ``None``); ``per_image`` the
         :func:`evaluate_image` dicts with ``"image"`` (name), ``"conversion"`` (or ``None``),
-        ``"padding"``, ``"aux-loss"`` (:func:`aux_loss_per_quantile` when coded) and
-        ``"quantiles-fitted"`` added, in order.
+        ``"padding"``, ``"aux-loss"`` (:func:`aux_loss_per_quantile` when coded),
+        ``"aux-loss-as-trained"`` (before any fit), ``"quantiles-fitted"`` and ``"model-notes"``
+        (one-line notes on the model: the fit, or unconverged quantiles coded as they are) added,
+        in order.
 
     Raises:
         EvaluationError: no images, or a bad image (:func:`check_image`, before any coding).
+        NonFiniteError: a weight, latent, mean or scale that is not finite (naming it; before
+            any coding for a weight).
     """
     if not images:
         raise EvaluationError("no images to evaluate")
@@ -734,11 +868,15 @@ def evaluate_model(
         check_image(name, x)
     model = unwrap_model(model)
     model.eval()
-    if fit:
-        fit_quantiles(model)
-    model.update(force=True)
+    check_weights(model)
     if decoder is not None:
         decoder = unwrap_model(decoder).eval()
+        check_weights(decoder, "decoder")
+    as_trained = aux_loss_per_quantile(model)
+    fitted, model_notes = _settle_quantiles(model, fit)
+    model.update(force=True)
+    if decoder is not None:
+        _settle_quantiles(decoder, fit)
         decoder.update(force=True)
     aux = aux_loss_per_quantile(model)
     multiple = coding_multiple(model, padding)
@@ -746,7 +884,8 @@ def evaluate_model(
     for name, x in images:
         row = evaluate_image(model, x, multiple, padding=padding, decoder=decoder, name=name)
         extra = {"conversion": (conversions or {}).get(name), "padding": padding, "aux-loss": aux,
-                 "quantiles-fitted": fit}
+                 "aux-loss-as-trained": as_trained, "quantiles-fitted": fitted,
+                 "model-notes": model_notes}
         per_image.append({"image": name, **row, **extra})
     averages: dict[str, float | None] = {}
     for key in RESULT_KEYS:
@@ -755,10 +894,30 @@ def evaluate_model(
     return averages, per_image
 
 
+def _settle_quantiles(model: nn.Module, fit: bool | None) -> tuple[bool, list[str]]:
+    """Fit ``model``'s quantiles (in place) as :func:`evaluate_model`'s ``fit`` says; returns
+    whether they were fitted and the note saying what was done (none for a converged model)."""
+    before = aux_loss_per_quantile(model)
+    if before is None:
+        return False, []
+    converged = before <= UNFITTED_AUX_LOSS
+    if fit is False or (fit is None and converged):
+        if converged:
+            return False, []
+        return False, [f"quantiles not converged (aux_loss {before:.3g} per quantile > "
+                       f"{UNFITTED_AUX_LOSS:g}), coded as trained (fit=False, --no-fit-quantiles): the "
+                       f"real bpp may exceed the estimate"]
+    after = fit_quantiles(model)
+    why = (f"not converged (aux_loss {before:.3g} per quantile > {UNFITTED_AUX_LOSS:g})"
+           if fit is None else f"asked (fit=True, --fit-quantiles; aux_loss {before:.3g} per quantile)")
+    return True, [f"quantiles fitted before coding, {why}: aux_loss now {after:.3g} per quantile "
+                  f"(fit_quantiles; eval_model does not fit, --no-fit-quantiles codes them as trained)"]
+
+
 def run_record(per_image: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """What the results JSON keeps of one run's per-image rows even without ``--per-image``:
-    ``{"padding", "quantiles-fitted", "aux-loss", "max-abs-bpp-gap", "latent-errors",
-    "notes": ["<image>: <note>", ...]}``."""
+    ``{"padding", "quantiles-fitted", "aux-loss", "aux-loss-as-trained", "max-abs-bpp-gap",
+    "latent-errors", "notes": [<model note>, ..., "<image>: <note>", ...]}``."""
     gaps = [abs(r["bpp-gap"]) for r in per_image if r.get("bpp-gap") is not None]
     errors = [r["latent-errors"] for r in per_image if r.get("latent-errors") is not None]
     first = per_image[0] if per_image else {}
@@ -766,9 +925,11 @@ def run_record(per_image: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "padding": first.get("padding"),
         "quantiles-fitted": first.get("quantiles-fitted"),
         "aux-loss": first.get("aux-loss"),
+        "aux-loss-as-trained": first.get("aux-loss-as-trained"),
         "max-abs-bpp-gap": max(gaps) if gaps else None,
         "latent-errors": sum(errors) if errors else None,
-        "notes": [f"{r['image']}: {note}" for r in per_image for note in r.get("notes", ())],
+        "notes": [*first.get("model-notes", ()),
+                  *(f"{r['image']}: {note}" for r in per_image for note in r.get("notes", ()))],
     }
 
 

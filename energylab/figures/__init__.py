@@ -127,7 +127,7 @@ def reference_dir() -> Path:
     Raises:
         FigureError: no ``data/reference`` beside the package (an installed wheel ships no data).
     """
-    path = Path(__file__).resolve().parent.parent / "data" / "reference"
+    path = Path(__file__).resolve().parents[2] / "data" / "reference"
     if not path.is_dir():
         raise FigureError(f"no reference results at {path} (they ship with the source repository, "
                           "not the installed package); give a run or ablation directory instead")

@@ -14,7 +14,7 @@ __all__ = ["main"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
+    p = cli.Parser(
         prog="python -m energylab.figures",
         description="Draw the figures of a run or an ablation directory (PNG and PDF).")
     p.add_argument("dir", type=Path, help="a run directory or an ablation directory")

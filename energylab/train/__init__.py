@@ -13,7 +13,18 @@ Order of a run, with ``t`` the number of completed training steps: at ``t = 0`` 
 ``eval_every`` / ``capture_every`` steps (and at the end) capture / evaluate; a checkpoint is
 written atomically after every evaluation. ``resume`` restarts from the run's checkpoint and drops
 anything the run directory holds beyond it, so on the CPU a resumed run writes the same numbers as an
-uninterrupted one.
+uninterrupted one. One process at a time trains in a run directory (:class:`energylab.rundir.RunLock`).
+
+Divergence: every step adds "is the loss, the quantiles' aux loss or the gradient norm non-finite"
+to a flag kept on the device (no host sync per step); the flag, and whether every parameter is
+finite, is read once at each boundary -- a logging step, a capture, an evaluation -- before
+anything of the steps since the last boundary is written, so no record, capture or checkpoint of
+a diverged model is written and the last good checkpoint stays.
+
+fp16: a step whose scaled gradients overflow is skipped by the gradient scaler (weights unchanged,
+scale halved). It counts toward ``steps`` (every step draws its batch, so a resumed run stays
+exact) but not toward the learning-rate schedule, which steps on applied optimizer steps only;
+``metrics.jsonl`` and the console count the skipped steps.
 
 Paired noise: CompressAI draws the training quantisation noise (``uniform_(-0.5, 0.5)`` in the
 entropy models' ``forward``) from the global RNG. Each training forward runs in a forked RNG seeded
@@ -23,6 +34,7 @@ same step whatever its model's construction drew, and the RNG outside the forwar
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
 import subprocess
@@ -47,6 +59,8 @@ from energylab.data import (
     BUILTIN_TEST,
     PROBE_MIN_POSITIONS,
     PROBE_MIN_REGIONS,
+    DataError,
+    DataIndex,
     TrainStream,
     builtin_images,
     crop_to,
@@ -150,10 +164,44 @@ def _rng_state() -> dict:
 
 
 def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
+    """Restore :func:`_rng_state`'s states; they must be CPU byte tensors (load the checkpoint
+    with ``map_location="cpu"``: a state mapped to a GPU is refused by ``torch.set_rng_state``)."""
+    torch.set_rng_state(state["torch"].cpu())
     np.random.set_state(state["numpy"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([t.cpu() for t in state["cuda"]])
+
+
+class Watch:
+    """The divergence check of :func:`train_step`, kept on the training device.
+
+    :meth:`update` records, without a host sync, the first step whose loss, aux loss or gradient
+    norm is not finite (``first``, 0: none) and those three values at that step; :func:`check_finite`
+    reads it (with the parameters' finiteness) once per boundary. ``checked``: the last step read.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.first = torch.zeros((), dtype=torch.int64, device=device)
+        self.values = torch.zeros(3, device=device)
+        self.checked = 0
+
+    def update(self, step: int, loss: Tensor, aux_loss: Tensor, grad_norm: Tensor | None) -> None:
+        norm = torch.zeros_like(loss) if grad_norm is None else grad_norm
+        values = torch.stack([loss.detach().float(), aux_loss.detach().float(), norm.detach().float()])
+        new = (self.first == 0) & ~torch.isfinite(values).all()
+        self.first = torch.where(new, step, self.first)
+        self.values = torch.where(new, values, self.values)
+
+
+class StepCount:
+    """Optimizer steps applied (a step post-hook: fp16's scaler does not call a skipped step)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.applied = 0
+        optimizer.register_step_post_hook(self._hook)
+
+    def _hook(self, optimizer, args, kwargs) -> None:
+        self.applied += 1
 
 
 @dataclass
@@ -162,7 +210,10 @@ class Session:
 
     ``model`` is what the loop calls (wrapped in DDP with several processes), ``net`` the model
     itself; ``meta`` the run directory's config besides ``args``; ``start`` the step to continue
-    from and ``wall_offset`` the training seconds spent before it.
+    from and ``wall_offset`` the training seconds spent before it; ``data_files`` the data folder's
+    images (:func:`data_files`; None for the built-in set); ``watch`` the divergence check;
+    ``skipped_total`` / ``skipped_logged`` the steps fp16's scaler skipped, in all and up to the
+    last record; ``checkpointed`` the step of the last checkpoint written (None: none yet).
     """
 
     config: TrainConfig
@@ -184,55 +235,148 @@ class Session:
     start: int = 0
     wall_offset: float = 0.0
     latent_probe: LatentProbe | None = None
+    data_files: dict | None = None
+    watch: Watch | None = None
+    optimizer_steps: StepCount | None = None
+    skipped_total: int = 0
+    skipped_logged: int = 0
+    checkpointed: int | None = None
 
 
 # ---------------------------------------------------------------------------------------------
 # The run, top to bottom: setup, resume, the schedule of steps, evaluations, captures, checkpoints
 
 
-def train(config: TrainConfig, *, resume: bool = False) -> RunDir:
+def train(config: TrainConfig, *, resume: bool = False, allow_data_change: bool = False) -> RunDir:
     """Run one training run into ``config.out`` (or continue it from its checkpoint with
     ``resume``); returns the run directory.
+
+    The run holds the directory's lock (:class:`energylab.rundir.RunLock`) from start to end.
+    ``steps`` counts every training step, fp16 steps skipped by the gradient scaler included; the
+    learning-rate schedule counts applied optimizer steps only (the module docstring).
+
+    Args:
+        allow_data_change: with ``resume``, go on although the data folder changed since the
+            checkpoint (files added, removed, or of another byte or image size): ``config.json``
+            then lists the new files and records the change under ``data_changes``.
 
     Raises:
         ConfigError: a setting that does not fit (a probe set smaller than the process count, no
             CUDA device), or ``resume`` with settings other than the run's (outside
             :data:`energylab.config.RESUMABLE_CHANGES`).
-        DataError: bad data (from :mod:`energylab.data`).
-        RunDirError: ``config.out`` already holds a run and ``resume`` is False, or ``resume``
-            without a checkpoint.
-        TrainingError: a non-finite loss (the last good checkpoint is kept).
+        DataError: bad data (from :mod:`energylab.data`), or ``resume`` on a data folder that
+            changed since the checkpoint without ``allow_data_change`` (naming the files).
+        RunDirError: ``config.out`` already holds a run and ``resume`` is False, ``resume``
+            without a checkpoint, or another process is training in ``config.out`` (naming its
+            pid).
+        TrainingError: a non-finite loss, aux loss, gradient norm or parameter, found at the
+            boundary after it (the step named; nothing of the steps since the last boundary is
+            written, the last good checkpoint is kept).
+        OSError: a file of the run directory could not be written (a full disk): naming the file
+            and the cause; the file's previous version is kept.
+        ValueError: ``allow_data_change`` without ``resume``.
     """
-    s = setup(config)
-    if resume:
-        resume_run(s)
+    if allow_data_change and not resume:
+        raise ValueError("allow_data_change applies to a resumed run only (resume=True)")
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    with RunDir(config.out, write=main_process).lock():
+        s = setup(config)
+        if resume:
+            resume_run(s, allow_data_change=allow_data_change)
+        else:
+            s.run.start(s.config, s.meta)
+        if s.d.world_size > 1:
+            s.model = nn.parallel.DistributedDataParallel(s.net)
+        s.model.train()
+        if s.start == 0:
+            with _naming_writes(s.run.path):
+                after_step(s, 0, 0.0)
+        progress = s.run.progress(s.start, config.steps)
+        wall_start = time.perf_counter() - s.wall_offset
+        paused = 0.0
+        for index, x in s.stream.batches(s.start, config.steps):
+            step = index + 1
+            record = train_step(s, step, x)
+            if record is not None or writes_at(config, step):
+                check_finite(s, step)  # before anything of the steps since the last check is written
+            wall = time.perf_counter() - wall_start - paused
+            with _naming_writes(s.run.path):
+                if record is not None:
+                    record["wall_time"] = wall
+                    s.run.log_metrics(record)
+                    progress.update(record)
+                tick = time.perf_counter()
+                after_step(s, step, wall)
+                paused += time.perf_counter() - tick
+        progress.close()
+        with _naming_writes(s.run.path):
+            s.run.save_final({"model": s.net.state_dict(), "step": config.steps, "config": _saved(s)})
+            s.run.close()
+        if s.d.world_size > 1:
+            dist.barrier()
+        return s.run
+
+
+@contextlib.contextmanager
+def _naming_writes(out: Path):
+    """Around the run directory's writes: an ``OSError`` that names no file (a failed write of
+    TensorBoard's event writer) is raised again naming the run directory, so the one-line error
+    says where."""
+    try:
+        yield
+    except OSError as err:
+        if err.filename is not None:
+            raise
+        raise OSError(err.errno, f"{err.strerror or err} (writing the run directory)", str(out)) from None
+
+
+def writes_at(config: TrainConfig, step: int) -> bool:
+    """Whether step ``step`` (from 1) is followed by a capture, an evaluation or the end of the run
+    (a logging step writes its record too): a boundary where :func:`check_finite` runs."""
+    return (step == config.steps or step % config.eval_every == 0
+            or (config.capture_every > 0 and step % config.capture_every == 0))
+
+
+def check_finite(s: Session, step: int) -> None:
+    """Read the divergence check of the steps after the last boundary up to ``step`` (one host
+    sync, one collective with several processes): the flag :func:`train_step` keeps on the device
+    (a non-finite loss, aux loss or gradient norm) and whether every parameter is finite.
+
+    Raises:
+        TrainingError: the first step found non-finite and its value (or the non-finite
+            parameter), the steps checked, and the checkpoint kept; raised before anything of those
+            steps is written.
+    """
+    w = s.watch
+    norm = nn.utils.get_total_norm(list(s.net.parameters()), error_if_nonfinite=False)
+    never = torch.iinfo(torch.int64).max
+    status = torch.stack([torch.where(w.first > 0, w.first, never),
+                          -(~torch.isfinite(norm)).to(torch.int64)])
+    if s.d.world_size > 1:  # every process stops at the same boundary
+        dist.all_reduce(status, op=dist.ReduceOp.MIN)
+    first, bad_parameter = status.tolist()
+    if first == never and not bad_parameter:
+        w.checked = step
+        return
+    checked = f"steps {w.checked + 1}–{step}" if w.checked + 1 < step else f"step {step}"
+    if first != never:
+        loss, aux, grad = w.values.tolist()
+        if int(w.first) != first:
+            what = "a non-finite loss or gradient on another process"
+        elif not np.isfinite(loss):
+            what = f"loss is {loss}"
+        elif not np.isfinite(grad):
+            what = f"the gradient norm is {grad}"
+        else:  # computed after the step: a non-finite gradient spoils it too
+            what = f"the quantiles' aux loss is {aux}"
+        head = f"{what} at step {first}"
     else:
-        s.run.start(s.config, s.meta)
-    if s.d.world_size > 1:
-        s.model = nn.parallel.DistributedDataParallel(s.net)
-    s.model.train()
-    if s.start == 0:
-        after_step(s, 0, 0.0)
-    progress = s.run.progress(s.start, config.steps)
-    wall_start = time.perf_counter() - s.wall_offset
-    paused = 0.0
-    for index, x in s.stream.batches(s.start, config.steps):
-        step = index + 1
-        record = train_step(s, step, x)
-        wall = time.perf_counter() - wall_start - paused
-        if record is not None:
-            record["wall_time"] = wall
-            s.run.log_metrics(record)
-            progress.update(record)
-        tick = time.perf_counter()
-        after_step(s, step, wall)
-        paused += time.perf_counter() - tick
-    progress.close()
-    s.run.save_final({"model": s.net.state_dict(), "step": config.steps, "config": _saved(s)})
-    s.run.close()
-    if s.d.world_size > 1:
-        dist.barrier()
-    return s.run
+        name = next((n for n, p in s.net.named_parameters() if not torch.isfinite(p).all()), "a parameter")
+        head = f"parameter {name} is not finite"
+    kept = ("no checkpoint had been written" if s.checkpointed is None else
+            f"the last good checkpoint ({s.run.checkpoint_path}, step {s.checkpointed}) is kept")
+    raise TrainingError(f"{head} (checked for {checked}); stopped before writing anything of them: "
+                        f"{kept} — lower the learning rate or λ, or check the data")
 
 
 def test_images(config: TrainConfig) -> list[tuple[str, Tensor]]:
@@ -262,15 +406,53 @@ def open_data(config: TrainConfig, index_path: Path | None = None, rank: int = 0
         DataError: a bad data source; training images smaller than the patch under
             ``small_images="error"`` (:class:`energylab.data.TrainStream`).
     """
+    return _open_data(config, index_path, rank, world_size)[:4]
+
+
+def _open_data(config: TrainConfig, index_path: Path | None, rank: int, world_size: int):
+    """:func:`open_data`'s four, and the folder's :class:`DataIndex` (None for the built-in set)."""
     sizes = (config.patch_size, config.batch_size, config.seed, rank, world_size)
     if config.data == "builtin":
         dataset = load_dataset(config.data, config.patch_size)
-        return TrainStream(dataset, *sizes, workers=0), dataset.test, dataset.source, dataset.train
+        return (TrainStream(dataset, *sizes, workers=0), dataset.test, dataset.source, dataset.train,
+                None)
     index = index_folder(config.data, index_path)
     stream = TrainStream(index, *sizes, workers=0 if config.cache else config.workers,
                          cache=config.cache, small_images=config.small_images)
     train_images = ((entry.name, load_image(entry.path)) for entry in index.train)
-    return stream, index.load_test(), index.source, train_images
+    return stream, index.load_test(), index.source, train_images, index
+
+
+def data_files(index: DataIndex) -> dict[str, list[list]]:
+    """``{"train", "test"}``: ``[name, bytes, height, width]`` of every image of a folder's index,
+    in order: what a checkpoint records of its data and a resumed run compares (a file copied with
+    new modification times is the same file; another byte count or image size is not)."""
+    return {split: [[im.name, os.stat(im.path).st_size, im.height, im.width] for im in images]
+            for split, images in (("train", index.train), ("test", index.test))}
+
+
+def data_changes(old: dict, new: dict) -> dict[str, list[str]]:
+    """The files ``added``, ``removed`` and ``changed`` (another byte count or image size) from
+    ``old`` to ``new`` (:func:`data_files` dicts; entries of ``old`` holding the name alone are
+    compared by name), each ``"<split>/<name>"``, sorted; every list empty if nothing changed."""
+    def table(files: dict) -> dict[str, tuple]:
+        return {f"{split}/{entry[0]}": tuple(entry[1:]) for split in ("train", "test")
+                for entry in files.get(split, [])}
+
+    before, after = table(old), table(new)
+    return {"added": sorted(after.keys() - before.keys()),
+            "removed": sorted(before.keys() - after.keys()),
+            "changed": sorted(k for k in before.keys() & after.keys()
+                              if before[k] and after[k] and before[k] != after[k])}
+
+
+def _listed(changes: dict[str, list[str]], most: int = 5) -> str:
+    parts = []
+    for kind, names in changes.items():
+        if names:
+            more = f" and {len(names) - most} more" if len(names) > most else ""
+            parts.append(f"{kind}: {', '.join(names[:most])}{more}")
+    return "; ".join(parts)
 
 
 def probe_from(test: list[tuple[str, Tensor]], train_images: Iterable[tuple[str, Tensor]],
@@ -307,7 +489,7 @@ def setup(config: TrainConfig) -> Session:
     device, d = _setup_device(config.device)
     run = RunDir(config.out, write=d.main)
     index_path = run.data_index_path if d.main and config.data != "builtin" else None
-    stream, test, source, train_images = open_data(config, index_path, d.rank, d.world_size)
+    stream, test, source, train_images, index = _open_data(config, index_path, d.rank, d.world_size)
     precision = MixedPrecision(config.precision, device)
     klt_data = None
     if config.projection_init == "klt":  # the first KLT_BATCHES batches of the data order (DDP
@@ -347,17 +529,27 @@ def setup(config: TrainConfig) -> Session:
         aux_optimizer=torch.optim.Adam(quantiles, lr=AUX_LR),
         criterion=RateDistortionLoss(lmbda=config.lmbda), stream=stream, probe=probe, meta=meta,
         scheduler=_scheduler(config, optimizer), precision=precision,
+        data_files=None if index is None else data_files(index), watch=Watch(device),
+        optimizer_steps=StepCount(optimizer),
     )
 
 
-def resume_run(s: Session) -> None:
-    """Load the run's checkpoint into ``s``: model, optimizers, RNG state, step and training time;
-    the run directory drops whatever was written after the checkpoint.
+def resume_run(s: Session, *, allow_data_change: bool = False) -> None:
+    """Load the run's checkpoint into ``s``: model, optimizers, RNG state, step, skipped-step
+    counts and training time; the run directory drops whatever was written after the checkpoint.
+
+    The checkpoint is read on the CPU whatever the training device: ``load_state_dict`` copies the
+    weights and the optimizers' states to their parameters' device, and the RNG states must stay
+    CPU byte tensors. The data (:func:`data_files`; for a checkpoint without them, the file names
+    of ``config.json``'s ``data``) is compared with the checkpoint's before anything is written.
 
     Raises:
         RunDirError: no checkpoint. ConfigError: a setting other than the saved one.
+        DataError: the data folder changed since the checkpoint (the files added, removed and
+            changed named), unless ``allow_data_change``: then the new files are listed in
+            ``config.json`` and the change is appended to its ``data_changes``, with a warning.
     """
-    ckpt = s.run.load_checkpoint(s.device)
+    ckpt = s.run.load_checkpoint("cpu")
     saved = TrainConfig.from_dict(ckpt["config"]["args"], source=s.run.checkpoint_path)
     changed = s.config.changed_from(saved)
     if changed:
@@ -365,7 +557,30 @@ def resume_run(s: Session) -> None:
         raise ConfigError(k, f"was {getattr(saved, k)!r} in the run being resumed ({s.run.path}), "
                              f"not {getattr(s.config, k)!r}; resume with the same settings or "
                              "choose another run directory")
+    current = s.meta["data"]
+    old_data = ckpt["config"].get("data") or {}
+    if ckpt.get("data_files") is not None and s.data_files is not None:
+        changes = data_changes(ckpt["data_files"], s.data_files)
+    elif isinstance(old_data.get("train"), list) and isinstance(old_data.get("test"), list):
+        # a checkpoint written before data_files were recorded: the file names only
+        changes = data_changes({k: [[n] for n in old_data[k]] for k in ("train", "test")},
+                               {k: [[n] for n in current[k]] for k in ("train", "test")})
+    else:  # nothing recorded to compare with
+        changes = {}
+    listed = _listed(changes)
+    if listed and not allow_data_change:
+        raise DataError(f"{current['source']}: the data changed since the checkpoint at step "
+                        f"{ckpt['step']} ({s.run.checkpoint_path}) — {listed}; the run would go on "
+                        "with other images than it trained on: restore the folder, or resume with "
+                        "--allow-data-change (allow_data_change=True) to go on with them, recorded "
+                        "in config.json")
     s.meta = {k: v for k, v in ckpt["config"].items() if k != "args"}
+    if listed:
+        s.meta["data"] = current
+        s.meta["data_changes"] = [*s.meta.get("data_changes", []), {"step": ckpt["step"], **changes}]
+        if s.d.main:
+            warnings.warn(f"{current['source']}: going on with the changed data ({listed}); recorded "
+                          f"in {s.run.path / RunDir.CONFIG}", stacklevel=3)
     s.run.write_config(s.config, s.meta)
     load_weights(s.net, ckpt, s.run.checkpoint_path)  # any layout energylab.checkpoints reads
     s.optimizer.load_state_dict(ckpt["optimizer"])
@@ -375,6 +590,9 @@ def resume_run(s: Session) -> None:
     s.precision.load_state_dict(ckpt.get("scaler"))
     _set_rng_state(ckpt["rng"])
     s.start, s.wall_offset = ckpt["step"], ckpt.get("wall_time", 0.0)
+    skipped = ckpt.get("skipped") or {}
+    s.skipped_total, s.skipped_logged = skipped.get("total", 0), skipped.get("logged", 0)
+    s.checkpointed = s.watch.checked = s.start
     s.run.resume(s.start)
 
 
@@ -382,13 +600,14 @@ def train_step(s: Session, step: int, x: Tensor) -> dict | None:
     """One optimisation step (``step`` counts from 1) on the batch ``x``: R-D loss +
     ``ortho_weight`` x AuxT's orthogonality penalty with gradient clipping (the transforms under
     autocast with ``precision`` bf16/fp16, fp16's loss scaled; the forward's quantisation noise
-    paired across variants by :func:`noise_seed`), a multistep schedule's step, then the quantiles'
-    ``aux_loss``. Returns the metrics record (without ``wall_time``; ``lr`` the rate this step
-    used) on logging steps, else None.
+    paired across variants by :func:`noise_seed`), a multistep schedule's step if the optimizer
+    step was applied (fp16's scaler skips a step whose gradients overflow: counted in
+    ``s.skipped_total``), then the quantiles' ``aux_loss``. Returns the metrics record (without
+    ``wall_time``; ``lr`` the rate this step used; ``skipped_steps`` since the last record and
+    ``skipped_steps_total``) on logging steps, else None.
 
-    Raises:
-        TrainingError: a non-finite loss (checked every step on the CPU, on logging steps on a GPU,
-            where the check is a host sync).
+    Nothing is checked here: a non-finite loss, aux loss or gradient norm is recorded on the device
+    (``s.watch``, no host sync) for :func:`check_finite` at the next boundary.
     """
     config = s.config
     x = x.to(s.device, non_blocking=True)
@@ -404,33 +623,37 @@ def train_step(s: Session, step: int, x: Tensor) -> dict | None:
     scaler = s.precision.scaler
     scaler.scale(loss).backward()
     scaler.unscale_(s.optimizer)
-    nn.utils.clip_grad_norm_(s.main_params, CLIP_MAX_NORM)
+    grad_norm = nn.utils.clip_grad_norm_(s.main_params, CLIP_MAX_NORM)
     logging_step = step % config.log_every == 0 or step == config.steps
-    if (s.device.type == "cpu" or logging_step) and not torch.isfinite(loss):
-        raise TrainingError(
-            f"loss is {float(loss.detach())} at step {step}; stopped, the last good checkpoint "
-            f"({s.run.checkpoint_path}) is kept — lower the learning rate or λ, or check the data"
-        )
     lr = s.optimizer.param_groups[0]["lr"]
-    scaler.step(s.optimizer)
+    applied = s.optimizer_steps.applied
+    scaler.step(s.optimizer)  # fp16: skipped (the scaler's own check) if the gradients overflowed
     scaler.update()
-    if isinstance(s.scheduler, torch.optim.lr_scheduler.MultiStepLR):
-        s.scheduler.step()
+    if s.optimizer_steps.applied > applied:
+        if isinstance(s.scheduler, torch.optim.lr_scheduler.MultiStepLR):
+            s.scheduler.step()
+    else:
+        s.skipped_total += 1
     aux_loss = s.net.aux_loss()
     aux_loss.backward()
     s.aux_optimizer.step()
+    # an overflowing fp16 gradient is the scaler's to skip, not a divergence
+    s.watch.update(step, loss, aux_loss, None if scaler.is_enabled() else grad_norm)
     if not logging_step:
         return None
     mse = float(losses["mse_loss"].detach())
-    return {"step": step, "loss": float(loss.detach()), "mse": mse,
-            "bpp": float(losses["bpp_loss"].detach()), "psnr": psnr(mse),
-            "ortho_loss": float(ortho.detach()), "aux_loss": float(aux_loss.detach()),
-            "lr": lr}
+    record = {"step": step, "loss": float(loss.detach()), "mse": mse,
+              "bpp": float(losses["bpp_loss"].detach()), "psnr": psnr(mse),
+              "ortho_loss": float(ortho.detach()), "aux_loss": float(aux_loss.detach()),
+              "lr": lr, "skipped_steps": s.skipped_total - s.skipped_logged,
+              "skipped_steps_total": s.skipped_total}
+    s.skipped_logged = s.skipped_total
+    return record
 
 
 def after_step(s: Session, step: int, wall: float) -> None:
     """At ``step`` completed steps, as the schedule says: capture, then evaluate (a plateau
-    schedule sees the test loss) and checkpoint."""
+    schedule sees the test loss) and checkpoint (after :func:`check_finite` passed for ``step``)."""
     last = step == s.config.steps
     if s.config.capture_every > 0 and (step % s.config.capture_every == 0 or last):
         lp = s.latent_probe = capture(s.net, s.probe, s.d, s.latent_probe)
@@ -445,8 +668,10 @@ def after_step(s: Session, step: int, wall: float) -> None:
             "aux_optimizer": s.aux_optimizer.state_dict(),
             "scheduler": None if s.scheduler is None else s.scheduler.state_dict(),
             "scaler": s.precision.state_dict(), "step": step, "rng": _rng_state(),
-            "config": _saved(s), "wall_time": wall,
+            "skipped": {"total": s.skipped_total, "logged": s.skipped_logged},
+            "config": _saved(s), "data_files": s.data_files, "wall_time": wall,
         })
+        s.checkpointed = step
 
 
 def _saved(s: Session) -> dict:

@@ -18,12 +18,15 @@ __all__ = ["build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = cli.Parser(
         prog="python -m energylab.train",
         description="Train a CompressAI model (optionally with AuxT) and capture latent statistics.",
     )
     p.add_argument("--out", required=True, type=Path, help="run directory")
     p.add_argument("--resume", action="store_true", help="continue from the run's checkpoint")
+    p.add_argument("--allow-data-change", action="store_true",
+                   help="with --resume: go on although the data folder changed since the checkpoint "
+                        "(files added, removed or changed; recorded in config.json)")
     cli.add_model_arguments(p)
     cli.add_auxt_arguments(p)
     cli.add_training_arguments(p)
@@ -38,9 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m energylab.train``; returns the exit status (:func:`energylab.cli.run_command`)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.allow_data_change and not args.resume:
+        parser.error("--allow-data-change applies to --resume only")
     try:
-        return cli.run_command(lambda: train(cli.config_from_args(args), resume=args.resume))
+        return cli.run_command(lambda: train(cli.config_from_args(args), resume=args.resume,
+                                             allow_data_change=args.allow_data_change))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
