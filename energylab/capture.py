@@ -6,8 +6,9 @@ own device: one ``torchmetrics.MetricCollection`` per layer (``channel``: :class
 with per-image sums, ``subband``: :class:`SubbandEnergy` raw and channel-centred, ``spatial``:
 :class:`SpatialCorrelation`, and for the roles in :data:`NEIGHBOURHOOD_ROLES` ``neighbourhood``:
 :class:`NeighbourhoodTotalCorrelation`, k = 2, per image), plus an :class:`AuxEnergyShare` per
-auxiliary branch. The per-image sums give every covariance statistic a 95 % bootstrap interval
-over whole probe images, computed once per capture in :meth:`LatentProbe.records`. Hooks read
+auxiliary branch. The per-image sums give every covariance statistic a 95 % interval over whole
+probe images (the jackknife's, with its bias correction, for total correlation and the gains; the
+bootstrap's for the others), computed once per capture in :meth:`LatentProbe.records`. Hooks read
 tensors and never modify them; they never call ``.item()`` or otherwise wait for the device, so a
 capture costs only its arithmetic. Use it as
 a context manager around the forward passes of one capture (the training loop runs it on a fixed
@@ -61,13 +62,14 @@ from energylab.rundir import json_safe
 from energylab.stats import (
     AuxEnergyShare,
     ChannelStats,
+    EffectiveSampleSize,
     NeighbourhoodTotalCorrelation,
     RateShare,
     SpatialCorrelation,
     SubbandEnergy,
-    bootstrap_intervals,
     channel_statistics_batched,
     energy_shares,
+    image_intervals,
     modulation_statistics,
     neighbourhood_statistics_batched,
     std_in_steps,
@@ -251,10 +253,12 @@ def gain_records(model: nn.Module, step: int) -> list[dict]:
 
 
 def _layer_metrics(
-    channels: int, levels: int = 2, max_positions: int | None = None, neighbourhood: bool = False
+    channels: int, levels: int = 2, max_positions: int | None = None, neighbourhood: bool = False,
+    n_eff: bool = False,
 ) -> MetricCollection:
-    """The metrics of one captured layer: ``channel`` (per image, for the bootstrap), ``subband``
-    (raw and centred), ``spatial`` and, if asked, ``neighbourhood`` (k = 2, per image)."""
+    """The metrics of one captured layer: ``channel`` (per image, for the jackknife and the
+    bootstrap), ``subband`` (raw and centred), ``spatial`` and, if asked, ``neighbourhood`` (k = 2,
+    per image) and ``n_eff`` (:class:`EffectiveSampleSize`)."""
     metrics = {
         "channel": ChannelStats(channels, max_positions=max_positions, per_image=True),
         "subband": SubbandEnergy(levels=levels, channels=channels),
@@ -262,6 +266,8 @@ def _layer_metrics(
     }
     if neighbourhood:
         metrics["neighbourhood"] = NeighbourhoodTotalCorrelation(channels, k=2, per_image=True)
+    if n_eff:
+        metrics["n_eff"] = EffectiveSampleSize(channels)
     return MetricCollection(metrics, compute_groups=False)
 
 
@@ -365,6 +371,7 @@ class LatentProbe:
             metrics = self.metrics[name] = _layer_metrics(
                 y.shape[1], self.subband_levels, self.max_positions,
                 self.points[name].role in NEIGHBOURHOOD_ROLES,
+                self.points[name].role in NEIGHBOURHOOD_INTERVAL_ROLES,
             ).to(y.device)
         if name not in self.first:
             self.first[name] = y[0].detach().clone()
@@ -463,9 +470,14 @@ class LatentProbe:
         zero) is None (:func:`energylab.rundir.json_safe`).
 
         Keys: ``step``, ``layer``, ``role`` and ``merge`` (of its :class:`HookPoint`),
-        ``channels``, ``count`` (positions used: the ``n`` of the bias corrections, which assume
-        i.i.d. positions and so are a floor on the bias of correlated ones), ``images`` (probe
-        images seen), ``nonfinite`` (positions skipped for NaN/inf), every
+        ``channels``, ``count`` (positions used: the ``n`` of the i.i.d. bias corrections),
+        ``images`` (probe images seen: the units of the jackknife and the bootstrap),
+        ``nonfinite`` (positions skipped for NaN/inf), for roles in
+        :data:`NEIGHBOURHOOD_INTERVAL_ROLES` ``n_eff`` (the positions' effective number from their
+        spatial autocorrelation, :class:`energylab.stats.EffectiveSampleSize`: a diagnostic),
+        ``bias_correction`` (what ``total_correlation`` and the gains carry: ``"jackknife"`` over
+        the probe images on top of the i.i.d. correction at ``count``, see
+        :meth:`energylab.stats.ChannelStats.statistics`; ``"iid"`` with fewer than 2 images), every
         :func:`energylab.stats.energy_statistics` key (``topk_energy_share`` stays the raw
         mean-square share, as ``topk_share.ms``), ``total_correlation_per_channel`` (nats / C),
         every :func:`energylab.stats.energy_shares` key (``topk_share.l2``, ``.l2_centred``,
@@ -473,16 +485,19 @@ class LatentProbe:
         ``subband_energy_centred.<band>`` (channel means removed), ``spatial_correlation.<dh,dw>``,
         for roles in :data:`NEIGHBOURHOOD_ROLES` ``neighbourhood_tc.joint``,
         ``.across_channels``, ``.across_positions`` (k = 2, nats, bias-corrected at ``n`` =
-        ``neighbourhood_tc.count`` blocks) and, for role ``"aux"``, ``aux_energy_share`` (see
+        ``neighbourhood_tc.count`` blocks, then as ``neighbourhood_tc.bias_correction`` says) and,
+        for role ``"aux"``, ``aux_energy_share`` (see
         ``data/README.md``).
 
         **Intervals.** For the roles in :data:`INTERVAL_ROLES`, each statistic of
         :func:`energylab.stats.channel_statistics_batched` (and for
         :data:`NEIGHBOURHOOD_INTERVAL_ROLES` of
         :func:`energylab.stats.neighbourhood_statistics_batched`) gets ``<stat>_ci_low`` /
-        ``<stat>_ci_high``: the 95 % recentred percentile bootstrap over whole probe images
-        (:func:`energylab.stats.bootstrap_intervals`, ``replicates`` replicates, ``seed``);
-        None where the value is None, a replicate is singular, or fewer than 2 images were seen;
+        ``<stat>_ci_high`` over whole probe images (:func:`energylab.stats.image_intervals`): for
+        the jackknife-corrected statistics (:data:`energylab.stats.JACKKNIFE_STATISTICS`) the
+        jackknife t-interval about the recorded value, for the others the 95 % recentred
+        percentile bootstrap (``replicates`` replicates, ``seed``); None where the value is None,
+        a leave-one-out value or replicate is singular, or fewer than 2 images were seen;
         absent with ``replicates = 0`` and for the other roles. For role ``"y_hat"`` also the
         :func:`energylab.stats.modulation_statistics` keys and ``bits_per_position``; then the
         ``"gain"`` records of :func:`gain_records`. Synchronises across processes when distributed.
@@ -509,6 +524,8 @@ class LatentProbe:
                 "images": len(images[0]),
                 "nonfinite": int(moments["nonfinite"]),
             }
+            if "n_eff" in metrics:
+                record["n_eff"] = float(metrics["n_eff"].compute()["n_eff"])
             record.update(channel.statistics())
             tc = record["total_correlation"]
             record["total_correlation_per_channel"] = None if tc is None else tc / channel.channels
@@ -531,6 +548,7 @@ class LatentProbe:
                 record.update({f"neighbourhood_tc.{k}": split[k]
                                for k in ("joint", "across_channels", "across_positions")})
                 record["neighbourhood_tc.count"] = split["count"]
+                record["neighbourhood_tc.bias_correction"] = split["bias_correction"]
                 if point.role in NEIGHBOURHOOD_INTERVAL_ROLES:
                     with neighbourhood.sync_context():
                         blocks = neighbourhood.images()
@@ -558,7 +576,7 @@ class LatentProbe:
     ) -> dict[str, tuple[float, float] | None]:
         if self.replicates == 0:
             return {}
-        return bootstrap_intervals(*images, statistics, self.replicates, self.seed)
+        return image_intervals(*images, statistics, self.replicates, self.seed)
 
     def arrays(self) -> dict[str, np.ndarray]:
         """``cov/<layer>`` (C x C), ``mean/<layer>`` and ``energies/<layer>`` (C, E[y_c^2]), all

@@ -98,6 +98,7 @@ load and ``update(force=True)`` rewrites them, so their shapes are not compared.
 
 RENAMES = {
     "module-prefix": "DataParallel/DDP 'module.' prefix removed",
+    "compile-prefix": "torch.compile '_orig_mod.' segments removed",
     "downsample-to-skip": "ResidualBlockWithStride 'downsample' renamed 'skip' (old CompressAI)",
     "legacy-entropy-bottleneck": "EntropyBottleneck '_matrix0/_bias0/_factor0' (or '_matrices.0' ...) "
     "renamed 'matrices.0/biases.0/factors.0' (CompressAI < 1.2)",
@@ -220,6 +221,15 @@ def extract_state_dict(obj: Any, where: str | Path) -> tuple[dict[str, Tensor], 
     )
 
 
+_COMPILED = "._orig_mod."
+
+
+def _uncompiled(key: str) -> str:
+    """``key`` without ``torch.compile``'s ``_orig_mod.`` segments (a compiled model's, or a compiled
+    submodule's: ``g_a._orig_mod.0.weight`` -> ``g_a.0.weight``)."""
+    return f".{key}".replace(_COMPILED, ".")[1:]
+
+
 def remap_state_dict(
     model: nn.Module, state_dict: Mapping[str, Tensor]
 ) -> tuple[dict[str, Tensor], tuple[str, ...]]:
@@ -232,6 +242,9 @@ def remap_state_dict(
     """
     model = unwrap_model(model)
     renames = []
+    if any(_COMPILED in f".{k}" for k in state_dict):
+        renames.append("compile-prefix")
+        state_dict = {_uncompiled(k): v for k, v in state_dict.items()}
     keys = list(state_dict)
     if any(k.startswith("module.") for k in keys):
         renames.append("module-prefix")
@@ -317,7 +330,7 @@ def detect_format(state_dict: Mapping[str, Tensor]) -> str:
     ``auxt-release`` if a key starts with ``AuxT_enc.`` / ``AuxT_dec.``, ``compressai-temp`` if an
     AuxT branch holds ``pytorch_wavelets`` buffers, ``energylab`` for other ``auxiliary_layers`` keys,
     else ``compressai``."""
-    keys = [k.removeprefix("module.") for k in state_dict]
+    keys = [_uncompiled(k).removeprefix("module.") for k in state_dict]
     if any(k.startswith(tuple(_RELEASE_PREFIXES)) for k in keys):
         return "auxt-release"
     aux = [k for k in keys if _branch(k) is not None]
@@ -354,7 +367,7 @@ def to_energylab(
         return dict(state_dict), fmt
     out: dict[str, Tensor] = {}
     for raw, value in state_dict.items():
-        key = raw.removeprefix("module.")
+        key = _uncompiled(raw).removeprefix("module.")
         if fmt == "auxt-release":
             for old, new in _RELEASE_PREFIXES.items():
                 if key.startswith(old):

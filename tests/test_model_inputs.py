@@ -268,3 +268,25 @@ def test_python_m_train_refuses_bad_widths_in_one_line(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("error: --M 24 does not fit elic2022-official: M must be at least 129")
+
+
+def test_a_compiled_models_state_dict_loads_into_a_plain_model():
+    """``torch.compile`` prefixes keys with ``_orig_mod.`` (the whole model's, or a compiled
+    submodule's inside the key); :mod:`energylab.checkpoints` removes them as it removes DDP's
+    ``module.``."""
+    from energylab.checkpoints import load_weights
+
+    torch.manual_seed(0)
+    source = build_model("bmshj2018-factorized", N=8, M=12, auxt=True)
+    compiled = torch.compile(source, backend="eager")
+    source.g_a = torch.compile(source.g_a, backend="eager")
+    state = compiled.state_dict()
+    assert any("._orig_mod." in k for k in state) and all(k.startswith("_orig_mod.") for k in state)
+    target = build_model("bmshj2018-factorized", N=8, M=12, auxt=True)
+    layout = load_weights(target, state, "compiled.pt", "target")
+    assert "compile-prefix" in layout.renames
+    plain = unwrap_model(source)
+    for key, value in target.state_dict().items():
+        original = plain.state_dict()[key.replace("g_a.", "g_a._orig_mod.", 1) if key.startswith("g_a.")
+                                      else key]
+        assert torch.equal(value, original), key

@@ -25,12 +25,45 @@ re-exported here, so ``from energylab.stats import X`` works for all of them):
   :class:`AuxEnergyShare`, :class:`RateShare`, :class:`NeighbourhoodTotalCorrelation`), their
   non-finite and no-data rule, and their one-shot forms.
 * :mod:`~energylab.stats.batched`: the estimators on many pooled sums at once (torch).
-* :mod:`~energylab.stats.intervals`: bootstrap intervals over whole images.
+* :mod:`~energylab.stats.dependence`: correlated positions: the effective sample size of a field
+  from its spatial autocorrelation (Bartlett 1946; Bayley & Hammersley 1946; streamed by
+  :class:`EffectiveSampleSize`) and the delete-one jackknife (Quenouille 1956; Tukey 1958).
+* :mod:`~energylab.stats.intervals`: over whole images: the jackknife bias correction and
+  t-intervals of the bias-corrected statistics, bootstrap intervals of the others
+  (:func:`image_intervals`, what a capture records).
 * :mod:`~energylab.stats.paired`: paired contrasts over seeds (t-interval).
 * :mod:`~energylab.stats.quality`: PSNR and decibels.
 
-Imports inside the package run one way: ``estimators`` <- ``energy``, ``modulation``, ``batched``,
-``functional`` <- ``metrics``, ``intervals``; ``paired`` and ``quality`` stand alone.
+Imports inside the package run one way: ``dependence`` (stands alone) and ``estimators`` <-
+``energy``, ``modulation``, ``batched``, ``functional`` <- ``intervals`` <- ``metrics``; ``paired``
+and ``quality`` stand alone.
+
+**What the finite-sample corrections assume.** Total correlation, the coding gains and the
+neighbourhood split are log-determinant statistics of a sample covariance, biased upwards by
+about ``C(C+1) / 4n`` nats for ``n`` independent Gaussian samples (Goodman 1963); their estimators
+correct it in two steps:
+
+1. the exact Gaussian (Wishart) correction at ``n`` = the samples counted (``count``), which
+   assumes independent samples;
+2. with per-image sums (every capture), the jackknife over whole images
+   (:func:`jackknife_statistics`), which removes what step 1 leaves of the bias when the positions
+   of a map are correlated (a latent's neighbours are: lag-1 correlation about 0.73 in the
+   baseline's ``y``, so ``n`` positions are worth about ``n / 10`` independent ones). It assumes
+   that the **images are independent** (probe regions of different photographs; regions of one
+   photograph are treated as independent too), that each statistic is a smooth function of the
+   pooled sums (its bias expands in ``1/images``; not at a singular covariance) and, for its
+   t-interval, that the images are enough for a roughly normal estimate (the capture's ``y``
+   reads 32 or more, its high-resolution stages 8). It assumes nothing about the spatial
+   correlation within an image, nor Gaussianity beyond step 1's leading term.
+
+Records say which correction their statistics carry (``bias_correction``: ``"jackknife"``,
+``"iid"`` or ``"plug-in"``) beside ``count``; :class:`EffectiveSampleSize` gives the
+autocorrelation's ``n_eff`` as a diagnostic (it assumes one spatial correlation shared by all
+channels and truncates at lag 8). On separable AR(1) latents (32 maps of 16 x 16, C = 48, lag-1
+correlation 0.5 and 0.73) the corrected total correlation is within a few hundredths of a nat of
+the truth and the 95 % intervals cover total correlation and coding gain 92-95 times in 100;
+with the i.i.d. correction alone the total correlation kept +0.52 nats of bias at 0.73 and was
+covered once in 100 (``tests/test_stats_correlated.py``).
 """
 
 from energylab.stats.batched import (
@@ -63,14 +96,26 @@ from energylab.stats.estimators import (
     spectrum,
     total_correlation,
 )
+from energylab.stats.dependence import (
+    MAX_LAG,
+    Jackknife,
+    effective_sample_size,
+    jackknife,
+    jackknife_interval,
+    lag_window,
+)
 from energylab.stats.intervals import (
+    JACKKNIFE_STATISTICS,
     bootstrap_intervals,
     bootstrap_weights,
+    image_intervals,
+    jackknife_statistics,
     percentile_interval,
 )
 from energylab.stats.metrics import (
     AuxEnergyShare,
     ChannelStats,
+    EffectiveSampleSize,
     NeighbourhoodTotalCorrelation,
     RateShare,
     SpatialCorrelation,
@@ -79,6 +124,7 @@ from energylab.stats.metrics import (
     channel_stats,
     neighbourhood_total_correlation,
     spatial_correlation,
+    spatial_effective_sample_size,
     subband_energy,
 )
 from energylab.stats.modulation import (
@@ -107,6 +153,10 @@ __all__ = [
     "CovLike",
     "EIGENVALUE_FLOOR",
     "ENERGY_KINDS",
+    "EffectiveSampleSize",
+    "JACKKNIFE_STATISTICS",
+    "Jackknife",
+    "MAX_LAG",
     "NeighbourhoodTotalCorrelation",
     "PairedDifference",
     "QUANTISATION_STEP",
@@ -126,11 +176,17 @@ __all__ = [
     "correlation_matrix",
     "decorrelation_gain",
     "effective_rank",
+    "effective_sample_size",
     "energy_compaction_curve",
     "energy_shares",
     "energy_statistics",
     "floored_eigenvalues",
+    "image_intervals",
+    "jackknife",
+    "jackknife_interval",
+    "jackknife_statistics",
     "klt_coding_gain",
+    "lag_window",
     "mean_energy_fraction",
     "modulation_statistics",
     "neighbourhood_statistics_batched",
@@ -145,6 +201,7 @@ __all__ = [
     "rate_share_entropy",
     "rate_shares",
     "spatial_correlation",
+    "spatial_effective_sample_size",
     "spectrum",
     "std_in_steps",
     "subband_energy",

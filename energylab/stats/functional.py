@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from functools import partial
 
 import torch
 from torch import Tensor
 
+from energylab.stats.dependence import effective_sample_size
 from energylab.stats.estimators import EIGENVALUE_FLOOR
 from energylab.wavelets import dwt2
 
@@ -427,6 +429,73 @@ def _spatial_correlation_compute(
         rho = torch.zeros(len(lags), dtype=torch.float64, device=m2.device)
     out = {_lag_name(lag): r for lag, r in zip(lags, rho.unbind(), strict=True)}
     return out | {"count": count.clone(), "nonfinite": nonfinite.clone()}
+
+
+# ---------------------------------------------------------------- functional layer: EffectiveSampleSize
+
+
+def _autocorrelation_update(y: Tensor, channels: int, max_lag: int) -> tuple[Moments, Tensor]:
+    """The moments of :func:`_spatial_correlation_update` for every lag of
+    :func:`~energylab.stats.dependence.lag_window` ``(max_lag)`` at once, by FFT.
+
+    Same layout ``(count, mean, m2, pairs, cross, head, tail)`` and meaning, so
+    :func:`_merge_spatial_moments` merges them; a lag that does not fit the ``H x W`` maps has no
+    pair (all its sums 0) instead of being an error. With ``x`` the centred maps (0 at a skipped
+    position) and ``f`` the kept-position mask, zero-padded to ``(H + L) x max(W + L, 2L + 1)``
+    (no wrap-around for lags up to ``L = max_lag``), the circular cross-correlation ``(a * b)(d) =
+    sum_p a(p) b(p + d)`` of the FFT gives ``cross = x * x``, ``pairs = f * f``, ``head = x * f``
+    and ``tail = f * x``. No host synchronisation."""
+    if y.dim() != 4 or y.shape[1] != channels:
+        raise ValueError(f"EffectiveSampleSize: expected (B, {channels}, H, W), got {tuple(y.shape)}")
+    _check_float(y, "EffectiveSampleSize")
+    b, c, h, w = y.shape
+    lag = max_lag
+    x = y.detach().to(torch.float64)
+    kept = _finite(x, 1, keepdim=True)  # (B, 1, H, W)
+    f = kept.to(torch.float64)
+    count = f.sum()
+    mean = torch.where(kept, x, 0.0).sum((0, 2, 3)) / count.clamp(min=1)
+    x = torch.where(kept, x - mean[:, None, None], 0.0)
+    size = (h + lag, max(w + lag, 2 * lag + 1))
+    xf, ff = torch.fft.rfft2(x, s=size), torch.fft.rfft2(f, s=size)
+    dh = torch.arange(lag + 1, device=x.device)
+    dw = torch.arange(-lag, lag + 1, device=x.device)
+    fits = ((dh < h)[:, None] & (dw.abs() < w)[None, :]).flatten()[lag + 1 :]
+
+    def at_lags(a: Tensor, b_: Tensor) -> Tensor:
+        """``(a * b)`` at the half-plane lags ``(lags, C)``, 0 where a lag does not fit."""
+        full = torch.fft.irfft2((a.conj() * b_).sum(0), s=size).roll(lag, 2)  # column j: dw = j - L
+        window = full[:, : lag + 1, : 2 * lag + 1].flatten(1)[:, lag + 1 :]  # rows dh = 0..L
+        return torch.where(fits[:, None], window.T, 0.0)
+
+    moments = (count, mean, x.square().sum((0, 2, 3)), at_lags(ff, ff)[:, 0].round(),
+               at_lags(xf, xf), at_lags(xf, ff), at_lags(ff, xf))
+    return moments, b * h * w - count
+
+
+def _effective_sample_size_compute(moments: Moments, nonfinite: Tensor) -> dict[str, Tensor]:
+    """``n_eff`` and ``autocorrelation_sum`` (``n / n_eff``) of
+    :func:`energylab.stats.dependence.effective_sample_size` from the moments of
+    :func:`_autocorrelation_update`, ``rho(d)`` the mean over the channels with variance (as
+    :func:`_spatial_correlation_compute`) of ``rho_c(d)``; and ``count``, ``nonfinite``.
+
+    Raises:
+        ValueError: no finite position.
+    """
+    count, _, m2, pairs, cross, _, _ = moments
+    _check_data("EffectiveSampleSize", count, nonfinite)
+    var = (m2 / count).clamp(min=0.0)
+    live = var > EIGENVALUE_FLOOR * var.max()
+    used = pairs > 0
+    lagged = cross / torch.where(used, pairs, 1.0)[:, None]  # centred at the pooled mean
+    if live.any():
+        rho = torch.where(used, (lagged[:, live] / var[live]).mean(1), 0.0)
+    else:  # no variance anywhere: white
+        rho = torch.zeros_like(pairs)
+    n_eff = effective_sample_size(float(count), pairs, rho)
+    as_tensor = partial(torch.tensor, dtype=torch.float64, device=m2.device)
+    return {"n_eff": as_tensor(n_eff), "autocorrelation_sum": as_tensor(float(count) / n_eff),
+            "count": count.clone(), "nonfinite": nonfinite.clone()}
 
 
 # ---------------------------------------------------------------- functional layer: AuxEnergyShare

@@ -1,23 +1,58 @@
-"""Bootstrap intervals over whole images.
+"""Intervals over whole images: the jackknife and the bootstrap.
 
 ``ChannelStats(..., per_image=True)`` (and :class:`~energylab.stats.metrics.NeighbourhoodTotalCorrelation`)
-keep the float64 sums of every image apart; :func:`bootstrap_intervals` resamples whole images
-(:func:`bootstrap_weights`) and evaluates the batched forms of the statistics
+keep the float64 sums of every image apart. Images are the independent units; positions inside
+one image are not (statistics-notes.md, "Correlated positions").
+
+* :func:`jackknife_statistics`: the statistics of :data:`JACKKNIFE_STATISTICS` (those that carry a
+  finite-sample bias correction: total correlation, the gains, the neighbourhood split), each
+  recomputed with one image left out; their jackknife bias correction, on top of the i.i.d.
+  Wishart one, and jackknife t-intervals (:func:`~energylab.stats.dependence.jackknife`).
+* :func:`bootstrap_intervals` resamples whole images (:func:`bootstrap_weights`);
+  :func:`percentile_interval` reads an interval off the replicates.
+* :func:`image_intervals`: what a capture records: the jackknife's interval for the statistics of
+  :data:`JACKKNIFE_STATISTICS`, the bootstrap's for the others.
+
+Both evaluate the batched forms of the statistics
 (:func:`~energylab.stats.batched.channel_statistics_batched`,
-:func:`~energylab.stats.batched.neighbourhood_statistics_batched`) on all replicates at once;
-:func:`percentile_interval` reads an interval off the replicates.
+:func:`~energylab.stats.batched.neighbourhood_statistics_batched`) on all rows at once.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
+from energylab.stats.dependence import jackknife, jackknife_interval
 from energylab.stats.functional import _clamp_covariance
 
-__all__ = ["bootstrap_intervals", "bootstrap_weights", "percentile_interval"]
+__all__ = [
+    "JACKKNIFE_STATISTICS",
+    "bootstrap_intervals",
+    "bootstrap_weights",
+    "image_intervals",
+    "jackknife_statistics",
+    "percentile_interval",
+]
+
+JACKKNIFE_STATISTICS = {
+    "total_correlation": "linear",
+    "total_correlation_per_channel": "linear",
+    "coding_gain": "log",
+    "klt_coding_gain": "log",
+    "decorrelation_gain": "log",
+    "neighbourhood_tc.joint": "linear",
+    "neighbourhood_tc.across_channels": "linear",
+    "neighbourhood_tc.across_positions": "linear",
+}
+"""The statistics that carry the jackknife bias correction over images, and the scale it acts on:
+the gains on ``log`` (so that ``log klt_coding_gain = log coding_gain + log decorrelation_gain``
+and ``decorrelation_gain = exp(2 TC / C)`` still hold for the corrected values, and their
+intervals stay positive), nats as they are. The other statistics (off-diagonal ratio, effective
+rank, energy shares) carry no finite-sample correction and keep their plug-in values."""
 
 
 def bootstrap_weights(images: int, replicates: int, seed: int) -> Tensor:
@@ -76,6 +111,100 @@ def _shift_image_sums(count: Tensor, total: Tensor, outer: Tensor) -> tuple[Tens
     return shift, shifted, torch.baddbmm(m2, shifted[:, :, None], d[:, None, :])
 
 
+def _pooled(
+    weights: Tensor, count: Tensor, total: Tensor, outer: Tensor,
+    statistics: Callable[..., dict[str, Tensor]],
+) -> dict[str, Tensor]:
+    """``statistics`` of the rows of ``weights`` ``(R, I)`` (how often each image counts) applied
+    to the per-image sums, moved to their pooled mean first (:func:`_shift_image_sums`), with the
+    bias corrections at Kish's effective count of each row (see :func:`bootstrap_intervals`)."""
+    shift, total, outer = _shift_image_sums(count, total, outer)
+    m, t, o = weights @ count, weights @ total, (weights @ outer.flatten(1)).view(-1, *outer.shape[1:])
+    return statistics(m, t, o, m.square() / (weights.square() @ count), shift=shift)  # Kish n
+
+
+def jackknife_statistics(
+    count: Tensor, total: Tensor, outer: Tensor, statistics: Callable[..., dict[str, Tensor]],
+    level: float = 0.95,
+) -> dict[str, tuple[float, tuple[float, float]] | None] | None:
+    """Jackknife over whole images of the statistics of :data:`JACKKNIFE_STATISTICS`.
+
+    ``statistics`` (as for :func:`bootstrap_intervals`) is evaluated on the sums of all ``m``
+    images and on the ``m`` sums that leave one image out, each with its i.i.d. bias correction
+    at its own count; :func:`~energylab.stats.dependence.jackknife` then removes what that
+    correction leaves of the bias (of order ``1/m`` however the positions of an image are
+    correlated: the images are the independent units) and gives the standard error. The
+    estimate is ``m theta_hat - (m - 1) mean_i theta_(i)``, the interval ``estimate -/+ t_{m-1}
+    se`` (on the ``log`` scale for the gains, then exponentiated).
+
+    Assumptions: images independent (not necessarily alike or of one size); each statistic a
+    smooth function of the pooled sums, so that its bias expands in ``1/m`` (true away from a
+    singular covariance). Tested on separable AR(1) fields with lag-1 correlation 0.5 and 0.73
+    (``tests/test_stats_correlated.py``): coverage of the 95 % interval 92-95 % for total
+    correlation and coding gain, where the i.i.d. correction with the bootstrap covers the total
+    correlation 0-1 times in 100 at 0.73.
+
+    Returns:
+        None when the jackknife does not apply (fewer than 2 images, or leaving an image out
+        leaves no more samples than dimensions: the i.i.d. correction is then off for that row);
+        else ``{name: (estimate, (low, high))}`` for each statistic of
+        :data:`JACKKNIFE_STATISTICS` that ``statistics`` returns, None where it or a
+        leave-one-out value is NaN (undefined, e.g. a singular covariance).
+    """
+    m = len(count)
+    if m < 2 or float(count.sum() - count.max()) <= total.shape[1]:
+        return None
+    rows = torch.ones(m + 1, m, dtype=torch.float64, device=total.device)
+    rows[1:] -= torch.eye(m, dtype=torch.float64, device=total.device)  # row 0: all images
+    values = _pooled(rows, count, total, outer, statistics)
+    out: dict[str, tuple[float, tuple[float, float]] | None] = {}
+    for name, v in values.items():
+        scale = JACKKNIFE_STATISTICS.get(name)
+        if scale is None:
+            continue
+        v = v.detach().to("cpu", torch.float64)
+        if scale == "log":
+            v = torch.where(v > 0, v, math.nan).log()
+        j = jackknife(float(v[0]), v[1:])
+        if j is None:
+            out[name] = None
+            continue
+        low, high = jackknife_interval(j, level)
+        if scale == "log":
+            out[name] = (math.exp(j.estimate), (math.exp(low), math.exp(high)))
+        else:
+            out[name] = (j.estimate, (low, high))
+    return out
+
+
+def image_intervals(
+    count: Tensor, total: Tensor, outer: Tensor, statistics: Callable[..., dict[str, Tensor]],
+    replicates: int = 200, seed: int = 0, level: float = 0.95,
+) -> dict[str, tuple[float, float] | None]:
+    """95 % intervals over whole images of every statistic ``statistics`` returns.
+
+    The jackknife t-interval (:func:`jackknife_statistics`) for the statistics of
+    :data:`JACKKNIFE_STATISTICS`, located at their jackknife-corrected estimates; the recentred
+    percentile bootstrap (:func:`bootstrap_intervals`, ``replicates``, ``seed``) for the others.
+    Where the jackknife does not apply (fewer than 2 images, too few samples), the statistics of
+    :data:`JACKKNIFE_STATISTICS` get the bootstrap's interval too (about their i.i.d.-corrected
+    values); where it is undefined for one statistic, None.
+
+    >>> from energylab.stats import ChannelStats, channel_statistics_batched
+    >>> m = ChannelStats(4, per_image=True)
+    >>> m.update(torch.randn(16, 4, 8, 8, generator=torch.Generator().manual_seed(0)))
+    >>> iv = image_intervals(*m.images(), channel_statistics_batched, replicates=100)
+    >>> low, high = iv["total_correlation"]
+    >>> bool(low < 0 < high), round(m.statistics()["total_correlation"], 6) == round((low + high) / 2, 6)
+    (True, True)
+    """
+    intervals = bootstrap_intervals(count, total, outer, statistics, replicates, seed, level)
+    jack = jackknife_statistics(count, total, outer, statistics, level)
+    if jack is None:
+        return intervals
+    return intervals | {name: None if j is None else j[1] for name, j in jack.items()}
+
+
 def bootstrap_intervals(
     count: Tensor,
     total: Tensor,
@@ -128,9 +257,7 @@ def bootstrap_intervals(
     """
     weights = bootstrap_weights(len(count), replicates, seed).to(total.device)
     weights = torch.cat([torch.ones_like(weights[:1]), weights])  # row 0: the sample itself
-    shift, total, outer = _shift_image_sums(count, total, outer)
-    m, t, o = weights @ count, weights @ total, (weights @ outer.flatten(1)).view(-1, *outer.shape[1:])
-    values = statistics(m, t, o, m.square() / (weights.square() @ count), shift=shift)  # Kish n
+    values = _pooled(weights, count, total, outer, statistics)
     if len(count) < 2:
         return dict.fromkeys(values)
     return {name: percentile_interval(v[1:] - v[1:].mean() + v[0], level) for name, v in values.items()}

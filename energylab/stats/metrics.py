@@ -46,10 +46,13 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
+from energylab.stats.batched import channel_statistics_batched, neighbourhood_statistics_batched
+from energylab.stats.dependence import MAX_LAG, lag_window
 from energylab.stats.energy import energy_statistics
 from energylab.stats.estimators import _neighbourhood_total_correlation
 from energylab.stats.functional import (
     Moments,
+    _autocorrelation_update,
     _aux_energy_share_compute,
     _aux_energy_share_update,
     _blocks,
@@ -58,6 +61,7 @@ from energylab.stats.functional import (
     _channel_stats_images,
     _channel_stats_update,
     _check_channel_input,
+    _effective_sample_size_compute,
     _f64_zeros,
     _finite,
     _lag_name,
@@ -81,10 +85,12 @@ from energylab.stats.functional import (
     _subband_names,
     _unpack,
 )
+from energylab.stats.intervals import jackknife_statistics
 
 __all__ = [
     "AuxEnergyShare",
     "ChannelStats",
+    "EffectiveSampleSize",
     "NeighbourhoodTotalCorrelation",
     "RateShare",
     "SpatialCorrelation",
@@ -93,8 +99,13 @@ __all__ = [
     "channel_stats",
     "neighbourhood_total_correlation",
     "spatial_correlation",
+    "spatial_effective_sample_size",
     "subband_energy",
 ]
+
+
+_JACKKNIFED = ("total_correlation", "coding_gain", "klt_coding_gain", "decorrelation_gain")
+"""The statistics of :func:`energy_statistics` that :meth:`ChannelStats.statistics` jackknifes."""
 
 
 class _StreamingMetric(Metric):
@@ -339,19 +350,45 @@ class ChannelStats(_StreamingMetric):
         count, mean, m2 = self._moments("moments")
         return _channel_stats_compute(count, mean, m2, self.nonfinite)
 
-    def statistics(self, k: int | None = None) -> dict[str, float | int | None]:
+    def statistics(
+        self, k: int | None = None, jackknife: bool | None = None
+    ) -> dict[str, float | int | str | None]:
         """:func:`energy_statistics` of :meth:`compute`'s covariance and energies, bias-corrected
-        with ``n = count`` where ``count > C`` (plug-in values otherwise).
+        with ``n = count`` where ``count > C`` (plug-in values otherwise), and, with per-image
+        sums, the jackknife over images on top.
+
+        **Correlated positions.** The i.i.d. correction at ``n = count`` removes too little when
+        positions are correlated (as in a latent map). With ``jackknife`` (default: whenever
+        per-image sums are kept) ``total_correlation``, ``coding_gain``, ``klt_coding_gain`` and
+        ``decorrelation_gain`` are the jackknife-corrected values over whole images
+        (:func:`~energylab.stats.intervals.jackknife_statistics`; the gains on the log scale, so
+        the identities between them hold); a statistic whose leave-one-out value is undefined
+        keeps its i.i.d. value. ``bias_correction`` names what the four carry: ``"jackknife"``,
+        ``"iid"`` (fewer than 2 images, or leaving an image out leaves no more samples than C)
+        or ``"plug-in"`` (``count <= C``). The other statistics are as without it.
+
+        Raises:
+            ValueError: ``jackknife=True`` without ``per_image``; as :meth:`compute`.
 
         >>> m = ChannelStats(2)
         >>> m.update(torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 2.0], [0.0, -2.0]]))
         >>> out = m.statistics()  # uncorrelated channels: no total correlation before correction
-        >>> out["numerical_rank"], round(out["total_correlation_plugin"], 4)
-        (2, 0.0)
+        >>> out["numerical_rank"], round(out["total_correlation_plugin"], 4), out["bias_correction"]
+        (2, 0.0, 'iid')
         """
         out = self.compute()
         n = int(out["count"])
-        return energy_statistics(out["covariance"], out["energies"], k, n if n > self.channels else None)
+        stats = energy_statistics(out["covariance"], out["energies"], k, n if n > self.channels else None)
+        stats["bias_correction"] = "iid" if n > self.channels else "plug-in"
+        if not (self.per_image if jackknife is None else jackknife) or n <= self.channels:
+            return stats
+        with self.sync_context():
+            images = self.images()
+        jack = jackknife_statistics(*images, channel_statistics_batched)
+        if jack is not None:
+            stats["bias_correction"] = "jackknife"
+            stats.update({name: jack[name][0] for name in _JACKKNIFED if jack.get(name) is not None})
+        return stats
 
 
 class SubbandEnergy(_StreamingMetric):
@@ -506,6 +543,81 @@ class SpatialCorrelation(_StreamingMetric):
         return _spatial_correlation_compute(self.lags, self._moments("moments"), self.nonfinite)
 
 
+class EffectiveSampleSize(_StreamingMetric):
+    """Effective number of independent positions of correlated maps, from their autocorrelation.
+
+    ``n_eff = n / sum_d (N_d / n) rho(d)^2`` (:func:`energylab.stats.dependence.effective_sample_size`:
+    Bartlett 1946; Bayley & Hammersley 1946), ``rho(d)`` the spatial autocorrelation of
+    :class:`SpatialCorrelation` (per channel about the pooled mean, over the ``N_d`` position pairs
+    inside one image, averaged over the channels with variance) at every lag of the window ``|dh|,
+    |dw| <= max_lag`` (:func:`~energylab.stats.dependence.lag_window`; lags that do not fit a map
+    add no pair). The moments are those of :class:`SpatialCorrelation` for all the window's lags,
+    computed by FFT (:func:`~energylab.stats.functional._autocorrelation_update`) and merged the
+    same way, so streaming, merging and syncing give the numbers of one pass. A diagnostic of how
+    dependent the positions are: the bias corrections of the statistics use the jackknife over
+    images (:func:`energylab.stats.intervals.jackknife_statistics`), not this number.
+
+    Args:
+        channels: C.
+        max_lag: half-width of the lag window (default
+            :data:`~energylab.stats.dependence.MAX_LAG`).
+
+    Raises:
+        ValueError: ``channels < 1`` or ``max_lag < 1``.
+
+    >>> m = EffectiveSampleSize(4)
+    >>> m.update(torch.randn(8, 4, 16, 16, generator=torch.Generator().manual_seed(0)))
+    >>> out = m.compute()  # white noise: about every position counts
+    >>> int(out["count"]), bool(0.95 < out["n_eff"] / out["count"] <= 1)
+    (2048, True)
+    """
+
+    def __init__(self, channels: int, max_lag: int = MAX_LAG, **kwargs) -> None:
+        super().__init__(**kwargs)
+        if channels < 1:
+            raise ValueError(f"channels must be >= 1, got {channels}")
+        self.channels, self.max_lag, self.lags = channels, max_lag, lag_window(max_lag)
+        self._add_moments_state("moments", _spatial_moment_shapes(channels, len(self.lags)),
+                                _merge_spatial_moments)
+
+    def _config(self) -> tuple:
+        return (self.channels, self.max_lag)
+
+    def update(self, y: Tensor) -> None:
+        """Accumulate ``y`` ``(B, C, H, W)``. No host synchronisation.
+
+        Raises:
+            ValueError: wrong shape. TypeError: non-float ``y``.
+        """
+        moments, skipped = _autocorrelation_update(y, self.channels, self.max_lag)
+        self._follow(y)
+        self._add({"count": moments[0], "nonfinite": skipped})
+        self._merge_moments("moments", moments)
+
+    def compute(self) -> dict[str, Tensor]:
+        """``n_eff``, ``autocorrelation_sum`` (``count / n_eff``), ``count`` and ``nonfinite``
+        positions; 0-d float64 tensors.
+
+        Raises:
+            ValueError: no finite position (no update, or all non-finite).
+        """
+        return _effective_sample_size_compute(self._moments("moments"), self.nonfinite)
+
+
+def spatial_effective_sample_size(y: Tensor, max_lag: int = MAX_LAG) -> dict[str, float]:
+    """One-shot :class:`EffectiveSampleSize` of ``y`` ``(B, C, H, W)``: ``n_eff``,
+    ``autocorrelation_sum``, ``count``, ``nonfinite`` as floats.
+
+    >>> y = torch.randn(4, 2, 32, 32, generator=torch.Generator().manual_seed(0))
+    >>> out = spatial_effective_sample_size(y.repeat_interleave(2, 3))  # each value twice along W
+    >>> round(out["autocorrelation_sum"], 1)  # rho(0, +-1) = 1/2: 1 + 2 (1/2)^2
+    1.5
+    """
+    metric = EffectiveSampleSize(y.shape[1], max_lag)
+    metric.update(y)
+    return {key: float(value) for key, value in metric.compute().items()}
+
+
 class AuxEnergyShare(_StreamingMetric):
     """Share of the merged energy carried by the auxiliary branch at one merge point.
 
@@ -643,17 +755,31 @@ class NeighbourhoodTotalCorrelation(ChannelStats):
             )
         super().update(_blocks(y, self.k))
 
-    def split(self) -> dict[str, float | None]:
+    def split(self, jackknife: bool | None = None) -> dict[str, float | str | None]:
         """``joint``, ``across_channels``, ``across_positions`` (nats, bias-corrected at ``n`` =
-        blocks where ``n > k^2 C``, plug-in otherwise) and ``count`` (blocks).
+        blocks where ``n > k^2 C``, plug-in otherwise), ``count`` (blocks) and
+        ``bias_correction``: with ``jackknife`` (default: whenever per-image sums are kept) the
+        three are jackknife-corrected over whole images on top, as :meth:`ChannelStats.statistics`
+        (``"jackknife"``, ``"iid"`` or ``"plug-in"`` as there).
 
         Raises:
-            ValueError: fewer than 2 finite blocks.
+            ValueError: fewer than 2 finite blocks; ``jackknife=True`` without ``per_image``.
         """
         out = self.compute()
         n = int(out["count"])
         split = _neighbourhood_total_correlation(out["covariance"], self.k, n if n > self.channels else None)
-        return split | {"count": n}
+        split |= {"count": n, "bias_correction": "iid" if n > self.channels else "plug-in"}
+        if not (self.per_image if jackknife is None else jackknife) or n <= self.channels:
+            return split
+        with self.sync_context():
+            images = self.images()
+        jack = jackknife_statistics(*images, partial(neighbourhood_statistics_batched, k=self.k))
+        if jack is not None:
+            split["bias_correction"] = "jackknife"
+            for key in ("joint", "across_channels", "across_positions"):
+                if jack.get(f"neighbourhood_tc.{key}") is not None:
+                    split[key] = jack[f"neighbourhood_tc.{key}"][0]
+        return split
 
 
 def neighbourhood_total_correlation(y: Tensor, k: int = 2) -> dict[str, float | None]:

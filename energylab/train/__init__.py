@@ -520,7 +520,8 @@ def setup(config: TrainConfig) -> Session:
         "world_size": d.world_size,
         "git_revision": _git_revision(),
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "data": {"source": source, "train": stream.names, "test": [n for n, _ in test]},
+        "data": {"source": source, "train": stream.names, "test": [n for n, _ in test],
+                 "dropped": list(stream.dropped)},
     }
     optimizer = torch.optim.Adam(main_params, lr=config.lr)
     return Session(
