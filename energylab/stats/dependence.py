@@ -20,8 +20,9 @@ is ``a / n + O(1/n^2)`` in the number of images whatever the spatial dependence 
 in the Wishart formula needs ``rho`` to about 3 % to place the total correlation within its own
 standard error (the bias is ``~ C(C-1) / (4 n_eff)``: 0.74 nats at ``C = 48``, ``n_eff = 760``),
 and a sample ``rho`` of a 16 x 16 map is biased low by its mean, truncated and noisy. On separable
-AR(1) fields (``tests/test_stats_correlated.py``) both remove the bias; the jackknife needs no
-model of the field.
+AR(1) fields (32 maps of 16 x 16, C = 48, ``rho`` = 0.5 and 0.73) both removed the bias when the
+estimator was chosen (residuals within 0.03 nats, 95 % coverage 92-98 %); the jackknife needs no
+model of the field, and covers the neighbourhood split too (``tests/test_stats_correlated.py``).
 """
 
 from __future__ import annotations
@@ -143,7 +144,7 @@ def jackknife(full: float, leave_one_out: Sequence[float] | Tensor) -> Jackknife
 
     >>> j = jackknife(2.0, [2.5, 1.5, 2.5, 1.5])  # mean of the leave-one-out values = full: no bias
     >>> j.estimate, j.bias, round(j.se, 4)
-    (2.0, 0.0, 1.7321)
+    (2.0, 0.0, 0.866)
     """
     loo = torch.as_tensor(leave_one_out, dtype=torch.float64).flatten()
     m = loo.numel()

@@ -21,7 +21,10 @@ covariance gives ``None`` for all of them. (:func:`spectrum` keeps a floor for l
 
 **Sample size.** With the sample count ``n`` the log-determinant statistics carry the Gaussian
 finite-sample bias correction of :func:`total_correlation` (i.i.d. assumption; a floor on the bias
-of correlated latent positions); without, they are plug-in values.
+of correlated latent positions, whose rest the jackknife over images removes:
+:func:`energylab.stats.intervals.jackknife_statistics`, applied by
+:meth:`~energylab.stats.metrics.ChannelStats.statistics` to per-image sums); without, they are
+plug-in values.
 :func:`_neighbourhood_total_correlation` splits the total correlation of ``k x k`` neighbourhoods
 into its across-channel and across-position parts (streamed by
 :class:`~energylab.stats.metrics.NeighbourhoodTotalCorrelation`).
@@ -285,7 +288,8 @@ def total_correlation(
     finite-sample bias ``1/2 [C psi((n-1)/2) - sum_{i=1..C} psi((n-i)/2)]`` (``~ C(C+1) / 4n``),
     from ``E[log det S_hat]`` and ``E[log s_hat_c^2]`` (N. R. Goodman, *Ann. Math. Stat.* 34, 1963;
     T. T. Cai, T. Liang and H. H. Zhou, *J. Multivariate Anal.* 137, 2015). Latent positions are
-    not independent, so the correction is a floor on the bias, not all of it. ``None`` (infinite)
+    not independent, so the correction is a floor on the bias, not all of it (the jackknife over
+    images removes the rest: :func:`energylab.stats.intervals.jackknife_statistics`). ``None`` (infinite)
     when ``numerical_rank(cov, rtol) < C`` (a singular Gaussian); never a floor-made value.
 
     Raises:

@@ -376,6 +376,9 @@ class ChannelStats(_StreamingMetric):
         >>> out["numerical_rank"], round(out["total_correlation_plugin"], 4), out["bias_correction"]
         (2, 0.0, 'iid')
         """
+        if jackknife and not self.per_image:
+            raise ValueError("ChannelStats: the jackknife needs per-image sums: "
+                             "ChannelStats(..., per_image=True)")
         out = self.compute()
         n = int(out["count"])
         stats = energy_statistics(out["covariance"], out["energies"], k, n if n > self.channels else None)
@@ -765,6 +768,9 @@ class NeighbourhoodTotalCorrelation(ChannelStats):
         Raises:
             ValueError: fewer than 2 finite blocks; ``jackknife=True`` without ``per_image``.
         """
+        if jackknife and not self.per_image:
+            raise ValueError("NeighbourhoodTotalCorrelation: the jackknife needs per-image sums: "
+                             "NeighbourhoodTotalCorrelation(..., per_image=True)")
         out = self.compute()
         n = int(out["count"])
         split = _neighbourhood_total_correlation(out["covariance"], self.k, n if n > self.channels else None)
