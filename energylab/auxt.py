@@ -56,9 +56,9 @@ from torch import Tensor, nn
 
 from energylab.wavelets import dwt2, haar_kernels, periodic_filter_matrices
 
-__all__ = ["COMPONENTS", "FREEZABLE", "OLP", "PROJECTION_INITS", "SCALING_INITS", "WLS", "check_components",
-           "check_options", "freeze_components", "iWLS", "ortho_loss", "set_initial_values",
-           "variant_name"]
+__all__ = ["COMPONENTS", "FREEZABLE", "OLP", "PROJECTION_INITS", "SCALING_INITS", "SPLIT_CELLS",
+           "SPLIT_INITS", "WLS", "check_components", "check_options", "freeze_components", "iWLS",
+           "ortho_loss", "set_initial_values", "variant_name"]
 
 COMPONENTS = ("wavelet", "orthogonal", "scaling")
 """The removable WLS components, named as on the command line (``--remove``)."""
@@ -69,8 +69,13 @@ FREEZABLE = ("orthogonal", "scaling")
 """The components that can be frozen at their initial value (``--freeze``)."""
 SCALING_INITS = ("release", "zero")
 """Initial ``s``: the release's :data:`SCALING_INIT`, or 0 (gain 1)."""
-PROJECTION_INITS = ("default", "orthogonal", "klt")
-"""Initial OLP weight: ``nn.Linear``'s, ``nn.init.orthogonal_``, or the data's KLT."""
+SPLIT_CELLS = ("A", "B", "C", "D", "E", "F")
+"""The cells of the split grid (:mod:`energylab.split`)."""
+SPLIT_INITS = tuple(f"split-{cell}" for cell in SPLIT_CELLS)
+"""Projection inits of the split grid's cells: the earlier stages at the data's KLT, the last one at
+the cell's weight (:func:`energylab.split.init_split`); frozen, without scaling."""
+PROJECTION_INITS = ("default", "orthogonal", "klt", *SPLIT_INITS)
+"""Initial OLP weight: ``nn.Linear``'s, ``nn.init.orthogonal_``, the data's KLT, or a split cell's."""
 
 
 def check_components(remove: Iterable[str]) -> frozenset[str]:
@@ -114,6 +119,9 @@ def check_options(remove: Iterable[str] = (), freeze: Iterable[str] = (), scalin
         raise ValueError(f"{', '.join(both)} is both removed and frozen; choose one")
     if scaling_init != "release" and "scaling" in removed:
         raise ValueError(f"scaling init {scaling_init!r} given, but scaling is removed")
+    if projection_init in SPLIT_INITS and ("orthogonal" not in frozen or "scaling" not in removed):
+        raise ValueError(f"projection init {projection_init!r} is a cell of the split grid: it needs the "
+                         "projection frozen (freeze orthogonal) and the scaling removed (remove scaling)")
     if "orthogonal" in frozen and projection_init == "default":
         projection_init = "orthogonal"
     return removed, frozen, projection_init
@@ -129,7 +137,9 @@ def variant_name(auxt: bool, remove: Iterable[str] = (), wavelet: str = "haar", 
     ``orthogonal`` or ``klt``), then ``-projection-init-<p>`` for a learned projection started
     elsewhere than ``nn.Linear``'s init and ``-scaling-init-<s>`` for ``s`` started elsewhere than
     the release's: ``auxt``, ``auxt-no-scaling``, ``auxt-no-wavelet+scaling``, ``auxt-db4``,
-    ``auxt-frozen-scaling``, ``auxt-frozen-klt+scaling``, ``auxt-scaling-init-zero``.
+    ``auxt-frozen-scaling``, ``auxt-frozen-klt+scaling``, ``auxt-scaling-init-zero``. A cell of the
+    split grid is named by its projection init alone: ``split-A`` (``split-A-<wavelet>`` for a basis
+    other than Haar).
 
     Raises:
         ValueError: an invalid option (:func:`check_options`), or options without AuxT.
@@ -140,6 +150,8 @@ def variant_name(auxt: bool, remove: Iterable[str] = (), wavelet: str = "haar", 
             raise ValueError("AuxT components can only be removed from an AuxT variant (or frozen or "
                              "re-initialised)")
         return "baseline"
+    if projection_init in SPLIT_INITS:
+        return projection_init if wavelet == "haar" else f"{projection_init}-{wavelet}"
     name = "auxt" if wavelet == "haar" else f"auxt-{wavelet}"
     ordered = [c for c in COMPONENTS if c in removed]
     name += "-no-" + "+".join(ordered) if ordered else ""
@@ -154,8 +166,9 @@ def set_initial_values(layers: Iterable[_Shortcut], scaling_init: str = "release
                        projection_init: str = "default") -> None:
     """Re-initialise WLS/iWLS ``layers`` in place, in order: ``s = 0`` for ``scaling_init="zero"``;
     ``nn.init.orthogonal_`` on each OLP weight (the global RNG, one draw per layer) for
-    ``projection_init="orthogonal"``. ``"release"``, ``"default"`` and ``"klt"`` (set by
-    :func:`energylab.klt.init_klt`) leave the layers as built."""
+    ``projection_init="orthogonal"``. ``"release"``, ``"default"``, ``"klt"`` (set by
+    :func:`energylab.klt.init_klt`) and the split cells' (:func:`energylab.split.init_split`) leave
+    the layers as built."""
     for layer in layers:
         with torch.no_grad():
             if scaling_init == "zero" and layer.scaling_factors is not None:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from energylab.auxt import COMPONENTS, FREEZABLE, PROJECTION_INITS, SCALING_INITS
-from energylab.config import DEVICES, LR_SCHEDULES, PRECISIONS, ConfigError, TrainConfig
+from energylab.config import DEVICES, EVAL_SCHEDULES, LR_SCHEDULES, PRECISIONS, ConfigError, TrainConfig
 from energylab.data import SMALL_IMAGES
 from energylab.errors import TrainingError
 from energylab.evaluate import ARCH_KEYS, EvaluationError
@@ -99,6 +99,9 @@ def add_training_arguments(p: argparse.ArgumentParser, exclude: Collection[str] 
     _add(g, "batch_size", True, exclude, type=int, help="per process")
     _add(g, "lr", True, exclude, type=float)
     _add(g, "eval_every", True, exclude, type=int)
+    _add(g, "eval_schedule", True, exclude, choices=EVAL_SCHEDULES,
+         help="fixed: every --eval-every steps; dense-early: also every eval-every/4 steps up to "
+              "5 x eval-every")
     _add(g, "capture_every", True, exclude, type=int, help="0: no captures")
     _add(g, "log_every", True, exclude, type=int)
     _add(g, "probe_count", True, exclude, type=int)

@@ -21,12 +21,18 @@ from energylab.models import MODELS, PLACEMENTS
 LEGACY_KEYS = frozenset({"resume"})
 """Keys of configs saved by energylab 0.1 that are not training settings (``--resume`` was saved
 with the arguments); :meth:`TrainConfig.from_dict` drops them."""
-__all__ = ["DEVICES", "LR_SCHEDULES", "PATCH_MULTIPLE", "PRECISIONS", "RESUMABLE_CHANGES", "ConfigError",
-           "TrainConfig"]
+__all__ = ["DEVICES", "EVAL_SCHEDULES", "LR_SCHEDULES", "PATCH_MULTIPLE", "PRECISIONS", "RESUMABLE_CHANGES",
+           "ConfigError", "TrainConfig"]
 
 PATCH_MULTIPLE = 64
 """Training patches and probe crops are multiples of this (the hyperprior models downsample by 64)."""
 DEVICES = ("auto", "cpu", "cuda")
+EVAL_SCHEDULES = ("fixed", "dense-early")
+"""When a run evaluates (see :class:`TrainConfig` and :meth:`TrainConfig.evaluates_at`)."""
+DENSE_EARLY_DIVISOR = 4
+"""``dense-early`` evaluates every ``eval_every // DENSE_EARLY_DIVISOR`` steps (at least 1) early on..."""
+DENSE_EARLY_SPAN = 5
+"""... up to step ``DENSE_EARLY_SPAN * eval_every`` (every 25 steps to step 500 at ``eval_every`` 100)."""
 LR_SCHEDULES = ("constant", "multistep", "plateau")
 """Learning-rate schedules of the main optimizer (see :class:`TrainConfig`)."""
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -65,7 +71,13 @@ class TrainConfig:
       skipped included), ``batch_size`` (per process), ``lr``, ``seed``;
     * data: ``data`` (``"builtin"`` or an image folder), ``patch_size`` (pixels, a multiple of 64),
       ``test_size`` (centre crop of the test images; None: whole images);
-    * schedule (in steps): ``eval_every``, ``capture_every`` (0: no captures), ``log_every``; the
+    * schedule (in steps): ``eval_every``, ``capture_every`` (0: no captures), ``log_every``;
+      ``eval_schedule``: ``"fixed"`` evaluates at step 0, every ``eval_every`` steps and at the end;
+      ``"dense-early"`` also every ``eval_every // 4`` steps (at least 1) up to step
+      ``5 * eval_every`` (every 25 steps to 500 at ``eval_every`` 100), so a step-equivalence ``t′``
+      early in training is resolved (:mod:`energylab.summary`); checkpoints follow evaluations, and
+      a plateau schedule's ``lr_patience`` counts them. A config saved before the field existed reads
+      as ``"fixed"`` (the default), which those runs used; the
       probe set: ``probe_count`` fixed non-overlapping regions of ``probe_size`` pixels (a multiple
       of 64) from the test, then the training images (:func:`energylab.data.probe_set`; the
       defaults, 32 of 256 px, give 8192 positions of ``y``);
@@ -115,6 +127,7 @@ class TrainConfig:
     patch_size: int = 64
     test_size: int | None = None
     eval_every: int = 100
+    eval_schedule: str = "fixed"
     capture_every: int = 100
     log_every: int = 10
     probe_count: int = 32
@@ -162,6 +175,9 @@ class TrainConfig:
             if getattr(self, name) not in choices:
                 raise ConfigError(name, f"must be one of {', '.join(choices)}, got "
                                         f"{getattr(self, name)!r}")
+        if self.eval_schedule not in EVAL_SCHEDULES:
+            raise ConfigError("eval_schedule", f"must be one of {', '.join(EVAL_SCHEDULES)}, got "
+                                               f"{self.eval_schedule!r}")
         if self.remove and not self.auxt:
             raise ConfigError("remove", f"{', '.join(self.remove)} needs {{auxt}}: there is no "
                                         "AuxT to remove components from")
@@ -230,6 +246,20 @@ class TrainConfig:
             DWT2(self.wavelet)
         except ValueError as exc:
             raise ConfigError("wavelet", f"is not usable: {exc}") from None
+
+    def evaluates_at(self, step: int) -> bool:
+        """Whether the run evaluates (and writes a checkpoint) after ``step`` completed steps: step 0,
+        the last step, every ``eval_every`` steps and, with ``eval_schedule`` ``"dense-early"``,
+        every ``eval_every // 4`` steps (at least 1) up to step ``5 * eval_every``."""
+        if step == self.steps or step % self.eval_every == 0:
+            return True
+        dense = max(1, self.eval_every // DENSE_EARLY_DIVISOR)
+        return (self.eval_schedule == "dense-early" and step <= DENSE_EARLY_SPAN * self.eval_every
+                and step % dense == 0)
+
+    def evaluation_steps(self) -> list[int]:
+        """Every step :meth:`evaluates_at`, from 0 to ``steps``."""
+        return [t for t in range(self.steps + 1) if self.evaluates_at(t)]
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of every field (``out`` a string, ``remove`` and ``freeze`` lists)."""

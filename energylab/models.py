@@ -25,7 +25,15 @@ import torch
 from compressai.registry import MODELS as COMPRESSAI_MODELS
 from torch import Tensor, nn
 
-from energylab.auxt import WLS, check_components, check_options, freeze_components, iWLS, set_initial_values
+from energylab.auxt import (
+    SPLIT_INITS,
+    WLS,
+    check_components,
+    check_options,
+    freeze_components,
+    iWLS,
+    set_initial_values,
+)
 from energylab.tcm import NUM_SLICES as TCM_SLICES
 from energylab.tcm import build_tcm
 
@@ -238,6 +246,7 @@ def attach_auxt(
     scaling_init: str = "release",
     projection_init: str = "default",
     klt_data: Tensor | None = None,
+    split_seed: int = 0,
 ) -> nn.Module:
     """Wrap ``model.g_a`` and ``model.g_s`` with AuxT, in place; returns ``model``.
 
@@ -248,7 +257,9 @@ def attach_auxt(
     ``freeze``, ``scaling_init`` and ``projection_init`` (:mod:`energylab.auxt`) are applied after
     every layer is built, so the other parameters equal full AuxT's of the same seed; the KLT
     (``projection_init="klt"``, :func:`energylab.klt.init_klt`) is computed on ``klt_data``, training
-    crops ``(B, 3, H, W)``.
+    crops ``(B, 3, H, W)``; so is a split cell's (``projection_init="split-A"`` ... ``"split-F"``,
+    :func:`energylab.split.init_split`), whose random rotation, permutation and subspace are drawn
+    from ``split_seed`` (the run's seed; not from the global RNG).
 
     A DataParallel/DDP wrapper is seen through (:func:`unwrap_model`); the inner model is changed
     and returned.
@@ -256,13 +267,14 @@ def attach_auxt(
     Raises:
         ValueError: a model without ``nn.Sequential`` ``g_a``/``g_s`` of four stride-2 stages, an
             unknown component, wavelet or placement, contradicting component options
-            (:func:`energylab.auxt.check_options`), ``"klt"`` without ``klt_data``, or a model that
-            already has AuxT.
+            (:func:`energylab.auxt.check_options`), ``"klt"`` or a split cell without ``klt_data``, or a
+            model that already has AuxT.
     """
     model = unwrap_model(model)
     remove, freeze, projection_init = check_options(remove, freeze, scaling_init, projection_init)
-    if projection_init == "klt" and klt_data is None:
-        raise ValueError("projection init 'klt' needs training crops (klt_data) to compute the KLT on")
+    if (projection_init == "klt" or projection_init in SPLIT_INITS) and klt_data is None:
+        raise ValueError(f"projection init {projection_init!r} needs training crops (klt_data) to compute "
+                         "the KLT on")
     if has_auxt(model):
         raise ValueError("model already has AuxT attached")
     for side in ("g_a", "g_s"):
@@ -288,6 +300,11 @@ def attach_auxt(
         from energylab.klt import init_klt
 
         init_klt(model.g_a.auxiliary_layers, model.g_s.auxiliary_layers, klt_data.to(_device(model)))
+    elif projection_init in SPLIT_INITS:
+        from energylab.split import init_split
+
+        init_split(model.g_a.auxiliary_layers, model.g_s.auxiliary_layers, klt_data.to(_device(model)),
+                   projection_init.removeprefix("split-"), seed=split_seed)
     freeze_components(layers, freeze)
     return model
 
@@ -414,6 +431,7 @@ def build_model(
     scaling_init: str = "release",
     projection_init: str = "default",
     klt_data: Tensor | None = None,
+    split_seed: int = 0,
 ) -> nn.Module:
     """Build a registered CompressAI model, randomly initialised, with AuxT if ``auxt`` (the AuxT
     options are :func:`attach_auxt`'s).
@@ -443,7 +461,8 @@ def build_model(
     model = MODELS[name](N=N, M=M)
     if auxt:
         attach_auxt(model, remove, wavelet, g_a_placement, g_s_placement, freeze=freeze,
-                    scaling_init=scaling_init, projection_init=projection_init, klt_data=klt_data)
+                    scaling_init=scaling_init, projection_init=projection_init, klt_data=klt_data,
+                    split_seed=split_seed)
     # a model may take smaller multiples in forward than in compress (TCM: input_multiple 16)
     multiple = int(getattr(model, "input_multiple", getattr(model, "downsampling_factor", 2**STAGES)))
     model.g_a.register_forward_pre_hook(InputSizeCheck(multiple, name))

@@ -10,11 +10,12 @@ Per cell (a variant at one λ and one seed):
 * ``test_loss``, ``test_bpp``, ``test_psnr``, ``steps``: the last test evaluation (likelihood bpp);
   ``real_bpp``, ``real_psnr``: the real-bitstream results;
 * ``steps_to_target`` / ``time_to_target``: the first step (wall-clock seconds of training) at which
-  the test loss, smoothed by a running mean over :data:`SMOOTH` evaluations, reaches the target —
-  the same seed's baseline's final test loss, the mean of its last :data:`SMOOTH` evaluations —
-  linearly interpolated between evaluations; ``speedup_steps`` / ``speedup_time`` = baseline's
-  value / the variant's. A variant that never reaches the target gets none, and so does a speed-up
-  whose variant is already below the target at step 0 (no finite ratio);
+  the variant's *loss curve* (below) reaches the target — the same seed's baseline's final test
+  loss, the mean of its last :data:`SMOOTH` evaluations after step 0; ``speedup_steps`` /
+  ``speedup_time`` = baseline's value / the variant's. The time is the wall time at that step,
+  interpolated linearly in steps between evaluations. A variant that never reaches the target gets
+  none; one already at or below it at its first evaluation after step 0 gets that evaluation's
+  step as a bound (below);
 * ``final_<stat>`` / ``auc_<stat>`` for each of :data:`ENERGY_STATS` (of ``y``, and the rate
   statistics of ``y_hat``): the value at the last capture and the mean over training (trapezoidal
   area under the curve divided by the steps; None if a capture was None); ``final_<stat>_ci_low`` /
@@ -26,19 +27,61 @@ Per variant (and λ), every per-cell value as ``<key>_mean`` / ``<key>_std`` (sa
 With an R-D sweep, ``bd_rate``: each variant's BD-rate (%) against the baseline on real-bitstream
 bpp against PSNR (``energylab.bdrate.bd_rate``), per seed, then mean ± s.d.
 
+The loss curve (issue 19: the rule recovers a known speed-up). Every step-based number reads a
+cell's test losses through one rule, :func:`loss_curve`:
+
+* the evaluations after step 0 only (the step-0 loss, 100× the later ones, enters no mean and no
+  interpolation), non-finite losses left out;
+* made non-increasing by the least-squares isotonic fit (pool adjacent violators): noise can
+  neither make a curve cross a level early nor lag it, as a trailing mean does (a trailing mean of
+  ``n`` evaluations ``Δ`` apart delays every crossing by about ``(n − 1)Δ/2``);
+* interpolated between evaluations linearly in (log step, log loss) — exact for a power law
+  ``b·t^(−c)``; for ``a + b·(1 + t/t₀)^(−c)`` with evaluations every 100 steps the speed-ups stay
+  within 2 % of the truth for t₀ = 20–100 (curves like the references'), within 8 % for a curve
+  that flattens inside the first spacing (t₀ = 5).
+
+A pure step speed-up ×k (the variant's loss at ``t`` is the baseline's at ``k·t``) then gives
+``t′ = t / k`` and every speed-up below ≈ k (``tests/test_speedup_rule.py``: k = 1.5 … 5 within
+10 % with 0.3 % noise, on the fixed, the dense-early and a dense schedule). Noise moves ``t′`` by
+about (noise) / |d log L / d log t|: on a baseline that has converged (its loss falls by less than
+about 1 % over the last 20 % of its steps) the targets near the final loss are set by the noise, and
+so are the speed-ups to them.
+
+*Resolution and bounds.* ``t′`` is known to within the spacing of the variant's evaluations
+(``resolution`` below). When the variant's curve is already at or below the level at its first
+evaluation after step 0 (step ``t₁``), ``t′ ≤ t₁`` is all the data say: the number reported is
+``t / t₁``, a **lower bound** on the speed-up (an upper bound on ``steps_to_target``), flagged and
+shown as ``≥ ×…`` (``≤ …``), never as a value. In the JSON:
+
+* per cell, ``bounds``: ``{key: "lower" | "upper"}`` for each of its numbers that is a bound (an
+  empty dict when none); ``"upper"`` on ``steps_to_target*`` / ``time_to_target*``, ``"lower"`` on
+  a speed-up whose variant is bounded, ``"upper"`` on one whose baseline is (both bounded: no
+  speed-up);
+* per row, ``<key>_bounded`` (seeds whose value is a bound) and ``<key>_bound`` (their kind,
+  ``"mixed"`` when both, None when none) beside ``<key>_mean``;
+* per paired entry, ``bounded`` and ``bound``: the mean and interval are computed with the bounds
+  in place of the values, so a ``"lower"`` entry's ``mean`` and ``low`` are lower limits and its
+  ``high`` is None (``"upper"``: ``low`` None); ``inside_noise`` is False only if the kept limit
+  excludes ×1, else None (a mixed entry has no numbers);
+* ``step_equivalence`` curves carry ``bound`` per point;
+* ``resolution``: one entry per distinct evaluation schedule of the cells: ``first`` (the first
+  evaluation after step 0: the smallest ``t′`` that is a value), ``spacing`` (runs of equal
+  spacing, ``{"every", "from", "to"}``), ``cells`` (how many cells have it) and ``text``.
+
 Budget-free numbers (issue 11), per cell against the same seed's baseline:
 
-* the *step-equivalence curve*: for every evaluation step ``t > 0`` of the baseline, the first step
-  ``t'`` (interpolated) at which the variant's smoothed test loss reaches the baseline's smoothed
-  loss at ``t``; ``speedup(t) = t / t'`` (the paper's "AuxT at k steps matches the baseline at 2k").
+* the *step-equivalence curve*: for every evaluation step ``t > 0`` of the baseline, the step
+  ``t′`` at which the variant's loss curve reaches the baseline's loss curve at ``t``;
+  ``speedup(t) = t / t′`` (the paper's "AuxT at k steps matches the baseline at 2k").
   ``speedup_at_<p>``: at ``p`` % of the baseline's last step (:data:`BUDGET_FRACTIONS`, the
-  baseline's curve interpolated there); the whole curves are ``step_equivalence``;
+  baseline's curve interpolated there; none before its first evaluation); the whole curves are
+  ``step_equivalence``;
 * ``steps_to_target_<m>pct`` / ``time_to_target_<m>pct`` and ``speedup_steps_<m>pct`` /
   ``speedup_time_<m>pct``: as for the final-loss target, with the target ``(1 + m/100)`` times the
   baseline's final loss (:data:`TARGET_MARGINS`);
 * ``parameters`` / ``trainable_parameters``: the model's parameter counts, when given.
 
-``convergence``: the baseline's relative fall of its smoothed test loss over the last
+``convergence``: the baseline's relative fall of its loss curve over the last
 :data:`CONVERGENCE_WINDOW` of its steps, per seed and mean; above :data:`CONVERGENCE_TOLERANCE` its
 ``message`` says the baseline has not converged and the speed-ups depend on the budget.
 
@@ -47,8 +90,8 @@ Student-t interval over seeds): speed-ups as ratios — the mean and interval of
 log-speed-ups, exponentiated (a geometric mean with its interval) — and final numbers
 (:data:`PAIRED_DIFFERENCES`) as differences variant − baseline. ``causal`` (with ``causal=True``):
 each cell of the causal grid against AuxT at ``speedup_at_100`` (:data:`CAUSAL_KEY`), and which
-cells reproduce AuxT's speed-up (within :data:`CAUSAL_MARGIN`), exceed it or fall short of it, or
-that the intervals cannot tell.
+cells reproduce AuxT's speed-up (within :data:`CAUSAL_MARGIN`), exceed it or fall short of it, are
+known only as a bound, or that the intervals cannot tell.
 """
 
 from __future__ import annotations
@@ -197,25 +240,93 @@ def with_roles(record: dict) -> dict:
     return {**record, "role": role, "merge": int(k) if role != "stage" else None}
 
 
-def _smoothed(values: np.ndarray) -> np.ndarray:
-    """Running mean over the last ``SMOOTH`` values (fewer at the start)."""
-    csum = np.cumsum(values)
-    out = csum.copy()
-    out[SMOOTH:] = csum[SMOOTH:] - csum[:-SMOOTH]
-    return out / np.minimum(np.arange(1, len(values) + 1), SMOOTH)
+@dataclass(frozen=True)
+class LossCurve:
+    """A cell's test loss as every step-based number reads it (:func:`loss_curve`).
+
+    Attributes:
+        steps: the evaluation steps after step 0 with a finite loss, increasing.
+        loss: the test loss there, fitted non-increasing (isotonic least squares).
+        wall: the wall time (s) at ``steps``.
+        log: interpolate the loss in log (every loss > 0), else linearly.
+    """
+
+    steps: np.ndarray
+    loss: np.ndarray
+    wall: np.ndarray
+    log: bool
+
+    @property
+    def first(self) -> float | None:
+        """The first evaluation after step 0: a ``t′`` at or before it is a bound."""
+        return float(self.steps[0]) if len(self.steps) else None
+
+    def _y(self, v):
+        return np.log(v) if self.log else v
+
+    def at(self, t: float) -> float | None:
+        """The loss at step ``t``, interpolated in (log step, log loss); None outside the
+        evaluations (no extrapolation, in particular none towards step 0)."""
+        if not len(self.steps) or not self.steps[0] <= t <= self.steps[-1]:
+            return None
+        i = int(np.searchsorted(self.steps, t))
+        if self.steps[i] == t:  # exactly, not through exp(log(·))
+            return float(self.loss[i])
+        y = float(np.interp(math.log(t), np.log(self.steps), self._y(self.loss)))
+        return math.exp(y) if self.log else y
+
+    def reach(self, level: float) -> tuple[float | None, bool]:
+        """``(t′, bounded)``: the step at which the curve reaches ``level``, interpolated in (log
+        step, log loss); ``(first, True)`` when it is already below ``level`` at its first
+        evaluation (``t′ ≤ first``; exactly at it: ``(first, False)``); ``(None, False)`` if it
+        never does."""
+        hit = np.nonzero(self.loss <= level)[0]
+        if not len(hit):
+            return None, False
+        i = int(hit[0])
+        if i == 0:
+            return float(self.steps[0]), bool(self.loss[0] < level)
+        y0, y1, target = self._y(self.loss[i - 1]), self._y(self.loss[i]), self._y(level)
+        frac = (y0 - target) / (y0 - y1)
+        x0, x1 = math.log(self.steps[i - 1]), math.log(self.steps[i])
+        return float(math.exp(x0 + frac * (x1 - x0))), False
+
+    def wall_at(self, step: float | None) -> float | None:
+        """The wall time at ``step``, linear in steps between evaluations (0 at step 0)."""
+        if step is None:
+            return None
+        return float(np.interp(step, np.r_[0.0, self.steps], np.r_[0.0, self.wall]))
 
 
-def _crossing(x: np.ndarray, curve: np.ndarray, target: float) -> float | None:
-    """First ``x`` where ``curve`` (decreasing towards the target) reaches ``target``,
-    linearly interpolated between points; None if never."""
-    hit = np.nonzero(curve <= target)[0]
-    if not len(hit):
-        return None
-    i = hit[0]
-    if i == 0:
-        return float(x[0])
-    frac = (curve[i - 1] - target) / (curve[i - 1] - curve[i])
-    return float(x[i - 1] + frac * (x[i] - x[i - 1]))
+def _monotone(values: np.ndarray) -> np.ndarray:
+    """The least-squares non-increasing fit of ``values`` (pool adjacent violators, equal weights)."""
+    blocks: list[list[float]] = []  # [sum, count] of each pooled block
+    for v in values:
+        blocks.append([float(v), 1.0])
+        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] < blocks[-1][0] / blocks[-1][1]:
+            total, count = blocks.pop()
+            blocks[-1][0] += total
+            blocks[-1][1] += count
+    return np.concatenate([np.full(int(n), t / n) for t, n in blocks]) if blocks else np.array([])
+
+
+def loss_curve(evals: Sequence[dict]) -> LossCurve:
+    """The loss curve of a cell's evaluations (the module docstring's rule): steps after 0 with a
+    finite loss, the loss fitted non-increasing, interpolated in (log step, log loss)."""
+    kept = [r for r in evals if r["step"] > 0 and r["loss"] is not None and math.isfinite(r["loss"])]
+    kept.sort(key=lambda r: r["step"])
+    loss = _monotone(np.array([r["loss"] for r in kept], dtype=float))
+    return LossCurve(steps=np.array([r["step"] for r in kept], dtype=float), loss=loss,
+                     wall=np.array([r.get("wall_time") or 0.0 for r in kept], dtype=float),
+                     log=bool(len(loss)) and bool((loss > 0).all()))
+
+
+BOUNDED_KEYS = (*(f"{w}_to_target{s}" for w in ("steps", "time")
+                  for s in ("", *(f"_{m}pct" for m in TARGET_MARGINS))),
+                *(f"speedup_{w}{s}" for w in ("steps", "time")
+                  for s in ("", *(f"_{m}pct" for m in TARGET_MARGINS))),
+                *(f"speedup_at_{p}" for p in BUDGET_FRACTIONS))
+"""Per-cell numbers that may be a bound (a ``t′`` at or before the first evaluation)."""
 
 
 def _energy_summary(energy: Sequence[dict]) -> dict[str, float | None]:
@@ -242,94 +353,138 @@ def _energy_summary(energy: Sequence[dict]) -> dict[str, float | None]:
     return out
 
 
-def _cell_summary(logs: CellLogs, target: float | None) -> dict[str, float | None]:
+def _levels(target: float) -> list[tuple[str, float]]:
+    """``(suffix, level)`` of the final-loss target and the relative ones."""
+    return [("", target), *((f"_{m}pct", target * (1 + m / 100)) for m in TARGET_MARGINS)]
+
+
+def _cell_summary(logs: CellLogs, curve: LossCurve, target: float | None) -> dict:
     evals = logs.evals
     if not evals:
         return {}
     last = evals[-1]
-    out: dict[str, float | None] = {"test_loss": last["loss"], "test_bpp": last["bpp"],
-                                    "test_psnr": last["psnr"], "steps": last["step"]}
+    out: dict = {"test_loss": last["loss"], "test_bpp": last["bpp"], "test_psnr": last["psnr"],
+                 "steps": last["step"]}
+    bounds: dict[str, str] = {}
     if logs.bitstream is not None:
         out["real_bpp"], out["real_psnr"] = logs.bitstream["bpp"], logs.bitstream["psnr-rgb"]
     if target is not None:
-        steps = np.array([r["step"] for r in evals], dtype=float)
-        times = np.array([r["wall_time"] for r in evals], dtype=float)
-        curve = _smoothed(np.array([r["loss"] for r in evals], dtype=float))  # null: NaN, never reached
-        out["steps_to_target"] = _crossing(steps, curve, target)
-        out["time_to_target"] = _crossing(times, curve, target)
-        for m in TARGET_MARGINS:
-            out[f"steps_to_target_{m}pct"] = _crossing(steps, curve, target * (1 + m / 100))
-            out[f"time_to_target_{m}pct"] = _crossing(times, curve, target * (1 + m / 100))
+        for suffix, level in _levels(target):
+            step, bounded = curve.reach(level)  # a null (NaN) target is never reached
+            out[f"steps_to_target{suffix}"] = step
+            out[f"time_to_target{suffix}"] = curve.wall_at(step)
+            if bounded:
+                bounds[f"steps_to_target{suffix}"] = bounds[f"time_to_target{suffix}"] = "upper"
     out.update(_energy_summary([with_roles(r) for r in logs.energy]))
     if logs.parameters is not None:
         out.update({k: logs.parameters[k] for k in ("parameters", "trainable_parameters")})
+    out["bounds"] = bounds
     return out
 
 
-def _curve(evals: Sequence[dict]) -> tuple[np.ndarray, np.ndarray]:
-    """Evaluation steps and the smoothed test loss."""
-    return (np.array([r["step"] for r in evals], dtype=float),
-            _smoothed(np.array([r["loss"] for r in evals], dtype=float)))
+def _combine(*kinds: str | None) -> str | None:
+    """One bound kind of several (None: a value): the common kind, ``"mixed"`` if they differ."""
+    present = {k for k in kinds if k}
+    return None if not present else present.pop() if len(present) == 1 else "mixed"
 
 
-def _equivalent_step(base: tuple[np.ndarray, np.ndarray], variant: tuple[np.ndarray, np.ndarray],
-                     t: float) -> float | None:
-    """The first step at which the variant's smoothed loss reaches the baseline's at step ``t``."""
-    return _crossing(variant[0], variant[1], float(np.interp(t, *base)))
+def _flip(kind: str | None) -> str | None:
+    return {"lower": "upper", "upper": "lower"}.get(kind or "", kind)
 
 
-def _ratio(t: float, t_variant: float | None) -> float | None:
-    return t / t_variant if t_variant else None
+def _speedup_at(base: LossCurve, variant: LossCurve, t: float | None) -> tuple[float | None, str | None]:
+    """``(t / t′, bound)``: the step-equivalence speed-up at the baseline's step ``t``; ``bound``
+    ``"lower"`` when ``t′`` is at or before the variant's first evaluation."""
+    level = None if t is None else base.at(t)
+    if level is None:
+        return None, None
+    t_variant, bounded = variant.reach(level)
+    if not t_variant:
+        return None, None
+    return t / t_variant, "lower" if bounded else None
 
 
 def step_equivalence(base_evals: Sequence[dict], evals: Sequence[dict]) -> dict[str, list]:
     """The step-equivalence curve of a variant's evaluations against its baseline's:
-    ``{"t": [...], "t_variant": [...], "speedup": [...]}`` over the baseline's evaluation steps
-    ``t > 0`` (None where the variant never reaches the baseline's loss, or already does at 0)."""
-    base, variant = _curve(base_evals), _curve(evals)
-    ts = [float(t) for t in base[0] if t > 0]
-    t_variant = [_equivalent_step(base, variant, t) for t in ts]
-    return {"t": ts, "t_variant": t_variant,
-            "speedup": [_ratio(t, tv) for t, tv in zip(ts, t_variant, strict=True)]}
+    ``{"t": [...], "t_variant": [...], "speedup": [...], "bound": [...]}`` over the baseline's
+    evaluation steps ``t > 0`` (:func:`loss_curve`): ``t_variant`` None where the variant never
+    reaches the baseline's loss at ``t``; ``bound`` ``"lower"`` where it already has at its first
+    evaluation (``t_variant`` is then that evaluation, ``t′ ≤ t_variant``, and ``speedup`` a lower
+    bound), else None."""
+    base, variant = loss_curve(base_evals), loss_curve(evals)
+    ts = [float(t) for t in base.steps]
+    reached = [variant.reach(float(base.at(t))) for t in ts]
+    return {"t": ts, "t_variant": [tv for tv, _ in reached],
+            "speedup": [t / tv if tv else None for t, (tv, _) in zip(ts, reached, strict=True)],
+            "bound": ["lower" if tv and b else None for tv, b in reached]}
 
 
-def _budget_free(row: dict, base_evals: Sequence[dict], evals: Sequence[dict]) -> None:
+def _budget_free(row: dict, base: LossCurve, variant: LossCurve) -> None:
     """The step-equivalence speed-ups at :data:`BUDGET_FRACTIONS` of the baseline's budget."""
-    base, variant = _curve(base_evals), _curve(evals)
     for p in BUDGET_FRACTIONS:
-        t = base[0][-1] * p / 100
-        row[f"speedup_at_{p}"] = _ratio(t, _equivalent_step(base, variant, t))
+        t = float(base.steps[-1]) * p / 100 if len(base.steps) else None
+        row[f"speedup_at_{p}"], bound = _speedup_at(base, variant, t)
+        if bound:
+            row["bounds"][f"speedup_at_{p}"] = bound
 
 
 def _convergence(base_evals: Mapping[str, Sequence[dict]]) -> dict:
-    """The baseline's relative fall of its smoothed test loss over the last
-    :data:`CONVERGENCE_WINDOW` of its steps, per seed (key) and mean, with the verdict."""
+    """The baseline's relative fall of its loss curve over the last :data:`CONVERGENCE_WINDOW` of
+    its steps, per seed (key) and mean, with the verdict."""
     changes = {}
     for key, evals in base_evals.items():
-        steps, curve = _curve(evals)
-        start = float(np.interp(steps[-1] * (1 - CONVERGENCE_WINDOW), steps, curve))
-        changes[key] = (start - float(curve[-1])) / abs(float(curve[-1])) if curve[-1] else None
+        curve = loss_curve(evals)
+        start = curve.at(float(curve.steps[-1]) * (1 - CONVERGENCE_WINDOW)) if len(curve.steps) else None
+        end = float(curve.loss[-1]) if len(curve.loss) else None
+        changes[key] = (start - end) / abs(end) if start is not None and end else None
     mean, _, _ = _mean_std(list(changes.values()))
     converged = mean is not None and mean <= CONVERGENCE_TOLERANCE
     message = None if converged or mean is None else (
-        f"the baseline has not converged: its smoothed test loss still fell by {100 * mean:.1f} % "
+        f"the baseline has not converged: its test loss still fell by {100 * mean:.1f} % "
         f"over the last {100 * CONVERGENCE_WINDOW:.0f} % of its steps (> "
         f"{100 * CONVERGENCE_TOLERANCE:.0f} %), so the speed-ups depend on the step budget")
     return {"relative_change": changes, "relative_change_mean": mean, "window": CONVERGENCE_WINDOW,
             "tolerance": CONVERGENCE_TOLERANCE, "converged": converged, "message": message}
 
 
-def _paired_entry(key: str, values: list, base_values: list) -> dict:
-    """One paired comparison over seeds: log-ratio for speed-ups (exponentiated), else difference."""
-    if key in SPEEDUP_KEYS:
+def _paired_entry(key: str, values: list, base_values: list, bounds: Sequence[str | None] = (),
+                  base_bounds: Sequence[str | None] = ()) -> dict:
+    """One paired comparison over seeds: log-ratio for speed-ups (exponentiated), else difference;
+    ``bounds`` / ``base_bounds``: each seed's bound kind (module docstring)."""
+    n = len(values)
+    bounds, base_bounds = list(bounds) or [None] * n, list(base_bounds) or [None] * len(base_values)
+    ratio = key in SPEEDUP_KEYS
+    kinds = []
+    values = list(values)
+    for i, v in enumerate(values):
+        kind = bounds[i] if ratio else _combine(bounds[i], _flip(base_bounds[i] if base_values else None))
+        if kind == "mixed":
+            values[i] = None  # a difference of two bounds in opposite directions: no number
+        present = v is not None and (ratio or (base_values and base_values[i] is not None))
+        kinds.append(kind if present and kind != "mixed" else None)
+    if ratio:
         logs = [math.log(v) if v is not None and v > 0 else None for v in values]
         d = paired_difference(logs, [0.0] * len(logs))
-        back = {f: (math.exp(getattr(d, f)) if getattr(d, f) is not None else None)
-                for f in ("mean", "low", "high")}
-        return {"key": key, "kind": "ratio", **back, "n": d.n, "inside_noise": d.inside_noise}
-    d = paired_difference(values, base_values)
-    return {"key": key, "kind": "difference", "mean": d.mean, "low": d.low, "high": d.high, "n": d.n,
-            "inside_noise": d.inside_noise}
+        entry = {"key": key, "kind": "ratio",
+                 **{f: (math.exp(getattr(d, f)) if getattr(d, f) is not None else None)
+                    for f in ("mean", "low", "high")}, "n": d.n, "inside_noise": d.inside_noise}
+        null = 1.0
+    else:
+        d = paired_difference(values, base_values)
+        entry = {"key": key, "kind": "difference", "mean": d.mean, "low": d.low, "high": d.high,
+                 "n": d.n, "inside_noise": d.inside_noise}
+        null = 0.0
+    kind = _combine(*kinds)
+    entry["bounded"], entry["bound"] = sum(k is not None for k in kinds), kind
+    if kind == "mixed":
+        entry.update(mean=None, low=None, high=None, inside_noise=None)
+    elif kind is not None:
+        kept = "low" if kind == "lower" else "high"
+        entry["high" if kind == "lower" else "low"] = None
+        limit = entry[kept]
+        entry["inside_noise"] = None if limit is None or not (
+            limit > null if kind == "lower" else limit < null) else False
+    return entry
 
 
 def _paired(per_cell: dict, variants: Sequence[str], seeds: Sequence[int],
@@ -345,7 +500,9 @@ def _paired(per_cell: dict, variants: Sequence[str], seeds: Sequence[int],
                 continue
             for key in (*SPEEDUP_KEYS, *PAIRED_DIFFERENCES):
                 out.append({"variant": variant, "lmbda": lm, **_paired_entry(
-                    key, [r.get(key) for r in rows], [b.get(key) for b in base])})
+                    key, [r.get(key) for r in rows], [b.get(key) for b in base],
+                    [r.get("bounds", {}).get(key) for r in rows],
+                    [b.get("bounds", {}).get(key) for b in base])})
     return out
 
 
@@ -361,35 +518,46 @@ def _causal(per_cell: dict, variants: Sequence[str], seeds: Sequence[int]) -> di
     verdict: per cell ``exceeds`` / ``falls short`` (ratio interval above / below 1, even inside the
     margin: a difference outside the noise comes first), else ``reproduces`` (the interval, which
     contains 1, lies inside :data:`CAUSAL_MARGIN`'s limits) or ``inconclusive`` (it reaches beyond
-    them), or ``cannot tell`` (fewer than two paired seeds); then every cell under its verdict, or
-    that the intervals cannot tell."""
+    them), or ``cannot tell`` (fewer than two paired seeds), or ``bounded`` (the ratio is only a
+    bound — a ``t′`` at or before a first evaluation — that does not decide); then every cell under
+    its verdict, or that the intervals cannot tell."""
     def values(variant):
-        return [per_cell.get((variant, None, s), {}).get(CAUSAL_KEY) for s in seeds]
+        rows = [per_cell.get((variant, None, s), {}) for s in seeds]
+        return [r.get(CAUSAL_KEY) for r in rows], [r.get("bounds", {}).get(CAUSAL_KEY) for r in rows]
 
-    def logs(vals):
-        return [math.log(v) if v else None for v in vals]
-
-    auxt = values("auxt")
-    reference = _paired_entry(CAUSAL_KEY, auxt, [])
+    auxt, auxt_bounds = values("auxt")
+    reference = _paired_entry(CAUSAL_KEY, auxt, [], auxt_bounds)
     cells = []
     for variant in variants:
         if variant in ("baseline", "auxt"):
             continue
-        own = values(variant)
-        vs_auxt = paired_difference(logs(own), logs(auxt))
-        exp = {f: (math.exp(getattr(vs_auxt, f)) if getattr(vs_auxt, f) is not None else None)
-               for f in ("mean", "low", "high")}
-        if vs_auxt.inside_noise is None:
+        own, own_bounds = values(variant)
+        ratios = [o / a if o and a else None for o, a in zip(own, auxt, strict=True)]
+        kinds = [_combine(o, _flip(a)) for o, a in zip(own_bounds, auxt_bounds, strict=True)]
+        vs_auxt = _paired_entry(CAUSAL_KEY, ratios, [], kinds)
+        if vs_auxt["bound"]:
+            if vs_auxt["bound"] == "lower" and vs_auxt["inside_noise"] is False:
+                verdict = "exceeds"
+            elif vs_auxt["bound"] == "upper" and vs_auxt["inside_noise"] is False:
+                verdict = "falls short"
+            else:
+                verdict = "bounded"
+        elif vs_auxt["inside_noise"] is None:
             verdict = "cannot tell"
-        elif not vs_auxt.inside_noise:
-            verdict = "falls short" if exp["high"] < 1 else "exceeds"
-        elif 1 / CAUSAL_MARGIN <= exp["low"] and exp["high"] <= CAUSAL_MARGIN:
+        elif not vs_auxt["inside_noise"]:
+            verdict = "falls short" if vs_auxt["high"] < 1 else "exceeds"
+        elif 1 / CAUSAL_MARGIN <= vs_auxt["low"] and vs_auxt["high"] <= CAUSAL_MARGIN:
             verdict = "reproduces"
         else:
             verdict = "inconclusive"
-        cells.append({"variant": variant, "speedup": _paired_entry(CAUSAL_KEY, own, []),
-                      "ratio_to_auxt": {**exp, "n": vs_auxt.n}, "verdict": verdict})
-    if reference["inside_noise"] is None or any(c["verdict"] == "cannot tell" for c in cells):
+        cells.append({"variant": variant, "speedup": _paired_entry(CAUSAL_KEY, own, [], own_bounds),
+                      "ratio_to_auxt": {k: vs_auxt[k] for k in ("mean", "low", "high", "n", "bounded",
+                                                                 "bound")},
+                      "verdict": verdict})
+    if reference["bound"]:
+        text = (f"the intervals cannot tell: AuxT's own speed-up ({CAUSAL_KEY}) is only a bound (t′ at "
+                "or before its first evaluation), so no factor can be said to reproduce it")
+    elif reference["inside_noise"] is None or any(c["verdict"] == "cannot tell" for c in cells):
         text = "the intervals cannot tell: fewer than two seeds pair every cell with AuxT"
     elif reference["inside_noise"]:
         text = (f"the intervals cannot tell: AuxT's own speed-up ({CAUSAL_KEY}) is inside the noise, "
@@ -403,13 +571,48 @@ def _causal(per_cell: dict, variants: Sequence[str], seeds: Sequence[int]) -> di
                 f"{CAUSAL_MARGIN:.2f}]): {named('reproduces')}; exceed it: {named('exceeds')}; "
                 f"fall short of it: {named('falls short')}; inconclusive (the ratio's interval contains 1 "
                 f"but reaches beyond that margin): {named('inconclusive')}")
+        if any(c["verdict"] == "bounded" for c in cells):
+            text += ("; known only as a bound (t′ at or before a first evaluation): "
+                     f"{named('bounded')}")
     return {"key": CAUSAL_KEY, "auxt": reference, "cells": cells, "verdict": text}
 
 
 def _target(evals: Sequence[dict]) -> float | None:
-    if not evals:
+    """The mean of the last :data:`SMOOTH` test losses after step 0 (None without any; NaN, written
+    as null, if one is undefined: never reached)."""
+    losses = [r["loss"] for r in evals if r["step"] > 0]
+    if not losses:
         return None
-    return float(np.mean(np.array([r["loss"] for r in evals[-SMOOTH:]], dtype=float)))  # null: NaN
+    return float(np.mean(np.array(losses[-SMOOTH:], dtype=float)))
+
+
+def _segments(steps: Sequence[float]) -> list[dict]:
+    """Runs of equal spacing of the evaluation steps (from step 0): ``{"every", "from", "to"}``."""
+    points = [0.0, *steps]
+    runs: list[dict] = []
+    for a, b in zip(points, points[1:], strict=False):
+        if runs and math.isclose(runs[-1]["every"], b - a):
+            runs[-1]["to"] = b
+        else:
+            runs.append({"every": b - a, "from": a, "to": b})
+    return runs
+
+
+def _resolution(curves: Mapping[Key, LossCurve]) -> list[dict]:
+    """One entry per distinct evaluation schedule of the cells (module docstring)."""
+    schedules: dict[tuple, int] = {}
+    for curve in curves.values():
+        if len(curve.steps):
+            key = tuple(float(t) for t in curve.steps)
+            schedules[key] = schedules.get(key, 0) + 1
+    out = []
+    for steps, count in schedules.items():
+        runs = _segments(steps)
+        text = ", then ".join(f"every {r['every']:g} steps to {r['to']:g}" for r in runs)
+        out.append({"first": steps[0], "spacing": runs, "cells": count,
+                    "text": f"t′ is resolved to the evaluation spacing: {text}; a t′ at or before the "
+                            f"first evaluation (step {steps[0]:g}) is a bound"})
+    return out
 
 
 def _mean_std(values: list) -> tuple[float | None, float | None, int]:
@@ -435,9 +638,9 @@ def summarize(cells: Mapping[Key, CellLogs], variants: Sequence[str], seeds: Seq
         causal: the variants are the causal grid (``ablate --causal``): add ``"causal"``.
 
     Returns:
-        ``{"root", "smooth", "targets", "cells", "rows", "step_equivalence", "convergence",
-        "paired"}``, with ``lmbdas`` ``"bd_rate"`` and with ``causal`` ``"causal"`` (see the module
-        docstring).
+        ``{"root", "smooth", "targets", "cells", "rows", "step_equivalence", "resolution",
+        "convergence", "paired"}``, with ``lmbdas`` ``"bd_rate"`` and with ``causal`` ``"causal"``
+        (see the module docstring).
 
     Raises:
         SummaryError: no baseline cell is given.
@@ -445,17 +648,24 @@ def summarize(cells: Mapping[Key, CellLogs], variants: Sequence[str], seeds: Seq
     targets = {(s, lm): _target(logs.evals) for (v, lm, s), logs in cells.items() if v == "baseline"}
     if not targets:
         raise SummaryError(f"{root}: no baseline cell has evaluations yet")
-    per_cell = {key: _cell_summary(logs, targets.get((key[2], key[1]))) for key, logs in cells.items()}
+    loss_curves = {key: loss_curve(logs.evals) for key, logs in cells.items()}
+    per_cell = {key: _cell_summary(logs, loss_curves[key], targets.get((key[2], key[1])))
+                for key, logs in cells.items()}
     curves = []
     for (variant, lm, seed), row in per_cell.items():
         base = per_cell.get(("baseline", lm, seed), {})
         for what in ("steps", "time"):
             for suffix in ("", *(f"_{m}pct" for m in TARGET_MARGINS)):
-                b, v = base.get(f"{what}_to_target{suffix}"), row.get(f"{what}_to_target{suffix}")
-                row[f"speedup_{what}{suffix}"] = b / v if b and v else None
+                key = f"{what}_to_target{suffix}"
+                b, v = base.get(key), row.get(key)
+                # the variant's value an upper bound: the speed-up a lower one; the baseline's: upper
+                kind = _combine(_flip(row.get("bounds", {}).get(key)), base.get("bounds", {}).get(key))
+                row[f"speedup_{what}{suffix}"] = b / v if b and v and kind != "mixed" else None
+                if kind in ("lower", "upper") and b and v:
+                    row["bounds"][f"speedup_{what}{suffix}"] = kind
         base_logs = cells.get(("baseline", lm, seed))
         if base_logs is not None and base_logs.evals and cells[variant, lm, seed].evals:
-            _budget_free(row, base_logs.evals, cells[variant, lm, seed].evals)
+            _budget_free(row, loss_curves["baseline", lm, seed], loss_curves[variant, lm, seed])
             curves.append({"variant": variant, "lmbda": lm, "seed": seed,
                            **step_equivalence(base_logs.evals, cells[variant, lm, seed].evals)})
     rows = []
@@ -464,18 +674,23 @@ def summarize(cells: Mapping[Key, CellLogs], variants: Sequence[str], seeds: Seq
             group = {s: r for (v, lm_, s), r in per_cell.items() if v == variant and lm_ == lm}
             if not group:
                 continue
-            keys = sorted({k for r in group.values() for k in r})
+            keys = sorted({k for r in group.values() for k in r} - {"bounds"})
             row: dict = {"variant": variant, "lmbda": lm if lm else lmbda, "seeds": len(group)}
             for key in keys:
                 mean, std, n = _mean_std([r.get(key) for r in group.values()])
                 row[f"{key}_mean"], row[f"{key}_std"] = mean, std
                 if key.endswith("_to_target"):
                     row[f"{key}_reached"] = n
+                if key in BOUNDED_KEYS:
+                    kinds = [r.get("bounds", {}).get(key) for r in group.values() if r.get(key) is not None]
+                    row[f"{key}_bounded"] = sum(k is not None for k in kinds)
+                    row[f"{key}_bound"] = _combine(*kinds)
             rows.append(row)
     summary = {"root": root, "smooth": SMOOTH, "targets": {
         f"seed{s}" + (f"_lmbda{lm:g}" if lm else ""): t for (s, lm), t in targets.items()},
-        "cells": [{"variant": v, "lmbda": lm, "seed": s, **r} for (v, lm, s), r in per_cell.items()],
-        "rows": rows, "step_equivalence": curves,
+        "cells": [{"variant": v, "lmbda": lm, "seed": s, **{k: x for k, x in r.items() if k != "bounds"},
+                   "bounds": r.get("bounds", {})} for (v, lm, s), r in per_cell.items()],
+        "rows": rows, "step_equivalence": curves, "resolution": _resolution(loss_curves),
         "convergence": _convergence({f"seed{s}" + (f"_lmbda{lm:g}" if lm else ""): logs.evals
                                      for (v, lm, s), logs in cells.items()
                                      if v == "baseline" and logs.evals}),
@@ -522,8 +737,23 @@ def table_rows(summary: dict) -> list[dict[str, str | float | int]]:
     """The table's rows: ``variant``, ``λ``, ``seeds`` and one formatted ``mean ± std`` per
     :data:`TABLE` column title."""
     return [{"variant": r["variant"], "λ": r["lmbda"], "seeds": r["seeds"],
-             **{title: format_value(r.get(f"{k}_mean"), r.get(f"{k}_std")) for k, title in TABLE}}
+             **{title: _bounded_value(r, k) for k, title in TABLE}}
             for r in summary["rows"]]
+
+
+BOUND_SIGNS = {"lower": "≥ ", "upper": "≤ ", "mixed": "bounds both ways: "}
+"""How a bound is written before its number."""
+
+
+def _bounded_value(row: Mapping, key: str) -> str:
+    """:func:`format_value` of a row's ``key``, after ``≥`` / ``≤`` and with ``(b/n bounds)`` when
+    some seeds' values are bounds (module docstring)."""
+    text = format_value(row.get(f"{key}_mean"), row.get(f"{key}_std"))
+    bounded = row.get(f"{key}_bounded")
+    if not bounded or row.get(f"{key}_mean") is None:
+        return text
+    n = row.get(f"{key}_reached", row.get("seeds"))
+    return f"{BOUND_SIGNS[row[f'{key}_bound']]}{text} ({bounded}/{n} bounds)"
 
 
 def format_table(summary: dict) -> str:
@@ -557,6 +787,12 @@ def format_interval(entry: Mapping) -> str:
         return f"{v:.2f}" if abs(v) >= 10 or prefix else f"{v:.4f}"
 
     text = prefix + number(entry["mean"])
+    if entry.get("bound"):  # the mean (and one limit) with bounds in place of values: a bound
+        limit = entry["low"] if entry["bound"] == "lower" else entry["high"]
+        limits = "" if limit is None else (f" [{number(limit)}, —]" if entry["bound"] == "lower"
+                                           else f" [—, {number(limit)}]")
+        return (f"{BOUND_SIGNS[entry['bound']]}{text}{limits} ({entry['bounded']}/{entry['n']} "
+                "bounds)")
     if entry.get("low") is None:
         return f"{text} ({entry['n']} seed{'s' if entry['n'] != 1 else ''}, no interval)"
     return f"{text} [{number(entry['low'])}, {number(entry['high'])}]" + (
@@ -579,6 +815,20 @@ PAIRED_DIFFERENCE_TITLES = {"test_loss": "test loss", "real_bpp": "bpp (real)", 
                             "final_active_channels": "active channels"}
 
 
+def _rule_lines(summary: dict) -> list[str]:
+    """The speed-up rule and the resolution of ``t′`` (a summary written before they were recorded
+    has neither, and is written as it was)."""
+    if "resolution" not in summary:
+        return []
+    schedules = "; ".join(r["text"] + (f" ({r['cells']} cells)" if len(summary["resolution"]) > 1 else "")
+                          for r in summary["resolution"]) or "no evaluations after step 0"
+    return [f"*Rule:* t′ is where the variant's test loss (evaluations after step 0, fitted "
+            f"non-increasing) reaches the level, interpolated linearly in (log step, log loss). "
+            f"*Resolution:* {schedules}. `≥ ×…`: t′ lies at or before the variant's first evaluation, "
+            f"so the speed-up is at least that (a bound, not a value; the mean puts the bound in place "
+            f"of the value, `—`: no upper limit); `≤`: the same for steps.", ""]
+
+
 def format_paired(summary: dict) -> str:
     """The paired tables (speed-ups as ratios, final numbers as differences against the baseline,
     with parameter counts) and the causal verdict, as Markdown."""
@@ -592,6 +842,7 @@ def format_paired(summary: dict) -> str:
              "exponentiated) with its 95 % Student-t interval; `~`: the interval contains ×1 (inside "
              "the noise). *t-equiv. at p %*: the step-equivalence speed-up t/t′ at p % of the "
              "baseline's budget; *steps to +m %*: to within m % of the baseline's final loss.", "",
+             *_rule_lines(summary),
              "| variant | " + " | ".join(t for _, t in PAIRED_SPEEDUP_COLUMNS)
              + " | parameters (trainable / total) |",
              "|---" * (len(PAIRED_SPEEDUP_COLUMNS) + 2) + "|"]

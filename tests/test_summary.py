@@ -87,10 +87,20 @@ def test_no_baseline_is_an_error() -> None:
         summary.summarize({("auxt", None, 0): logs}, ["baseline", "auxt"], [0], 0.013)
 
 
-def test_crossing_interpolates() -> None:
-    x = np.array([0.0, 10.0, 20.0])
-    assert summary._crossing(x, np.array([5.0, 3.0, 1.0]), 2.0) == pytest.approx(15.0)
-    assert summary._crossing(x, np.array([5.0, 3.0, 2.5]), 2.0) is None
+def test_loss_curve_interpolates_in_log_step_without_step_zero() -> None:
+    # L = 4 (t / 10)^-1 after step 0 (whose loss enters nothing): exact in (log step, log loss)
+    evals = [{"step": t, "loss": loss, "wall_time": t / 10} for t, loss in ((0, 1e3), (10, 4.0), (40, 1.0))]
+    curve = summary.loss_curve(evals)
+    assert curve.steps.tolist() == [10.0, 40.0] and curve.first == 10.0
+    assert curve.reach(2.0) == (pytest.approx(20.0), False)
+    assert curve.at(20.0) == pytest.approx(2.0) and curve.at(40.0) == 1.0
+    assert curve.at(5.0) is None  # no extrapolation towards step 0
+    assert curve.reach(5.0) == (10.0, True)  # already there at the first evaluation: t' <= 10
+    assert curve.reach(0.5) == (None, False)
+    assert curve.wall_at(20.0) == pytest.approx(2.0)
+    # made non-increasing by pooling adjacent violators
+    bumpy = summary.loss_curve([{"step": t, "loss": v} for t, v in ((1, 5.0), (2, 3.0), (3, 4.0), (4, 1.0))])
+    assert bumpy.loss.tolist() == [5.0, 3.5, 3.5, 1.0]
 
 
 # --- issue 11: budget-free speed-ups, convergence, paired intervals ------------------------------
@@ -102,23 +112,33 @@ def linear_cell(slope: float, steps: int = 1000, every: int = 100, start: float 
     return summary.CellLogs(evals=evals, energy=[])
 
 
+def power_cell(factor: float, steps: int = 1000, every: int = 100) -> summary.CellLogs:
+    """A cell ``factor`` times faster than ``100 (t / 100)^-1/2`` (the rule's log-log interpolation
+    is exact on it; the step-0 loss, 1000, enters nothing); wall time 0.1 s per step."""
+    evals = [{"step": t, "loss": 100 * (factor * t / 100) ** -0.5 if t else 1000.0, "bpp": 1.0,
+              "psnr": 20.0, "wall_time": 0.1 * t} for t in range(0, steps + 1, every)]
+    return summary.CellLogs(evals=evals, energy=[])
+
+
 def test_step_equivalence_of_a_twice_as_fast_variant(monkeypatch):
-    monkeypatch.setattr(summary, "SMOOTH", 1)  # exact for linear curves: t' = t / 2 everywhere
+    monkeypatch.setattr(summary, "SMOOTH", 1)  # exact for power laws: t' = t / 2 everywhere
     cells = {}
     for seed, factor in ((0, 2.0), (1, 2.0), (2, 2.0)):
-        cells["baseline", None, seed] = linear_cell(0.05)
-        cells["fast", None, seed] = linear_cell(0.05 * factor)
+        cells["baseline", None, seed] = power_cell(1.0)
+        cells["fast", None, seed] = power_cell(factor)
     result = summary.summarize(cells, ["baseline", "fast"], [0, 1, 2], 0.013)
     row = next(r for r in result["rows"] if r["variant"] == "fast")
     for p in summary.BUDGET_FRACTIONS:
         assert row[f"speedup_at_{p}_mean"] == pytest.approx(2.0)
     curve = next(c for c in result["step_equivalence"] if c["variant"] == "fast")
     assert curve["t"] == [float(t) for t in range(100, 1001, 100)]
-    assert curve["speedup"] == pytest.approx([2.0] * 10)
-    # relative targets: the baseline reaches (1 + m %) x its final loss 50 = 100 - 0.05 t
+    # at t = 100, t' = 50 lies before the variant's first evaluation: only t' <= 100 is known
+    assert curve["speedup"] == pytest.approx([1.0] + [2.0] * 9)
+    assert curve["bound"] == ["lower"] + [None] * 9
+    # relative targets: the baseline reaches (1 + m %) x its final loss at 1000 (1 + m %)^-2
     base = next(r for r in result["rows"] if r["variant"] == "baseline")
     for m in summary.TARGET_MARGINS:
-        assert base[f"steps_to_target_{m}pct_mean"] == pytest.approx((100 - 50 * (1 + m / 100)) / 0.05)
+        assert base[f"steps_to_target_{m}pct_mean"] == pytest.approx(1000 * (1 + m / 100) ** -2)
         assert row[f"speedup_steps_{m}pct_mean"] == pytest.approx(2.0)
         assert row[f"speedup_time_{m}pct_mean"] == pytest.approx(2.0)
     # no spread over seeds: the interval collapses onto the ratio
@@ -132,8 +152,8 @@ def test_paired_speedups_are_geometric_means_with_log_intervals(monkeypatch):
     factors = (1.5, 2.0, 3.0)
     cells = {}
     for seed, factor in enumerate(factors):
-        cells["baseline", None, seed] = linear_cell(0.05)
-        cells["fast", None, seed] = linear_cell(0.05 * factor)
+        cells["baseline", None, seed] = power_cell(1.0)
+        cells["fast", None, seed] = power_cell(factor)
     result = summary.summarize(cells, ["baseline", "fast"], [0, 1, 2], 0.013)
     entry = next(e for e in result["paired"] if e["variant"] == "fast" and e["key"] == "speedup_at_100")
     logs = np.log(factors)
@@ -142,7 +162,7 @@ def test_paired_speedups_are_geometric_means_with_log_intervals(monkeypatch):
     assert (entry["low"], entry["high"]) == pytest.approx(np.exp([logs.mean() - half, logs.mean() + half]))
     loss = next(e for e in result["paired"] if e["variant"] == "fast" and e["key"] == "test_loss")
     assert loss["kind"] == "difference"
-    assert loss["mean"] == pytest.approx(np.mean([-50 * (f - 1) for f in factors]))
+    assert loss["mean"] == pytest.approx(np.mean([100 * 10 ** -0.5 * (f ** -0.5 - 1) for f in factors]))
     text = summary.format_markdown(result)
     assert "## Speed-ups paired over seeds" in text and "×" in text
 
@@ -151,8 +171,8 @@ def test_convergence_check_names_an_unconverged_baseline(monkeypatch):
     cells = {("baseline", None, 0): linear_cell(0.05), ("baseline", None, 1): linear_cell(0.05)}
     result = summary.summarize(cells, ["baseline"], [0, 1], 0.013)
     conv = result["convergence"]
-    # smoothed (mean of 3) curve at 1000 is the loss at 900 = 55; at 800 the loss at 700 = 65
-    assert conv["relative_change_mean"] == pytest.approx(10 / 55)
+    # the loss curve (no trailing mean) at 1000 is 50, at 800 60
+    assert conv["relative_change_mean"] == pytest.approx(10 / 50)
     assert not conv["converged"] and "has not converged" in conv["message"]
     assert "has not converged" in summary.format_markdown(result)
     flat = {("baseline", None, 0): linear_cell(0.0)}

@@ -13,7 +13,14 @@ the ablation directory is :mod:`energylab.rundir`'s) and figures into ``--out``.
 * ``--causal``: the causal grid instead, beside the baseline: projection {learned, frozen at a random
   orthogonal init, frozen at the data's KLT (:mod:`energylab.klt`)} × scaling {learned, frozen at
   init, none}; its summary says which cells reproduce AuxT's speed-up, or that the intervals cannot
-  tell.
+  tell;
+* ``--split``: the split grid instead (:mod:`energylab.split`), beside the baseline and full AuxT:
+  ``split-A`` ... ``split-F``, decorrelation × unevenness of the shortcut's last stage at a fixed
+  subspace and a fixed delivered energy (the earlier stages frozen at the data's KLT, no scaling);
+  its summary's ``split`` section holds the five estimands with their intervals and verdicts and
+  the cells' step-0 manipulation checks. Defaults: :data:`energylab.split.DEFAULT_SEEDS` and
+  :data:`energylab.split.DEFAULT_STEPS` (about 84 minutes on the 2-core CPU; the arithmetic is in
+  :mod:`energylab.split`).
 
 Equal terms: every cell of one seed has the same data order (the sampler is a pure function of
 seed and step), the same probe set, the same step budget and the same initial weights for the
@@ -41,9 +48,10 @@ from pathlib import Path
 
 import torch
 
-from energylab.auxt import COMPONENTS, FREEZABLE, SCALING_INITS, check_components, variant_name
+from energylab.auxt import COMPONENTS, FREEZABLE, SCALING_INITS, SPLIT_INITS, check_components, variant_name
 from energylab.config import TrainConfig
 from energylab.rundir import AblationDir, RunDirError
+from energylab.split import format_split, split_summary
 from energylab.summary import (
     CellLogs,
     format_csv,
@@ -54,7 +62,7 @@ from energylab.summary import (
 from energylab.wavelets import DWT2
 
 __all__ = ["AblationError", "Cell", "causal_variants", "collect", "main", "parameter_counts", "plan_cells",
-           "variants"]
+           "split_variants", "variants"]
 
 CELL_FIELDS = ("out", "seed", "auxt", "remove", "wavelet", "device", "workers", "cache", "freeze",
                "scaling_init", "projection_init")
@@ -71,7 +79,7 @@ OPTION_DEFAULTS = {"auxt": True, "remove": [], "wavelet": "haar", "freeze": [],
 """A variant's training options, as full AuxT has them."""
 DEFAULT_OUT = Path("runs/ablation")
 """Where an ablation goes without ``--out``."""
-META_DEFAULTS = {"freeze": [], "scaling_init": [], "causal": False}
+META_DEFAULTS = {"freeze": [], "scaling_init": [], "causal": False, "split": False, "eval_schedule": "fixed"}
 """Ablation settings added after the first reference result, as an ablation without them has them."""
 
 
@@ -92,18 +100,29 @@ def causal_variants() -> list[dict]:
     return grid
 
 
+def split_variants() -> list[dict]:
+    """The split grid's options (without the baseline and AuxT): cells A to F of
+    :mod:`energylab.split`, each with the projection frozen at its split init and no scaling."""
+    return [_option(remove=["scaling"], freeze=["orthogonal"], projection_init=init) for init in SPLIT_INITS]
+
+
 def variants(remove: Sequence[str], combined: bool = False, wavelets: Sequence[str] = (),
              freeze: Sequence[str] = (), scaling_init: Sequence[str] = (),
-             causal: bool = False) -> dict[str, dict]:
+             causal: bool = False, split: bool = False) -> dict[str, dict]:
     """Variant name -> training options (``auxt``, ``remove``, ``wavelet``, ``freeze``,
     ``scaling_init``, ``projection_init``), in order.
 
     Raises:
         ValueError: an unknown component name (listing the valid ones), wavelet or scaling init,
-            or ``causal`` with other variants.
+            or ``causal`` / ``split`` with other variants (or with each other).
     """
     removed = [c for c in COMPONENTS if c in check_components(remove)]
     baseline = {**OPTION_DEFAULTS, "auxt": False}
+    if split:
+        if causal or removed or wavelets or freeze or scaling_init or combined:
+            raise ValueError("the split grid is a study of its own: it takes no causal, removed, frozen, "
+                             "re-initialised, combined or other-wavelet variants beside it")
+        return {variant_name(**o): o for o in [baseline, _option(), *split_variants()]}
     if causal:
         if removed or wavelets or freeze or scaling_init or combined:
             raise ValueError("the causal grid is a study of its own: it takes no removed, frozen, "
@@ -194,14 +213,19 @@ def collect(root: Path) -> dict:
 
     ablation = AblationDir(root)
     result = summarize_ablation(ablation)
-    ablation.write_summary(format_json(result), format_markdown(result), format_csv(result))
+    markdown = format_markdown(result)
+    if "split" in result:
+        markdown += "\n" + format_split(result["split"])
+    ablation.write_summary(format_json(result), markdown, format_csv(result))
     result["figures"] = [str(p) for p in ablation_figures(root)]
     return result
 
 
 def summarize_ablation(ablation: AblationDir) -> dict:
     """:func:`energylab.summary.summarize` of every cell of ``ablation`` that has evaluations, with
-    each variant's parameter counts; reads only.
+    each variant's parameter counts, and for a split grid the ``split`` section
+    (:func:`energylab.split.split_summary`: the estimands of the per-cell numbers, and each cell's
+    step-0 manipulation checks from its ``config.json``); reads only.
 
     Raises:
         AblationError: no ablation there.
@@ -214,14 +238,20 @@ def summarize_ablation(ablation: AblationDir) -> dict:
     names = list(meta["variants"])
     counts: dict[str, dict[str, int]] = {}
     cells = {}
+    checks = {}
     for c in plan_cells(ablation.path, names, meta["seeds"], meta.get("lmbdas")):
         if not c.run.evals():
             continue
         if c.variant not in counts and c.run.is_run():
             counts[c.variant] = parameter_counts(c.run.train_config())
         cells[c.variant, c.lmbda, c.seed] = replace(CellLogs.of(c.run), parameters=counts.get(c.variant))
-    return summarize(cells, names, meta["seeds"], meta["lmbda"], meta.get("lmbdas"), str(ablation.path),
-                     causal=bool(meta.get("causal")))
+        if meta.get("split") and c.variant in SPLIT_INITS and c.run.is_run():
+            checks[c.variant, c.seed] = c.run.config().get("split_checks")
+    result = summarize(cells, names, meta["seeds"], meta["lmbda"], meta.get("lmbdas"), str(ablation.path),
+                       causal=bool(meta.get("causal")))
+    if meta.get("split"):
+        result["split"] = split_summary(result["cells"], meta["seeds"], checks)
+    return result
 
 
 def parameter_counts(config: TrainConfig) -> dict[str, int]:

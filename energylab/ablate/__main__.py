@@ -1,5 +1,10 @@
 """``python -m energylab.ablate``: the command line of :mod:`energylab.ablate` (``--help``): plan the
 cells, check the ablation directory, launch the cells (:mod:`energylab.launch`) and collect.
+
+``--split`` has its own defaults for ``--seeds`` and ``--steps`` (:data:`energylab.split.DEFAULT_SEEDS`,
+:data:`energylab.split.DEFAULT_STEPS`), chosen for intervals of about ±10 % within 90 minutes on the
+2-core CPU (the arithmetic is in :mod:`energylab.split` and ``--help``); every other ablation keeps
+seeds 0 1 2 and 1500 steps.
 """
 
 from __future__ import annotations
@@ -26,9 +31,24 @@ from energylab.auxt import COMPONENTS, FREEZABLE, SCALING_INITS
 from energylab.config import ConfigError, TrainConfig
 from energylab.launch import LAUNCHERS, LaunchOptions, launch_cells
 from energylab.rundir import AblationDir
+from energylab.split import (
+    AUXT_STEP_UNITS,
+    CELL_OVERHEAD_S,
+    COST_UNIT_S,
+    DEFAULT_SEEDS,
+    DEFAULT_STEPS,
+    format_split,
+    grid_minutes,
+)
 from energylab.summary import format_paired, format_table
 
-__all__ = ["base_config", "build_parser", "launch_options", "main", "run"]
+ABLATION_SEEDS = (0, 1, 2)
+"""Default seeds of every ablation but ``--split``."""
+ABLATION_STEPS = 1500
+"""Default steps of every ablation but ``--split``."""
+
+__all__ = ["ABLATION_SEEDS", "ABLATION_STEPS", "base_config", "build_parser", "launch_options", "main",
+           "resolve_defaults", "run"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,7 +72,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--causal", action="store_true",
                    help="the causal grid: projection {learned, frozen orthogonal, frozen KLT} x "
                         "scaling {learned, frozen, none}, beside the baseline")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    split_help = (
+        f"the split grid: baseline, auxt and split-A ... split-F (energylab.split): decorrelation x "
+        f"unevenness of the shortcut's last stage at a fixed subspace and delivered energy, the earlier "
+        f"stages frozen at the data's KLT, no scaling. Defaults --seeds {' '.join(map(str, DEFAULT_SEEDS))} "
+        f"--steps {DEFAULT_STEPS}: a paired log speed-up's seed s.d. of 0.07-0.12 gives main effects "
+        f"within about ±7 %% and pairwise contrasts within about ±10 %% (95 %%, t(0.975, 7) s / sqrt(8)); "
+        f"cost here: {len(DEFAULT_SEEDS)} seeds x ({DEFAULT_STEPS} steps x (1 + 7 x {AUXT_STEP_UNITS:g}) "
+        f"units x {COST_UNIT_S:g} s + 8 cells x {CELL_OVERHEAD_S:g} s) = "
+        f"{grid_minutes(len(DEFAULT_SEEDS), DEFAULT_STEPS):.0f} minutes")
+    p.add_argument("--split", action="store_true", help=split_help)
+    p.add_argument("--seeds", nargs="+", type=int, default=None,
+                   help=f"default {' '.join(map(str, ABLATION_SEEDS))} "
+                        f"(--split: {' '.join(map(str, DEFAULT_SEEDS))})")
     p.add_argument("--lmbdas", nargs="+", type=float, default=None,
                    help="several λ: an R-D sweep with BD-rates (overrides --lmbda)")
     p.add_argument("--out", type=Path, default=None, help="the ablation's directory (default runs/ablation)")
@@ -81,17 +113,32 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--slurm-args", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                    help="slurm: further #SBATCH options, e.g. account=lab qos=high")
     # ablation defaults, tuned to finish within 15 minutes on a 2-core CPU (see README)
-    p.set_defaults(steps=1500, eval_every=100, capture_every=500, N=32, M=48, test_size=256)
+    # dense-early: t' of a fast variant is resolved early on (energylab.summary)
+    # steps: ABLATION_STEPS, or DEFAULT_STEPS with --split (resolve_defaults)
+    p.set_defaults(steps=None, eval_every=100, eval_schedule="dense-early", capture_every=500, N=32, M=48,
+                   test_size=256)
     return p
+
+
+def resolve_defaults(args: argparse.Namespace) -> None:
+    """Fill ``--seeds`` and ``--steps`` left out: ``--split``'s defaults (:mod:`energylab.split`) or
+    every other ablation's (:data:`ABLATION_SEEDS`, :data:`ABLATION_STEPS`)."""
+    split = getattr(args, "split", False)
+    if args.seeds is None:
+        args.seeds = list(DEFAULT_SEEDS if split else ABLATION_SEEDS)
+    if args.steps is None:
+        args.steps = DEFAULT_STEPS if split else ABLATION_STEPS
 
 
 def base_config(args: argparse.Namespace) -> TrainConfig:
     """The training settings every cell shares (validated now, before anything is trained); each
     cell replaces ``out``, ``seed``, ``auxt``, ``remove``, ``wavelet`` and, in a sweep, ``lmbda``.
+    Seeds and steps left out get their defaults first (:func:`resolve_defaults`).
 
     Raises:
         ConfigError: an invalid setting; a negative seed.
     """
+    resolve_defaults(args)
     negative = [s for s in args.seeds if s < 0]
     if negative:
         raise ConfigError("seeds", f"must be >= 0, got {negative[0]}")
@@ -104,7 +151,7 @@ def _check_out(args: argparse.Namespace, base: TrainConfig, names: dict) -> None
     ablation = AblationDir(args.out)
     record = {"remove": args.remove, "combined": args.combined, "wavelets": args.wavelets,
               "freeze": args.freezes, "scaling_init": args.scaling_inits, "causal": args.causal,
-              "seeds": args.seeds, "lmbdas": args.lmbdas,
+              "split": args.split, "seeds": args.seeds, "lmbdas": args.lmbdas,
               **{k: v for k, v in base.to_dict().items() if k not in CELL_FIELDS}}
     if ablation.is_ablation():
         old = ablation.meta()
@@ -144,8 +191,11 @@ def launch_options(args: argparse.Namespace) -> LaunchOptions:
 def run(args: argparse.Namespace) -> dict:
     if args.causal and args.lmbdas:
         raise AblationError("--causal runs at one λ; leave out --lmbdas")
+    if args.split and args.lmbdas:
+        raise AblationError("--split runs at one λ; leave out --lmbdas")
+    resolve_defaults(args)
     names = variants(args.remove, args.combined, args.wavelets, args.freezes, args.scaling_inits,
-                     args.causal)
+                     args.causal, args.split)
     if args.collect is not None:
         if args.out is not None:
             raise AblationError("--collect writes the summary and figures into DIR itself; leave out --out")
@@ -183,6 +233,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if summary:
             print(format_table(summary))
             print(format_paired(summary))
+            if "split" in summary:
+                print(format_split(summary["split"]))
             if summary["convergence"]["message"]:
                 print(f"note: {summary['convergence']['message']}")
             print(f"summary and figures in {args.collect or args.out}")

@@ -444,35 +444,77 @@ def plot_loss_curves(study: Study, lmbda: float | None = None) -> Figure:
 
 
 def plot_step_equivalence(study: Study, lmbda: float | None = None) -> Figure:
-    """The step-equivalence curve (the summary's ``step_equivalence``: ``t'``, the first step at
-    which the variant's smoothed test loss reaches the baseline's at ``t``) against the baseline's
-    step ``t``, with the lines ``t' = t`` and ``t' = t/2``, and the speed-up ``t / t'`` over ``t``
-    (1 = no speed-up; undefined where ``t' = 0``); per variant, mean over seeds with a ± 1 s.d. band.
+    """The step-equivalence curve (the summary's ``step_equivalence``: ``t'``, the step at which
+    the variant's test loss curve reaches the baseline's at ``t``; :mod:`energylab.summary`'s rule)
+    against the baseline's step ``t``, with the lines ``t' = t`` and ``t' = t/2``, and the speed-up
+    ``t / t'`` over ``t`` (1 = no speed-up); per variant, mean over seeds with a ± 1 s.d. band of the
+    points that are values. A ``t'`` at or before the variant's first evaluation is only a bound:
+    drawn as an open marker (``t' ≤``: a downward triangle; speed-up ``≥``: an upward one), never
+    in the line. The subtitle states the resolution of ``t'`` (the evaluation spacing).
     """
     _require(study, "summary")
+    if not study.cells:
+        raise MissingInput("no cell of the ablation has a run directory")
     lmbda = study.default_lmbda if lmbda is None else lmbda
-    rows = [{"variant": c["variant"], "seed": c["seed"], "step": t, "t_variant": tv, "speedup": v}
+    rows = [{"variant": c["variant"], "seed": c["seed"], "step": t, "t_variant": tv, "speedup": v,
+             "bound": b}
             for c in study.summary.get("step_equivalence", [])
             if c["variant"] != "baseline" and (c["lmbda"] or study.default_lmbda) == lmbda
-            for t, tv, v in zip(c["t"], c["t_variant"], c["speedup"], strict=True) if tv is not None]
+            for t, tv, v, b in zip(c["t"], c["t_variant"], c["speedup"],
+                                   c.get("bound", [None] * len(c["t"])), strict=True) if tv is not None]
     if not rows:
         raise MissingInput("no variant reaches the baseline's loss in the summary's step_equivalence")
     frame = pd.DataFrame(rows)
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.8), layout="constrained")
-    _lines(axes[0], study, frame, "step", "t_variant")
+    bounded = frame["bound"].notna()
+    values, bounds = frame[~bounded], frame[bounded]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), layout="constrained")
+    if not values.empty:
+        _lines(axes[0], study, values, "step", "t_variant")
+        _lines(axes[1], study, values.dropna(subset=["speedup"]), "step", "speedup")
     top = float(frame["step"].max())
+    bounded_variants = _present(study, bounds) if not bounds.empty else []
+    for i, variant in enumerate(bounded_variants):  # dodged: bounds of several variants coincide
+        group = bounds[bounds["variant"] == variant]
+        color = study.colors.get(variant, "0.3")
+        shift = (i - (len(bounded_variants) - 1) / 2) * 0.008 * top
+        axes[0].scatter(group["step"] + shift, group["t_variant"], marker="v", facecolors="none",
+                        edgecolors=[color], s=28, linewidths=1.0, zorder=3)
+        axes[1].scatter(group["step"] + shift, group["speedup"], marker="^", facecolors="none",
+                        edgecolors=[color], s=28, linewidths=1.0, zorder=3)
     axes[0].plot([0, top], [0, top], color="0.5", lw=0.8, ls="--")
     axes[0].plot([0, top], [0, top / 2], color="0.5", lw=0.8, ls=":")
     axes[0].set(xlabel="baseline's step t", ylabel="variant's equivalent step t′",
                 title="t′ = t: no speed-up (dashed); t′ = t/2: 2× (dotted)")
-    speedups = frame.dropna(subset=["speedup"])
-    if not speedups.empty:
-        _lines(axes[1], study, speedups, "step", "speedup")
     axes[1].axhline(1.0, color="0.5", lw=0.8, ls="--")
-    axes[1].set(xlabel="baseline's step t", ylabel="speed-up t / t′")
-    _figure_legend(fig, axes)
-    _title(fig, "Step equivalence: the variant at t′ matches the baseline at t", _context(study, lmbda))
+    axes[1].set(xlabel="baseline's step t", ylabel="speed-up t / t′",
+                title="open ▲ / ▼: bounds, not values" if not bounds.empty else "")
+    if not bounds.empty:
+        axes[0].scatter([], [], marker="v", facecolors="none", edgecolors="0.3",
+                        label="open ▼ / ▲: t′ ≤ first evaluation, speed-up ≥ (bounds)")
+    handles, labels = axes[0].get_legend_handles_labels()
+    for ax in axes:
+        if ax.get_legend() is not None:
+            ax.get_legend().remove()
+    if handles:  # long variant names: at most 3 columns
+        fig.legend(handles, labels, loc="outside lower center", frameon=False,
+                   ncols=min(len(labels), 3 if len(labels) > 4 else 6))
+    _title(fig, "Step equivalence: the variant at t′ matches the baseline at t",
+           f"{_context(study, lmbda)}\n{_resolution_text(study.summary)}")
     return fig
+
+
+def _resolution_text(summary: dict) -> str:
+    """The resolution of ``t'`` the summary records (one line), or that it records none."""
+    resolution = summary.get("resolution")
+    if resolution is None:
+        return "t′ resolution not recorded (a summary written before the rule of issue 19)"
+    if not resolution:
+        return "no evaluations after step 0"
+    if len(resolution) > 1:
+        firsts = ", ".join(f"{r['first']:g}" for r in resolution)
+        return f"t′ resolution: the cells' evaluation schedules differ (first evaluations {firsts})"
+    spacing = ", then ".join(f"every {r['every']:g} to {r['to']:g}" for r in resolution[0]["spacing"])
+    return f"t′ resolution: evaluations {spacing}; t′ ≤ {resolution[0]['first']:g} is a bound"
 
 
 TOPK_SHARES = (("topk_share.l2", "L2 norm per channel"),

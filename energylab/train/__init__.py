@@ -10,10 +10,13 @@ with CompressAI's ``RateDistortionLoss`` for the first two terms; Adam on the mo
 (lr 1e-3) on the entropy bottleneck's quantiles (``aux_loss``), gradient clipping at max norm 1.0.
 
 Order of a run, with ``t`` the number of completed training steps: at ``t = 0`` and every
-``eval_every`` / ``capture_every`` steps (and at the end) capture / evaluate; a checkpoint is
-written atomically after every evaluation. ``resume`` restarts from the run's checkpoint and drops
-anything the run directory holds beyond it, so on the CPU a resumed run writes the same numbers as an
-uninterrupted one. One process at a time trains in a run directory (:class:`energylab.rundir.RunLock`).
+``capture_every`` steps (and at the end) capture; evaluate at the steps of the evaluation schedule
+(:meth:`energylab.config.TrainConfig.evaluates_at`: ``t = 0``, every ``eval_every`` steps, the end
+and, with ``eval_schedule`` ``dense-early``, every ``eval_every // 4`` steps up to ``5 ·
+eval_every``); a checkpoint is written atomically after every evaluation. ``resume`` restarts from
+the run's checkpoint and drops anything the run directory holds beyond it, so on the CPU a resumed
+run writes the same numbers as an uninterrupted one. One process at a time trains in a run
+directory (:class:`energylab.rundir.RunLock`).
 
 Divergence: every step adds "is the loss, the quantiles' aux loss or the gradient norm non-finite"
 to a flag kept on the device (no host sync per step); the flag, and whether every parameter is
@@ -51,6 +54,7 @@ import torch.distributed as dist
 from compressai.losses import RateDistortionLoss
 from torch import Tensor, nn
 
+from energylab import split
 from energylab.auxt import ortho_loss
 from energylab.capture import LatentProbe
 from energylab.checkpoints import load_weights
@@ -333,7 +337,7 @@ def _naming_writes(out: Path):
 def writes_at(config: TrainConfig, step: int) -> bool:
     """Whether step ``step`` (from 1) is followed by a capture, an evaluation or the end of the run
     (a logging step writes its record too): a boundary where :func:`check_finite` runs."""
-    return (step == config.steps or step % config.eval_every == 0
+    return (step == config.steps or config.evaluates_at(step)
             or (config.capture_every > 0 and step % config.capture_every == 0))
 
 
@@ -495,12 +499,15 @@ def setup(config: TrainConfig) -> Session:
     if config.projection_init == "klt":  # the first KLT_BATCHES batches of the data order (DDP
         # broadcasts rank 0's initialisation)
         klt_data = torch.cat([stream.batch(i) for i in range(KLT_BATCHES)]).to(device)
+    elif config.projection_init in split.SPLIT_INITS:  # split.fit_batches, kept on the CPU
+        batches = split.fit_batches(config.batch_size, config.patch_size)
+        klt_data = torch.cat([stream.batch(i) for i in batches])
     torch.manual_seed(config.seed)
     net = build_model(
         config.model, N=config.N, M=config.M, auxt=config.auxt, remove=config.remove,
         wavelet=config.wavelet, g_a_placement=config.g_a_placement,
         g_s_placement=config.g_s_placement, freeze=config.freeze, scaling_init=config.scaling_init,
-        projection_init=config.projection_init, klt_data=klt_data,
+        projection_init=config.projection_init, klt_data=klt_data, split_seed=config.seed,
     ).to(device)
     precision.attach(net)
     main_params, quantiles = _split_parameters(net)
@@ -523,6 +530,10 @@ def setup(config: TrainConfig) -> Session:
         "data": {"source": source, "train": stream.names, "test": [n for n, _ in test],
                  "dropped": list(stream.dropped)},
     }
+    if config.projection_init in split.SPLIT_INITS:  # step-0 manipulation checks, held-out crops
+        batches = split.check_batches(config.batch_size, config.patch_size)
+        held_out = torch.cat([stream.batch(i) for i in batches])
+        meta["split_checks"] = split.manipulation_checks(net, held_out)
     optimizer = torch.optim.Adam(main_params, lr=config.lr)
     return Session(
         config=config, run=run, device=device, d=d, test=test,
@@ -659,7 +670,7 @@ def after_step(s: Session, step: int, wall: float) -> None:
     if s.config.capture_every > 0 and (step % s.config.capture_every == 0 or last):
         lp = s.latent_probe = capture(s.net, s.probe, s.d, s.latent_probe)
         s.run.log_capture(step, lp.records(step), lp.arrays())
-    if step % s.config.eval_every == 0 or last:
+    if s.config.evaluates_at(step):  # the last step included
         result = evaluate(s.net, s.test, s.config, s.device)
         s.run.log_eval({"step": step, **result, "wall_time": wall})
         if isinstance(s.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau) and step > 0:
