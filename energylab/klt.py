@@ -30,7 +30,7 @@ from energylab.wavelets import dwt2
 __all__ = ["CHUNK_CROPS", "Moments", "covariance", "init_klt", "klt_projection", "stage_moments",
            "subband_vectors"]
 
-CHUNK_CROPS = 256
+CHUNK_CROPS = 512
 """Crops per forward pass of :func:`stage_moments`."""
 
 

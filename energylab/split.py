@@ -38,17 +38,17 @@ widens (``C_out > 4 C_in``) the rows beyond ``k`` are zero. The mirrored synthes
 iWLS) gets the Moore-Penrose pseudo-inverse of that weight (the transpose inverts only A and F); the
 other iWLS the transposes of their mirrored KLT stages, as :func:`energylab.klt.init_klt` sets them.
 
-``U``, ``Lambda`` and the energy are fitted on the first :data:`FIT_CROPS` = 4096 training crops of
-the run's data order (512 batches of 8), the earlier stages' KLTs on the first
-:data:`EARLY_FIT_CROPS` = 1024 of them. Why so many: the cells weight the spectrum differently (A's
-energy is mostly the top component and the means, B's the many small components), so an energy
-matched on one set of crops holds on another only as far as the two sets mix the photographs
-alike. Fitted on 128 crops the whitening gains spanned 0.28-15.3x and B's held-out energy was off by
-+23 %; fitted and checked on 1024 crops each the cells' held-out energies still spread by 3-8 %
-(seeds 0-3), on 2048 by 2-7 %, on 4096 by 1.5-4 %.
+``U``, ``Lambda`` and the energy are fitted on the first :data:`FIT_CROPS` = 8192 training crops of
+the run's data order (1024 batches of 8, about 400 MB held on the CPU while the model is built), the
+earlier stages' KLTs on the first :data:`EARLY_FIT_CROPS` = 1024 of them. Why so many: the cells
+weight the spectrum differently (A's energy is mostly the top component and the means, B's the many
+small components), so an energy matched on one set of crops holds on another only as far as the two
+sets mix the photographs alike. Fitted on 128 crops the whitening gains spanned 0.28-15.3x and B's
+held-out energy was off by +23 %; fitted and checked on 1024 crops each the cells' held-out energies
+still spread by 3-8 % (seeds 0-3), on 4096 by 1.5-5.4 %, on 8192 by 2.0-3.0 % (seeds 0-5).
 
 **Manipulation checks** (:func:`manipulation_checks`). When a cell is built, training measures the
-shortcut's output at the last merge on :data:`CHECK_CROPS` = 4096 held-out crops (the training
+shortcut's output at the last merge on :data:`CHECK_CROPS` = 8192 held-out crops (the training
 batches right after the fitting ones): its energy per position, channel total correlation and
 coding gain (``stats.total_correlation``, ``stats.coding_gain``, bias-corrected at the positions
 counted) and top-k L2 share; and on the first :data:`CHECK_Y_CROPS` = 512 of them, through ``g_a``,
@@ -62,7 +62,9 @@ data): total correlation 0.05 nats for A, B and E, 57-58 for C, D and F; coding 
 with its 95 % Student-t interval (``stats.paired_difference`` of the contrasts against 0), on the log
 speed-ups against the baseline (:data:`SPEEDUP_KEYS`: step-equivalence at 25/50/100 % of the budget
 and steps to +5/2/1 % of the baseline's final loss, as the summary computes them; the baseline
-cancels in every contrast) and on the log final test loss:
+cancels in every contrast) and on the log final test loss. A seed drops out of an estimand where a
+cell it weighs has no number: a speed-up never reached, or one the summary marks as a bound (a
+``t′`` at or before the first evaluation); the entries count those (``bounded``).
 
 * decorrelation ``1/2 [(A - C) + (B - D)]``; unevenness ``1/2 [(A - B) + (C - D)]``;
 * interaction ``(A - B) - (C - D)``; alignment ``A - E``; subspace ``D - F``.
@@ -82,8 +84,9 @@ pairwise contrast's (alignment, subspace) about 0.07-0.12. With 8 seeds the 95 %
 a pairwise contrast. Cost on this 2-core machine: a plain N=32/M=48 step at batch 8 of 64x64 is
 about 0.04 s (one unit), an AuxT step (every split cell) about 1.25 units; one seed of the grid's
 8 variants costs ``1 + 7 × 1.25 = 9.75`` units a step, 1000 steps 9750 units = 390 s; each cell
-adds about 30 s of evaluations, captures, real coding and (split cells) fitting and checks (about
-20 s a cell in the causal reference with 16 evaluations; the dense-early schedule adds about 10).
+adds about 30 s of evaluations, captures and real coding (about 20 s a cell in the causal
+reference with 16 evaluations; the dense-early schedule adds about 10 more) and, for a split cell,
+its fit and checks (16384 crops: about 7 s when the machine is quiet).
 8 seeds: ``8 × (390 + 8 × 30) s = 5040 s`` = 84 minutes, within 90 (7 seeds of 1200 steps would
 take 83, 8 of 1200 would take 94).
 """
@@ -99,8 +102,7 @@ import torch
 from torch import Tensor, nn
 
 from energylab.auxt import SPLIT_CELLS, SPLIT_INITS, WLS, iWLS
-from energylab.klt import Moments, covariance, init_klt, stage_moments
-from energylab.models import AuxTransform, unwrap_model
+from energylab.klt import CHUNK_CROPS, Moments, covariance, init_klt, stage_moments
 from energylab.stats import (
     AuxEnergyShare,
     ChannelStats,
@@ -113,31 +115,36 @@ from energylab.stats import (
 
 __all__ = [
     "AUXT_STEP_UNITS",
-    "CELL_OVERHEAD_S",
-    "CELL_LABELS",
     "CELLS",
+    "CELL_LABELS",
+    "CELL_OVERHEAD_S",
     "CHECK_CROPS",
+    "CHECK_FIELDS",
+    "CHECK_Y_CROPS",
     "COST_UNIT_S",
     "DEFAULT_SEEDS",
     "DEFAULT_STEPS",
+    "EARLY_FIT_CROPS",
     "ESTIMANDS",
     "FIT_CROPS",
     "GAIN_CAP",
+    "KEY_TITLES",
     "LOSS_KEY",
     "LOSS_MARGIN",
+    "MIN_CROPS",
     "PRIMARY_KEY",
+    "REFERENCE_PATCH",
     "SPEEDUP_KEYS",
     "SPEEDUP_MARGIN",
+    "SPLIT_ENTROPY",
     "SPLIT_INITS",
-    "CHECK_Y_CROPS",
-    "EARLY_FIT_CROPS",
-    "MIN_CROPS",
     "CellWeight",
     "cap_gains",
-    "delivered_energy",
     "cell_of",
     "check_batches",
+    "check_summary",
     "contrast",
+    "delivered_energy",
     "estimands",
     "fit_batches",
     "format_split",
@@ -147,6 +154,7 @@ __all__ = [
     "match_scale",
     "random_factors",
     "reading",
+    "set_last_stage",
     "split_summary",
     "split_weight",
     "variant_of",
@@ -158,14 +166,14 @@ CELLS = SPLIT_CELLS
 CELL_LABELS = {"A": ("yes", "yes"), "B": ("yes", "no"), "C": ("no", "yes"), "D": ("no", "no"),
                "E": ("yes", "misassigned"), "F": ("no", "~no (random subspace)")}
 """Cell -> (decorrelated, uneven), by construction."""
-FIT_CROPS = 4096
-"""Training crops of 64 x 64 ``U``, ``Lambda`` and the earlier stages' KLTs are fitted on: the first
-``ceil(FIT_CROPS / batch_size)`` batches of the run's data order (512 of 8); for other patch sizes
+FIT_CROPS = 8192
+"""Training crops of 64 x 64 the last stage's ``U``, ``Lambda`` and energy are fitted on: the first
+``ceil(FIT_CROPS / batch_size)`` batches of the run's data order (1024 of 8); for other patch sizes
 as many pixels, but never fewer than :data:`MIN_CROPS` crops (:func:`fit_batches`)."""
 EARLY_FIT_CROPS = 1024
 """The first of the fitting crops the KLTs of the stages before the last are fitted on (they are the
 same in every cell; the last stage's ``U``, ``Lambda`` and energy take all :data:`FIT_CROPS`)."""
-CHECK_CROPS = 4096
+CHECK_CROPS = 8192
 """Held-out crops (of 64 x 64; scaled as :data:`FIT_CROPS`) of the step-0 manipulation checks of
 the shortcut alone: the batches right after the fitting ones (:func:`check_batches`)."""
 CHECK_Y_CROPS = 512
@@ -254,7 +262,7 @@ def fit_batches(batch_size: int, patch_size: int = REFERENCE_PATCH) -> range:
     patches (as many pixels at other sizes, at least :data:`MIN_CROPS` crops).
 
     >>> fit_batches(8), fit_batches(8, 256)
-    (range(0, 512), range(0, 64))
+    (range(0, 1024), range(0, 64))
     """
     return range(_batches(FIT_CROPS, batch_size, patch_size))
 
@@ -264,7 +272,7 @@ def check_batches(batch_size: int, patch_size: int = REFERENCE_PATCH) -> range:
     the fitting ones.
 
     >>> check_batches(8)
-    range(512, 1024)
+    range(1024, 2048)
     """
     start = len(fit_batches(batch_size, patch_size))
     return range(start, start + _batches(CHECK_CROPS, batch_size, patch_size))
@@ -406,10 +414,10 @@ def split_weight(vectors: Tensor | Moments, out_features: int, cell: str, seed: 
 def init_split(analysis: Sequence[WLS], synthesis: Sequence[iWLS], x: Tensor, cell: str,
                seed: int = 0) -> CellWeight:
     """Set a model's AuxT to split cell ``cell``: every WLS of ``analysis`` (``g_a``'s auxiliary
-    layers, in order) and its mirrored iWLS at the KLT of its input on the fitting crops ``x``
-    (:func:`energylab.klt.init_klt`), then the last WLS at :func:`split_weight` of its subband
-    vectors (its bias as initialised) and the first iWLS of ``synthesis`` at that weight's
-    pseudo-inverse. Returns the :class:`CellWeight`.
+    layers, in order) but the last, and its mirrored iWLS, at the KLT of its input on the first
+    :data:`EARLY_FIT_CROPS` of the fitting crops ``x`` (:func:`energylab.klt.init_klt`), then the
+    last stage at cell ``cell`` for the moments of its subband vectors on all of ``x``
+    (:func:`set_last_stage`). Returns the :class:`CellWeight`.
 
     Raises:
         ValueError: an unknown cell; a WLS with subband scaling (the split cells have none); what
@@ -418,10 +426,18 @@ def init_split(analysis: Sequence[WLS], synthesis: Sequence[iWLS], x: Tensor, ce
     if any(layer.scaling_factors is not None for layer in analysis):
         raise ValueError("the split cells have no subband scaling: build them with remove=('scaling',)")
     init_klt(analysis, synthesis, x[:EARLY_FIT_CROPS], stages=len(analysis) - 1)
+    return set_last_stage(analysis, synthesis, stage_moments(analysis, len(analysis) - 1, x), cell, seed)
+
+
+@torch.no_grad()
+def set_last_stage(analysis: Sequence[WLS], synthesis: Sequence[iWLS], moments: Moments, cell: str,
+                   seed: int = 0) -> CellWeight:
+    """Set the last WLS of ``analysis`` to :func:`split_weight` of cell ``cell`` for the
+    ``moments`` of its subband vectors (its bias as it is) and the first iWLS of ``synthesis`` to
+    that weight's Moore-Penrose pseudo-inverse. Returns the :class:`CellWeight`."""
     last = analysis[-1]
     weight = last.olp.linear.weight
-    fit = split_weight(stage_moments(analysis, len(analysis) - 1, x), weight.shape[0], cell, seed,
-                       bias=last.olp.linear.bias)
+    fit = split_weight(moments, weight.shape[0], cell, seed, bias=last.olp.linear.bias)
     weight.copy_(fit.weight)
     synthesis[0].olp.linear.weight.copy_(torch.linalg.pinv(fit.weight))
     return fit
@@ -443,7 +459,7 @@ def _channel_summary(stats: ChannelStats, prefix: str) -> dict[str, float | None
             f"{prefix}_topk_share_l2": shares["topk_share.l2"]}
 
 
-def _shortcut_stats(g_a: AuxTransform, crops: Tensor, batch: int, device: torch.device) -> ChannelStats:
+def _shortcut_stats(g_a: nn.Module, crops: Tensor, batch: int, device: torch.device) -> ChannelStats:
     """Channel statistics of the auxiliary chain's last output (what reaches the last merge)."""
     stats = None
     for part in crops.split(batch):
@@ -460,7 +476,8 @@ def _shortcut_stats(g_a: AuxTransform, crops: Tensor, batch: int, device: torch.
 def manipulation_checks(model: nn.Module, crops: Tensor, y_crops: int = CHECK_Y_CROPS,
                         batch: int = 64) -> dict[str, float | int | None]:
     """The shortcut's output at ``g_a``'s last merge on the held-out ``crops`` ``(B, 3, H, W)`` (on
-    any device; run in batches of ``batch``), beside ``y``:
+    any device; the shortcut alone in chunks of :data:`energylab.klt.CHUNK_CROPS`, ``g_a`` in
+    batches of ``batch``), beside ``y``:
 
     * on all ``crops``, the shortcut alone (its chain of WLS): ``aux_energy`` (per position: the
       sum over channels of the mean squares, the bias included), ``aux_total_correlation`` (nats)
@@ -472,15 +489,19 @@ def manipulation_checks(model: nn.Module, crops: Tensor, y_crops: int = CHECK_Y_
       layer, as in every registered model), ``y_energy``, ``y_total_correlation``,
       ``y_coding_gain``, ``y_topk_share_l2``; ``y_crops``.
 
+    ``model`` is the bare model (``energylab.models.unwrap_model``: no DDP or ``torch.compile``
+    wrapper), its ``g_a`` an ``energylab.models.AuxTransform`` (read through its
+    ``auxiliary_layers`` and ``merges``; this module builds weights for :mod:`energylab.models` and
+    imports nothing from it).
+
     Raises:
         ValueError: a model without AuxT.
     """
-    model = unwrap_model(model)
-    g_a = unwrap_model(model.g_a)
-    if not isinstance(g_a, AuxTransform):
-        raise ValueError("manipulation_checks needs a model with AuxT attached")
+    g_a = getattr(model, "g_a", None)
+    if not (hasattr(g_a, "auxiliary_layers") and hasattr(g_a, "merges")):
+        raise ValueError("manipulation_checks needs a bare model with AuxT attached")
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    aux_stats = _shortcut_stats(g_a, crops, batch, device)
+    aux_stats = _shortcut_stats(g_a, crops, CHUNK_CROPS, device)
     out: dict[str, float | int | None] = {"crops": len(crops), "positions": int(aux_stats.compute()["count"])}
     out |= _channel_summary(aux_stats, "aux")
     seen: dict[str, Tensor] = {}
@@ -562,7 +583,9 @@ def _sentence(name: str, entry: Mapping) -> str:
     speedup = entry["key"] != LOSS_KEY
     head = f"{name} ({formula}) on {KEY_TITLES.get(entry['key'], entry['key'])}"
     if entry["mean"] is None:
-        return f"{head}: no paired seed has every cell"
+        dropped = entry.get("bounded") or 0
+        return f"{head}: no paired seed has every cell" + (
+            f" as a value ({dropped} with a speed-up known only as a bound)" if dropped else "")
     ratio = f"×{entry['ratio']:.3f}"
     if entry["ratio_low"] is not None:
         ratio += f" [{entry['ratio_low']:.3f}, {entry['ratio_high']:.3f}]"
@@ -578,7 +601,10 @@ def _sentence(name: str, entry: Mapping) -> str:
                 f"equivalence margin")
     else:
         text = f"cannot tell: {entry['n']} paired seed(s), no interval"
-    return f"{head}: {ratio} ({entry['n']} seeds), {text}"
+    dropped = entry.get("bounded") or 0
+    seeds = f"{entry['n']} seeds" + (f"; {dropped} left out, a speed-up there known only as a bound"
+                                      if dropped else "")
+    return f"{head}: {ratio} ({seeds}), {text}"
 
 
 def _exp(x: float | None) -> float | None:
@@ -593,16 +619,26 @@ def estimands(rows: Sequence[Mapping], seeds: Sequence[int],
     Each entry: ``estimand``, ``formula``, ``key``, ``kind`` (``"log_speedup"`` or
     ``"log_loss"``), ``mean`` / ``low`` / ``high`` (of the per-seed contrast of the logs, a 95 %
     interval by ``stats.paired_difference``), ``n``, ``inside_noise``, ``ratio`` / ``ratio_low`` /
-    ``ratio_high`` (exponentiated), ``margin``, ``verdict`` (:func:`verdict`) and ``sentence``.
-    A value that is None, not finite or not positive (a speed-up never reached) drops its seed.
+    ``ratio_high`` (exponentiated), ``margin``, ``verdict`` (:func:`verdict`), ``sentence``,
+    ``per_seed`` (the contrasts, None where dropped) and ``bounded`` (seeds dropped because a cell's
+    number is only a bound). A seed drops out of an estimand when a cell it weighs has no number
+    there: None, not finite or not positive (a speed-up never reached), or a bound (the summary's
+    per-cell ``bounds``: a ``t′`` at or before the first evaluation is a limit, not a value, and a
+    contrast of limits has no value either).
     """
     by_cell = {(cell_of(r["variant"]), r["seed"]): r for r in rows
                if cell_of(r["variant"]) is not None and r.get("lmbda") is None}
+
+    def bounded(cell: str, seed: int, key: str) -> bool:
+        return bool((by_cell.get((cell, seed), {}).get("bounds") or {}).get(key))
+
     out = []
     for name, (formula, weights) in ESTIMANDS.items():
         for key in keys:
-            values = {c: [_log(by_cell.get((c, s), {}).get(key)) for s in seeds] for c in weights}
+            values = {c: [None if bounded(c, s, key) else _log(by_cell.get((c, s), {}).get(key))
+                          for s in seeds] for c in weights}
             per_seed = contrast(values, weights)
+            n_bounded = sum(any(bounded(c, s, key) for c in weights) for s in seeds)
             d = paired_difference(per_seed, [0.0] * len(per_seed))
             margin = LOSS_MARGIN if key == LOSS_KEY else SPEEDUP_MARGIN
             entry = {"estimand": name, "formula": formula, "key": key,
@@ -610,7 +646,7 @@ def estimands(rows: Sequence[Mapping], seeds: Sequence[int],
                      "mean": d.mean, "low": d.low, "high": d.high, "n": d.n,
                      "inside_noise": d.inside_noise, "ratio": _exp(d.mean), "ratio_low": _exp(d.low),
                      "ratio_high": _exp(d.high), "margin": margin, "verdict": verdict(d, margin),
-                     "per_seed": per_seed}
+                     "per_seed": per_seed, "bounded": n_bounded}
             entry["sentence"] = _sentence(name, entry)
             out.append(entry)
     return out

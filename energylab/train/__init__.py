@@ -533,7 +533,7 @@ def setup(config: TrainConfig) -> Session:
     if config.projection_init in split.SPLIT_INITS:  # step-0 manipulation checks, held-out crops
         batches = split.check_batches(config.batch_size, config.patch_size)
         held_out = torch.cat([stream.batch(i) for i in batches])
-        meta["split_checks"] = split.manipulation_checks(net, held_out)
+        meta["split_checks"] = split.manipulation_checks(unwrap_model(net), held_out)
     optimizer = torch.optim.Adam(main_params, lr=config.lr)
     return Session(
         config=config, run=run, device=device, d=d, test=test,
