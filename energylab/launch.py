@@ -34,12 +34,16 @@ import torch
 from energylab.config import TrainConfig
 from energylab.errors import TrainingError
 
-__all__ = ["LAUNCHERS", "CellFunction", "CellJob", "CellsFailed", "LaunchOptions", "launch_cells",
-           "make_executor"]
+__all__ = ["LAUNCHERS", "CellFunction", "CellJob", "CellsFailed", "LaunchError", "LaunchOptions",
+           "launch_cells", "make_executor"]
 
 LAUNCHERS = ("inline", "local", "slurm")
 POLL_SECONDS = 2.0
 """How often the waiting process looks at the jobs."""
+
+
+class LaunchError(ValueError):
+    """A launcher that cannot run here (no Slurm); one-line message, exit status 2."""
 
 
 class CellsFailed(TrainingError):
@@ -98,14 +102,18 @@ def make_executor(options: LaunchOptions, folder: Path):
     """The submitit executor of a ``local`` or ``slurm`` launch, writing its files to ``folder``.
 
     Raises:
-        RuntimeError: ``slurm`` where there is no Slurm (submitit: no ``srun``).
+        LaunchError: ``slurm`` where there is no Slurm (submitit finds no ``srun``).
     """
     submitit = _submitit()
     if options.launcher == "local":
         executor = submitit.LocalExecutor(folder)
         executor.update_parameters(timeout_min=options.timeout_min)
         return executor
-    executor = submitit.SlurmExecutor(folder)
+    try:
+        executor = submitit.SlurmExecutor(folder)
+    except RuntimeError as err:  # submitit: 'Could not detect "srun", are you indeed on a slurm cluster?'
+        raise LaunchError(f"--launcher slurm: no Slurm here ({' '.join(str(err).split())}); use "
+                          "--launcher local or inline") from None
     tasks = max(1, options.gpus_per_cell)
     executor.update_parameters(
         partition=options.slurm_partition, time=options.timeout_min, nodes=1,

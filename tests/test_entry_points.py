@@ -108,3 +108,10 @@ def test_interrupted_run(name, args, tmp_path):
     _, err = process.communicate(timeout=300)
     check_one_line(err, process.returncode, 130, "interrupted")
     assert list(tmp_path.rglob("checkpoint.pt"))
+
+
+def test_slurm_launcher_without_slurm(tmp_path):
+    """submitit's "Could not detect srun" RuntimeError becomes one line, exit 2 (found by a newcomer)."""
+    result = run(command("ablate", "--out", "a", "--steps", "2", "--launcher", "slurm", *TINY_ABLATION),
+                 tmp_path)
+    check_one_line(result.stderr, result.returncode, 2, "--launcher slurm")
