@@ -386,3 +386,29 @@ def test_a_degenerate_auxt_model_writes_strict_json_everywhere(tmp_path, images_
     auxt = next(c for c in summary["cells"] if c["variant"] == "auxt")
     assert auxt["aux_share_1"] is None and not any(isinstance(v, float) and not math.isfinite(v)
                                                    for v in auxt.values())
+
+
+def test_evaluation_folder_names_not_utf8_and_bad_links(tmp_path):
+    """Found by a newcomer: ``evaluate`` listed its folder on its own (a dangling link skipped
+    silently, a non-UTF-8 name written as a lone surrogate); it reads the folder as training does."""
+    import os
+    import warnings
+
+    from PIL import Image
+
+    from energylab.data import DataWarning
+    from energylab.evaluate import image_conversions, load_images
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.new("RGB", (64, 64), (10, 20, 30)).save(folder / "good.png")
+    Image.new("RGB", (64, 64), (30, 20, 10)).save(os.path.join(os.fsencode(folder), b"bad\xff.png"))
+    os.symlink(folder / "nowhere.png", folder / "dangling.png")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        images = load_images(str(folder))
+    names = [name for name, _ in images]
+    assert names == ["bad\\xff.png", "good.png"]
+    assert any(issubclass(w.category, DataWarning) and "dangling.png" in str(w.message) for w in caught)
+    json.dumps(names, ensure_ascii=False).encode("utf-8")  # no lone surrogate
+    assert set(image_conversions(str(folder))) == set(names)

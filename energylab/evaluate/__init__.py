@@ -107,9 +107,10 @@ from energylab.data import (
     DataError,
     builtin_images,
     crop_to,
-    image_extensions,
+    image_files,
     load_image,
     pad_to_multiple,
+    shown_name,
 )
 from energylab.models import build_model, unwrap_model
 from energylab.rundir import RunDir, RunDirError
@@ -290,17 +291,15 @@ def load_model(
 
 
 def _image_files(data: str) -> list[Path]:
-    """The image files of a folder ``data`` (its ``test/`` if it has one), sorted by name."""
+    """The image files of a folder ``data`` (its ``test/`` if it has one), sorted by name
+    (:func:`energylab.data.image_files`: bad symbolic links left out with a warning naming them)."""
     root = Path(data).expanduser()
     if not root.is_dir():
         raise DataError(f"{root}: no such folder (pass a folder of images or 'builtin')")
     folder = root / "test" if (root / "test").is_dir() else root
-    exts = image_extensions()
-    files = sorted(
-        p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in exts
-    )
+    files = image_files(folder)
     if not files:
-        raise DataError(f"{folder}: no image files (looked for .png, .jpg, ... by extension)")
+        raise DataError(f"{shown_name(folder)}: no image files (looked for .png, .jpg, ... by extension)")
     return files
 
 
@@ -315,7 +314,7 @@ def load_images(data: str) -> list[tuple[str, Tensor]]:
     """
     if data == "builtin":
         return builtin_images(BUILTIN_TEST)
-    return [(p.name, load_image(p)) for p in _image_files(data)]
+    return [(shown_name(p), load_image(p)) for p in _image_files(data)]
 
 
 def conversion_rule(mode: str, transparency: bool = False) -> str:
@@ -352,9 +351,9 @@ def image_conversions(data: str) -> dict[str, str]:
     for path in _image_files(data):
         try:
             with Image.open(path) as im:
-                rules[path.name] = conversion_rule(im.mode, "transparency" in im.info)
+                rules[shown_name(path)] = conversion_rule(im.mode, "transparency" in im.info)
         except (OSError, ValueError) as exc:
-            raise DataError(f"{path}: not an image ({first_line(exc)})") from None
+            raise DataError(f"{shown_name(path)}: not an image ({first_line(exc)})") from None
     return rules
 
 
