@@ -229,13 +229,22 @@ def test_slurm_job_description(tmp_path, monkeypatch):
 
 
 def _summary_without_time(root):
+    """The summary without wall times, and without the step-equivalence numbers: a local job runs
+    with cores // jobs torch threads, so its float sums differ from inline's in the last digits, and
+    on this 4-step run the speed-ups turn on crossings of nearly equal losses."""
     text = (AblationDir(root).path / AblationDir.SUMMARY_JSON).read_text()
 
     def strip(value):
         if isinstance(value, dict):
-            return {k: strip(v) for k, v in value.items() if "time" not in k and k not in ("root",)}
+            if "speedup" in str(value.get("key", "")):
+                return None
+            return {k: strip(v) for k, v in value.items()
+                    if "time" not in k and "speedup" not in k and "steps_to" not in k
+                    and k not in ("root", "bounds")}
         if isinstance(value, list):
             return [strip(v) for v in value]
+        if isinstance(value, float):
+            return pytest.approx(value, rel=1e-5, abs=1e-9)
         return value
 
     return strip(json.loads(text))
