@@ -30,10 +30,10 @@ is changed more than 8x from what the KLT delivers; :func:`cap_gains`), which gu
 worst-estimated eigenvalues that whitening divides by, then one scalar ``scale > 0`` makes the
 cell's shortcut deliver the same energy to ``y`` as cell A's on the fitting crops: the mean over
 positions of ``||W v + b||^2``, the bias ``b`` as initialised (:func:`match_scale`, from the
-vectors' moments). On the built-in data at N=32/M=48 (``lambda_1 / lambda_48`` about 2800) the cap
-leaves A, D and F alone and moves a few gains of B (keeping it white: coding gain 1.00), the
-largest gain of C (its coding gain 10.8 instead of A's 15.7) and the extremes of E (coding gain
-about 3: misassigned *and* less uneven; the alignment contrast carries both). Where the stage
+vectors' moments). On the built-in data at N=32/M=48 (``lambda_1 / lambda_48`` about 2800; seed 0)
+the cap leaves A, D and F alone and moves 5 of B's 48 gains (B stays white: coding gain 1.00), 5 of
+C's (its coding gain 10.8 instead of A's 15.3) and 4 of E's (coding gain 2.9: misassigned *and*
+less uneven than A; the alignment contrast carries both). Where the stage
 widens (``C_out > 4 C_in``) the rows beyond ``k`` are zero. The mirrored synthesis stage (the first
 iWLS) gets the Moore-Penrose pseudo-inverse of that weight (the transpose inverts only A and F); the
 other iWLS the transposes of their mirrored KLT stages, as :func:`energylab.klt.init_klt` sets them.
@@ -54,9 +54,9 @@ coding gain (``stats.total_correlation``, ``stats.coding_gain``, bias-corrected 
 counted) and top-k L2 share; and on the first :data:`CHECK_Y_CROPS` = 512 of them, through ``g_a``,
 the share of ``y``'s energy it delivers (``stats.aux_energy_share``) and ``y``'s own statistics.
 They are recorded in the run's ``config.json`` (``split_checks``). At seed 0 (N=32/M=48, built-in
-data): total correlation 0.05 nats for A, B and E, 57-58 for C, D and F; coding gain 15.7 (A), 1.00
-(B), 10.8 (C), 1.00 (D), 2.9 (E), 1.34 (F); delivered energy 127.9-129.9 per position (spread
-1.5 %), 94-101 % of ``y``'s.
+data): total correlation 0.02 nats for A, B and E, 56-57 for C, D and F; coding gain 15.3 (A), 1.00
+(B), 10.8 (C), 1.00 (D), 2.9 (E), 1.34 (F); delivered energy 134.7-137.5 per position (spread
+2.1 %), 93-105 % of ``y``'s.
 
 **Estimands** (:func:`estimands`), paired by seed, each the mean over seeds of a per-seed contrast
 with its 95 % Student-t interval (``stats.paired_difference`` of the contrasts against 0), on the log
@@ -738,7 +738,7 @@ def split_summary(rows: Sequence[Mapping], seeds: Sequence[int],
 
 def _interval(e: Mapping) -> str:
     if e["ratio"] is None:
-        return "—"
+        return f"— ({e['bounded']} bounded)" if e.get("bounded") else "—"
     text = f"×{e['ratio']:.3f}"
     if e["ratio_low"] is None:
         return f"{text} ({e['n']} seed{'s' if e['n'] != 1 else ''})"
@@ -776,8 +776,9 @@ def format_split(section: Mapping) -> str:
     checks = section["checks"]
     lines += ["### Manipulation checks at step 0", "",
               f"The shortcut's output at the last merge on {section['check_crops']} held-out training crops "
-              f"(U, Λ fitted on {section['fit_crops']}; gains capped within ×1/{section['gain_cap']:g}–"
-              f"×{section['gain_cap']:g} of their geometric mean), mean over seeds.", "",
+              f"(U, Λ fitted on {section['fit_crops']}; each component's gain capped to "
+              f"[1/{section['gain_cap']:g}, {section['gain_cap']:g}] of what the KLT delivers, before the "
+              "energy-matching scalar), mean over seeds.", "",
               "| cell | decorrelated | uneven | share of y's energy | energy / position | TC nats | "
               "coding gain | top-k L2 share | y TC nats | y coding gain |", "|---" * 10 + "|"]
     for c in checks["cells"]:
@@ -790,7 +791,7 @@ def format_split(section: Mapping) -> str:
     share_spread = [v for v in checks["share_spread"].values() if v is not None]
     if spread:
         lines += ["", f"Delivered energy across A–F on the held-out crops, largest over smallest − 1: at "
-                  f"most {100 * max(spread):.2f} %"
-                  + (f" (share of y's energy: {100 * max(share_spread):.2f} %)" if share_spread else "")
-                  + " (over seeds)."]
+                  f"most {100 * max(spread):.2f} % over the seeds"
+                  + (f"; of the share of y's energy, {100 * max(share_spread):.2f} %" if share_spread else "")
+                  + "."]
     return "\n".join(lines) + "\n"

@@ -326,7 +326,7 @@ def test_split_summary_and_markdown():
     text = split.format_split(section)
     assert "## Split: decorrelation × unevenness" in text and "### Manipulation checks at step 0" in text
     assert text.count("\n| ") >= 5 + 6 and "**Verdicts**" in text and "**Reading**" in text
-    assert "at most 5.00 %" in text
+    assert "at most 5.00 % over the seeds" in text
 
 
 # --- manipulation checks at step 0 on the built-in data ----------------------------------------
