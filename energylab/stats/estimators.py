@@ -107,14 +107,7 @@ def spectrum(cov: CovLike | Spectrum) -> Spectrum:
     """
     if isinstance(cov, Spectrum):
         return cov
-    if isinstance(cov, Tensor):
-        cov = cov.detach().to("cpu", torch.float64).numpy()
-    s = np.asarray(cov, dtype=np.float64)
-    if s.ndim != 2 or s.shape[0] != s.shape[1] or s.shape[0] == 0:
-        raise ValueError(f"expected a non-empty square (C, C) covariance, got shape {s.shape}")
-    if not np.isfinite(s).all():
-        raise ValueError("covariance holds NaN or inf")
-    s = 0.5 * (s + s.T)
+    s = _covariance(cov)
     lam = np.linalg.eigvalsh(s)[::-1]
     if lam[0] <= 0:  # zero covariance: treated as white, see the module docstring
         return Spectrum(s, np.ones(len(lam)), np.ones(len(lam)), len(lam))
