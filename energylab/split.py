@@ -122,6 +122,7 @@ __all__ = [
     "CHECK_FIELDS",
     "CHECK_Y_CROPS",
     "COST_UNIT_S",
+    "DEFAULT_CAPTURE_EVERY",
     "DEFAULT_SEEDS",
     "DEFAULT_STEPS",
     "EARLY_FIT_CROPS",
@@ -223,6 +224,10 @@ DEFAULT_SEEDS = tuple(range(8))
 """``--split``'s default seeds (the module docstring's arithmetic)."""
 DEFAULT_STEPS = 1000
 """``--split``'s default steps per cell."""
+DEFAULT_CAPTURE_EVERY = 100
+"""``--split``'s default ``--capture-every``: dense enough that the matched-loss statistics (the
+captures nearest the step where a cell first reaches the baseline's final loss) sit within 100
+steps of that step."""
 COST_UNIT_S = 0.04
 """Seconds of one plain N=32/M=48 training step at batch 8 of 64x64 on the 2-core machine."""
 AUXT_STEP_UNITS = 1.25

@@ -35,6 +35,7 @@ from energylab.split import (
     AUXT_STEP_UNITS,
     CELL_OVERHEAD_S,
     COST_UNIT_S,
+    DEFAULT_CAPTURE_EVERY,
     DEFAULT_SEEDS,
     DEFAULT_STEPS,
     format_split,
@@ -46,6 +47,8 @@ ABLATION_SEEDS = (0, 1, 2)
 """Default seeds of every ablation but ``--split``."""
 ABLATION_STEPS = 1500
 """Default steps of every ablation but ``--split``."""
+ABLATION_CAPTURE_EVERY = 500
+"""Default ``--capture-every`` of every ablation but ``--split``."""
 
 __all__ = ["ABLATION_SEEDS", "ABLATION_STEPS", "base_config", "build_parser", "launch_options", "main",
            "resolve_defaults", "run"]
@@ -115,19 +118,22 @@ def build_parser() -> argparse.ArgumentParser:
     # ablation defaults, tuned to finish within 15 minutes on a 2-core CPU (see README)
     # dense-early: t' of a fast variant is resolved early on (energylab.summary)
     # steps: ABLATION_STEPS, or DEFAULT_STEPS with --split (resolve_defaults)
-    p.set_defaults(steps=None, eval_every=100, eval_schedule="dense-early", capture_every=500, N=32, M=48,
+    p.set_defaults(steps=None, eval_every=100, eval_schedule="dense-early", capture_every=None, N=32, M=48,
                    test_size=256)
     return p
 
 
 def resolve_defaults(args: argparse.Namespace) -> None:
-    """Fill ``--seeds`` and ``--steps`` left out: ``--split``'s defaults (:mod:`energylab.split`) or
-    every other ablation's (:data:`ABLATION_SEEDS`, :data:`ABLATION_STEPS`)."""
+    """Fill ``--seeds``, ``--steps`` and ``--capture-every`` left out: ``--split``'s defaults
+    (:mod:`energylab.split`) or every other ablation's (:data:`ABLATION_SEEDS`,
+    :data:`ABLATION_STEPS`, :data:`ABLATION_CAPTURE_EVERY`)."""
     split = getattr(args, "split", False)
     if args.seeds is None:
         args.seeds = list(DEFAULT_SEEDS if split else ABLATION_SEEDS)
     if args.steps is None:
         args.steps = DEFAULT_STEPS if split else ABLATION_STEPS
+    if args.capture_every is None:
+        args.capture_every = DEFAULT_CAPTURE_EVERY if split else ABLATION_CAPTURE_EVERY
 
 
 def base_config(args: argparse.Namespace) -> TrainConfig:
