@@ -1302,7 +1302,15 @@ def probe_regions(images: list[tuple[str, Tensor]], size: int) -> list[tuple[int
     Rule (no RNG): each image at least ``size`` in both dimensions is tiled by the centred grid of
     ``H // size`` x ``W // size`` squares (row-major within the image); the images take turns, one
     square each, in the order given (image 0's first square, image 1's first, ..., image 0's
-    second, ...), so a short probe set still spans many photographs.
+    second, ...), so a short probe set still spans many photographs. Taking turns is water-filling:
+    among the first ``count`` regions no image gives more than one region beyond any other image
+    that still had a square left, so an image exceeds the even share ``count / images`` only when
+    smaller images have run out of squares. With non-overlapping squares nothing spreads further.
+    The built-in photographs at the defaults (32 of 256 px) cannot be spread evenly: chelsea 1,
+    coffee, rocket and stereo_motorcycle 2 each, astronaut and immunohistochemistry 4 each,
+    retina 8, hubble_deep_field 9 (17 of 32 from the two largest); 128 regions of 128 px (the same
+    8192 positions of ``y``, but 8 x 8 maps, more of them at the zero-padded border) give 24 and
+    24 of 128.
 
     Raises:
         ValueError: ``size`` below 1.

@@ -726,3 +726,21 @@ def test_stream_bad_arguments(builtin: D.Dataset) -> None:
     with pytest.raises(ValueError, match="step"):
         next(D.TrainStream(builtin, 64, 2, 0, workers=0).batches(-1))
     assert 0 <= D.default_workers() <= 4
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_probe_regions_water_fill(seed):
+    """Among the first ``count`` regions no image gives more than one region beyond another image
+    that still had a square left (an even share wherever the images allow it)."""
+    g = torch.Generator().manual_seed(seed)
+    sizes = torch.randint(64, 700, (7, 2), generator=g).tolist()
+    images = [(f"im{i}", torch.zeros(3, h, w)) for i, (h, w) in enumerate(sizes)]
+    available = [(h // 64) * (w // 64) for h, w in sizes]
+    for count in (1, 7, 20, sum(available)):
+        regions = D.probe_regions(images, 64)[:count]
+        taken = [sum(r[0] == i for r in regions) for i in range(len(images))]
+        assert sum(taken) == min(count, sum(available))
+        for i in range(len(images)):
+            for j in range(len(images)):
+                if taken[j] < available[j]:
+                    assert taken[i] <= taken[j] + 1, (count, taken, available)
