@@ -92,6 +92,37 @@ log-speed-ups, exponentiated (a geometric mean with its interval) — and final 
 each cell of the causal grid against AuxT at ``speedup_at_100`` (:data:`CAUSAL_KEY`), and which
 cells reproduce AuxT's speed-up (within :data:`CAUSAL_MARGIN`), exceed it or fall short of it, are
 known only as a bound, or that the intervals cannot tell.
+
+``matched_loss`` (issue 19): the statistics of ``y`` (:data:`MATCHED_LAYER`) compared at equal
+test loss instead of at equal steps — does a variant reach the baseline's final loss with a
+differently organised latent? Per seed, the variant is read at the first capture at or after its
+``steps_to_target`` (the step where its loss curve reaches the same seed's baseline's final test
+loss: the rule and the target of the speed-ups above, so ``steps_to_target`` here is the cell's own),
+the baseline at its final capture. ``{"layer", "statistics", "entries"}``, ``entries`` one per
+variant and λ, the baseline's first:
+
+* ``per_seed``: ``seed``; for a variant ``target``, ``steps_to_target`` and ``bound`` (``"upper"``
+  when the variant is below the target at its first evaluation: the step is a bound, and the capture
+  is the first at or after that evaluation), ``capture_step`` and ``capture_gap`` (capture step −
+  ``steps_to_target``; a lower bound with ``bound``); then each of :data:`MATCHED_STATS` with its
+  sample counts: ``total_correlation`` (nats), ``coding_gain`` and ``topk_share.l2`` (with
+  ``topk_k``) as the capture's energy record holds them — computed at capture time by
+  :mod:`energylab.stats` and bias-corrected as the record's ``bias_correction`` says (None in
+  records older than that field), with their ``_ci_low`` / ``_ci_high`` where recorded, the same
+  numbers as the ``final_<stat>`` above — and ``energy_per_position`` = Σ_c E[y_c²] from the
+  capture archive's ``energies/y`` (the mean squared norm of ``y`` at one position, channel means
+  in); ``count`` (positions) and ``images`` (probe images) are the samples behind all four;
+  ``reason``: None, or why a statistic or the whole seed has no value — a variant that never
+  reaches the target, a target that is undefined, no capture at or after the step, a capture
+  without an archive or a statistic not recorded: None, never a made-up number;
+* ``seeds`` (cells present), for a variant ``reached`` (seeds with a ``steps_to_target``);
+* ``statistics``: per statistic ``{"mean", "std", "n"}`` over the seeds that have it;
+* for a variant ``paired``: per statistic variant − baseline paired by seed, as ``paired`` above
+  (a difference with its 95 % Student-t interval and ``n`` pairs).
+
+The capture schedule sets how far a capture lies after the matched step (``capture_gap``): with
+``--capture-every 500`` up to 500 steps, with the split grid's default 100 steps.
+:func:`format_matched_loss` writes the section of the Markdown summary.
 """
 
 from __future__ import annotations
@@ -100,6 +131,7 @@ import csv
 import io
 import math
 import re
+import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -117,6 +149,8 @@ __all__ = [
     "CONVERGENCE_TOLERANCE",
     "CONVERGENCE_WINDOW",
     "ENERGY_STATS",
+    "MATCHED_LAYER",
+    "MATCHED_STATS",
     "PAIRED_DIFFERENCES",
     "TARGET_MARGINS",
     "SMOOTH",
@@ -127,6 +161,7 @@ __all__ = [
     "format_interval",
     "format_json",
     "format_markdown",
+    "format_matched_loss",
     "format_paired",
     "format_table",
     "format_value",
@@ -173,6 +208,14 @@ PAIRED_DIFFERENCES = ("test_loss", "real_bpp", "test_psnr", "steps_to_target", "
                       "final_neighbourhood_tc.across_positions", "final_topk_share.l2",
                       "final_topk_share.l2_centred", "final_rate_share_entropy", "final_active_channels")
 """Per-cell numbers paired over seeds as differences variant − baseline."""
+MATCHED_LAYER = "y"
+"""The latent whose statistics the matched-loss comparison reads (:func:`summarize`'s
+``matched_loss``)."""
+MATCHED_STATS = (("total_correlation", "TC nats"), ("coding_gain", "coding gain"),
+                 ("topk_share.l2", "top-k L2 share"), ("energy_per_position", "energy / position"))
+"""(statistic, title) of the matched-loss comparison, in order: the first three from the capture's
+energy record (as the capture computed and bias-corrected them), ``energy_per_position`` from its
+archive."""
 CAUSAL_KEY = "speedup_at_100"
 """The speed-up the causal grid is judged on."""
 CAUSAL_MARGIN = 1.25
@@ -204,17 +247,22 @@ class CellLogs:
         bitstream: the real-bitstream averages (``bpp``, ``psnr-rgb``, ...), or None if not coded.
         parameters: ``{"parameters": total, "trainable_parameters": n}`` of the cell's model, or
             None.
+        captures: capture step -> that capture archive's arrays of :data:`MATCHED_LAYER`
+            (:meth:`energylab.rundir.RunDir.captures`), for the matched-loss statistics; None (or
+            a step missing): no archive.
     """
 
     evals: Sequence[dict]
     energy: Sequence[dict]
     bitstream: Mapping | None = None
     parameters: Mapping[str, int] | None = None
+    captures: Mapping[int, Mapping[str, np.ndarray]] | None = None
 
     @classmethod
     def of(cls, run: RunDir) -> CellLogs:
         """What the summary reads of the run directory ``run``."""
-        return cls(evals=run.evals(), energy=run.energy(), bitstream=run.bitstream())
+        return cls(evals=run.evals(), energy=run.energy(), bitstream=run.bitstream(),
+                   captures=run.captures(layers=(MATCHED_LAYER,)))
 
 
 def with_roles(record: dict) -> dict:
@@ -430,13 +478,14 @@ def _budget_free(row: dict, base: LossCurve, variant: LossCurve) -> None:
 
 def _convergence(base_evals: Mapping[str, Sequence[dict]]) -> dict:
     """The baseline's relative fall of its loss curve over the last :data:`CONVERGENCE_WINDOW` of
-    its steps, per seed (key) and mean, with the verdict."""
+    its steps, ``(L(start) - L(end)) / L(start)`` (a share of the loss at the window's start), per
+    seed (key) and mean, with the verdict."""
     changes = {}
     for key, evals in base_evals.items():
         curve = loss_curve(evals)
         start = curve.at(float(curve.steps[-1]) * (1 - CONVERGENCE_WINDOW)) if len(curve.steps) else None
         end = float(curve.loss[-1]) if len(curve.loss) else None
-        changes[key] = (start - end) / abs(end) if start is not None and end else None
+        changes[key] = (start - end) / abs(start) if start is not None and start else None
     mean, _, _ = _mean_std(list(changes.values()))
     converged = mean is not None and mean <= CONVERGENCE_TOLERANCE
     message = None if converged or mean is None else (
@@ -577,6 +626,120 @@ def _causal(per_cell: dict, variants: Sequence[str], seeds: Sequence[int]) -> di
     return {"key": CAUSAL_KEY, "auxt": reference, "cells": cells, "verdict": text}
 
 
+def _capture_steps(energy: Sequence[dict]) -> list[int]:
+    """The steps of a cell's captures of :data:`MATCHED_LAYER` (its energy records), ascending."""
+    return sorted({int(r["step"]) for r in energy if r["role"] == MATCHED_LAYER})
+
+
+def _at_capture(logs: CellLogs, energy: Sequence[dict], step: int) -> dict:
+    """:data:`MATCHED_STATS` of the capture at ``step`` (module docstring), with its sample counts
+    and what is missing (``reason``, None when nothing is)."""
+    record = next(r for r in energy if r["role"] == MATCHED_LAYER and r["step"] == step)
+    out: dict = {"capture_step": step, "count": record.get("count"), "images": record.get("images"),
+                 "bias_correction": record.get("bias_correction"), "topk_k": record.get("topk_k")}
+    missing = []
+    for stat, _ in MATCHED_STATS:
+        if stat == "energy_per_position":
+            arrays = (logs.captures or {}).get(step, {})
+            energies = arrays.get(f"energies/{MATCHED_LAYER}")
+            out[stat] = None if energies is None else float(np.sum(energies, dtype=np.float64))
+            if energies is None:
+                missing.append(f"{stat} (no capture archive)")
+            continue
+        out[stat] = record.get(stat)
+        for bound in ("ci_low", "ci_high"):
+            if f"{stat}_{bound}" in record:
+                out[f"{stat}_{bound}"] = record[f"{stat}_{bound}"]
+        if out[stat] is None:
+            missing.append(f"{stat} ({'undefined' if stat in record else 'not recorded'})")
+    out["reason"] = (f"the capture at step {step} lacks " + ", ".join(missing)) if missing else None
+    return out
+
+
+def _no_statistics(reason: str) -> dict:
+    return {"capture_step": None, **{stat: None for stat, _ in MATCHED_STATS}, "reason": reason}
+
+
+def _statistics_over_seeds(per_seed: Sequence[dict]) -> dict:
+    """Mean, s.d. (ddof 1) and seed count ``n`` of each :data:`MATCHED_STATS` over ``per_seed``."""
+    out = {}
+    for stat, _ in MATCHED_STATS:
+        mean, std, n = _mean_std([e.get(stat) for e in per_seed])
+        out[stat] = {"mean": mean, "std": std, "n": n}
+    return out
+
+
+def _matched_loss(cells: Mapping[Key, CellLogs], per_cell: dict, curves: Mapping[Key, LossCurve],
+                  targets: Mapping, variants: Sequence[str], seeds: Sequence[int],
+                  lmbdas: Sequence[float] | None) -> dict:
+    """The matched-loss comparison (module docstring): per λ the baseline at its final capture,
+    then each variant at its first capture at or after ``steps_to_target``, paired by seed."""
+    energy = {key: [with_roles(r) for r in logs.energy] for key, logs in cells.items()}
+    entries = []
+    for lm in lmbdas or [None]:
+        base: dict[int, dict] = {}
+        for seed in seeds:
+            key = ("baseline", lm, seed)
+            if key not in cells:
+                continue
+            steps = _capture_steps(energy[key])
+            base[seed] = {"seed": seed, **(_at_capture(cells[key], energy[key], steps[-1]) if steps else
+                                           _no_statistics(f"no capture of {MATCHED_LAYER}"))}
+            if base[seed]["reason"]:
+                base[seed]["reason"] = f"seed {seed}: {base[seed]['reason']}"
+        if base:
+            entries.append({"variant": "baseline", "lmbda": lm, "seeds": len(base),
+                            "per_seed": list(base.values()),
+                            "statistics": _statistics_over_seeds(list(base.values()))})
+        for variant in variants:
+            if variant == "baseline":
+                continue
+            per_seed: dict[int, dict] = {}
+            for seed in seeds:
+                key = (variant, lm, seed)
+                if key not in cells:
+                    continue
+                row, target = per_cell[key], targets.get((seed, lm))
+                step = row.get("steps_to_target")
+                entry = {"seed": seed, "target": target, "steps_to_target": step,
+                         "bound": row.get("bounds", {}).get("steps_to_target"), "capture_step": None,
+                         "capture_gap": None}
+                steps = _capture_steps(energy[key])
+                later = [c for c in steps if step is not None and c >= step]
+                if target is None or not math.isfinite(target):
+                    why = ("no baseline cell of this seed" if ("baseline", lm, seed) not in cells else
+                           "the baseline has no evaluation after step 0" if target is None else
+                           "the baseline's final test loss is undefined")
+                    entry.update(_no_statistics(f"seed {seed}: no target ({why})"))
+                elif step is None:
+                    curve = curves[key]
+                    ends = (f"its test loss ends at {curve.loss[-1]:.4g} at step {curve.steps[-1]:g}"
+                            if len(curve.steps) else "it has no evaluation after step 0")
+                    entry.update(_no_statistics(
+                        f"seed {seed}: never reaches the target {target:.4g} ({ends})"))
+                elif not later:
+                    last = f"its last capture is at step {steps[-1]}" if steps else "it has no capture"
+                    entry.update(_no_statistics(
+                        f"seed {seed}: no capture at or after step {step:.0f} ({last})"))
+                else:
+                    entry.update(_at_capture(cells[key], energy[key], later[0]))
+                    entry["capture_gap"] = later[0] - step
+                    if entry["reason"]:
+                        entry["reason"] = f"seed {seed}: {entry['reason']}"
+                per_seed[seed] = entry
+            if not per_seed:
+                continue
+            paired = {stat: _paired_entry(stat, [per_seed.get(s, {}).get(stat) for s in seeds],
+                                          [base.get(s, {}).get(stat) for s in seeds])
+                      for stat, _ in MATCHED_STATS}
+            entries.append({"variant": variant, "lmbda": lm, "seeds": len(per_seed),
+                            "reached": sum(e["steps_to_target"] is not None for e in per_seed.values()),
+                            "per_seed": list(per_seed.values()),
+                            "statistics": _statistics_over_seeds(list(per_seed.values())),
+                            "paired": paired})
+    return {"layer": MATCHED_LAYER, "statistics": [stat for stat, _ in MATCHED_STATS], "entries": entries}
+
+
 def _target(evals: Sequence[dict]) -> float | None:
     """The mean of the last :data:`SMOOTH` test losses after step 0 (None without any; NaN, written
     as null, if one is undefined: never reached)."""
@@ -639,7 +802,8 @@ def summarize(cells: Mapping[Key, CellLogs], variants: Sequence[str], seeds: Seq
 
     Returns:
         ``{"root", "smooth", "targets", "cells", "rows", "step_equivalence", "resolution",
-        "convergence", "paired"}``, with ``lmbdas`` ``"bd_rate"`` and with ``causal`` ``"causal"``
+        "convergence", "paired", "matched_loss"}``, with ``lmbdas`` ``"bd_rate"`` and with ``causal``
+        ``"causal"``
         (see the module docstring).
 
     Raises:
@@ -694,7 +858,8 @@ def summarize(cells: Mapping[Key, CellLogs], variants: Sequence[str], seeds: Seq
         "convergence": _convergence({f"seed{s}" + (f"_lmbda{lm:g}" if lm else ""): logs.evals
                                      for (v, lm, s), logs in cells.items()
                                      if v == "baseline" and logs.evals}),
-        "paired": _paired(per_cell, variants, seeds, lmbdas)}
+        "paired": _paired(per_cell, variants, seeds, lmbdas),
+        "matched_loss": _matched_loss(cells, per_cell, loss_curves, targets, variants, seeds, lmbdas)}
     if causal:
         summary["causal"] = _causal(per_cell, variants, seeds)
     if lmbdas:
@@ -831,7 +996,8 @@ def _rule_lines(summary: dict) -> list[str]:
 
 def format_paired(summary: dict) -> str:
     """The paired tables (speed-ups as ratios, final numbers as differences against the baseline,
-    with parameter counts) and the causal verdict, as Markdown."""
+    with parameter counts), the matched-loss section (:func:`format_matched_loss`) and the causal
+    verdict, as Markdown."""
     paired = summary.get("paired", [])
     groups: dict = {}
     for e in paired:
@@ -866,6 +1032,9 @@ def format_paired(summary: dict) -> str:
         lines.append(f"| {variant}{f' (λ {lm:g})' if lm else ''} | "
                      + " | ".join(format_interval(entries.get(k, {})) for k in PAIRED_DIFFERENCE_TITLES)
                      + " |")
+    matched = format_matched_loss(summary)
+    if matched:
+        lines += ["", *matched.rstrip("\n").split("\n")]
     causal = summary.get("causal")
     if causal:
         lines += ["", "## Causal test of the split", "",
@@ -876,6 +1045,90 @@ def format_paired(summary: dict) -> str:
                          f"{format_interval({**c['ratio_to_auxt'], 'kind': 'ratio'})} | {c['verdict']} |")
         lines += ["", f"**Verdict:** {causal['verdict']}."]
     return "\n".join(lines) + "\n"
+
+
+MATCHED_WIDTH = 100
+"""Columns of the matched-loss section's text lines (its tables are narrower)."""
+
+
+def _fill(text: str, indent: str = "") -> list[str]:
+    return textwrap.wrap(text, MATCHED_WIDTH, subsequent_indent=indent, break_long_words=False,
+                         break_on_hyphens=False)
+
+
+def _step_text(entry: Mapping) -> str:
+    step = entry.get("steps_to_target")
+    if step is None:
+        return "never"
+    text = f"{BOUND_SIGNS['upper'] if entry.get('bound') == 'upper' else ''}{step:.0f}"
+    capture = entry.get("capture_step")
+    # no-break spaces: a line is never broken inside "step → capture"
+    return (text + f" → {'—' if capture is None else capture}").replace(" ", "\u00a0")
+
+
+def _sample_sizes(entries: Sequence[Mapping]) -> list[str]:
+    """The distinct ``count`` / ``images`` of the captures the entries read, as text."""
+    counts = {(x.get("count"), x.get("images")) for e in entries for x in e["per_seed"]
+              if x.get("capture_step") is not None}
+    return [f"{c} positions of {i} images" for c, i in sorted(counts, key=str)]
+
+
+def _grouped_reasons(per_seed: Sequence[Mapping]) -> list[str]:
+    """The seeds' ``reason`` texts, seeds with the same one together (``seeds 0, 1: ...``)."""
+    groups: dict[str, list[str]] = {}
+    for x in per_seed:
+        if x.get("reason"):
+            seed, _, text = x["reason"].partition(": ")
+            groups.setdefault(text, []).append(seed.removeprefix("seed "))
+    return [f"seed{'s' if len(seeds) > 1 else ''} {', '.join(seeds)}: {text}"
+            for text, seeds in groups.items()]
+
+
+def format_matched_loss(summary: dict) -> str:
+    """The matched-loss section (``summary["matched_loss"]``, module docstring) as Markdown, every
+    line at most :data:`MATCHED_WIDTH` columns; ``""`` for a summary without it."""
+    matched = summary.get("matched_loss")
+    if not matched or not matched.get("entries"):
+        return ""
+    layer, entries = matched["layer"], matched["entries"]
+    common = len(_sample_sizes(entries)) == 1  # one probe set: its size said once
+    lines = [f"## Statistics of {layer} at matched loss", "", *_fill(
+        f"Each variant's {layer} at its first capture at or after the step where its test loss reaches "
+        f"the same seed's baseline's final test loss (the steps-to-target rule above; `≤`: a bound), "
+        f"beside the baseline's {layer} at its final capture: mean ± s.d. over seeds, and Δ = variant "
+        f"− baseline paired over seeds with its 95 % Student-t interval (`~`: it contains 0). TC, "
+        f"coding gain and the top-k L2 share are the capture's records (bias-corrected as recorded); "
+        f"energy / position is Σ_c E[{layer}_c²]."
+        + (f" Samples per capture: {_sample_sizes(entries)[0]}." if common else "")), ""]
+    titles = dict(MATCHED_STATS)
+    bases = {e["lmbda"]: e for e in entries if e["variant"] == "baseline"}
+    for e in entries:
+        name = f"**{e['variant']}**" + (f" (λ {e['lmbda']:g})" if e["lmbda"] else "")
+        own = "" if common or not _sample_sizes([e]) else (
+            f" Samples per capture: {'; '.join(_sample_sizes([e]))}.")
+        if e["variant"] == "baseline":
+            finals = sorted({x["capture_step"] for x in e["per_seed"] if x.get("capture_step") is not None})
+            at = ("no capture" if not finals else f"final capture at step {finals[0]}" if len(finals) == 1
+                  else "final captures at steps " + ", ".join(map(str, finals)))
+            lines += _fill(f"{name}: {at} ({e['seeds']} seed{'s' if e['seeds'] != 1 else ''}).{own}")
+        else:
+            steps = ", ".join(_step_text(x) for x in e["per_seed"])
+            lines += _fill(f"{name}: {e['reached']} of {e['seeds']} seed{'s' if e['seeds'] != 1 else ''} "
+                           f"reach the target; step → capture: {steps}.{own}")
+        lines += [line for reason in _grouped_reasons(e["per_seed"]) for line in _fill(f"- {reason}", "  ")]
+        if e["variant"] == "baseline":
+            lines.append("")
+            continue
+        base = bases.get(e["lmbda"], {}).get("statistics", {})
+        lines += ["", "| statistic | at matched loss | baseline, final capture | Δ [95 % interval] |",
+                  "|---|---|---|---|"]
+        for stat, stats in e["statistics"].items():
+            b = base.get(stat, {})
+            lines.append(f"| {titles.get(stat, stat)} | {format_value(stats['mean'], stats['std'])} | "
+                         f"{format_value(b.get('mean'), b.get('std'))} | "
+                         f"{format_interval(e['paired'][stat])} |")
+        lines.append("")
+    return "\n".join(lines).rstrip("\n") + "\n"
 
 
 def format_markdown(summary: dict) -> str:

@@ -32,6 +32,11 @@ def test_summarize_reproduces_the_reference(root: Path) -> None:
     assert {k: v for k, v in result.items() if k != "root"} == {
         k: v for k, v in committed.items() if k != "root"}
     assert ("causal" in result) == (root == CAUSAL)
+    # the matched-loss baseline is read at its final capture: the rows' final_<stat>
+    base = next(e for e in result["matched_loss"]["entries"] if e["variant"] == "baseline")
+    row = next(r for r in result["rows"] if r["variant"] == "baseline")
+    assert base["statistics"]["total_correlation"]["mean"] == pytest.approx(
+        row["final_total_correlation_mean"])
 
 
 def test_causal_reference_judges_every_cell_of_the_grid() -> None:
@@ -171,8 +176,8 @@ def test_convergence_check_names_an_unconverged_baseline(monkeypatch):
     cells = {("baseline", None, 0): linear_cell(0.05), ("baseline", None, 1): linear_cell(0.05)}
     result = summary.summarize(cells, ["baseline"], [0, 1], 0.013)
     conv = result["convergence"]
-    # the loss curve (no trailing mean) at 1000 is 50, at 800 60
-    assert conv["relative_change_mean"] == pytest.approx(10 / 50)
+    # the loss curve (no trailing mean) at 1000 is 50, at 800 60: a fall of 10 from 60
+    assert conv["relative_change_mean"] == pytest.approx(10 / 60)
     assert not conv["converged"] and "has not converged" in conv["message"]
     assert "has not converged" in summary.format_markdown(result)
     flat = {("baseline", None, 0): linear_cell(0.0)}

@@ -36,8 +36,12 @@ bitstreams.
 
 The summary (per variant and λ, mean ± std over seeds: final R-D numbers on the likelihoods and
 on real bitstreams, steps and time to the baseline's final test loss and the speed-ups, the energy
-statistics of ``y``, the AuxT branch's energy shares and, with ``--lmbdas``, BD-rates against the
-baseline) is computed by :mod:`energylab.summary`, whose docstring defines every number.
+statistics of ``y``, the AuxT branch's energy shares, the statistics of ``y`` at matched test loss
+(``matched_loss``: each variant at the capture where it reaches the baseline's final loss, against
+the baseline's final capture) and, with ``--lmbdas``, BD-rates against the baseline) is computed by
+:mod:`energylab.summary`, whose docstring defines every number. The figures
+(:func:`energylab.figures.ablation_figures`) include ``compaction_curves``, the paper's Fig. 1:
+each variant's energy-compaction curves of ``y`` at the start, ≈25 %, ≈50 % and end of training.
 """
 
 from __future__ import annotations

@@ -15,6 +15,10 @@ why; the others are still drawn. Figures (:data:`FIGURES`):
 * ``correlation_heatmaps``: channel correlation matrices of ``y`` (channels ordered by energy),
   variants × early / middle / final capture;
 * ``energy_spectra``: channel energy spectrum and compaction curve of ``y`` at the final capture;
+* ``compaction_curves``: the paper's Fig. 1 (Li et al., ICLR 2025): energy-compaction curves of
+  ``y`` (cumulative share of the channels' L2 norms over the k most energetic channels), one panel
+  per variant, one curve per training stage (start, ≈25 %, ≈50 %, final capture), mean over seeds,
+  the baseline's final curve repeated dashed;
 * ``subband_energy``: subband energy shares of ``y`` at the final capture;
 * ``modulation``: energy modulation against the quantiser — rate-share entropy and active channels
   of ``y_hat``, and AuxT's learned subband gains exp(s), over training;
@@ -46,6 +50,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import seaborn as sns
+import torch
 from matplotlib.figure import Figure
 
 from energylab import stats
@@ -63,6 +68,7 @@ __all__ = [
     "all_figures",
     "analysis_figures",
     "available",
+    "compaction_curve_frame",
     "load",
     "load_ablation",
     "load_captures",
@@ -77,6 +83,7 @@ __all__ = [
     "plot_bd_rate_table",
     "plot_capture_matrices",
     "plot_compaction_and_loss",
+    "plot_compaction_curves",
     "plot_correlation_heatmaps",
     "plot_eigenspectra",
     "plot_energy_spectra",
@@ -738,6 +745,117 @@ def plot_energy_spectra(study: Study, lmbda: float | None = None, layer: str = "
     return fig
 
 
+COMPACTION_STAGES = (0, 25, 50, 100)
+"""Training stages of :func:`plot_compaction_curves`, in % of a cell's final capture step: each
+cell's capture nearest to each (ties: the later one); a capture nearest to two stages is drawn at
+the earlier one only."""
+
+
+def _stage_captures(captures: Sequence[tuple[int, Path]]) -> list[tuple[int, int, Path]]:
+    """``(stage %, step, archive)`` of :data:`COMPACTION_STAGES` among one cell's captures."""
+    if not captures:
+        return []
+    final = captures[-1][0]
+    picked, seen = [], set()
+    for stage in COMPACTION_STAGES:
+        step, path = min(captures, key=lambda c: (abs(c[0] - stage / 100 * final), -c[0]))
+        if step not in seen:
+            seen.add(step)
+            picked.append((stage, step, path))
+    return picked
+
+
+def compaction_curve_frame(study: Study, lmbda: float | None = None, layer: str = "y") -> pd.DataFrame:
+    """The energy-compaction curves (:func:`energylab.stats.compaction_curves`, the paper's Fig. 1)
+    of ``layer`` at :data:`COMPACTION_STAGES` of every cell at ``lmbda``, with a channel's energy
+    its L2 norm over positions: one row per cell, stage and ``k`` = 1..C, columns ``variant``,
+    ``seed``, ``stage`` (%), ``step`` (the capture's), ``percent`` (its step in % of the cell's final
+    capture step), ``k`` and ``cumulative`` (``c_k``).
+
+    Raises:
+        MissingInput: no cell at ``lmbda`` has captures, or they hold no ``layer``.
+    """
+    lmbda = study.default_lmbda if lmbda is None else lmbda
+    rows = []
+    for key in study.cells:
+        if not np.isclose(key[1], lmbda):
+            continue
+        stages = _stage_captures(study.captures(key))
+        if not stages:
+            continue
+        norms = []
+        for _, _, path in stages:
+            arrays = RunDir.capture(path, layers=[layer])
+            if f"energies/{layer}" not in arrays:
+                raise MissingInput(f"the captures hold no layer {layer!r}")
+            norms.append(_l2_norms(arrays[f"energies/{layer}"]))
+        curves = stats.compaction_curves(torch.from_numpy(np.stack(norms))).numpy()  # (stages, C)
+        final = stages[-1][1] or 1
+        rows += [{"variant": key[0], "seed": key[2], "stage": stage, "step": step,
+                  "percent": 100 * step / final, "k": k + 1, "cumulative": float(c)}
+                 for (stage, step, _), curve in zip(stages, curves, strict=True)
+                 for k, c in enumerate(curve)]
+    if not rows:
+        raise MissingInput(f"no captures at λ = {lmbda:g}")
+    return pd.DataFrame(rows)
+
+
+def _stage_label(rows: pd.DataFrame) -> str:
+    """``step 500 (33 %)``: the capture step of one stage's rows and its share of the training."""
+    lo, hi = int(rows["step"].min()), int(rows["step"].max())
+    at = f"step {lo}" if lo == hi else f"steps {lo}–{hi}"
+    return f"{at} ({'' if lo == hi else '≈'}{rows['percent'].mean():.0f} %)"
+
+
+def plot_compaction_curves(study: Study, lmbda: float | None = None, layer: str = "y") -> Figure:
+    """Energy-compaction curves of ``layer`` as in the paper's Fig. 1 (Li et al., ICLR 2025): the
+    cumulative share of the channels' L2 norms held by the ``k`` most energetic channels, against
+    ``k``; one panel per variant (the baseline's included), one curve per training stage
+    (:data:`COMPACTION_STAGES`: the captures at the start, ≈25 %, ≈50 % and the end of training),
+    mean over seeds with a ± 1 s.d. band. Each variant's panel repeats the baseline's final curve
+    (dashed) and the equal-energy diagonal (dotted). Data: :func:`compaction_curve_frame`."""
+    _require(study, "captures")
+    frame = compaction_curve_frame(study, lmbda, layer)
+    present = _present(study, frame)
+    channels = int(frame["k"].max())
+    ncols = min(len(present), 3)
+    nrows = -(-len(present) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.4 * ncols + 0.4, 3.0 * nrows + 0.9),
+                             layout="constrained", squeeze=False, sharex=True, sharey=True)
+    colors = dict(zip(COMPACTION_STAGES, sns.color_palette("viridis", len(COMPACTION_STAGES)),
+                      strict=True))
+    stats_of = frame.groupby(["variant", "stage", "k"])["cumulative"].agg(["mean", "std"]).reset_index()
+    base = stats_of[(stats_of["variant"] == "baseline")]
+    base_final = base[base["stage"] == base["stage"].max()] if len(base) else base
+    for ax, variant in zip(axes.flat, present, strict=False):
+        own = stats_of[stats_of["variant"] == variant]
+        for stage in sorted(set(own["stage"])):
+            line = own[own["stage"] == stage]
+            rows = frame[(frame["variant"] == variant) & (frame["stage"] == stage)]
+            ax.plot(line["k"], line["mean"], color=colors[stage], lw=1.6, label=_stage_label(rows))
+            if line["std"].notna().any():
+                ax.fill_between(line["k"], line["mean"] - line["std"].fillna(0),
+                                line["mean"] + line["std"].fillna(0), color=colors[stage], alpha=0.2,
+                                lw=0)
+        if variant != "baseline" and len(base_final):
+            ax.plot(base_final["k"], base_final["mean"], color="0.35", ls="--", lw=1.1,
+                    label="baseline, final")
+        ax.plot([0, channels], [0, 1], color="0.6", ls=":", lw=1, label="equal energies")
+        ax.set_title(variant, color=study.colors[variant], fontweight="bold")
+        ax.set(xlim=(0, channels), ylim=(0, 1.02))
+        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+        ax.legend(fontsize="x-small", loc="lower right")
+    for ax in axes.flat[len(present):]:
+        ax.set_visible(False)
+    for ax in axes[-1]:
+        ax.set_xlabel("k most energetic channels")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("cumulative share of the L2 norms")
+    _title(fig, f"Energy compaction curves of {layer} over training (Li et al., ICLR 2025, Fig. 1)",
+           _context(study, lmbda))
+    return fig
+
+
 SUBBANDS = (("subband_energy.", "channel means in"),
             ("subband_energy_centred.", "channel means removed"))
 """Subband energy statistics of :func:`plot_subband_energy`: (column prefix, panel title)."""
@@ -1079,6 +1197,8 @@ FIGURES = (
                "capture", ("captures",), plot_correlation_heatmaps),
     FigureSpec("energy_spectra", "channel energy spectrum and compaction curve of y at the final "
                "capture", ("captures",), plot_energy_spectra),
+    FigureSpec("compaction_curves", "energy compaction curves of y (the paper's Fig. 1) per variant "
+               "at the start, ≈25 %, ≈50 % and end of training", ("captures",), plot_compaction_curves),
     FigureSpec("subband_energy", "subband energy shares of y at the final capture", ("energy",),
                plot_subband_energy),
     FigureSpec("modulation", "rate-share entropy and active channels of y_hat, and AuxT's learned "
@@ -1093,7 +1213,8 @@ FIGURES = (
     FigureSpec("bd_rate", "BD-rate table against the baseline", ("bd_rate",), plot_bd_rate_table),
 )
 """Every figure :func:`all_figures` draws, in order."""
-ABLATION_FIGURES = ("loss_curves", "energy_split", "correlation_heatmaps", "step_equivalence")
+ABLATION_FIGURES = ("loss_curves", "energy_split", "correlation_heatmaps", "step_equivalence",
+                    "compaction_curves")
 """The figures the ablation command writes next to its summary (:func:`ablation_figures`)."""
 
 
@@ -1143,7 +1264,7 @@ def all_figures(directory: Path | str, out: Path | str | None = None) -> list[Pa
 def ablation_figures(root: Path, out: Path | None = None) -> list[Path]:
     """Write the ablation command's figures (:data:`ABLATION_FIGURES`: test loss with seed bands,
     the energy split (coding gain, total correlation), correlation heatmaps, the step-equivalence
-    speed-up) next to its summary.
+    speed-up, the energy-compaction curves of the paper's Fig. 1) next to its summary.
 
     Raises:
         FigureError: ``root`` is not an ablation directory.

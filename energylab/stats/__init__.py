@@ -82,6 +82,7 @@ from energylab.stats.dependence import (
 from energylab.stats.energy import (
     ENERGY_KINDS,
     channel_energies,
+    compaction_curves,
     energy_compaction_curve,
     energy_shares,
     energy_statistics,
@@ -174,6 +175,7 @@ __all__ = [
     "channel_statistics_batched",
     "channel_stats",
     "coding_gain",
+    "compaction_curves",
     "correlation_matrix",
     "decorrelation_gain",
     "effective_rank",

@@ -4,9 +4,10 @@ top-k energy share as one flat dict.
 
 :func:`channel_energies` gives each channel's mean square and L2 norm over positions (the paper's
 Fig. 1 energy), with and without the channel mean; :func:`energy_shares` their top-k shares and
-:func:`mean_energy_fraction`; :func:`energy_compaction_curve` and :func:`topk_energy_share` work on
-any ``(C,)`` energies. (``SubbandEnergy(channels=C)`` of :mod:`energylab.stats.metrics` adds
-channel-centred subband shares.)
+:func:`mean_energy_fraction`; :func:`compaction_curves` (torch, ``(..., C)``: the paper's Fig. 1
+curve, the one copy of its formula), :func:`energy_compaction_curve` (its numpy form) and
+:func:`topk_energy_share` (one point of it) work on any energies. (``SubbandEnergy(channels=C)``
+of :mod:`energylab.stats.metrics` adds channel-centred subband shares.)
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from energylab.stats.estimators import (
 __all__ = [
     "ENERGY_KINDS",
     "channel_energies",
+    "compaction_curves",
     "energy_compaction_curve",
     "energy_shares",
     "energy_statistics",
@@ -41,12 +43,50 @@ __all__ = [
 ]
 
 
-def energy_compaction_curve(energies: CovLike | Sequence[float]) -> np.ndarray:
-    """Cumulative share of the energy in the k most energetic channels, k = 1..C.
+def compaction_curves(energies: Tensor) -> Tensor:
+    """The energy-compaction curve: the normalised cumulative energy over the channels sorted by
+    energy, descending (Li et al., ICLR 2025, Fig. 1).
 
-    ``curve[k-1] = sum_{i<=k} E_(i) / sum_i E_i`` with the energies ``E_(1) >= E_(2) >= ...`` sorted
-    descending; ``(C,)`` float64, non-decreasing, ending at 1. Zero total energy is treated as white
-    (equal energies): ``curve[k-1] = k / C``.
+    ``c_k = (E_(1) + ... + E_(k)) / (E_1 + ... + E_C)``, k = 1..C, with ``E_(1) >= E_(2) >= ...``
+    the channel energies sorted descending: the share of the total energy held by the ``k`` most
+    energetic channels. Non-decreasing, ``c_C = 1``; equal energies give the diagonal
+    ``c_k = k / C``, and the further the curve lies above it, the more compact the energy. A row
+    of zero total energy is treated as white (equal energies): ``c_k = k / C``. ``c_k`` is the
+    top-k share (:func:`topk_energy_share`). In the paper, as in :func:`channel_energies`' ``l2``
+    (the captures' ``topk_share.l2``), a channel's energy is its L2 norm over positions; the
+    formula takes any non-negative energies (mean squares: ``topk_energy_share``,
+    ``topk_share.ms``).
+
+    Args:
+        energies: ``(..., C)`` finite non-negative channel energies, C >= 1; leading dimensions
+            are batch dimensions (e.g. captures or seeds), one curve per row.
+
+    Returns:
+        ``(..., C)``: ``c_1 .. c_C`` of every row, in the input's floating dtype (float64 for
+        integer input), on its device.
+
+    Raises:
+        ValueError: a 0-d tensor or C = 0, or a negative or non-finite energy.
+
+    >>> compaction_curves(torch.tensor([4.0, 3.0, 2.0, 1.0], dtype=torch.float64)).tolist()
+    [0.4, 0.7, 0.9, 1.0]
+    >>> compaction_curves(torch.tensor([[1.0, 3.0], [0.0, 0.0]])).tolist()  # per row; zero: white
+    [[0.75, 1.0], [0.5, 1.0]]
+    """
+    e = energies if energies.is_floating_point() else energies.to(torch.float64)
+    if e.ndim == 0 or e.shape[-1] == 0:
+        raise ValueError(f"compaction_curves: expected (..., C) energies with C >= 1, got shape "
+                         f"{tuple(e.shape)}")
+    if not bool(torch.isfinite(e).all()) or bool((e < 0).any()):
+        raise ValueError("compaction_curves: energies must be finite and non-negative")
+    e = torch.where(e.sum(-1, keepdim=True) == 0, torch.ones_like(e), e)
+    cumulative = torch.sort(e, dim=-1, descending=True).values.cumsum(-1)
+    return cumulative / cumulative[..., -1:]
+
+
+def energy_compaction_curve(energies: CovLike | Sequence[float]) -> np.ndarray:
+    """:func:`compaction_curves` of one ``(C,)`` vector of energies (numpy, a tensor or a
+    sequence), as a ``(C,)`` float64 array: ``curve[k-1] = sum_{i<=k} E_(i) / sum_i E_i``.
 
     Raises:
         ValueError: ``energies`` is not a non-empty 1-D array of finite non-negative numbers.
@@ -54,15 +94,10 @@ def energy_compaction_curve(energies: CovLike | Sequence[float]) -> np.ndarray:
     >>> energy_compaction_curve([1.0, 3.0]).tolist()
     [0.75, 1.0]
     """
-    if isinstance(energies, Tensor):
-        energies = energies.detach().to("cpu", torch.float64).numpy()
-    e = np.asarray(energies, dtype=np.float64)
-    if e.ndim != 1 or e.size == 0 or not np.isfinite(e).all() or (e < 0).any():
+    e = torch.as_tensor(_numpy64(energies))
+    if e.ndim != 1 or e.numel() == 0 or not bool(torch.isfinite(e).all()) or bool((e < 0).any()):
         raise ValueError("energies must be a non-empty 1-D array of finite non-negative numbers")
-    if e.sum() == 0:
-        e = np.ones_like(e)
-    curve = np.cumsum(np.sort(e)[::-1])
-    return curve / curve[-1]
+    return compaction_curves(e).numpy()
 
 
 def topk_energy_share(energies: CovLike | Sequence[float], k: int) -> float:
