@@ -115,6 +115,7 @@ from energylab.stats import (
 
 __all__ = [
     "AUXT_STEP_UNITS",
+    "CAPTURE_CHECK_FIELDS",
     "CELLS",
     "CELL_LABELS",
     "CELL_OVERHEAD_S",
@@ -143,6 +144,8 @@ __all__ = [
     "cap_gains",
     "cell_of",
     "check_batches",
+    "capture_check_summary",
+    "capture_checks",
     "check_summary",
     "contrast",
     "delivered_energy",
@@ -725,12 +728,66 @@ def check_summary(checks: Mapping[tuple[str, int], Mapping | None], seeds: Seque
     return {"cells": cells, **spreads}
 
 
+CAPTURE_CHECK_FIELDS = ("aux_share", "aux_total_correlation", "aux_coding_gain", "y_total_correlation",
+                        "y_coding_gain")
+"""The manipulation checks followed through training, from the captures' energy records."""
+
+
+def capture_checks(records: Sequence[Mapping]) -> dict[int, dict[str, float | None]]:
+    """The manipulation checks at each capture of one cell, from its ``energy.jsonl`` records:
+    ``{step: {field: value}}`` over :data:`CAPTURE_CHECK_FIELDS`, with ``aux_*`` read off the
+    shortcut at the last merge (the role ``"aux"`` record of the largest ``merge``:
+    ``aux_energy_share``, ``total_correlation``, ``coding_gain`` as the capture recorded them,
+    bias-corrected at its positions) and ``y_*`` off ``y``'s record. Steps without an aux record
+    (a cell without AuxT) are left out.
+
+    >>> recs = [{"step": 0, "layer": "g_a.aux4", "role": "aux", "merge": 4, "aux_energy_share": 0.9,
+    ...          "total_correlation": 0.1, "coding_gain": 15.0},
+    ...         {"step": 0, "layer": "y", "role": "y", "total_correlation": 60.0, "coding_gain": 1.2}]
+    >>> capture_checks(recs)[0]["aux_share"], capture_checks(recs)[0]["y_coding_gain"]
+    (0.9, 1.2)
+    """
+    last = max((r.get("merge") or 0 for r in records if r.get("role") == "aux"), default=None)
+    if last is None:
+        return {}
+    out: dict[int, dict[str, float | None]] = {}
+    for r in records:
+        if r.get("role") == "aux" and r.get("merge") == last:
+            row = out.setdefault(int(r["step"]), dict.fromkeys(CAPTURE_CHECK_FIELDS))
+            row.update(aux_share=r.get("aux_energy_share"), aux_total_correlation=r.get("total_correlation"),
+                       aux_coding_gain=r.get("coding_gain"))
+    for r in records:
+        if r.get("role") == "y" and int(r["step"]) in out:
+            out[int(r["step"])].update(y_total_correlation=r.get("total_correlation"),
+                                       y_coding_gain=r.get("coding_gain"))
+    return out
+
+
+def capture_check_summary(per_cell: Mapping[tuple[str, int], Mapping[int, Mapping]],
+                          seeds: Sequence[int]) -> list[dict]:
+    """Per cell and capture step, the mean and s.d. over seeds of :func:`capture_checks`' fields
+    (``seeds``: how many seeds had that capture)."""
+    out = []
+    for cell in CELLS:
+        steps = sorted({t for s in seeds for t in per_cell.get((variant_of(cell), s), {})})
+        for t in steps:
+            present = [per_cell[variant_of(cell), s][t] for s in seeds
+                       if t in per_cell.get((variant_of(cell), s), {})]
+            row: dict = {"cell": cell, "step": t, "seeds": len(present)}
+            for field in CAPTURE_CHECK_FIELDS:
+                row[f"{field}_mean"], row[f"{field}_std"] = _mean_std([c.get(field) for c in present])
+            out.append(row)
+    return out
+
+
 def split_summary(rows: Sequence[Mapping], seeds: Sequence[int],
-                  checks: Mapping[tuple[str, int], Mapping | None] | None = None) -> dict:
+                  checks: Mapping[tuple[str, int], Mapping | None] | None = None,
+                  captured: Mapping[tuple[str, int], Mapping[int, Mapping]] | None = None) -> dict:
     """The ``split`` section of an ablation summary: :func:`estimands` of the per-cell ``rows``,
     the headline sentence of each estimand on :data:`PRIMARY_KEY` (``verdicts``), :func:`reading`,
-    and :func:`check_summary` of the cells' step-0 ``checks`` ((variant, seed) -> the
-    ``split_checks`` of its ``config.json``)."""
+    :func:`check_summary` of the cells' step-0 ``checks`` ((variant, seed) -> the ``split_checks``
+    of its ``config.json``) and :func:`capture_check_summary` of the checks at each capture
+    (``captured``: (variant, seed) -> :func:`capture_checks` of its energy records)."""
     entries = estimands(rows, seeds)
     return {"cells": {c: variant_of(c) for c in CELLS}, "keys": [*SPEEDUP_KEYS, LOSS_KEY],
             "primary": PRIMARY_KEY,
@@ -738,7 +795,8 @@ def split_summary(rows: Sequence[Mapping], seeds: Sequence[int],
             "gain_cap": GAIN_CAP, "fit_crops": FIT_CROPS, "check_crops": CHECK_CROPS,
             "estimands": entries,
             "verdicts": {e["estimand"]: e["sentence"] for e in entries if e["key"] == PRIMARY_KEY},
-            "reading": reading(entries), "checks": check_summary(checks or {}, seeds)}
+            "reading": reading(entries), "checks": check_summary(checks or {}, seeds),
+            "capture_checks": capture_check_summary(captured or {}, seeds)}
 
 
 def _interval(e: Mapping) -> str:
@@ -799,4 +857,33 @@ def format_split(section: Mapping) -> str:
                   f"most {100 * max(spread):.2f} % over the seeds"
                   + (f"; of the share of y's energy, {100 * max(share_spread):.2f} %" if share_spread else "")
                   + "."]
+    lines += _capture_check_lines(section.get("capture_checks") or [])
     return "\n".join(lines) + "\n"
+
+
+CAPTURE_CHECK_STAGES = (0.0, 0.25, 0.5, 1.0)
+"""The shares of the budget whose nearest captures :func:`format_split` shows (the JSON has all)."""
+
+
+def _capture_check_lines(rows: Sequence[Mapping]) -> list[str]:
+    if not rows:
+        return []
+    lines = ["", "### Manipulation checks during training", "",
+             "The shortcut at the last merge (g_a.aux<k>) and y at the captures nearest 0, 25, 50 and "
+             "100 % of the budget, on the probe set, mean over seeds (the captures' bias-corrected "
+             "records; every capture is in summary.json).", "",
+             "| cell | step | seeds | aux share of y's energy | aux TC nats | aux coding gain | "
+             "y TC nats | y coding gain |", "|---" * 8 + "|"]
+    for cell in CELLS:
+        mine = [r for r in rows if r["cell"] == cell]
+        if not mine:
+            continue
+        last = max(r["step"] for r in mine)
+        shown = sorted({min(mine, key=lambda r, f=f: abs(r["step"] - f * last))["step"]
+                        for f in CAPTURE_CHECK_STAGES})
+        for r in (r for r in mine if r["step"] in shown):
+            lines.append(f"| {cell} | {r['step']} | {r['seeds']} | " + " | ".join(
+                [_number(r["aux_share_mean"]), _number(r["aux_total_correlation_mean"], 2),
+                 _number(r["aux_coding_gain_mean"], 2), _number(r["y_total_correlation_mean"], 2),
+                 _number(r["y_coding_gain_mean"], 2)]) + " |")
+    return lines

@@ -414,6 +414,35 @@ def test_split_grid_end_to_end(tmp_path, capsys):
     assert all(v is not None for v in section["checks"]["energy_spread"].values())
     config = AblationDir(out).cell("split-B", 1).config()
     assert config["split_checks"]["crops"] == split.CHECK_CROPS
+    during = section["capture_checks"]
+    assert {r["cell"] for r in during} == set(split.CELLS)
+    assert all(r["seeds"] == 2 and r["aux_share_mean"] is not None for r in during)
+    assert {r["step"] for r in during} >= {0, 30}
     text = (out / AblationDir.SUMMARY_MD).read_text()
     assert "## Split: decorrelation × unevenness" in text and "### Manipulation checks at step 0" in text
+    assert "### Manipulation checks during training" in text
     assert "## Split: decorrelation × unevenness" in printed
+
+
+def test_capture_checks_follow_the_last_merge_and_average_over_seeds():
+    def records(seed):
+        out = []
+        for step in (0, 100):
+            for merge in (3, 4):
+                out.append({"step": step, "layer": f"g_a.aux{merge}", "role": "aux", "merge": merge,
+                            "aux_energy_share": merge / 10 + seed + step, "total_correlation": 1.0 * merge,
+                            "coding_gain": 2.0})
+            out.append({"step": step, "layer": "y", "role": "y", "total_correlation": 50.0 + seed,
+                        "coding_gain": 1.5})
+        return out
+
+    per_seed = {s: split.capture_checks(records(s)) for s in (0, 1)}
+    assert per_seed[1][100] == {"aux_share": 101.4, "aux_total_correlation": 4.0, "aux_coding_gain": 2.0,
+                                "y_total_correlation": 51.0, "y_coding_gain": 1.5}
+    assert split.capture_checks([{"step": 0, "layer": "y", "role": "y"}]) == {}  # no shortcut
+    rows = split.capture_check_summary({("split-A", s): per_seed[s] for s in (0, 1)}, [0, 1])
+    assert [(r["cell"], r["step"], r["seeds"]) for r in rows] == [("A", 0, 2), ("A", 100, 2)]
+    assert rows[1]["aux_share_mean"] == pytest.approx(100.9)
+    assert rows[1]["y_total_correlation_std"] == pytest.approx(np.std([50.0, 51.0], ddof=1))
+    text = split.format_split({**split.split_summary([], [0, 1]), "capture_checks": rows})
+    assert "### Manipulation checks during training" in text and "| A | 100 | 2 |" in text

@@ -55,7 +55,7 @@ import torch
 from energylab.auxt import COMPONENTS, FREEZABLE, SCALING_INITS, SPLIT_INITS, check_components, variant_name
 from energylab.config import TrainConfig
 from energylab.rundir import AblationDir, RunDirError
-from energylab.split import format_split, split_summary
+from energylab.split import capture_checks, format_split, split_summary
 from energylab.summary import (
     CellLogs,
     format_csv,
@@ -229,7 +229,8 @@ def summarize_ablation(ablation: AblationDir) -> dict:
     """:func:`energylab.summary.summarize` of every cell of ``ablation`` that has evaluations, with
     each variant's parameter counts, and for a split grid the ``split`` section
     (:func:`energylab.split.split_summary`: the estimands of the per-cell numbers, and each cell's
-    step-0 manipulation checks from its ``config.json``); reads only.
+    step-0 manipulation checks from its ``config.json`` and those at each capture from its
+    ``energy.jsonl``); reads only.
 
     Raises:
         AblationError: no ablation there.
@@ -243,6 +244,7 @@ def summarize_ablation(ablation: AblationDir) -> dict:
     counts: dict[str, dict[str, int]] = {}
     cells = {}
     checks = {}
+    captured = {}
     for c in plan_cells(ablation.path, names, meta["seeds"], meta.get("lmbdas")):
         if not c.run.evals():
             continue
@@ -251,10 +253,12 @@ def summarize_ablation(ablation: AblationDir) -> dict:
         cells[c.variant, c.lmbda, c.seed] = replace(CellLogs.of(c.run), parameters=counts.get(c.variant))
         if meta.get("split") and c.variant in SPLIT_INITS and c.run.is_run():
             checks[c.variant, c.seed] = c.run.config().get("split_checks")
+        if meta.get("split") and c.variant != "baseline":
+            captured[c.variant, c.seed] = capture_checks(c.run.energy())
     result = summarize(cells, names, meta["seeds"], meta["lmbda"], meta.get("lmbdas"), str(ablation.path),
                        causal=bool(meta.get("causal")))
     if meta.get("split"):
-        result["split"] = split_summary(result["cells"], meta["seeds"], checks)
+        result["split"] = split_summary(result["cells"], meta["seeds"], checks, captured)
     return result
 
 
