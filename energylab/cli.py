@@ -116,6 +116,10 @@ def add_training_arguments(p: argparse.ArgumentParser, exclude: Collection[str] 
          help="plateau: evaluations without improvement before the rate drops")
     _add(g, "precision", True, exclude, choices=PRECISIONS,
          help="autocast of the transforms in training (entropy models stay float32)")
+    _add(g, "deterministic", True, exclude, action="store_true",
+         help="reproducible CPU numbers: 1 intra-op thread and the AVX2 kernels of ATen, oneDNN "
+              "and MKL, the same on any core count and x86-64 CPU (slower; on AVX-512 CPUs start "
+              "with ATEN_CPU_CAPABILITY=avx2)")
 
 
 def add_data_arguments(p: argparse.ArgumentParser, exclude: Collection[str] = ()) -> None:

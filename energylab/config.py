@@ -103,6 +103,16 @@ class TrainConfig:
       ``FREEZABLE`` order), ``scaling_init`` (``release``, ``zero``), ``projection_init``
       (``default``, ``orthogonal``, ``klt``; a frozen projection's ``default`` is stored as
       ``orthogonal``).
+    * ``deterministic``: reproducible CPU arithmetic (:func:`energylab.train.deterministic_cpu`):
+      one intra-op thread, and the AVX2 kernels of ATen, oneDNN and MKL (strict CNR) whatever the
+      CPU, so a run's numbers no longer depend on the machine's core count or on whether its CPU
+      has AVX-512 -- what makes unpinned runs of one seed drift apart (last-bit differences in the
+      gradients from step 1, visible in the losses after tens of steps, percent-level by the end).
+      On an AVX-512 CPU the process must start with ``ATEN_CPU_CAPABILITY=avx2`` (ATen picks its
+      kernels at its first operation; :data:`energylab.train.DETERMINISTIC_ENV`). Slower; CPU only
+      (``device`` ``cuda`` is refused); resumed runs keep it (it is not one of
+      :data:`RESUMABLE_CHANGES`). A config saved before the field existed reads as False, which
+      those runs were.
 
     Raises:
         ConfigError: on construction, the first invalid field, e.g. ``patch_size must be a
@@ -145,6 +155,7 @@ class TrainConfig:
     freeze: tuple[str, ...] = ()
     scaling_init: str = "release"
     projection_init: str = "default"
+    deterministic: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out", Path(self.out))
@@ -183,6 +194,11 @@ class TrainConfig:
                                         "AuxT to remove components from")
         if not isinstance(self.auxt, bool):
             raise ConfigError("auxt", f"must be true or false, got {self.auxt!r}")
+        if not isinstance(self.deterministic, bool):
+            raise ConfigError("deterministic", f"must be true or false, got {self.deterministic!r}")
+        if self.deterministic and self.device == "cuda":
+            raise ConfigError("deterministic", "pins CPU arithmetic (threads, oneDNN and MKL code "
+                                               "paths); it is not available with device cuda")
         if not isinstance(self.data, str) or not self.data:
             raise ConfigError("data", f"must be 'builtin' or a folder, got {self.data!r}")
         self._check_wavelet()

@@ -83,7 +83,8 @@ OPTION_DEFAULTS = {"auxt": True, "remove": [], "wavelet": "haar", "freeze": [],
 """A variant's training options, as full AuxT has them."""
 DEFAULT_OUT = Path("runs/ablation")
 """Where an ablation goes without ``--out``."""
-META_DEFAULTS = {"freeze": [], "scaling_init": [], "causal": False, "split": False, "eval_schedule": "fixed"}
+META_DEFAULTS = {"freeze": [], "scaling_init": [], "causal": False, "split": False, "eval_schedule": "fixed",
+                 "deterministic": False}
 """Ablation settings added after the first reference result, as an ablation without them has them."""
 
 

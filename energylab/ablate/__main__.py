@@ -10,6 +10,7 @@ seeds 0 1 2 and 1500 steps.
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -42,6 +43,7 @@ from energylab.split import (
     grid_minutes,
 )
 from energylab.summary import format_paired, format_table
+from energylab.train import restart_deterministic
 
 ABLATION_SEEDS = (0, 1, 2)
 """Default seeds of every ablation but ``--split``."""
@@ -233,6 +235,8 @@ def run(args: argparse.Namespace) -> dict:
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m energylab.ablate``; returns the exit status (:func:`energylab.cli.run_command`)."""
     args = build_parser().parse_args(argv)
+    if args.deterministic and argv is None:  # a command line: restart with the pinned kernels
+        restart_deterministic("energylab.ablate", sys.argv[1:])
 
     def body() -> None:
         summary = run(args)

@@ -29,6 +29,14 @@ scale halved). It counts toward ``steps`` (every step draws its batch, so a resu
 exact) but not toward the learning-rate schedule, which steps on applied optimizer steps only;
 ``metrics.jsonl`` and the console count the skipped steps.
 
+Deterministic mode (``TrainConfig.deterministic``, ``--deterministic``; :func:`deterministic_cpu`):
+unpinned CPU runs of one seed differ in the last bits from step 1 on wherever the intra-op thread
+count differs (oneDNN splits the weight-gradient reductions by thread; with one thread ATen sends
+1x1 convolutions to MKL's GEMM instead of oneDNN) or the CPU's instruction set does (the AVX-512 and
+AVX2 code paths of oneDNN's convolutions, of MKL and of ATen's own kernels round differently); Adam's
+update absorbs most of it for tens of steps, then the runs drift apart. The mode pins the thread
+count and the three code paths (ATen's from the environment the process started with).
+
 Paired noise: CompressAI draws the training quantisation noise (``uniform_(-0.5, 0.5)`` in the
 entropy models' ``forward``) from the global RNG. Each training forward runs in a forked RNG seeded
 with :func:`noise_seed` ``(seed, step, rank)``, so every variant of a seed sees the same noise at the
@@ -38,12 +46,16 @@ same step whatever its model's construction drew, and the RNG outside the forwar
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import datetime as dt
 import os
+import platform
 import subprocess
+import sys
+import tempfile
 import time
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -81,12 +93,54 @@ from energylab.precision import MixedPrecision
 from energylab.rundir import RunDir
 from energylab.stats import psnr
 
-__all__ = ["TrainingError", "noise_seed", "open_data", "test_images", "train"]
+__all__ = ["DETERMINISTIC_ENV", "DETERMINISTIC_THREADS", "TrainingError", "compute_environment",
+           "restart_deterministic",
+           "deterministic_cpu", "noise_seed", "onednn_kernel", "open_data", "test_images", "train"]
 
 AUX_LR = 1e-3
 CLIP_MAX_NORM = 1.0
 KLT_BATCHES = 16
 """Training batches the KLT projection (``projection_init="klt"``) is computed on, before training."""
+
+DETERMINISTIC_THREADS = 1
+"""Intra-op threads of a deterministic run (:func:`deterministic_cpu`): one, so a run gives the same
+numbers on every machine whatever its core count, and several runs share a machine without
+oversubscribing it."""
+DETERMINISTIC_ATEN_CAPABILITY = "AVX2"
+"""ATen's kernels in a deterministic run (``torch.backends.cpu.get_cpu_capability()``): ATen picks
+them once, at its first operation, from ``ATEN_CPU_CAPABILITY`` (else the CPU's best: AVX512 where
+there is AVX-512), so on an AVX-512 CPU Python must start with ``ATEN_CPU_CAPABILITY=avx2``; its
+AVX2 and AVX512 kernels round differently (the entropy bottleneck's parameters differ within a few
+steps)."""
+DETERMINISTIC_ONEDNN_ISA = "AVX2"
+"""``ONEDNN_MAX_CPU_ISA`` of a deterministic run: oneDNN's AVX2 kernels run on every x86-64 CPU of the
+last decade, AVX-512 ones only on some, and the two round differently."""
+DETERMINISTIC_MKL_CBWR = "AVX2,STRICT"
+"""MKL's conditional-numerical-reproducibility mode of a deterministic run: the AVX2 branch whatever
+the CPU, results independent of memory alignment."""
+DETERMINISTIC_ENV = {"ATEN_CPU_CAPABILITY": DETERMINISTIC_ATEN_CAPABILITY.lower(),
+                     "ONEDNN_MAX_CPU_ISA": DETERMINISTIC_ONEDNN_ISA, "MKL_CBWR": DETERMINISTIC_MKL_CBWR}
+"""The environment a deterministic run's process starts with, e.g. ``ATEN_CPU_CAPABILITY=avx2
+ONEDNN_MAX_CPU_ISA=AVX2 MKL_CBWR=AVX2,STRICT python -m energylab.train --deterministic ...``; the
+first is needed on an AVX-512 CPU (:func:`deterministic_cpu`)."""
+_MKL_CBWR_AVX2, _MKL_CBWR_STRICT = 10, 0x10000  # mkl_service.h: MKL_CBWR_AVX2, MKL_CBWR_STRICT
+
+
+def restart_deterministic(module: str, argv: Sequence[str]) -> None:
+    """Start ``python -m module argv`` afresh with :data:`DETERMINISTIC_ENV` added to the
+    environment (``os.execv``: this process is replaced) unless it already has it, so that
+    ``--deterministic`` needs no environment prefix; a command's ``main`` calls it before anything
+    else runs. Returns only when the environment is already right.
+
+    Raises:
+        OSError: the interpreter could not be started again.
+    """
+    if all(os.environ.get(k) == v for k, v in DETERMINISTIC_ENV.items()):
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.environ.update(DETERMINISTIC_ENV)
+    os.execv(sys.executable, [sys.executable, "-m", module, *argv])
 
 
 @dataclass
@@ -121,6 +175,136 @@ def _setup_device(device: str) -> tuple[torch.device, Dist]:
     return torch.device("cpu"), d
 
 
+def onednn_kernel() -> str:
+    """The implementation oneDNN runs for a small float32 convolution in this process (e.g.
+    ``jit:avx2``, ``jit:avx512_core``), read from oneDNN's verbose output on file descriptor 1; ""
+    when oneDNN reported none (no oneDNN, ``torch.backends.mkldnn`` disabled, output unreadable).
+
+    The first convolution of a process fixes oneDNN's instruction set for the rest of it (from
+    ``ONEDNN_MAX_CPU_ISA`` at that moment, else the CPU's best); this one does too if it is the first.
+    """
+    try:
+        libc = ctypes.CDLL(None)
+        flush = libc.fflush
+    except (OSError, TypeError, AttributeError):  # no C library handle (Windows): nothing to flush
+        flush = None
+    sys.stdout.flush()
+    text = ""
+    with tempfile.TemporaryFile() as capture:
+        if flush is not None:
+            flush(None)
+        saved = os.dup(1)
+        os.dup2(capture.fileno(), 1)
+        try:
+            with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
+                # batch 2, 3x3: ATen hands it to oneDNN whatever the thread count
+                torch.nn.functional.conv2d(torch.ones(2, 16, 8, 8), torch.ones(16, 16, 3, 3))
+            if flush is not None:
+                flush(None)
+        finally:
+            os.dup2(saved, 1)
+            os.close(saved)
+        capture.seek(0)
+        text = capture.read().decode(errors="replace")
+    for line in text.splitlines():
+        fields = line.split(",")
+        if "exec" in fields and "convolution" in fields[:-1]:
+            return fields[fields.index("convolution") + 1]
+    return ""
+
+
+def _pin_mkl() -> str:
+    """Put MKL in :data:`DETERMINISTIC_MKL_CBWR` mode; returns what it runs: the mode, ``"absent"``
+    (torch without MKL: nothing to pin) or ``"unverified"`` (``MKL_CBWR`` set for MKL's start-up but
+    no ``mkl_cbwr`` entry point to call or check).
+
+    Raises:
+        ConfigError: MKL already started in another mode in this process.
+    """
+    if not torch.backends.mkl.is_available():
+        return "absent"
+    os.environ["MKL_CBWR"] = DETERMINISTIC_MKL_CBWR  # read when MKL starts, if it has not yet
+    try:  # torch links MKL statically; its service entry points are exported under these names
+        lib = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
+        cbwr_set = lib.mkl_serv_cbwr_set
+    except (OSError, AttributeError):
+        return "unverified"
+    cbwr_set.argtypes, cbwr_set.restype = [ctypes.c_int], ctypes.c_int
+    status = cbwr_set(_MKL_CBWR_AVX2 | _MKL_CBWR_STRICT)
+    if status != 0:  # -8: MKL_CBWR_ERR_MODE_CHANGE_FAILURE, MKL already runs in another mode
+        raise ConfigError("deterministic", f"cannot pin MKL to its AVX2 branch (mkl_cbwr_set returned "
+                                           f"{status}): MKL already ran in this process; train in a "
+                                           f"new process, or start it with MKL_CBWR={DETERMINISTIC_MKL_CBWR}")
+    return DETERMINISTIC_MKL_CBWR
+
+
+@contextlib.contextmanager
+def deterministic_cpu(config: TrainConfig):
+    """Around a run: with ``config.deterministic``, check that ATen runs its
+    :data:`DETERMINISTIC_ATEN_CAPABILITY` kernels, pin torch's intra-op threads to
+    :data:`DETERMINISTIC_THREADS`, oneDNN to :data:`DETERMINISTIC_ONEDNN_ISA` kernels and MKL to
+    :data:`DETERMINISTIC_MKL_CBWR`, and switch on ``torch.use_deterministic_algorithms``; yields the
+    pins found running (``{"threads", "aten", "onednn", "mkl"}``; None without ``deterministic``).
+    Threads, the deterministic-algorithms switch and the environment are restored afterwards;
+    ATen's, oneDNN's and MKL's code paths stay as they are for the rest of the process (each
+    library fixes its own when it starts).
+
+    ATen's kernels cannot be chosen once Python has run a torch operation: on an AVX-512 CPU the
+    process must start with ``ATEN_CPU_CAPABILITY=avx2`` (:data:`DETERMINISTIC_ENV` holds all three
+    variables; oneDNN's and MKL's are set here if those libraries have not started yet).
+
+    Pinned, a run's numbers are bit-identical whatever the machine's core count or ``OMP_NUM_THREADS``
+    and whether its x86-64 CPU has AVX-512 (same torch build). Not covered: other torch, oneDNN or
+    MKL versions; CPUs without AVX2 and non-x86 CPUs (refused).
+
+    Raises:
+        ConfigError: a CUDA device (``device`` ``auto`` on a machine with one: choose ``cpu``);
+            ATen running other than AVX2 kernels (start Python with :data:`DETERMINISTIC_ENV`);
+            oneDNN or MKL already started in this process with other code paths (a convolution
+            ran before the run: train in a new process, or start it with :data:`DETERMINISTIC_ENV`);
+            a CPU without AVX2.
+    """
+    if not config.deterministic:
+        yield None
+        return
+    if config.device == "auto" and torch.cuda.is_available():
+        raise ConfigError("deterministic", "pins CPU arithmetic, but {device} auto picks the CUDA "
+                                           "device here; choose {device} cpu")
+    aten = torch.backends.cpu.get_cpu_capability()
+    if aten != DETERMINISTIC_ATEN_CAPABILITY:
+        raise ConfigError("deterministic", f"needs ATen's {DETERMINISTIC_ATEN_CAPABILITY} kernels, but "
+                                           f"this process runs its {aten} ones (ATen chooses them at "
+                                           "its first operation, from ATEN_CPU_CAPABILITY): start "
+                                           "Python with ATEN_CPU_CAPABILITY="
+                                           f"{DETERMINISTIC_ATEN_CAPABILITY.lower()}"
+                                           + ("" if aten == "AVX512" else " on a CPU with AVX2"))
+    threads = torch.get_num_threads()
+    algorithms = torch.are_deterministic_algorithms_enabled()
+    environ = {k: os.environ.get(k) for k in ("ONEDNN_MAX_CPU_ISA", "MKL_CBWR")}
+    try:
+        os.environ["ONEDNN_MAX_CPU_ISA"] = DETERMINISTIC_ONEDNN_ISA  # read at oneDNN's first primitive
+        torch.set_num_threads(DETERMINISTIC_THREADS)
+        mkl = _pin_mkl()
+        kernel = onednn_kernel()
+        onednn = torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+        if onednn and ("avx2" not in kernel.lower() or "avx512" in kernel.lower()):
+            raise ConfigError("deterministic", f"needs oneDNN's AVX2 convolution kernels, but it runs "
+                                               f"{kernel or 'kernels it does not name'}: oneDNN already "
+                                               "ran in this process (train in a new process, or start "
+                                               f"it with ONEDNN_MAX_CPU_ISA={DETERMINISTIC_ONEDNN_ISA}) "
+                                               "or this CPU has no AVX2")
+        torch.use_deterministic_algorithms(True)
+        yield {"threads": DETERMINISTIC_THREADS, "aten": aten, "onednn": kernel or None, "mkl": mkl}
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(algorithms)
+        for key, value in environ.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def package_versions() -> dict[str, str | None]:
     """Installed versions of energylab and the packages its numbers depend on (None: not installed),
     recorded with every run and analysis."""
@@ -131,6 +315,14 @@ def package_versions() -> dict[str, str | None]:
         except metadata.PackageNotFoundError:
             out[pkg] = None
     return out
+
+
+def compute_environment() -> dict:
+    """What the numbers of a CPU run depend on beyond :func:`package_versions`: ``torch`` (the
+    build, e.g. ``2.14.1+cu130``), ``threads`` (intra-op), ``cpu_capability`` (ATen's kernels) and
+    ``machine`` (``platform.machine()``); a deterministic run adds its pins (``deterministic``)."""
+    return {"torch": str(torch.__version__), "threads": torch.get_num_threads(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "machine": platform.machine()}
 
 
 def _git_revision() -> str | None:
@@ -283,8 +475,10 @@ def train(config: TrainConfig, *, resume: bool = False, allow_data_change: bool 
     if allow_data_change and not resume:
         raise ValueError("allow_data_change applies to a resumed run only (resume=True)")
     main_process = int(os.environ.get("RANK", "0")) == 0
-    with RunDir(config.out, write=main_process).lock():
+    with RunDir(config.out, write=main_process).lock(), deterministic_cpu(config) as pins:
         s = setup(config)
+        if pins is not None:
+            s.meta["compute"]["deterministic"] = pins
         if resume:
             resume_run(s, allow_data_change=allow_data_change)
         else:
@@ -526,6 +720,7 @@ def setup(config: TrainConfig) -> Session:
         "device": str(device),
         "world_size": d.world_size,
         "git_revision": _git_revision(),
+        "compute": compute_environment(),
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "data": {"source": source, "train": stream.names, "test": [n for n, _ in test],
                  "dropped": list(stream.dropped)},

@@ -6,13 +6,14 @@ Multi-GPU: ``torchrun --nproc_per_node=K -m energylab.train ...``.
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch.distributed as dist
 
 from energylab import cli
-from energylab.train import train
+from energylab.train import restart_deterministic, train
 
 __all__ = ["build_parser", "main"]
 
@@ -43,6 +44,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m energylab.train``; returns the exit status (:func:`energylab.cli.run_command`)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.deterministic and argv is None:  # a command line: restart with the pinned kernels
+        restart_deterministic("energylab.train", sys.argv[1:])
     if args.allow_data_change and not args.resume:
         parser.error("--allow-data-change applies to --resume only")
     try:
