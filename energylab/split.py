@@ -214,13 +214,23 @@ ESTIMANDS: dict[str, tuple[str, dict[str, float]]] = {
     "interaction": ("(A−B)−(C−D)", {"A": 1.0, "B": -1.0, "C": -1.0, "D": 1.0}),
     "alignment": ("A−E", {"A": 1.0, "E": -1.0}),
     "subspace": ("D−F", {"D": 1.0, "F": -1.0}),
+    "decorrelation if uneven": ("A−C", {"A": 1.0, "C": -1.0}),
+    "decorrelation if even": ("B−D", {"B": 1.0, "D": -1.0}),
+    "unevenness if decorrelated": ("A−B", {"A": 1.0, "B": -1.0}),
+    "unevenness if correlated": ("C−D", {"C": 1.0, "D": -1.0}),
 }
-"""Estimand -> (formula, weight of each cell in the per-seed contrast)."""
+"""Estimand -> (formula, weight of each cell in the per-seed contrast). The last four are the
+simple effects: each main effect at one level of the other factor, which is what to read when the
+interaction is outside the noise (a main effect then averages two different effects)."""
 _SIDES = {
     "decorrelation": ("the decorrelated cells (A, B)", "the correlated ones (C, D)"),
     "unevenness": ("the uneven cells (A, C)", "the even ones (B, D)"),
     "alignment": ("the KLT's own spectrum (A)", "the misassigned one (E)"),
     "subspace": ("the principal subspace (D)", "a random one (F)"),
+    "decorrelation if uneven": ("the decorrelated uneven cell (A)", "the correlated uneven one (C)"),
+    "decorrelation if even": ("the decorrelated even cell (B)", "the correlated even one (D)"),
+    "unevenness if decorrelated": ("the decorrelated uneven cell (A)", "the decorrelated even one (B)"),
+    "unevenness if correlated": ("the correlated uneven cell (C)", "the correlated even one (D)"),
 }
 
 DEFAULT_SEEDS = tuple(range(8))

@@ -206,7 +206,9 @@ MEANS = {"A": 4.0, "B": 3.0, "C": 2.0, "D": 1.5, "E": 2.5, "F": 1.2}
 ½[log(4/3) + log(2/1.5)] = log(4/3), interaction log(4/3) - log(4/3) = 0, alignment log(4/2.5),
 subspace log(1.5/1.2)."""
 TRUE = {"decorrelation": math.log(2), "unevenness": math.log(4 / 3), "interaction": 0.0,
-        "alignment": math.log(4 / 2.5), "subspace": math.log(1.5 / 1.2)}
+        "alignment": math.log(4 / 2.5), "subspace": math.log(1.5 / 1.2),
+        "decorrelation if uneven": math.log(4 / 2), "decorrelation if even": math.log(3 / 1.5),
+        "unevenness if decorrelated": math.log(4 / 3), "unevenness if correlated": math.log(2 / 1.5)}
 
 
 def synthetic_rows(means=MEANS, seeds=range(6), noise=0.01, seed_effect=0.3, loss=None):
@@ -234,7 +236,7 @@ def entries_by(entries, key):
 
 def test_estimands_recover_known_contrasts_paired_by_seed():
     entries = split.estimands(synthetic_rows(), list(range(6)))
-    assert len(entries) == 5 * (len(split.SPEEDUP_KEYS) + 1)
+    assert len(entries) == len(split.ESTIMANDS) * (len(split.SPEEDUP_KEYS) + 1)
     for key in split.SPEEDUP_KEYS:
         found = entries_by(entries, key)
         for name, truth in TRUE.items():
@@ -245,7 +247,7 @@ def test_estimands_recover_known_contrasts_paired_by_seed():
     verdicts = {n: e["verdict"] for n, e in entries_by(entries, "speedup_at_100").items()}
     assert verdicts == {"decorrelation": "outside the noise", "unevenness": "outside the noise",
                         "interaction": "equivalent", "alignment": "outside the noise",
-                        "subspace": "outside the noise"}
+                        "subspace": "outside the noise", **{n: "outside the noise" for n in list(TRUE)[5:]}}
     # per seed, the contrast of the logs: the seed's factor (×1 .. ×e^0.6) is gone
     rows = {(r["variant"], r["seed"]): r["speedup_at_100"] for r in synthetic_rows()}
     log = {c: [math.log(rows[f"split-{c}", s]) for s in range(6)] for c in MEANS}
@@ -403,7 +405,7 @@ def test_split_grid_end_to_end(tmp_path, capsys):
         if e["n"] == 2:
             assert e["low"] is not None and e["high"] is not None and e["low"] <= e["high"]
     loss = [e for e in section["estimands"] if e["key"] == "test_loss"]
-    assert len(loss) == 5 and all(e["n"] == 2 and e["low"] is not None for e in loss)  # intervals
+    assert len(loss) == len(split.ESTIMANDS) and all(e["n"] == 2 and e["low"] is not None for e in loss)
     assert set(section["verdicts"]) == set(split.ESTIMANDS)
     cells = {c["cell"]: c for c in section["checks"]["cells"]}
     assert set(cells) == set(split.CELLS) and all(c["seeds"] == 2 for c in cells.values())
