@@ -34,6 +34,7 @@ from energylab.launch import LAUNCHERS, LaunchOptions, launch_cells
 from energylab.rundir import AblationDir
 from energylab.split import (
     AUXT_STEP_UNITS,
+    CAPTURE_S,
     CELL_OVERHEAD_S,
     COST_UNIT_S,
     DEFAULT_CAPTURE_EVERY,
@@ -81,10 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
         f"the split grid: baseline, auxt and split-A ... split-F (energylab.split): decorrelation x "
         f"unevenness of the shortcut's last stage at a fixed subspace and delivered energy, the earlier "
         f"stages frozen at the data's KLT, no scaling. Defaults --seeds {' '.join(map(str, DEFAULT_SEEDS))} "
-        f"--steps {DEFAULT_STEPS}: a paired log speed-up's seed s.d. of 0.07-0.12 gives main effects "
-        f"within about ±7 %% and pairwise contrasts within about ±10 %% (95 %%, t(0.975, 7) s / sqrt(8)); "
+        f"--steps {DEFAULT_STEPS} --capture-every {DEFAULT_CAPTURE_EVERY}: at the reference's seed "
+        f"spreads (s.d. 0.045-0.19 of a per-seed log contrast) 95 %% intervals of ×1.04-1.18 either "
+        f"way (t(0.975, 7) s / sqrt(8)); "
         f"cost here: {len(DEFAULT_SEEDS)} seeds x ({DEFAULT_STEPS} steps x (1 + 7 x {AUXT_STEP_UNITS:g}) "
-        f"units x {COST_UNIT_S:g} s + 8 cells x {CELL_OVERHEAD_S:g} s) = "
+        f"units x {COST_UNIT_S:g} s + 8 cells x ({CELL_OVERHEAD_S:g} s + "
+        f"{DEFAULT_STEPS // DEFAULT_CAPTURE_EVERY + 1} captures x {CAPTURE_S:g} s)) = "
         f"{grid_minutes(len(DEFAULT_SEEDS), DEFAULT_STEPS):.0f} minutes")
     p.add_argument("--split", action="store_true", help=split_help)
     p.add_argument("--seeds", nargs="+", type=int, default=None,
