@@ -198,7 +198,7 @@ class TrainConfig:
             raise ConfigError("deterministic", f"must be true or false, got {self.deterministic!r}")
         if self.deterministic and self.device == "cuda":
             raise ConfigError("deterministic", "pins CPU arithmetic (threads, oneDNN and MKL code "
-                                               "paths); it is not available with device cuda")
+                                               "paths); it is not available with {device} cuda")
         if not isinstance(self.data, str) or not self.data:
             raise ConfigError("data", f"must be 'builtin' or a folder, got {self.data!r}")
         self._check_wavelet()

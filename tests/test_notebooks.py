@@ -21,7 +21,7 @@ from energylab.rundir import RunDir
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
 NAMES = ["01_latent_covariance_over_epochs", "02_ablation", "03_paper_figures", "04_analyze_checkpoints"]
-FIGURES = {"01_latent_covariance_over_epochs": 3, "02_ablation": 5, "03_paper_figures": 10,
+FIGURES = {"01_latent_covariance_over_epochs": 3, "02_ablation": 5, "03_paper_figures": 11,
            "04_analyze_checkpoints": 3}
 """Figures each notebook shows for an ablation that is not an R-D sweep."""
 

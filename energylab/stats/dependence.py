@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from functools import lru_cache
 from typing import NamedTuple
 
 import torch
@@ -163,5 +164,12 @@ def jackknife_interval(j: Jackknife, level: float = 0.95) -> tuple[float, float]
     >>> [round(v, 3) for v in jackknife_interval(Jackknife(1.0, 0.0, 0.1, 32))]
     [0.796, 1.204]
     """
-    half = float(student_t.ppf((1 + level) / 2, j.units - 1)) * j.se
+    half = _t_quantile((1 + level) / 2, j.units - 1) * j.se
     return j.estimate - half, j.estimate + half
+
+
+@lru_cache(maxsize=256)
+def _t_quantile(q: float, dof: int) -> float:
+    """Student's t quantile (scipy's ``ppf``, cached: a capture asks for the same few, and ``ppf``
+    costs more than the rest of an interval)."""
+    return float(student_t.ppf(q, dof))

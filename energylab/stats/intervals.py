@@ -151,12 +151,30 @@ def jackknife_statistics(
         :data:`JACKKNIFE_STATISTICS` that ``statistics`` returns, None where it or a
         leave-one-out value is NaN (undefined, e.g. a singular covariance).
     """
-    m = len(count)
-    if m < 2 or float(count.sum() - count.max()) <= total.shape[1]:
+    if not _jackknife_applies(count, total):
         return None
-    rows = torch.ones(m + 1, m, dtype=torch.float64, device=total.device)
-    rows[1:] -= torch.eye(m, dtype=torch.float64, device=total.device)  # row 0: all images
-    values = _pooled(rows, count, total, outer, statistics)
+    return _jackknife_of(_pooled(_jackknife_rows(len(count), total.device), count, total, outer, statistics),
+                         level)
+
+
+def _jackknife_applies(count: Tensor, total: Tensor) -> bool:
+    """Whether :func:`jackknife_statistics` applies: at least 2 images, and leaving any one out
+    leaves more samples than dimensions."""
+    return len(count) >= 2 and float(count.sum() - count.max()) > total.shape[1]
+
+
+def _jackknife_rows(m: int, device: torch.device) -> Tensor:
+    """``(m + 1, m)`` weights: row 0 all images, row ``i + 1`` all but image ``i``."""
+    rows = torch.ones(m + 1, m, dtype=torch.float64, device=device)
+    rows[1:] -= torch.eye(m, dtype=torch.float64, device=device)
+    return rows
+
+
+def _jackknife_of(
+    values: dict[str, Tensor], level: float
+) -> dict[str, tuple[float, tuple[float, float]] | None]:
+    """:func:`jackknife_statistics` from the statistics of :func:`_jackknife_rows` (row 0 all
+    images, then each image left out)."""
     out: dict[str, tuple[float, tuple[float, float]] | None] = {}
     for name, v in values.items():
         scale = JACKKNIFE_STATISTICS.get(name)
@@ -198,10 +216,18 @@ def image_intervals(
     >>> bool(low < 0 < high), round(m.statistics()["total_correlation"], 6) == round((low + high) / 2, 6)
     (True, True)
     """
-    intervals = bootstrap_intervals(count, total, outer, statistics, replicates, seed, level)
-    jack = jackknife_statistics(count, total, outer, statistics, level)
-    if jack is None:
+    # one pass over the bootstrap's rows and the jackknife's (row 0 of both: all images), as
+    # bootstrap_intervals and jackknife_statistics would each compute theirs
+    weights = _bootstrap_rows(len(count), replicates, seed, total.device)
+    applies = _jackknife_applies(count, total)
+    if applies:
+        weights = torch.cat([weights, _jackknife_rows(len(count), total.device)[1:]])
+    values = _pooled(weights, count, total, outer, statistics)
+    intervals = _percentiles_of({name: v[: replicates + 1] for name, v in values.items()}, len(count), level)
+    if not applies:
         return intervals
+    jack = _jackknife_of({name: torch.cat([v[:1], v[replicates + 1 :]]) for name, v in values.items()},
+                         level)
     return intervals | {name: None if j is None else j[1] for name, j in jack.items()}
 
 
@@ -255,9 +281,21 @@ def bootstrap_intervals(
     >>> low < 0 < high, iv == bootstrap_intervals(*m.images(), channel_statistics_batched, replicates=100)
     (True, True)
     """
-    weights = bootstrap_weights(len(count), replicates, seed).to(total.device)
-    weights = torch.cat([torch.ones_like(weights[:1]), weights])  # row 0: the sample itself
-    values = _pooled(weights, count, total, outer, statistics)
-    if len(count) < 2:
+    values = _pooled(_bootstrap_rows(len(count), replicates, seed, total.device), count, total, outer,
+                     statistics)
+    return _percentiles_of(values, len(count), level)
+
+
+def _bootstrap_rows(images: int, replicates: int, seed: int, device: torch.device) -> Tensor:
+    """``(replicates + 1, images)`` weights: row 0 the sample itself, then :func:`bootstrap_weights`."""
+    weights = bootstrap_weights(images, replicates, seed).to(device)
+    return torch.cat([torch.ones_like(weights[:1]), weights])
+
+
+def _percentiles_of(
+    values: dict[str, Tensor], images: int, level: float
+) -> dict[str, tuple[float, float] | None]:
+    """:func:`bootstrap_intervals` from the statistics of :func:`_bootstrap_rows`."""
+    if images < 2:
         return dict.fromkeys(values)
     return {name: percentile_interval(v[1:] - v[1:].mean() + v[0], level) for name, v in values.items()}
