@@ -13,6 +13,8 @@ import shutil
 import subprocess
 import sys
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -240,3 +242,21 @@ def _name_the_groups(items: list[pytest.Item]) -> None:
 def _seed_and_threads():
     torch.manual_seed(0)
     yield
+
+
+@contextmanager
+def interrupted_at(step: int) -> Iterator[None]:
+    """Inside the block, training raises ``KeyboardInterrupt`` (Ctrl-C) when it asks for the batch of
+    ``step`` (so during step ``step + 1``); the real batches again after it."""
+    from energylab.data import TrainSampler
+
+    real_batch = TrainSampler.batch
+
+    def dying_batch(self, at, *args, **kwargs):
+        if at == step:
+            raise KeyboardInterrupt
+        return real_batch(self, at, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(TrainSampler, "batch", dying_batch)
+        yield

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import interrupted_at
 
 from energylab import ablate, summary
 from energylab.ablate import __main__ as ablate_cli
@@ -272,10 +273,9 @@ def test_eval_schedule_steps_and_validation(tmp_path: Path) -> None:
 
 
 @pytest.mark.filterwarnings("ignore:the probe set gives")
-def test_dense_early_training_evaluates_checkpoints_and_resumes_exactly(tmp_path: Path, monkeypatch) -> None:
+def test_dense_early_training_evaluates_checkpoints_and_resumes_exactly(tmp_path: Path) -> None:
     """A tiny run on the dense-early schedule: evaluations (and checkpoints) at its steps; killed
     after a dense checkpoint, its resumed run writes what an uninterrupted one does."""
-    from energylab.data import TrainSampler
     from energylab.rundir import RunDir
     from energylab.train import train
 
@@ -284,18 +284,9 @@ def test_dense_early_training_evaluates_checkpoints_and_resumes_exactly(tmp_path
                 eval_schedule="dense-early")  # every 2 steps (and the last)
     whole = train(TrainConfig(out=tmp_path / "whole", **tiny))
     assert [r["step"] for r in whole.evals()] == [0, 2, 4, 6]
-    real_batch = TrainSampler.batch
-
-    def dying_batch(self, step, *args, **kwargs):
-        if step == 3:  # killed during step 4, after the checkpoint at step 2
-            raise KeyboardInterrupt
-        return real_batch(self, step, *args, **kwargs)
-
-    monkeypatch.setattr(TrainSampler, "batch", dying_batch)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at(3), pytest.raises(KeyboardInterrupt):  # during step 4, after the checkpoint at 2
         train(TrainConfig(out=tmp_path / "killed", **tiny))
     assert RunDir(tmp_path / "killed").load_checkpoint()["step"] == 2
-    monkeypatch.setattr(TrainSampler, "batch", real_batch)
     resumed = train(TrainConfig(out=tmp_path / "killed", **tiny), resume=True)
 
     def untimed(records):

@@ -4,11 +4,11 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import interrupted_at
 
 from energylab import train as train_mod
 from energylab.capture import LatentProbe
 from energylab.config import TrainConfig
-from energylab.data import TrainSampler
 from energylab.models import build_model
 from energylab.rundir import RunDir
 from energylab.train import __main__ as train_cli
@@ -103,20 +103,12 @@ def test_same_seed_same_captures(auxt_run, tmp_path):
             np.testing.assert_array_equal(caps_a[step][key], caps_b[step][key])
 
 
-def test_resume_equals_uninterrupted(auxt_run, tmp_path, monkeypatch):
+def test_resume_equals_uninterrupted(auxt_run, tmp_path):
     out = tmp_path / "killed"
-    real_batch = TrainSampler.batch
-
-    def dying_batch(self, step, *args, **kwargs):
-        if step == 6:  # killed during step 7, after the checkpoint at step 4
-            raise KeyboardInterrupt
-        return real_batch(self, step, *args, **kwargs)
-
-    monkeypatch.setattr(TrainSampler, "batch", dying_batch)
-    assert run(out, "--auxt") == 130  # Ctrl-C: one line, the run directory kept
+    with interrupted_at(6):  # killed during step 7, after the checkpoint at step 4
+        assert run(out, "--auxt") == 130  # Ctrl-C: one line, the run directory kept
     assert RunDir(out).load_checkpoint()["step"] == 4
     assert max(r["step"] for r in RunDir(out).metrics()) == 6
-    monkeypatch.setattr(TrainSampler, "batch", real_batch)
     assert run(out, "--auxt", "--resume") == 0
     logs_a, caps_a = load_run(auxt_run)
     logs_b, caps_b = load_run(out)
